@@ -1,0 +1,114 @@
+"""Who is asking: a signed-in user of the host app, or an anonymous visitor (signed cookie)."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from itsdangerous import BadSignature, TimestampSigner
+
+__all__ = ["Identity", "VisitorCookie", "client_network", "hash_id"]
+
+_VISITOR_ID = re.compile(r"[A-Za-z0-9_-]{22}")
+_MAX_COOKIE_LENGTH = 200  # a valid cookie is ~60 characters; anything longer is not ours
+_SALT = "chatkit-flask.visitor"
+
+UserLoader = Callable[[], Any]
+
+
+def hash_id(value: str) -> str:
+    """A short, stable, non-reversible tag for logs (never log the raw id or cookie)."""
+    return hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The caller: ``user`` goes upstream, ``limit_key`` keys the per-user limit."""
+
+    user: str
+    limit_key: str
+    log_id: str
+    new_cookie: str | None = None  # signed value to set, when a fresh visitor id was issued
+
+
+class VisitorCookie:
+    """Issues and verifies the anonymous visitor cookie: a random id signed with SECRET_KEY.
+
+    Old keys (``SECRET_KEY_FALLBACKS``) still verify, and a cookie signed with one is re-issued
+    with the current key, so rotating keys logs nobody out.
+    """
+
+    def __init__(self, secret_key: str, fallbacks: Sequence[str], max_age: int) -> None:
+        self._max_age = max_age
+        self._signer = TimestampSigner(secret_key, salt=_SALT, digest_method=hashlib.sha256)
+        self._fallbacks = [
+            TimestampSigner(key, salt=_SALT, digest_method=hashlib.sha256) for key in fallbacks
+        ]
+
+    def issue(self) -> tuple[str, str]:
+        """Return a new (visitor id, signed cookie value)."""
+        visitor_id = secrets.token_urlsafe(16)
+        return visitor_id, self._signer.sign(visitor_id).decode()
+
+    def verify(self, value: str | None) -> tuple[str | None, bool]:
+        """Return (visitor id or None, whether the cookie should be re-issued)."""
+        if not value or len(value) > _MAX_COOKIE_LENGTH:
+            return None, False
+        for index, signer in enumerate([self._signer, *self._fallbacks]):
+            try:
+                raw = signer.unsign(value, max_age=self._max_age)
+            except BadSignature:  # also covers expired signatures
+                continue
+            visitor_id = raw.decode("ascii", "replace")
+            if not _VISITOR_ID.fullmatch(visitor_id):
+                return None, False
+            return visitor_id, index > 0
+        return None, False
+
+    def resolve(self, cookie_value: str | None) -> Identity:
+        """The anonymous identity for a request carrying ``cookie_value`` (maybe None)."""
+        visitor_id, reissue = self.verify(cookie_value)
+        new_cookie = None
+        if visitor_id is None:
+            visitor_id, new_cookie = self.issue()
+        elif reissue:
+            new_cookie = self._signer.sign(visitor_id).decode()
+        tag = hash_id(visitor_id)  # limiter keys and logs never hold the raw id
+        return Identity(
+            user=f"visitor_{visitor_id}",
+            limit_key=f"visitor:{tag}",
+            log_id=f"v:{tag}",
+            new_cookie=new_cookie,
+        )
+
+
+def user_identity(user_id: Any) -> Identity:
+    """The identity of a user the host app has signed in."""
+    text = str(user_id)
+    tag = hash_id(text)
+    return Identity(user=text, limit_key=f"user:{tag}", log_id=f"u:{tag}")
+
+
+def client_network(remote_addr: str | None, ipv6_prefix: int) -> str:
+    """The address a per-IP limit is keyed on: the IPv4 address, or the IPv6 /prefix network.
+
+    One IPv6 client usually holds a whole /64, so limiting single addresses would be no limit.
+    """
+    if not remote_addr:
+        return "unknown"
+    try:
+        address = ipaddress.ip_address(remote_addr)
+    except ValueError:
+        return "unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        if ipv6_prefix < 128:
+            network = ipaddress.IPv6Network((address, ipv6_prefix), strict=False)
+            return str(network)
+    return str(address)

@@ -1,0 +1,113 @@
+"""How often callers may mint: Flask-Limiter on the configured storage (Redis in production)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, g
+from flask_limiter import Limiter
+from limits.errors import ConfigurationError, StorageError
+from redis.exceptions import RedisError
+
+from .settings import ConfigError, Settings
+
+__all__ = ["STORAGE_ERRORS", "apply_limits", "build_limiter", "storage_options"]
+
+log = logging.getLogger("chatkit_flask")
+
+# What a storage failure looks like when it reaches the view (fail-closed mode only).
+STORAGE_ERRORS: tuple[type[Exception], ...] = (RedisError, StorageError, ConnectionError, OSError)
+
+_REDIS_SCHEMES = ("redis", "rediss", "redis+", "valkey", "valkeys", "valkey+")
+
+
+def storage_options(settings: Settings, configured: dict[str, Any] | None) -> dict[str, Any]:
+    """Short socket timeouts for Redis-like storages (redis-py waits 5 s by default), merged
+    under whatever the app configured in RATELIMIT_STORAGE_OPTIONS."""
+    options: dict[str, Any] = {}
+    if settings.storage_uri.startswith(_REDIS_SCHEMES):
+        options = {
+            "socket_connect_timeout": settings.redis_timeout,
+            "socket_timeout": settings.redis_timeout,
+            "health_check_interval": 30,
+        }
+    options.update(configured or {})
+    return options
+
+
+def _visitor_key() -> str:
+    return g.chatkit_identity.limit_key
+
+
+def _ip_key() -> str:
+    return "ip:" + g.chatkit_client_network
+
+
+def _global_key() -> str:
+    return "global"
+
+
+def build_limiter(app: Flask, settings: Settings) -> Limiter:
+    """A Limiter owned by the extension, configured from ``settings``.
+
+    Storage failure: fail-closed raises to the view (503); otherwise the in-memory fallback
+    (per process) applies the same limits; with the fallback off, requests pass (fail-open).
+    """
+    fallback = settings.in_memory_fallback and not settings.fail_closed
+    limiter = Limiter(
+        _ip_key,
+        storage_uri=settings.storage_uri,
+        storage_options=storage_options(settings, app.config.get("RATELIMIT_STORAGE_OPTIONS")),
+        strategy=settings.strategy,
+        headers_enabled=settings.headers_enabled,
+        in_memory_fallback_enabled=fallback,
+        swallow_errors=not settings.fail_closed and not fallback,
+        key_prefix=settings.key_prefix,
+    )
+    if settings.headers_enabled:
+        # Flask-Limiter adds Retry-After to every response; only a 429 should carry it.
+        # after_request functions run in reverse order, so this must be registered first.
+        app.after_request(_drop_retry_after_unless_429)
+    try:
+        limiter.init_app(app)
+    except ConfigurationError as exc:
+        raise ConfigError("RATELIMIT_STORAGE_URI", str(exc)) from None
+    if settings.storage_uri.startswith("memory://"):
+        log.warning(
+            "chatkit_flask: RATELIMIT_STORAGE_URI is memory:// - limits are per process; "
+            "with several workers or hosts they multiply. Use redis:// in production."
+        )
+    return limiter
+
+
+def _drop_retry_after_unless_429(response: Response) -> Response:
+    if response.status_code != 429:
+        response.headers.pop("Retry-After", None)
+    elif getattr(g, "chatkit_retry_after", None) is not None:
+        # Flask-Limiter recomputes the header a moment later; keep it equal to the JSON body.
+        response.headers["Retry-After"] = str(g.chatkit_retry_after)
+    return response
+
+
+def apply_limits(view: Callable[..., Any], limiter: Limiter, settings: Settings) -> Callable:
+    """Wrap ``view`` in the per-user, per-IP and global limits that are configured.
+
+    Limits are evaluated in order of window length (Flask-Limiter sorts them; ties keep
+    registration order): per-user before per-IP before global within a window, and the first
+    breach stops evaluation, so a visitor over their own limit does not spend the global cap.
+    """
+    for value, key_func, scope in (
+        (settings.limit_per_user, _visitor_key, "user"),
+        (settings.limit_per_ip, _ip_key, "ip"),
+        (settings.limit_global, _global_key, "global"),
+    ):
+        if value:
+            view = limiter.limit(
+                value,
+                key_func=key_func,
+                methods=["POST"],
+                error_message=scope,
+            )(view)
+    return view

@@ -1,0 +1,89 @@
+"""The mint log line, and the text or JSON formatting the standalone service logs with.
+
+Only what is passed here is logged: request id, hashed visitor id, client IP, outcome and
+upstream facts. Never the API key, a client secret or a raw cookie.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+__all__ = ["JsonFormatter", "configure_logging", "log_mint", "mint_log"]
+
+mint_log = logging.getLogger("chatkit_flask.mint")
+
+_FIELDS = (
+    "request_id",
+    "outcome",
+    "status",
+    "visitor",
+    "ip",
+    "workflow",
+    "upstream_status",
+    "upstream_ms",
+    "upstream_request_id",
+    "attempts",
+    "duration_ms",
+    "scope",
+    "error",
+    "upstream_detail",
+)
+
+
+def _value(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if (" " in text or '"' in text or not text) else text
+
+
+def log_mint(fields: dict[str, Any]) -> None:
+    """One line per mint request; warning level when it did not mint."""
+    level = logging.INFO if fields.get("outcome") == "minted" else logging.WARNING
+    if not mint_log.isEnabledFor(level):
+        return
+    text = " ".join(f"{key}={_value(fields[key])}" for key in _FIELDS if key in fields)
+    mint_log.log(level, "mint %s", text, extra={"chatkit": fields})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the mint fields if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "chatkit", None)
+        if isinstance(fields, dict):
+            entry["event"] = "mint"
+            entry.update(fields)
+        else:
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, separators=(",", ":"))
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Route the package's logs to stderr in ``fmt`` ("text" or "json"). For the service only:
+    a host app keeps its own logging set-up."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+        )
+    handler._chatkit_flask = True  # type: ignore[attr-defined]
+    for name in ("chatkit_flask", "flask-limiter"):
+        logger = logging.getLogger(name)
+        # Replace only the handler an earlier call installed (an app factory may run twice).
+        logger.handlers[:] = [h for h in logger.handlers if not getattr(h, "_chatkit_flask", 0)]
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False

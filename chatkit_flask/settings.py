@@ -1,0 +1,475 @@
+"""Typed settings: every knob has one name, one default and one parser, checked once at start-up."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from limits import parse_many
+
+__all__ = ["OPTIONS", "ConfigError", "Option", "Settings", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid. ``key`` names the offending setting."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip() == "")
+
+
+def _as_str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, got {type(value).__name__}")
+    return value.strip()
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(key, f"must be true or false, got {value!r}")
+
+
+def _int_range(lo: int, hi: int | None) -> Callable[[str, Any], int]:
+    def parse(key: str, value: Any) -> int:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise ConfigError(key, f"must be an integer, got {value!r}") from None
+        if number < lo or (hi is not None and number > hi):
+            bound = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
+            raise ConfigError(key, f"must be an integer {bound}, got {number}")
+        return number
+
+    return parse
+
+
+def _float_range(lo: float, hi: float) -> Callable[[str, Any], float]:
+    def parse(key: str, value: Any) -> float:
+        try:
+            number = float(str(value).strip())
+        except ValueError:
+            raise ConfigError(key, f"must be a number, got {value!r}") from None
+        if not lo < number <= hi:
+            raise ConfigError(key, f"must be a number above {lo} and at most {hi}, got {number}")
+        return number
+
+    return parse
+
+
+def _list(key: str, value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
+def _limit(key: str, value: Any) -> str:
+    text = _as_str(key, value)
+    if text.lower() in {"", "off", "none"}:
+        return ""
+    try:
+        parse_many(text)
+    except ValueError:
+        raise ConfigError(
+            key,
+            f"is not a valid rate limit string: {text!r} "
+            "(use Flask-Limiter notation, e.g. '10 per minute;100 per day')",
+        ) from None
+    return text
+
+
+def _http_url(key: str, value: Any) -> str:
+    text = _as_str(key, value).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ConfigError(key, f"must be an http(s) URL, got {text!r}")
+    return text
+
+
+def _prefix(key: str, value: Any) -> str:
+    text = _as_str(key, value).rstrip("/")
+    if not text.startswith("/") or not re.fullmatch(r"[A-Za-z0-9/_.~-]+", text):
+        raise ConfigError(key, f"must be a URL path starting with '/', got {text!r}")
+    return text
+
+
+def _token(key: str, value: Any) -> str:
+    text = _as_str(key, value)
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", text):
+        raise ConfigError(key, f"must be an identifier (letters, digits, _.:-), got {text!r}")
+    return text
+
+
+def _workflow_version(key: str, value: Any) -> str:
+    text = _token(key, value)
+    if text.lower() == "latest":
+        # The API accepts the session but the chat then fails silently (chatkit-js #41).
+        raise ConfigError(key, "'latest' is not a version; leave it empty for the latest one")
+    return text
+
+
+def _origins(key: str, value: Any) -> tuple[str, ...]:
+    origins = _list(key, value)
+    for origin in origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in {"http", "https"} or not parts.netloc or parts.path:
+            raise ConfigError(
+                key, f"must list origins like 'https://shop.example.com', got {origin!r}"
+            )
+    return tuple(origin.rstrip("/") for origin in origins)
+
+
+def _choice(*allowed: str) -> Callable[[str, Any], str]:
+    def parse(key: str, value: Any) -> str:
+        text = _as_str(key, value).lower()
+        if text not in allowed:
+            raise ConfigError(key, f"must be one of {', '.join(allowed)}; got {value!r}")
+        return text
+
+    return parse
+
+
+def _storage_uri(key: str, value: Any) -> str:
+    text = _as_str(key, value)
+    if "://" not in text:
+        raise ConfigError(key, f"must be a storage URI such as redis://host:6379/0, got {text!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key: its default (None = unset), parser and meaning."""
+
+    name: str
+    default: Any
+    parse: Callable[[str, Any], Any]
+    help: str
+    required: bool = False
+    secret: bool = False
+
+
+_OPTION_LIST = [
+    Option(
+        "OPENAI_API_KEY", None, _as_str, "OpenAI API key of the workflow's project.", True, True
+    ),
+    Option("SECRET_KEY", None, _as_str, "Flask secret key; signs the visitor cookie.", True, True),
+    Option(
+        "SECRET_KEY_FALLBACKS",
+        "",
+        _list,
+        "Old secret keys (comma-separated) still accepted for cookies, for rotation.",
+        secret=True,
+    ),
+    Option("CHATKIT_WORKFLOW_ID", None, _token, "Agent Builder workflow id (wf_...).", True),
+    Option(
+        "CHATKIT_ALLOWED_WORKFLOWS",
+        "",
+        _list,
+        "Other workflow ids the browser may ask for (comma-separated).",
+    ),
+    Option(
+        "CHATKIT_WORKFLOW_VERSION",
+        None,
+        _workflow_version,
+        "Workflow version to run; empty runs the latest deployed version.",
+    ),
+    Option("CHATKIT_API_BASE", "https://api.openai.com", _http_url, "Base URL of the ChatKit API."),
+    Option("CHATKIT_URL_PREFIX", "/api/chatkit", _prefix, "URL prefix of the endpoint."),
+    Option("CHATKIT_SESSION_TTL", 600, _int_range(1, 600), "Session lifetime in seconds (1-600)."),
+    Option(
+        "CHATKIT_UPSTREAM_TIMEOUT",
+        15,
+        _float_range(0, 120),
+        "Total deadline in seconds for the upstream call, retries included.",
+    ),
+    Option(
+        "CHATKIT_UPSTREAM_RETRIES",
+        2,
+        _int_range(0, 5),
+        "Retries on connection errors and 502/503/504, within the deadline.",
+    ),
+    Option(
+        "CHATKIT_SESSION_RATE_LIMIT",
+        None,
+        _int_range(1, None),
+        "Upstream rate_limits.max_requests_per_1_minute per session (empty: upstream default).",
+    ),
+    Option(
+        "CHATKIT_FILE_UPLOAD_ENABLED",
+        None,
+        _bool,
+        "chatkit_configuration.file_upload.enabled (empty: upstream default, off).",
+    ),
+    Option(
+        "CHATKIT_FILE_UPLOAD_MAX_FILES",
+        None,
+        _int_range(1, None),
+        "chatkit_configuration.file_upload.max_files.",
+    ),
+    Option(
+        "CHATKIT_FILE_UPLOAD_MAX_FILE_SIZE",
+        None,
+        _int_range(1, 512),
+        "chatkit_configuration.file_upload.max_file_size in MB (1-512).",
+    ),
+    Option(
+        "CHATKIT_HISTORY_ENABLED",
+        None,
+        _bool,
+        "chatkit_configuration.history.enabled (empty: upstream default, on).",
+    ),
+    Option(
+        "CHATKIT_HISTORY_RECENT_THREADS",
+        None,
+        _int_range(1, None),
+        "chatkit_configuration.history.recent_threads.",
+    ),
+    Option(
+        "CHATKIT_THREAD_TITLING_ENABLED",
+        None,
+        _bool,
+        "chatkit_configuration.automatic_thread_titling.enabled.",
+    ),
+    Option("CHATKIT_COOKIE_NAME", "chatkit_session_id", _token, "Name of the visitor cookie."),
+    Option(
+        "CHATKIT_COOKIE_SECURE",
+        True,
+        _bool,
+        "Send the cookie only over HTTPS; set false for plain-HTTP development.",
+    ),
+    Option(
+        "CHATKIT_COOKIE_MAX_AGE",
+        2592000,
+        _int_range(60, None),
+        "Visitor cookie lifetime in seconds (default 30 days).",
+    ),
+    Option(
+        "CHATKIT_RATELIMIT_PER_USER",
+        "10 per minute;100 per day",
+        _limit,
+        "Mints per visitor or signed-in user ('' or off disables).",
+    ),
+    Option(
+        "CHATKIT_RATELIMIT_PER_IP",
+        "30 per minute;500 per day",
+        _limit,
+        "Mints per client IP (IPv6: per prefix, see CHATKIT_IPV6_PREFIX).",
+    ),
+    Option("CHATKIT_RATELIMIT_GLOBAL", "", _limit, "Site-wide cap on mints (default off)."),
+    Option(
+        "CHATKIT_RATELIMIT_FAIL_CLOSED",
+        False,
+        _bool,
+        "When the limiter storage fails: true answers 503; false falls back to memory.",
+    ),
+    Option(
+        "CHATKIT_REDIS_TIMEOUT",
+        0.3,
+        _float_range(0, 10),
+        "Connect and read timeout in seconds for the limiter's Redis.",
+    ),
+    Option(
+        "CHATKIT_TRUSTED_PROXIES",
+        0,
+        _int_range(0, 10),
+        "Number of reverse proxies in front whose X-Forwarded-For is trusted.",
+    ),
+    Option(
+        "CHATKIT_IPV6_PREFIX",
+        64,
+        _int_range(1, 128),
+        "IPv6 clients are limited per network of this prefix length.",
+    ),
+    Option(
+        "CHATKIT_ALLOWED_ORIGINS",
+        "",
+        _origins,
+        "Origins allowed to call cross-origin, with CORS (comma-separated).",
+    ),
+    Option("CHATKIT_LOG_LEVEL", "INFO", _choice("debug", "info", "warning", "error"), "Log level."),
+    Option("CHATKIT_LOG_FORMAT", "text", _choice("text", "json"), "Log line format."),
+    Option("CHATKIT_DEMO", False, _bool, "Serve the demo chat page at / (standalone service)."),
+    Option(
+        "RATELIMIT_STORAGE_URI",
+        "memory://",
+        _storage_uri,
+        "Limiter storage: redis://, rediss://, redis+sentinel://, redis+cluster://, valkey://.",
+    ),
+    Option(
+        "RATELIMIT_STRATEGY",
+        "fixed-window",
+        _choice("fixed-window", "moving-window", "sliding-window-counter"),
+        "Limiter strategy.",
+    ),
+    Option(
+        "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED",
+        True,
+        _bool,
+        "Per-process in-memory limits while the storage is down.",
+    ),
+    Option("RATELIMIT_HEADERS_ENABLED", True, _bool, "Send X-RateLimit-* headers."),
+    Option("RATELIMIT_KEY_PREFIX", "chatkit", _token, "Prefix of the limiter's storage keys."),
+]
+
+OPTIONS: dict[str, Option] = {option.name: option for option in _OPTION_LIST}
+
+
+def _read(config: Mapping[str, Any], name: str) -> Any:
+    option = OPTIONS[name]
+    raw = config.get(name, option.default)
+    if _blank(raw):
+        if option.required:
+            raise ConfigError(name, "is required but not set")
+        raw = option.default
+        if _blank(raw):
+            return None if option.parse is not _list and option.parse is not _origins else ()
+    return option.parse(name, raw)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated configuration the extension runs with."""
+
+    api_key: str
+    secret_key: str
+    secret_key_fallbacks: tuple[str, ...]
+    workflow_id: str
+    allowed_workflows: frozenset[str]
+    workflow_version: str | None
+    api_base: str
+    url_prefix: str
+    session_ttl: int
+    upstream_timeout: float
+    upstream_retries: int
+    session_rate_limit: int | None
+    chatkit_configuration: dict[str, Any] | None
+    cookie_name: str
+    cookie_secure: bool
+    cookie_max_age: int
+    limit_per_user: str
+    limit_per_ip: str
+    limit_global: str
+    fail_closed: bool
+    redis_timeout: float
+    trusted_proxies: int
+    ipv6_prefix: int
+    allowed_origins: tuple[str, ...]
+    log_level: str
+    log_format: str
+    demo: bool
+    storage_uri: str
+    strategy: str
+    in_memory_fallback: bool
+    headers_enabled: bool
+    key_prefix: str
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
+        """Parse and check ``config`` (a Flask ``app.config`` or any mapping of key to value)."""
+        v = {name: _read(config, name) for name in OPTIONS}
+        allowed = set(v["CHATKIT_ALLOWED_WORKFLOWS"])
+        for workflow in allowed:
+            _token("CHATKIT_ALLOWED_WORKFLOWS", workflow)
+        allowed.add(v["CHATKIT_WORKFLOW_ID"])
+        fallbacks = config.get("SECRET_KEY_FALLBACKS") or ()
+        if isinstance(fallbacks, str):
+            fallbacks = _list("SECRET_KEY_FALLBACKS", fallbacks)
+        return cls(
+            api_key=v["OPENAI_API_KEY"],
+            secret_key=v["SECRET_KEY"],
+            secret_key_fallbacks=tuple(str(key) for key in fallbacks),
+            workflow_id=v["CHATKIT_WORKFLOW_ID"],
+            allowed_workflows=frozenset(allowed),
+            workflow_version=v["CHATKIT_WORKFLOW_VERSION"],
+            api_base=v["CHATKIT_API_BASE"],
+            url_prefix=v["CHATKIT_URL_PREFIX"],
+            session_ttl=v["CHATKIT_SESSION_TTL"],
+            upstream_timeout=v["CHATKIT_UPSTREAM_TIMEOUT"],
+            upstream_retries=v["CHATKIT_UPSTREAM_RETRIES"],
+            session_rate_limit=v["CHATKIT_SESSION_RATE_LIMIT"],
+            chatkit_configuration=_chatkit_configuration(v),
+            cookie_name=v["CHATKIT_COOKIE_NAME"],
+            cookie_secure=v["CHATKIT_COOKIE_SECURE"],
+            cookie_max_age=v["CHATKIT_COOKIE_MAX_AGE"],
+            limit_per_user=v["CHATKIT_RATELIMIT_PER_USER"] or "",
+            limit_per_ip=v["CHATKIT_RATELIMIT_PER_IP"] or "",
+            limit_global=v["CHATKIT_RATELIMIT_GLOBAL"] or "",
+            fail_closed=v["CHATKIT_RATELIMIT_FAIL_CLOSED"],
+            redis_timeout=v["CHATKIT_REDIS_TIMEOUT"],
+            trusted_proxies=v["CHATKIT_TRUSTED_PROXIES"],
+            ipv6_prefix=v["CHATKIT_IPV6_PREFIX"],
+            allowed_origins=v["CHATKIT_ALLOWED_ORIGINS"],
+            log_level=v["CHATKIT_LOG_LEVEL"].upper(),
+            log_format=v["CHATKIT_LOG_FORMAT"],
+            demo=v["CHATKIT_DEMO"],
+            storage_uri=v["RATELIMIT_STORAGE_URI"],
+            strategy=v["RATELIMIT_STRATEGY"],
+            in_memory_fallback=v["RATELIMIT_IN_MEMORY_FALLBACK_ENABLED"],
+            headers_enabled=v["RATELIMIT_HEADERS_ENABLED"],
+            key_prefix=v["RATELIMIT_KEY_PREFIX"],
+        )
+
+
+def _chatkit_configuration(v: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Build the upstream ``chatkit_configuration`` from the keys that are set, or None."""
+    sections: dict[str, dict[str, Any]] = {}
+
+    def put(section: str, field: str, key: str) -> None:
+        if v[key] is not None:
+            sections.setdefault(section, {})[field] = v[key]
+
+    put("file_upload", "enabled", "CHATKIT_FILE_UPLOAD_ENABLED")
+    put("file_upload", "max_files", "CHATKIT_FILE_UPLOAD_MAX_FILES")
+    put("file_upload", "max_file_size", "CHATKIT_FILE_UPLOAD_MAX_FILE_SIZE")
+    put("history", "enabled", "CHATKIT_HISTORY_ENABLED")
+    put("history", "recent_threads", "CHATKIT_HISTORY_RECENT_THREADS")
+    put("automatic_thread_titling", "enabled", "CHATKIT_THREAD_TITLING_ENABLED")
+    return sections or None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Read the operator's TOML file, then let environment variables of the same name win.
+
+    Unknown keys in the file stop start-up (a typo would otherwise be silently ignored).
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        try:
+            with file.open("rb") as handle:
+                data = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError("CHATKIT_CONFIG_FILE", f"file not found: {file}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("CHATKIT_CONFIG_FILE", f"{file} is not valid TOML: {exc}") from None
+        for key, value in data.items():
+            if key not in OPTIONS:
+                raise ConfigError(key, f"unknown key in {file}")
+            values[key] = value
+    for key in OPTIONS:
+        if key in environ:
+            values[key] = environ[key]
+    return values

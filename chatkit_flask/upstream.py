@@ -1,0 +1,291 @@
+"""Client for the ChatKit sessions API. No Flask imports: usable and testable on its own.
+
+Transport concerns (a keep-alive connection pool per thread, the total deadline, bounded retries)
+live here; callers see ``ChatKitClient.create_session`` and a small error hierarchy.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+__all__ = [
+    "ChatKitClient",
+    "ChatKitSession",
+    "UpstreamBusy",
+    "UpstreamError",
+    "UpstreamRejected",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+]
+
+_RETRY_STATUSES = frozenset({502, 503, 504})
+_DETAIL_LIMIT = 500  # characters of an upstream error body kept for the log
+_CONNECT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class ChatKitSession:
+    """What the browser needs from a created session, plus what the log needs."""
+
+    client_secret: str
+    expires_at: int
+    session_id: str | None
+    request_id: str | None
+    status: int
+    latency_ms: float
+    attempts: int
+
+    def __repr__(self) -> str:  # never show the secret in a traceback or log
+        return f"ChatKitSession(id={self.session_id!r}, expires_at={self.expires_at})"
+
+
+class UpstreamError(Exception):
+    """The ChatKit API did not give a usable session.
+
+    ``detail`` holds a truncated upstream body for the server log only; it is never shown to
+    the browser. The exception text never contains the API key or a client secret.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        request_id: str | None = None,
+        detail: str = "",
+        latency_ms: float = 0.0,
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.request_id = request_id
+        self.detail = detail
+        self.latency_ms = latency_ms
+        self.attempts = attempts
+
+
+class UpstreamRejected(UpstreamError):
+    """A 4xx other than 429: the key, project or workflow is misconfigured."""
+
+
+class UpstreamBusy(UpstreamError):
+    """The upstream answered 429. ``retry_after`` is in seconds."""
+
+    def __init__(self, message: str, *, retry_after: int, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class UpstreamUnavailable(UpstreamError):
+    """5xx, connection failure, or a 2xx that is not a usable session."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The total deadline passed."""
+
+
+def _retry_after_seconds(value: str | None) -> int:
+    try:
+        seconds = int(float(value)) if value else 1
+    except ValueError:
+        seconds = 1
+    return min(max(seconds, 1), 60)
+
+
+class ChatKitClient:
+    """Creates ChatKit sessions. Thread-safe: each thread gets its own keep-alive session."""
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        api_base: str = "https://api.openai.com",
+        timeout: float = 15.0,
+        retries: int = 2,
+        pool_size: int = 4,
+        backoff: float = 0.1,
+    ) -> None:
+        self._api_key = api_key
+        self._base = api_base.rstrip("/")
+        self.timeout = timeout
+        self.retries = retries
+        self._pool_size = pool_size
+        self._backoff = backoff
+        self._local = threading.local()
+        self._headers = {
+            "Authorization": f"Bearer {api_key}",
+            "OpenAI-Beta": "chatkit_beta=v1",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": "chatkit-flask",
+        }
+
+    def __repr__(self) -> str:
+        return f"ChatKitClient(api_base={self._base!r})"
+
+    def _session(self) -> requests.Session:
+        # requests.Session is not documented as thread-safe; one per thread keeps the
+        # keep-alive benefit without sharing a pool across threads.
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self._pool_size, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.trust_env = False  # no proxy or netrc surprises; the key goes only to the base
+            self._local.session = session
+        return session
+
+    def create_session(
+        self,
+        *,
+        workflow_id: str,
+        user: str,
+        ttl: int,
+        workflow_version: str | None = None,
+        rate_limit: int | None = None,
+        chatkit_configuration: dict[str, Any] | None = None,
+    ) -> ChatKitSession:
+        """POST /v1/chatkit/sessions and return the session, or raise an ``UpstreamError``."""
+        workflow: dict[str, Any] = {"id": workflow_id}
+        if workflow_version:
+            workflow["version"] = workflow_version
+        body: dict[str, Any] = {
+            "workflow": workflow,
+            "user": user,
+            "expires_after": {"anchor": "created_at", "seconds": ttl},
+        }
+        if rate_limit is not None:
+            body["rate_limits"] = {"max_requests_per_1_minute": rate_limit}
+        if chatkit_configuration:
+            body["chatkit_configuration"] = chatkit_configuration
+        response, started, attempts = self._post("/v1/chatkit/sessions", body)
+        latency_ms = (time.monotonic() - started) * 1000
+        data = self._check(response, latency_ms, attempts)
+        secret = data.get("client_secret")
+        expires_at = data.get("expires_at")
+        if not isinstance(secret, str) or not secret:
+            raise UpstreamUnavailable(
+                "upstream answered without a client_secret",
+                status=response.status_code,
+                request_id=response.headers.get("x-request-id"),
+                detail="keys: " + ",".join(sorted(map(str, data))),
+                latency_ms=latency_ms,
+                attempts=attempts,
+            )
+        if not isinstance(expires_at, int) or isinstance(expires_at, bool):
+            # The schema makes expires_at required; if it ever goes missing, derive it.
+            expires_at = int(time.time()) + ttl
+        session_id = data.get("id")
+        return ChatKitSession(
+            client_secret=secret,
+            expires_at=expires_at,
+            session_id=session_id if isinstance(session_id, str) else None,
+            request_id=response.headers.get("x-request-id"),
+            status=response.status_code,
+            latency_ms=latency_ms,
+            attempts=attempts,
+        )
+
+    def cancel_session(self, session_id: str) -> dict[str, Any]:
+        """POST /v1/chatkit/sessions/{id}/cancel; returns the session object (status cancelled)."""
+        if not session_id or "/" in session_id:
+            raise ValueError("session_id must be a non-empty id")
+        response, started, attempts = self._post(f"/v1/chatkit/sessions/{session_id}/cancel", None)
+        return self._check(response, (time.monotonic() - started) * 1000, attempts)
+
+    def _post(self, path: str, body: dict[str, Any] | None) -> tuple[requests.Response, float, int]:
+        url = self._base + path
+        payload = json.dumps(body, separators=(",", ":")) if body is not None else None
+        started = time.monotonic()
+        deadline = started + self.timeout
+        session = self._session()
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamTimeout(
+                    "upstream deadline passed",
+                    latency_ms=(time.monotonic() - started) * 1000,
+                    attempts=attempt - 1,
+                )
+            try:
+                response = session.post(
+                    url,
+                    data=payload,
+                    headers=self._headers,
+                    timeout=(min(_CONNECT_TIMEOUT, remaining), remaining),
+                    allow_redirects=False,
+                )
+            except requests.exceptions.ConnectTimeout:
+                error: Exception = UpstreamTimeout("upstream connect timed out")
+            except requests.exceptions.Timeout:
+                # The request was sent; a retry could only mint a second session late.
+                raise UpstreamTimeout(
+                    "upstream did not answer before the deadline",
+                    latency_ms=(time.monotonic() - started) * 1000,
+                    attempts=attempt,
+                ) from None
+            except requests.exceptions.RequestException as exc:
+                error = UpstreamUnavailable(f"upstream connection failed: {type(exc).__name__}")
+            else:
+                if response.status_code not in _RETRY_STATUSES or attempt > self.retries:
+                    return response, started, attempt
+                response.close()
+                error = UpstreamUnavailable(f"upstream answered {response.status_code}")
+            if attempt > self.retries or not self._sleep_before_retry(attempt, deadline):
+                if isinstance(error, UpstreamError):
+                    error.latency_ms = (time.monotonic() - started) * 1000
+                    error.attempts = attempt
+                raise error
+
+    def _sleep_before_retry(self, attempt: int, deadline: float) -> bool:
+        pause = self._backoff * (2 ** (attempt - 1))
+        if time.monotonic() + pause >= deadline:
+            return False
+        time.sleep(pause)
+        return True
+
+    @staticmethod
+    def _check(response: requests.Response, latency_ms: float, attempts: int) -> dict[str, Any]:
+        status = response.status_code
+        request_id = response.headers.get("x-request-id")
+        common: dict[str, Any] = {
+            "status": status,
+            "request_id": request_id,
+            "latency_ms": latency_ms,
+            "attempts": attempts,
+        }
+        if status >= 300:
+            detail = response.text[:_DETAIL_LIMIT]
+            if status == 429:
+                raise UpstreamBusy(
+                    "upstream rate limited the request",
+                    retry_after=_retry_after_seconds(response.headers.get("Retry-After")),
+                    detail=detail,
+                    **common,
+                )
+            if 400 <= status < 500:
+                raise UpstreamRejected(
+                    f"upstream rejected the request ({status})", detail=detail, **common
+                )
+            raise UpstreamUnavailable(f"upstream failed ({status})", detail=detail, **common)
+        try:
+            data = response.json()
+        except ValueError:
+            raise UpstreamUnavailable(
+                "upstream answered with a body that is not JSON",
+                detail=response.text[:100],
+                **common,
+            ) from None
+        if not isinstance(data, dict):
+            raise UpstreamUnavailable("upstream answered with JSON that is not an object", **common)
+        return data

@@ -1,0 +1,125 @@
+"""Shared fixtures: a fake ChatKit API on a real loopback socket, apps, and limiter storages
+(fakeredis in-process, and the real Redis server on a dedicated database)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+
+from chatkit_flask.fake_upstream import FakeChatKit
+from chatkit_flask.service import create_app
+
+# Deliberately not shaped like a real key (the repo's secret scan looks for sk-...).
+TEST_API_KEY = "test-openai-key-0123456789-must-never-be-logged"
+TEST_SECRET_KEY = "test-secret-key-for-signing-visitor-cookies"
+WORKFLOW = "wf_test_main"
+REDIS_URL = os.environ.get("CHATKIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="session")
+def _upstream_server() -> Iterator[FakeChatKit]:
+    with FakeChatKit(api_key=TEST_API_KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def upstream(_upstream_server: FakeChatKit) -> Iterator[FakeChatKit]:
+    """The fake ChatKit API, reset for each test."""
+    _upstream_server.set_default(None)
+    _upstream_server.latency = 0.0
+    _upstream_server.clear()
+    yield _upstream_server
+    _upstream_server.set_default(None)
+    _upstream_server.latency = 0.0
+    _upstream_server.clear()
+
+
+def base_config(upstream: FakeChatKit, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "OPENAI_API_KEY": TEST_API_KEY,
+        "SECRET_KEY": TEST_SECRET_KEY,
+        "CHATKIT_WORKFLOW_ID": WORKFLOW,
+        "CHATKIT_API_BASE": upstream.base_url,
+        "CHATKIT_COOKIE_SECURE": False,
+        "CHATKIT_UPSTREAM_TIMEOUT": 2,
+        "RATELIMIT_STORAGE_URI": "memory://",
+        "TESTING": True,
+    }
+    config.update(overrides)
+    return config
+
+
+def real_redis_available() -> bool:
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def real_redis() -> Iterator[redis.Redis]:
+    """The real Redis server's test database, emptied before and after the test."""
+    if not real_redis_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis at {REDIS_URL} does not answer (CI must start it)")
+        pytest.skip(f"Redis at {REDIS_URL} does not answer")
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+def storage(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Limiter storage config: fakeredis (Lua via lupa) and the real Redis server."""
+    if request.param == "fakeredis":
+        server = fakeredis.FakeServer()
+        pool = redis.ConnectionPool(connection_class=fakeredis.FakeRedisConnection, server=server)
+        return {
+            "RATELIMIT_STORAGE_URI": "redis://",
+            "RATELIMIT_STORAGE_OPTIONS": {"connection_pool": pool},
+            "_fake_server": server,
+        }
+    request.getfixturevalue("real_redis")
+    return {"RATELIMIT_STORAGE_URI": REDIS_URL}
+
+
+@pytest.fixture
+def make_app(upstream: FakeChatKit) -> Callable[..., Flask]:
+    """Build the service app against the fake upstream; keyword arguments override config."""
+
+    def factory(**overrides: Any) -> Flask:
+        overrides = {k: v for k, v in overrides.items() if not k.startswith("_")}
+        return create_app(base_config(upstream, **overrides), environ={})
+
+    return factory
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask]) -> Flask:
+    return make_app()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def mint_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """Capture everything the package logs (the service sets propagate=False on its loggers)."""
+    for name in ("chatkit_flask", "flask-limiter"):
+        logging.getLogger(name).addHandler(caplog.handler)
+    caplog.set_level(logging.DEBUG)
+    yield caplog
+    for name in ("chatkit_flask", "flask-limiter"):
+        logging.getLogger(name).removeHandler(caplog.handler)
