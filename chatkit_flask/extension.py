@@ -11,8 +11,10 @@ from flask_cors import CORS
 from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from .cli import chatkit_cli
 from .identity import VisitorCookie
 from .limits import build_limiter
+from .metrics import init_metrics
 from .settings import Settings
 from .upstream import ChatKitClient
 from .views import make_blueprint
@@ -90,6 +92,9 @@ class ChatKit:
         )
         app.extensions["chatkit"] = state
         app.register_blueprint(make_blueprint(state))
+        app.cli.add_command(chatkit_cli)
+        if settings.metrics_enabled:
+            init_metrics(app)
         if settings.allowed_origins:
             # flask-cors answers preflights and adds the headers to every response of the
             # prefix, error responses included, so a cross-origin page can read a 429.

@@ -56,6 +56,10 @@ def build_limiter(app: Flask, settings: Settings) -> Limiter:
     (per process) applies the same limits; with the fallback off, requests pass (fail-open).
     """
     fallback = settings.in_memory_fallback and not settings.fail_closed
+    # Flask-Limiter treats a False constructor argument as "unset" and falls back to the app
+    # config for these two, so the config must say the same as the settings decided.
+    app.config["RATELIMIT_IN_MEMORY_FALLBACK_ENABLED"] = fallback
+    app.config["RATELIMIT_HEADERS_ENABLED"] = settings.headers_enabled
     limiter = Limiter(
         _ip_key,
         storage_uri=settings.storage_uri,
@@ -67,9 +71,10 @@ def build_limiter(app: Flask, settings: Settings) -> Limiter:
         key_prefix=settings.key_prefix,
     )
     if settings.headers_enabled:
-        # Flask-Limiter adds Retry-After to every response; only a 429 should carry it.
-        # after_request functions run in reverse order, so this must be registered first.
-        app.after_request(_drop_retry_after_unless_429)
+        # Flask-Limiter adds Retry-After (time to the window's reset) to every response.
+        # after_request functions run in reverse order, so this one, registered first, runs
+        # after Flask-Limiter's and keeps only the Retry-After our own errors set.
+        app.after_request(_keep_own_retry_after)
     try:
         limiter.init_app(app)
     except ConfigurationError as exc:
@@ -82,12 +87,12 @@ def build_limiter(app: Flask, settings: Settings) -> Limiter:
     return limiter
 
 
-def _drop_retry_after_unless_429(response: Response) -> Response:
-    if response.status_code != 429:
+def _keep_own_retry_after(response: Response) -> Response:
+    retry_after = g.get("chatkit_retry_after")
+    if retry_after is None:
         response.headers.pop("Retry-After", None)
-    elif getattr(g, "chatkit_retry_after", None) is not None:
-        # Flask-Limiter recomputes the header a moment later; keep it equal to the JSON body.
-        response.headers["Retry-After"] = str(g.chatkit_retry_after)
+    else:
+        response.headers["Retry-After"] = retry_after
     return response
 
 

@@ -30,6 +30,8 @@ def create_app(
     )
     config = load_config(path, environ)
     config.update(overrides or {})
+    if str(config.get("CHATKIT_METRICS_ENABLED", "")).strip() == "":
+        config["CHATKIT_METRICS_ENABLED"] = True  # the service serves /metrics unless told not to
     settings = Settings.from_mapping(config)  # fail fast, before anything is wired
     configure_logging(settings.log_level, settings.log_format)
 
@@ -40,4 +42,8 @@ def create_app(
     chatkit = ChatKit(app)
     state = chatkit.state(app)
     app.register_blueprint(health_blueprint(state))
+    if state.settings.demo:
+        from .demo import demo_blueprint
+
+        app.register_blueprint(demo_blueprint(state))
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -154,6 +155,16 @@ def _storage_uri(key: str, value: Any) -> str:
     if "://" not in text:
         raise ConfigError(key, f"must be a storage URI such as redis://host:6379/0, got {text!r}")
     return text
+
+
+def _networks(key: str, value: Any) -> tuple[str, ...]:
+    networks = []
+    for item in _list(key, value):
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ConfigError(key, f"must list networks like '10.0.0.0/8', got {item!r}") from None
+    return tuple(networks)
 
 
 @dataclass(frozen=True)
@@ -310,6 +321,18 @@ _OPTION_LIST = [
     Option("CHATKIT_LOG_FORMAT", "text", _choice("text", "json"), "Log line format."),
     Option("CHATKIT_DEMO", False, _bool, "Serve the demo chat page at / (standalone service)."),
     Option(
+        "CHATKIT_METRICS_ENABLED",
+        False,
+        _bool,
+        "Serve Prometheus metrics at /metrics (the standalone service defaults to true).",
+    ),
+    Option(
+        "CHATKIT_METRICS_ALLOW",
+        "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16",
+        _networks,
+        "Networks (comma-separated CIDRs) allowed to read /metrics; others get 403.",
+    ),
+    Option(
         "RATELIMIT_STORAGE_URI",
         "memory://",
         _storage_uri,
@@ -377,6 +400,8 @@ class Settings:
     log_level: str
     log_format: str
     demo: bool
+    metrics_enabled: bool
+    metrics_allow: tuple[str, ...]
     storage_uri: str
     strategy: str
     in_memory_fallback: bool
@@ -422,6 +447,8 @@ class Settings:
             log_level=v["CHATKIT_LOG_LEVEL"].upper(),
             log_format=v["CHATKIT_LOG_FORMAT"],
             demo=v["CHATKIT_DEMO"],
+            metrics_enabled=v["CHATKIT_METRICS_ENABLED"],
+            metrics_allow=v["CHATKIT_METRICS_ALLOW"],
             storage_uri=v["RATELIMIT_STORAGE_URI"],
             strategy=v["RATELIMIT_STRATEGY"],
             in_memory_fallback=v["RATELIMIT_IN_MEMORY_FALLBACK_ENABLED"],

@@ -193,7 +193,7 @@ def make_blueprint(state: ChatKitState) -> Blueprint:
     def on_rate_limited(exc: RateLimitExceeded) -> Response:
         scope = exc.description if exc.description in _LIMIT_MESSAGES else "user"
         g.chatkit_limit_scope = scope
-        retry_after = g.chatkit_retry_after = _retry_after(state)
+        retry_after = _retry_after(state)
         return error_response(
             ApiError(
                 429,

@@ -1,0 +1,273 @@
+"""Rate limits: per visitor, per IP, global; on fakeredis and on the real Redis server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from chatkit_flask.fake_upstream import FakeChatKit
+
+URL = "/api/chatkit/secret"
+
+
+def post(app: Flask, *, ip: str = "203.0.113.7", client: Any = None, **kwargs: Any) -> Any:
+    client = client or app.test_client()
+    return client.post(URL, environ_base={"REMOTE_ADDR": ip}, **kwargs)
+
+
+def test_per_visitor_limit(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
+) -> None:
+    app = make_app(**storage, CHATKIT_RATELIMIT_PER_USER="3 per minute")
+    client = app.test_client()
+    statuses = [post(app, client=client).status_code for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    response = post(app, client=client)
+    assert response.status_code == 429
+    body = response.get_json()
+    assert body["error"] == "rate_limited"
+    assert body["scope"] == "user"
+    assert 1 <= body["retry_after"] <= 61
+    assert response.headers["Retry-After"] == str(body["retry_after"])
+    assert response.headers["X-RateLimit-Limit"] == "3"
+    assert response.headers["X-RateLimit-Remaining"] == "0"
+    assert str(body["retry_after"]) in body["message"]
+    assert upstream.count == 3  # the rejected request never reached the upstream
+    # Another visitor from the same IP still gets through.
+    assert post(app).status_code == 200
+
+
+def test_rate_limit_headers_on_success(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
+) -> None:
+    app = make_app(**storage, CHATKIT_RATELIMIT_PER_USER="5 per minute")
+    client = app.test_client()
+    post(app, client=client)
+    response = post(app, client=client)
+    assert response.headers["X-RateLimit-Limit"] == "5"
+    assert response.headers["X-RateLimit-Remaining"] == "3"
+    assert int(response.headers["X-RateLimit-Reset"]) > time.time()
+    assert "Retry-After" not in response.headers
+
+
+def test_rotating_or_dropping_cookies_still_meets_the_ip_limit(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
+) -> None:
+    app = make_app(**storage, CHATKIT_RATELIMIT_PER_IP="4 per minute")
+    statuses = [post(app).status_code for _ in range(6)]  # a fresh client: no cookie each time
+    assert statuses == [200] * 4 + [429] * 2
+    assert post(app).get_json()["scope"] == "ip"
+    assert post(app, ip="198.51.100.1").status_code == 200
+    assert upstream.count == 5
+
+
+def test_global_cap_across_ips(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
+) -> None:
+    app = make_app(**storage, CHATKIT_RATELIMIT_GLOBAL="3 per minute")
+    statuses = [post(app, ip=f"192.0.2.{i}").status_code for i in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
+    assert post(app, ip="192.0.2.99").get_json()["scope"] == "global"
+
+
+def test_a_visitor_over_their_limit_does_not_spend_the_global_cap(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
+) -> None:
+    app = make_app(
+        **storage,
+        CHATKIT_RATELIMIT_PER_USER="1 per minute",
+        CHATKIT_RATELIMIT_GLOBAL="3 per minute",
+    )
+    greedy = app.test_client()
+    assert [post(app, client=greedy, ip="192.0.2.1").status_code for _ in range(4)] == [
+        200,
+        429,
+        429,
+        429,
+    ]
+    assert post(app, ip="192.0.2.2").status_code == 200
+    assert post(app, ip="192.0.2.3").status_code == 200
+    assert post(app, ip="192.0.2.4").get_json()["scope"] == "global"
+
+
+def test_several_windows_in_one_limit(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
+) -> None:
+    app = make_app(**storage, CHATKIT_RATELIMIT_PER_USER="5 per minute;2 per hour")
+    client = app.test_client()
+    assert [post(app, client=client).status_code for _ in range(3)] == [200, 200, 429]
+
+
+def test_concurrent_requests_admit_exactly_the_limit(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
+) -> None:
+    app = make_app(**storage, CHATKIT_RATELIMIT_PER_IP="10 per minute")
+    barrier = threading.Barrier(16)
+
+    def one(_: int) -> int:
+        client = app.test_client()
+        barrier.wait(timeout=10)
+        return post(app, client=client).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(one, range(16))) + list(
+            pool.map(lambda _: post(app).status_code, range(14))
+        )
+    assert statuses.count(200) == 10
+    assert statuses.count(429) == 20
+    assert upstream.count == 10
+
+
+def test_x_forwarded_for_is_ignored_without_trusted_proxies(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
+) -> None:
+    app = make_app(**storage, CHATKIT_RATELIMIT_PER_IP="2 per minute")
+    statuses = [post(app, headers={"X-Forwarded-For": f"10.9.9.{i}"}).status_code for i in range(4)]
+    assert statuses == [200, 200, 429, 429]
+
+
+def test_x_forwarded_for_is_honoured_through_the_trusted_proxy_only(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
+) -> None:
+    app = make_app(**storage, CHATKIT_RATELIMIT_PER_IP="2 per minute", CHATKIT_TRUSTED_PROXIES=1)
+    proxy = "10.0.0.2"
+
+    def via_proxy(forwarded: str) -> int:
+        return post(app, ip=proxy, headers={"X-Forwarded-For": forwarded}).status_code
+
+    assert [via_proxy("198.51.100.10") for _ in range(3)] == [200, 200, 429]
+    assert via_proxy("198.51.100.11") == 200  # another real client
+    # A client that prepends a fake address is still keyed on what the proxy saw.
+    assert via_proxy("1.2.3.4, 198.51.100.10") == 429
+
+
+def test_ipv6_clients_are_limited_per_64(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
+) -> None:
+    app = make_app(**storage, CHATKIT_RATELIMIT_PER_IP="2 per minute")
+    assert post(app, ip="2001:db8:1:2::1").status_code == 200
+    assert post(app, ip="2001:db8:1:2:ffff::9").status_code == 200
+    assert post(app, ip="2001:db8:1:2:aaaa::1").status_code == 429  # same /64
+    assert post(app, ip="2001:db8:1:3::1").status_code == 200  # another /64
+
+
+def test_limits_are_shared_between_app_instances(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
+) -> None:
+    """Two app objects on one storage stand in for two workers or hosts."""
+    first = make_app(**storage, CHATKIT_RATELIMIT_PER_IP="3 per minute")
+    second = make_app(**storage, CHATKIT_RATELIMIT_PER_IP="3 per minute")
+    statuses = [post(app).status_code for app in (first, second, first, second)]
+    assert statuses == [200, 200, 200, 429]
+
+
+def test_redis_keys_hold_no_raw_visitor_id(
+    make_app: Callable[..., Flask], real_redis: Any, upstream: FakeChatKit
+) -> None:
+    from tests.conftest import REDIS_URL
+
+    app = make_app(RATELIMIT_STORAGE_URI=REDIS_URL)
+    post(app)
+    visitor_id = upstream.last.json["user"].removeprefix("visitor_")
+    keys = [key.decode() for key in real_redis.keys("*")]
+    assert any("/visitor:" in key for key in keys)
+    assert any("/ip:203.0.113.7/" in key for key in keys)
+    assert not any(visitor_id in key for key in keys)
+
+
+# --- storage failures -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hung_redis() -> Iterator[str]:
+    """A TCP server that accepts connections and never answers: a paused Redis."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                held.append(conn)
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+@pytest.mark.parametrize("uri_kind", ["refused", "hung"])
+def test_storage_down_falls_back_to_memory_without_500_or_stall(
+    make_app: Callable[..., Flask], upstream: FakeChatKit, hung_redis: str, uri_kind: str
+) -> None:
+    uri = "redis://127.0.0.1:1/0" if uri_kind == "refused" else hung_redis
+    app = make_app(RATELIMIT_STORAGE_URI=uri, CHATKIT_RATELIMIT_PER_USER="3 per minute")
+    client = app.test_client()
+    started = time.monotonic()
+    statuses = [post(app, client=client).status_code for _ in range(4)]
+    elapsed = time.monotonic() - started
+    assert statuses == [200, 200, 200, 429]  # the fallback still applies the limits
+    assert elapsed < 2.0  # one Redis timeout (0.3 s) at most, not 5 s per request
+    assert app.test_client().get("/readyz").status_code == 503
+    assert app.test_client().get("/healthz").status_code == 200
+
+
+def test_fakeredis_outage_then_recovery(
+    make_app: Callable[..., Flask], upstream: FakeChatKit, storage: dict
+) -> None:
+    if "_fake_server" not in storage:
+        pytest.skip("outage is simulated on the fake server")
+    server = storage["_fake_server"]
+    app = make_app(**storage, CHATKIT_RATELIMIT_PER_USER="100 per minute")
+    client = app.test_client()
+    assert post(app, client=client).status_code == 200
+    server.connected = False
+    assert post(app, client=client).status_code == 200  # fallback, no 500
+    assert app.test_client().get("/readyz").status_code == 503
+    server.connected = True
+    assert app.test_client().get("/readyz").status_code == 200
+    time.sleep(1.1)  # Flask-Limiter re-probes the storage after 1 s, then 2, 4, ...
+    post(app, client=client)
+    state = app.extensions["chatkit"]
+    assert state.limiter._storage_dead is False
+
+
+def test_fail_closed_answers_503_and_never_calls_upstream(
+    make_app: Callable[..., Flask], upstream: FakeChatKit
+) -> None:
+    app = make_app(
+        RATELIMIT_STORAGE_URI="redis://127.0.0.1:1/0", CHATKIT_RATELIMIT_FAIL_CLOSED=True
+    )
+    response = post(app)
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["error"] == "limiter_unavailable"
+    assert response.headers["Retry-After"] == "5"
+    assert upstream.count == 0
+
+
+def test_health_endpoints_are_not_rate_limited(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
+) -> None:
+    app = make_app(**storage, CHATKIT_RATELIMIT_GLOBAL="1 per minute")
+    client = app.test_client()
+    for _ in range(5):
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 200

@@ -1,0 +1,140 @@
+"""Configuration: defaults, validation that names the key, file < environment precedence."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatkit_flask.settings import OPTIONS, ConfigError, Settings, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED = {"OPENAI_API_KEY": "k", "SECRET_KEY": "s", "CHATKIT_WORKFLOW_ID": "wf_1"}
+
+
+def test_defaults_match_the_documented_values() -> None:
+    settings = Settings.from_mapping(REQUIRED)
+    assert settings.session_ttl == 600
+    assert settings.upstream_timeout == 15
+    assert settings.upstream_retries == 2
+    assert settings.url_prefix == "/api/chatkit"
+    assert settings.limit_per_user == "10 per minute;100 per day"
+    assert settings.limit_per_ip == "30 per minute;500 per day"
+    assert settings.limit_global == ""
+    assert settings.cookie_secure is True
+    assert settings.cookie_max_age == 30 * 24 * 3600
+    assert settings.trusted_proxies == 0
+    assert settings.allowed_workflows == frozenset({"wf_1"})
+    assert settings.chatkit_configuration is None
+    assert settings.in_memory_fallback is True and settings.fail_closed is False
+
+
+@pytest.mark.parametrize("key", sorted(REQUIRED))
+def test_a_missing_required_key_is_named(key: str) -> None:
+    config = {k: v for k, v in REQUIRED.items() if k != key}
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping(config)
+    assert info.value.key == key
+    assert key in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("CHATKIT_SESSION_TTL", "0"),
+        ("CHATKIT_SESSION_TTL", "601"),
+        ("CHATKIT_SESSION_TTL", "ten"),
+        ("CHATKIT_RATELIMIT_PER_USER", "10 per fortnight"),
+        ("CHATKIT_RATELIMIT_PER_IP", "lots"),
+        ("CHATKIT_RATELIMIT_GLOBAL", "5 each minute"),
+        ("CHATKIT_COOKIE_SECURE", "maybe"),
+        ("CHATKIT_API_BASE", "ftp://example.com"),
+        ("CHATKIT_URL_PREFIX", "api/chatkit"),
+        ("CHATKIT_UPSTREAM_TIMEOUT", "-1"),
+        ("CHATKIT_UPSTREAM_RETRIES", "9"),
+        ("CHATKIT_TRUSTED_PROXIES", "-1"),
+        ("CHATKIT_ALLOWED_ORIGINS", "shop.example.com"),
+        ("CHATKIT_WORKFLOW_VERSION", "latest"),
+        ("CHATKIT_FILE_UPLOAD_MAX_FILE_SIZE", "513"),
+        ("RATELIMIT_STRATEGY", "leaky-bucket"),
+        ("RATELIMIT_STORAGE_URI", "localhost:6379"),
+        ("CHATKIT_LOG_FORMAT", "xml"),
+    ],
+)
+def test_an_invalid_value_is_named(key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping({**REQUIRED, key: value})
+    assert info.value.key == key
+
+
+def test_chatkit_configuration_only_carries_what_is_set() -> None:
+    settings = Settings.from_mapping(
+        {**REQUIRED, "CHATKIT_FILE_UPLOAD_ENABLED": "true", "CHATKIT_HISTORY_RECENT_THREADS": "5"}
+    )
+    assert settings.chatkit_configuration == {
+        "file_upload": {"enabled": True},
+        "history": {"recent_threads": 5},
+    }
+
+
+def test_limits_can_be_turned_off() -> None:
+    settings = Settings.from_mapping({**REQUIRED, "CHATKIT_RATELIMIT_PER_USER": "off"})
+    assert settings.limit_per_user == ""
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    file = tmp_path / "chatkit.toml"
+    file.write_text('CHATKIT_SESSION_TTL = 300\nCHATKIT_RATELIMIT_PER_IP = "5 per minute"\n')
+    config = load_config(file, {"CHATKIT_SESSION_TTL": "120", "UNRELATED": "x", **REQUIRED})
+    settings = Settings.from_mapping(config)
+    assert settings.session_ttl == 120  # environment wins
+    assert settings.limit_per_ip == "5 per minute"  # file value kept
+    assert "UNRELATED" not in config
+
+
+def test_an_unknown_key_in_the_file_is_named(tmp_path: Path) -> None:
+    file = tmp_path / "chatkit.toml"
+    file.write_text("CHATKIT_SESSION_TTLL = 300\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(file, {})
+    assert info.value.key == "CHATKIT_SESSION_TTLL"
+
+
+def test_the_shipped_config_file_is_valid_and_complete() -> None:
+    config = load_config(ROOT / "config" / "chatkit.toml", REQUIRED)
+    settings = Settings.from_mapping(config)
+    assert settings.session_ttl == OPTIONS["CHATKIT_SESSION_TTL"].default
+    assert not any(OPTIONS[key].secret for key in load_config(ROOT / "config" / "chatkit.toml", {}))
+
+
+def _import_wsgi(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in OPTIONS}
+    return subprocess.run(
+        [sys.executable, "-c", "import wsgi"],
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_service_start_without_the_api_key_names_it() -> None:
+    result = _import_wsgi({"SECRET_KEY": "s", "CHATKIT_WORKFLOW_ID": "wf_1"})
+    assert result.returncode != 0
+    assert "OPENAI_API_KEY" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_service_start_with_a_bad_limit_names_it() -> None:
+    result = _import_wsgi({**REQUIRED, "CHATKIT_RATELIMIT_PER_USER": "ten a minute"})
+    assert result.returncode != 0
+    assert "CHATKIT_RATELIMIT_PER_USER" in result.stderr
+
+
+def test_service_starts_with_the_three_required_values() -> None:
+    result = _import_wsgi(REQUIRED)
+    assert result.returncode == 0, result.stderr
