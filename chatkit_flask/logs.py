@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any
 
+from flask import g, has_request_context
+
 __all__ = ["JsonFormatter", "configure_logging", "log_mint", "mint_log"]
 
 mint_log = logging.getLogger("chatkit_flask.mint")
@@ -64,9 +66,19 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         else:
             entry["message"] = record.getMessage()
+            request_id = _request_id()
+            if request_id:  # e.g. a limiter storage error logged while serving a mint
+                entry["request_id"] = request_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, separators=(",", ":"))
+
+
+def _request_id() -> str | None:
+    try:
+        return g.get("chatkit_request_id") if has_request_context() else None
+    except Exception:
+        return None
 
 
 def configure_logging(level: str, fmt: str) -> None:

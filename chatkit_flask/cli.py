@@ -1,0 +1,359 @@
+"""``flask chatkit ...``: operator commands registered by the extension.
+
+    flask --app wsgi chatkit check [--live]     configuration, limiter storage, (live) upstream
+    flask --app wsgi chatkit limits             effective limits, strategy and storage
+    flask --app wsgi chatkit usage --visitor ID what is left of each limit for one key
+    flask --app wsgi chatkit reset --ip ADDR    clear one key's counters
+
+Nothing printed here contains the API key, the cookie-signing key, a client secret or a
+storage password.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+from limits import RateLimitItem, parse_many
+
+from .identity import client_network, hash_id
+from .limits import STORAGE_ERRORS
+from .settings import OPTIONS, ConfigError, _read
+from .upstream import (
+    UpstreamBusy,
+    UpstreamError,
+    UpstreamTimeout,
+)
+
+if TYPE_CHECKING:
+    from .extension import ChatKitState
+
+__all__ = ["chatkit_cli", "mask_api_key", "mask_storage_uri"]
+
+CHECK_USER = "chatkit-flask-check"
+ENDPOINT = "chatkit.secret"  # Flask-Limiter's scope for the mint route's limits
+_CHECK_TTL = 60  # seconds: a check session that could not be cancelled expires soon anyway
+
+chatkit_cli = AppGroup("chatkit", help="Operate the ChatKit mint endpoint.")
+
+
+def _state() -> ChatKitState:
+    state = current_app.extensions.get("chatkit")
+    if state is None:
+        raise click.ClickException("ChatKit is not registered on this app")
+    return state
+
+
+def mask_api_key(key: str | None) -> str:
+    """``sk-...WXYZ``: the key's kind and its last 4 characters, as OpenAI's dashboard shows."""
+    if not key:
+        return "(not set)"
+    if len(key) < 12:
+        return "***"
+    prefix = "sk-" if key.startswith("sk-") else ""
+    return f"{prefix}...{key[-4:]}"
+
+
+def mask_storage_uri(uri: str) -> str:
+    """The storage URI with any password replaced by ``***``."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "***"
+    if parts.password is None and "@" not in parts.netloc:
+        return uri
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0] if userinfo else ""
+    masked = f"{user}:***@{hostinfo}" if userinfo else hostinfo
+    return urlunsplit(parts._replace(netloc=masked))
+
+
+def _shown(name: str, value: Any) -> str:
+    option = OPTIONS[name]
+    if name == "OPENAI_API_KEY":
+        return mask_api_key(value)
+    if option.secret:
+        if not value:
+            return "(not set)"
+        count = len(value) if isinstance(value, tuple | list) else 1
+        return "(set)" if isinstance(value, str) else f"({count} set)"
+    if name == "RATELIMIT_STORAGE_URI":
+        return mask_storage_uri(value)
+    if value is None or value == "" or value == ():
+        return "(unset)"
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _ok(text: str) -> None:
+    click.echo(f"  ok    {text}")
+
+
+def _fail(text: str) -> None:
+    click.secho(f"  FAIL  {text}", fg="red", err=False)
+
+
+# ----------------------------------------------------------------------- check
+
+
+@chatkit_cli.command("check")
+@click.option("--live", is_flag=True, help="Also mint one real session upstream and cancel it.")
+def check_command(live: bool) -> None:
+    """Validate the configuration, ping the limiter storage and (--live) the ChatKit API."""
+    state = _state()
+    settings = state.settings
+    failures = 0
+
+    click.echo("Configuration (validated at start-up):")
+    for name in OPTIONS:
+        try:
+            value = _read(current_app.config, name)
+        except ConfigError as exc:  # cannot normally happen: the app would not have started
+            _fail(str(exc))
+            failures += 1
+            continue
+        click.echo(f"  {name} = {_shown(name, value)}")
+
+    click.echo("Limiter storage:")
+    uri = mask_storage_uri(settings.storage_uri)
+    try:
+        reachable = state.limiter.storage.check()
+    except Exception:
+        reachable = False
+    if reachable:
+        _ok(f"{uri} answers")
+        if settings.storage_uri.startswith("memory://"):
+            click.echo("  warn  memory:// limits are per process; use redis:// in production")
+    else:
+        _fail(f"cannot reach the limiter storage at {uri} (RATELIMIT_STORAGE_URI)")
+        failures += 1
+
+    if live:
+        click.echo(f"Upstream ({settings.api_base}):")
+        failures += _check_live(state)
+    else:
+        click.echo("Upstream: not contacted (add --live to mint and cancel one test session)")
+
+    if failures:
+        raise click.ClickException(f"{failures} check(s) failed")
+    click.echo("All checks passed.")
+
+
+def _upstream_message(exc: UpstreamError, state: ChatKitState) -> str:
+    """A plain explanation of why the upstream call failed, without secrets."""
+    settings = state.settings
+    status = exc.status
+    if isinstance(exc, UpstreamTimeout):
+        return (
+            f"the ChatKit API did not answer within CHATKIT_UPSTREAM_TIMEOUT="
+            f"{settings.upstream_timeout:g}s (timeout)"
+        )
+    if status is None:
+        host = urlsplit(settings.api_base).netloc
+        return f"cannot reach CHATKIT_API_BASE host {host}: {exc}"
+    if status == 401:
+        return "the API key is wrong or revoked (OPENAI_API_KEY, upstream answered 401)"
+    if status == 403:
+        return (
+            "permission denied (403): the API key may not use ChatKit; check the key's "
+            "permissions and the project's role"
+        )
+    if status == 404:
+        return (
+            f"workflow not found: the key must belong to the workflow's project "
+            f"(CHATKIT_WORKFLOW_ID={settings.workflow_id}, upstream answered 404)"
+        )
+    if isinstance(exc, UpstreamBusy):
+        return f"the ChatKit API rate limited the check (429); retry in {exc.retry_after}s"
+    detail = _upstream_detail(exc, settings.api_key)
+    if 400 <= status < 500:
+        return f"the ChatKit API rejected the session request ({status}){detail}"
+    return f"the ChatKit API failed ({status}); try again later{detail}"
+
+
+def _upstream_detail(exc: UpstreamError, api_key: str) -> str:
+    try:
+        message = json.loads(exc.detail)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    text = str(message).replace(api_key, "***") if api_key else str(message)
+    return f": {text[:200]}"
+
+
+def _check_live(state: ChatKitState) -> int:
+    settings = state.settings
+    try:
+        session = state.client.create_session(
+            workflow_id=settings.workflow_id,
+            user=CHECK_USER,
+            ttl=min(settings.session_ttl, _CHECK_TTL),
+            workflow_version=settings.workflow_version,
+            rate_limit=settings.session_rate_limit,
+            chatkit_configuration=settings.chatkit_configuration,
+        )
+    except UpstreamError as exc:
+        request_id = f" [upstream request id {exc.request_id}]" if exc.request_id else ""
+        _fail(_upstream_message(exc, state) + request_id)
+        return 1
+    _ok(
+        f"minted session {session.session_id or '(no id)'} for workflow {settings.workflow_id} "
+        f"in {session.latency_ms:.0f} ms"
+    )
+    if not session.session_id:
+        _fail("the upstream answered without a session id: cannot cancel the test session")
+        return 1
+    try:
+        state.client.cancel_session(session.session_id)
+    except UpstreamError as exc:
+        _fail(f"could not cancel the test session (it expires by itself): {exc}")
+        return 1
+    _ok(f"cancelled session {session.session_id}")
+    return 0
+
+
+# ----------------------------------------------------------------------- limits
+
+
+def _limits_line(value: str) -> str:
+    return value.replace(";", "; ") if value else "off"
+
+
+@chatkit_cli.command("limits")
+def limits_command() -> None:
+    """Print the effective limits, strategy and storage."""
+    settings = _state().settings
+    if settings.fail_closed:
+        outage = "fail closed (503)"
+    elif settings.in_memory_fallback:
+        outage = "per-process in-memory fallback"
+    else:
+        outage = "fail open (no limits)"
+    rows = [
+        ("per user", _limits_line(settings.limit_per_user)),
+        ("per IP", f"{_limits_line(settings.limit_per_ip)} (IPv6 per /{settings.ipv6_prefix})"),
+        ("global", _limits_line(settings.limit_global)),
+        ("strategy", settings.strategy),
+        ("storage", mask_storage_uri(settings.storage_uri)),
+        ("key prefix", settings.key_prefix),
+        ("storage down", outage),
+    ]
+    for label, value in rows:
+        click.echo(f"{label + ':':<14}{value}")
+
+
+# ----------------------------------------------------------------------- usage / reset
+
+
+def _key_options(func: Any) -> Any:
+    for option in reversed(
+        [
+            click.option(
+                "--visitor",
+                help="Anonymous visitor: raw id, cookie value, visitor_<id> or log id v:<hash>.",
+            ),
+            click.option("--user", help="Signed-in user id as the host app's user_loader gives."),
+            click.option("--ip", help="Client IP address (IPv6: its configured prefix)."),
+            click.option("--global", "global_", is_flag=True, help="The site-wide limit."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _resolve_key(
+    state: ChatKitState,
+    visitor: str | None,
+    user: str | None,
+    ip: str | None,
+    global_: bool,
+) -> tuple[str, str, str]:
+    """(limiter key, limit string, scope) for exactly one of the options."""
+    given = [x for x in (visitor, user, ip) if x is not None] + (["global"] if global_ else [])
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --visitor, --user, --ip or --global")
+    settings = state.settings
+    if visitor is not None:
+        text = visitor.strip()
+        if text.startswith("v:"):
+            return "visitor:" + text[2:], settings.limit_per_user, "user"
+        text = text.split(".", 1)[0]  # a cookie value is "<id>.<timestamp>.<signature>"
+        text = text.removeprefix("visitor_")
+        if not text:
+            raise click.BadParameter("empty visitor id", param_hint="--visitor")
+        return "visitor:" + hash_id(text), settings.limit_per_user, "user"
+    if user is not None:
+        return "user:" + hash_id(user), settings.limit_per_user, "user"
+    if ip is not None:
+        network = client_network(ip.strip(), settings.ipv6_prefix)
+        if network == "unknown":
+            raise click.BadParameter(f"not an IP address: {ip!r}", param_hint="--ip")
+        return "ip:" + network, settings.limit_per_ip, "ip"
+    return "global", settings.limit_global, "global"
+
+
+def _args(state: ChatKitState, key: str) -> list[str]:
+    """The arguments Flask-Limiter passes to the strategy for the mint route's limits."""
+    prefix = getattr(state.limiter, "_key_prefix", None) or state.settings.key_prefix
+    return [prefix, key, ENDPOINT] if prefix else [key, ENDPOINT]
+
+
+def _items(limit: str, scope: str) -> list[RateLimitItem]:
+    if not limit:
+        raise click.ClickException(f"the {scope} limit is off: nothing to show")
+    return parse_many(limit)
+
+
+@chatkit_cli.command("usage")
+@_key_options
+def usage_command(visitor: str | None, user: str | None, ip: str | None, global_: bool) -> None:
+    """Show what remains of each limit for one visitor, user, IP or the global key."""
+    state = _state()
+    key, limit, scope = _resolve_key(state, visitor, user, ip, global_)
+    items = _items(limit, scope)
+    args = _args(state, key)
+    click.echo(f"{scope} limits for {key}:")
+    now = time.time()
+    try:
+        for item in items:
+            stats = state.limiter.limiter.get_window_stats(item, *args)
+            remaining = max(0, min(stats.remaining, item.amount))
+            used = item.amount - remaining
+            resets = max(0, math.ceil(stats.reset_time - now)) if used else 0
+            when = f", resets in {resets}s" if used else ""
+            click.echo(f"  {item}: {remaining} of {item.amount} remaining ({used} used{when})")
+    except STORAGE_ERRORS as exc:
+        raise click.ClickException(
+            f"cannot read the limiter storage at {mask_storage_uri(state.settings.storage_uri)}: "
+            f"{type(exc).__name__}"
+        ) from None
+
+
+@chatkit_cli.command("reset")
+@_key_options
+def reset_command(visitor: str | None, user: str | None, ip: str | None, global_: bool) -> None:
+    """Clear one visitor's, user's, IP's or the global counters."""
+    state = _state()
+    key, limit, scope = _resolve_key(state, visitor, user, ip, global_)
+    items = _items(limit, scope)
+    args = _args(state, key)
+    had_hits = 0
+    try:
+        for item in items:
+            if state.limiter.limiter.get_window_stats(item, *args).remaining < item.amount:
+                had_hits += 1
+            state.limiter.limiter.clear(item, *args)
+    except STORAGE_ERRORS as exc:
+        raise click.ClickException(
+            f"cannot reach the limiter storage at {mask_storage_uri(state.settings.storage_uri)}: "
+            f"{type(exc).__name__}"
+        ) from None
+    click.echo(
+        f"Cleared {len(items)} {scope} limit counter(s) for {key} ({had_hits} had been used)."
+    )

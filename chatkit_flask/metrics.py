@@ -1,0 +1,280 @@
+"""Prometheus metrics of the mint endpoint, and the ``/metrics`` endpoint that exposes them.
+
+The metrics live in prometheus-client's default registry, so a host app that already exports
+that registry gets them for free. Under gunicorn (several worker processes) set
+``PROMETHEUS_MULTIPROC_DIR`` to an empty, writable directory before the workers start: each
+process then writes its values to files there and ``/metrics`` adds them up at scrape time
+(``MultiProcessCollector``), whichever worker answers the scrape. The directory must be emptied
+whenever gunicorn (re)starts, and ``config/gunicorn.conf.py``'s ``child_exit`` hook calls
+``multiprocess.mark_process_dead`` for each dead worker.
+
+Values are collected from the facts the view leaves on ``flask.g`` (outcome, limit scope,
+upstream result), in an app ``after_request`` hook; the view itself knows nothing about metrics.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+if TYPE_CHECKING:
+    from .extension import ChatKitState
+
+__all__ = [
+    "CIRCUIT_STATES",
+    "circuit_state",
+    "init_metrics",
+    "limiter_fallback_active",
+    "limiter_storage_errors",
+    "mints",
+    "multiprocess_enabled",
+    "rate_limited",
+    "render_latest",
+    "set_circuit_state",
+    "upstream_latency",
+    "upstream_responses",
+]
+
+_ENDPOINT = "chatkit.secret"
+_EXTENSION_KEY = "chatkit_metrics"
+
+# The upstream call normally takes 0.2-2 s; the deadline (CHATKIT_UPSTREAM_TIMEOUT) is 15 s.
+LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0)
+
+mints = Counter(
+    "chatkit_mints",
+    "Mint requests (POST .../secret) by outcome: minted or the error code answered.",
+    ["outcome"],
+)
+rate_limited = Counter(
+    "chatkit_rate_limited",
+    "Mint requests refused with 429, by the limit that refused them (user, ip, global).",
+    ["scope"],
+)
+upstream_latency = Histogram(
+    "chatkit_upstream_latency_seconds",
+    "Time spent on the upstream session call, retries included.",
+    buckets=LATENCY_BUCKETS,
+)
+upstream_responses = Counter(
+    "chatkit_upstream_responses",
+    "Upstream session calls by final HTTP status, or 'timeout' / 'error' (no answer).",
+    ["status"],
+)
+limiter_storage_errors = Counter(
+    "chatkit_limiter_storage_errors",
+    "Rate limit storage failures seen by requests (503 fail-closed, switch to the in-memory "
+    "fallback, or errors swallowed fail-open).",
+)
+limiter_fallback_active = Gauge(
+    "chatkit_limiter_fallback_active",
+    "1 while a worker limits from its in-memory fallback because the storage is unreachable.",
+    multiprocess_mode="livemax",
+)
+circuit_state = Gauge(
+    "chatkit_upstream_circuit_state",
+    "Upstream circuit breaker: 0 closed, 1 half-open, 2 open (worst live worker).",
+    multiprocess_mode="livemax",
+)
+
+# Label values that should read 0 rather than be absent, so rate() and alerts work at once.
+mints.labels("minted")
+for _scope in ("user", "ip", "global"):
+    rate_limited.labels(_scope)
+
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
+
+
+def set_circuit_state(state: str) -> None:
+    """Record the upstream circuit breaker's state: ``closed``, ``half_open`` or ``open``."""
+    try:
+        value = CIRCUIT_STATES[state.lower()]
+    except KeyError:
+        raise ValueError(f"unknown circuit state {state!r}") from None
+    circuit_state.set(value)
+
+
+def multiprocess_enabled() -> bool:
+    """True when prometheus-client writes values to ``PROMETHEUS_MULTIPROC_DIR`` files."""
+    # prometheus-client copies the deprecated lower-case name to this one at import time.
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def render_latest() -> bytes:
+    """The exposition text: summed over all worker processes in multiprocess mode."""
+    if multiprocess_enabled():
+        # A fresh registry per scrape holding only the collector, as prometheus-client advises
+        # (the default registry would export this process's values a second time).
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)
+
+
+# ------------------------------------------------------------------ collection
+
+
+def _fallback_active(limiter: Any) -> bool:
+    """Flask-Limiter's private flag for "storage dead, limiting from memory" (may change)."""
+    try:
+        return bool(getattr(limiter, "_storage_dead", False)) and bool(
+            getattr(limiter, "_in_memory_fallback_enabled", True)
+        )
+    except Exception:  # a future Flask-Limiter without these attributes
+        return False
+
+
+def _state() -> ChatKitState | None:
+    return current_app.extensions.get("chatkit")
+
+
+def _before_request() -> None:
+    state = _state()
+    if state is not None:
+        g.chatkit_fallback_before = _fallback_active(state.limiter)
+
+
+def _upstream_status(upstream: Any) -> str:
+    status = getattr(upstream, "status", None)
+    if status is not None:
+        return str(status)
+    from .upstream import UpstreamTimeout
+
+    return "timeout" if isinstance(upstream, UpstreamTimeout) else "error"
+
+
+def _after_request(response: Response) -> Response:
+    try:
+        _record(response)
+    except Exception:  # metrics must never break a response
+        logging.getLogger("chatkit_flask").exception("chatkit_flask: recording metrics failed")
+    return response
+
+
+def _record(response: Response) -> None:
+    state = _state()
+    if state is not None:
+        active = _fallback_active(state.limiter)
+        limiter_fallback_active.set(1 if active else 0)
+        if active and not g.get("chatkit_fallback_before", True):
+            limiter_storage_errors.inc()  # this request found the storage dead
+    if request.endpoint != _ENDPOINT or request.method != "POST":
+        return
+    outcome = g.get("chatkit_outcome") or f"http_{response.status_code}"
+    mints.labels(outcome).inc()
+    if response.status_code == 429:
+        rate_limited.labels(g.get("chatkit_limit_scope") or "user").inc()
+    if outcome == "limiter_unavailable":
+        limiter_storage_errors.inc()
+    upstream = g.get("chatkit_upstream")
+    if upstream is not None:
+        upstream_responses.labels(_upstream_status(upstream)).inc()
+        latency_ms = getattr(upstream, "latency_ms", None)
+        if latency_ms is not None:
+            upstream_latency.observe(latency_ms / 1000)
+
+
+class _SwallowedErrorCounter(logging.Handler):
+    """Counts storage errors Flask-Limiter swallows (fail-open mode): it only logs them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if str(record.msg).startswith("Failed to rate limit"):
+                limiter_storage_errors.inc()
+        except Exception:  # noqa: S110
+            pass
+
+
+def _install_swallow_counter() -> None:
+    logger = logging.getLogger("flask-limiter")
+    if not any(isinstance(h, _SwallowedErrorCounter) for h in logger.handlers):
+        logger.addHandler(_SwallowedErrorCounter())
+
+
+# ------------------------------------------------------------------ endpoint
+
+
+def _parse_networks(
+    values: Iterable[str],
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(value, strict=False) for value in values)
+
+
+def _allowed(remote_addr: str | None, networks: Iterable[Any]) -> bool:
+    if not remote_addr:
+        return False
+    try:
+        address = ipaddress.ip_address(remote_addr.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address.version == net.version and address in net for net in networks)
+
+
+def _metrics_blueprint(state: ChatKitState, path: str, allow: Iterable[str]) -> Blueprint:
+    networks = _parse_networks(allow)
+    bp = Blueprint("chatkit_metrics", __name__)
+
+    @bp.get(path)
+    def metrics() -> Response | tuple[Response, int]:
+        if not _allowed(request.remote_addr, networks):
+            response = jsonify(
+                error="forbidden", message="Metrics are not available from this address."
+            )
+            response.headers["Cache-Control"] = "no-store"
+            return response, 403
+        limiter_fallback_active.set(1 if _fallback_active(state.limiter) else 0)
+        response = Response(render_latest(), mimetype=None)
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    state.limiter.exempt(bp)
+    return bp
+
+
+def init_metrics(
+    app: Flask,
+    *,
+    endpoint: bool = True,
+    path: str = "/metrics",
+    allow: Iterable[str] | None = None,
+) -> None:
+    """Collect the mint metrics on ``app`` (after ``ChatKit(app)``) and, unless ``endpoint`` is
+    False, serve them at ``path`` to clients in ``allow`` (CIDRs; default
+    ``CHATKIT_METRICS_ALLOW``). The service calls this when ``CHATKIT_METRICS_ENABLED`` is true.
+
+    A host app that already exports prometheus-client's default registry can pass
+    ``endpoint=False``: the metrics are registered there.
+    """
+    state = app.extensions.get("chatkit")
+    if state is None:
+        raise RuntimeError("init_metrics(app) needs ChatKit(app) first")
+    if _EXTENSION_KEY in app.extensions:
+        return
+    app.extensions[_EXTENSION_KEY] = True
+    app.before_request(_before_request)
+    app.after_request(_after_request)
+    _install_swallow_counter()
+    if endpoint:
+        networks = state.settings.metrics_allow if allow is None else tuple(allow)
+        app.register_blueprint(_metrics_blueprint(state, path, networks))
