@@ -220,6 +220,18 @@ _OPTION_LIST = [
         "Retries on connection errors and 502/503/504, within the deadline.",
     ),
     Option(
+        "CHATKIT_BREAKER_FAILURES",
+        5,
+        _int_range(0, 1000),
+        "Consecutive upstream failures (connection, timeout, 5xx) that open the circuit; 0: off.",
+    ),
+    Option(
+        "CHATKIT_BREAKER_COOLDOWN",
+        10,
+        _float_range(0, 3600),
+        "Seconds an open circuit answers 503 at once before one trial request goes through.",
+    ),
+    Option(
         "CHATKIT_SESSION_RATE_LIMIT",
         None,
         _int_range(1, None),
@@ -384,6 +396,8 @@ class Settings:
     session_ttl: int
     upstream_timeout: float
     upstream_retries: int
+    breaker_failures: int
+    breaker_cooldown: float
     session_rate_limit: int | None
     chatkit_configuration: dict[str, Any] | None
     cookie_name: str
@@ -431,6 +445,8 @@ class Settings:
             session_ttl=v["CHATKIT_SESSION_TTL"],
             upstream_timeout=v["CHATKIT_UPSTREAM_TIMEOUT"],
             upstream_retries=v["CHATKIT_UPSTREAM_RETRIES"],
+            breaker_failures=v["CHATKIT_BREAKER_FAILURES"],
+            breaker_cooldown=v["CHATKIT_BREAKER_COOLDOWN"],
             session_rate_limit=v["CHATKIT_SESSION_RATE_LIMIT"],
             chatkit_configuration=_chatkit_configuration(v),
             cookie_name=v["CHATKIT_COOKIE_NAME"],
@@ -500,3 +516,20 @@ def load_config(
         if key in environ:
             values[key] = environ[key]
     return values
+
+
+def markdown_table() -> str:
+    """The configuration table of the README, generated from ``OPTIONS``."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for option in OPTIONS.values():
+        if option.required:
+            default = "**required**"
+        elif _blank(option.default):
+            default = "(unset)"
+        elif isinstance(option.default, bool):
+            default = f"`{str(option.default).lower()}`"
+        else:
+            default = f"`{option.default}`"
+        rows.append(f"| `{option.name}` | {default} | {option.help} |")
+    return "\n".join(rows)
+
