@@ -271,3 +271,28 @@ def test_health_endpoints_are_not_rate_limited(
     for _ in range(5):
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").status_code == 200
+
+
+def test_host_app_can_hand_over_its_own_limiter(upstream: FakeChatKit) -> None:
+    from flask_limiter import Limiter
+    from flask_limiter.util import get_remote_address
+
+    from chatkit_flask import ChatKit
+    from tests.conftest import base_config
+
+    app = Flask("host")
+    app.config.update(base_config(upstream, CHATKIT_RATELIMIT_PER_USER="2 per minute"))
+    limiter = Limiter(get_remote_address, app=app, storage_uri="memory://")
+
+    @app.get("/products")
+    @limiter.limit("1 per minute")
+    def products() -> str:
+        return "ok"
+
+    chatkit = ChatKit(app, limiter=limiter)
+    assert ChatKit.state(app).limiter is limiter
+    client = app.test_client()
+    assert [client.post(URL).status_code for _ in range(3)] == [200, 200, 429]
+    assert client.post(URL).get_json()["error"] == "rate_limited"
+    assert [client.get("/products").status_code for _ in range(2)] == [200, 429]
+    assert chatkit is not None
