@@ -14,7 +14,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from .cli import chatkit_cli
 from .identity import VisitorCookie
 from .limits import build_limiter
-from .metrics import init_metrics
+from .metrics import init_metrics, set_circuit_state
 from .settings import Settings
 from .upstream import ChatKitClient
 from .views import make_blueprint
@@ -80,6 +80,8 @@ class ChatKit:
             api_base=settings.api_base,
             timeout=settings.upstream_timeout,
             retries=settings.upstream_retries,
+            breaker_failures=settings.breaker_failures,
+            breaker_cooldown=settings.breaker_cooldown,
         )
         state = ChatKitState(
             settings=settings,
@@ -95,6 +97,9 @@ class ChatKit:
         app.cli.add_command(chatkit_cli)
         if settings.metrics_enabled:
             init_metrics(app)
+            breaker = getattr(client, "breaker", None)
+            if breaker is not None and breaker.on_change is None:
+                breaker.on_change = set_circuit_state
         if settings.allowed_origins:
             # flask-cors answers preflights and adds the headers to every response of the
             # prefix, error responses included, so a cross-origin page can read a 429.

@@ -15,9 +15,12 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
+from .breaker import CircuitBreaker
+
 __all__ = [
     "ChatKitClient",
     "ChatKitSession",
+    "CircuitOpen",
     "UpstreamBusy",
     "UpstreamError",
     "UpstreamRejected",
@@ -91,6 +94,17 @@ class UpstreamTimeout(UpstreamError):
     """The total deadline passed."""
 
 
+class CircuitOpen(UpstreamUnavailable):
+    """Not attempted: the circuit breaker is open after repeated upstream failures.
+
+    ``retry_after`` is the remaining cool-down in whole seconds (at least 1).
+    """
+
+    def __init__(self, message: str, *, retry_after: int, **kwargs: Any) -> None:
+        super().__init__(message, attempts=0, **kwargs)
+        self.retry_after = retry_after
+
+
 def _retry_after_seconds(value: str | None) -> int:
     try:
         seconds = int(float(value)) if value else 1
@@ -111,6 +125,9 @@ class ChatKitClient:
         retries: int = 2,
         pool_size: int = 4,
         backoff: float = 0.1,
+        breaker_failures: int = 5,
+        breaker_cooldown: float = 10.0,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self._api_key = api_key
         self._base = api_base.rstrip("/")
@@ -119,6 +136,8 @@ class ChatKitClient:
         self._pool_size = pool_size
         self._backoff = backoff
         self._local = threading.local()
+        # Per process: after N consecutive failures, answer at once for a cool-down.
+        self.breaker = breaker or CircuitBreaker(breaker_failures, breaker_cooldown)
         self._headers = {
             "Authorization": f"Bearer {api_key}",
             "OpenAI-Beta": "chatkit_beta=v1",
@@ -166,6 +185,25 @@ class ChatKitClient:
             body["rate_limits"] = {"max_requests_per_1_minute": rate_limit}
         if chatkit_configuration:
             body["chatkit_configuration"] = chatkit_configuration
+        allowed, remaining = self.breaker.allow()
+        if not allowed:
+            retry_after = self.breaker.retry_after(remaining)
+            raise CircuitOpen("upstream circuit open; not calling", retry_after=retry_after)
+        try:
+            session = self._create(body, ttl)
+        except (UpstreamUnavailable, UpstreamTimeout):
+            self.breaker.record_failure()
+            raise
+        except UpstreamError:
+            self.breaker.record_success()  # a 4xx or 429: the upstream is up and answering
+            raise
+        except BaseException:
+            self.breaker.record_failure()  # never leave a half-open trial unaccounted for
+            raise
+        self.breaker.record_success()
+        return session
+
+    def _create(self, body: dict[str, Any], ttl: int) -> ChatKitSession:
         response, started, attempts = self._post("/v1/chatkit/sessions", body)
         latency_ms = (time.monotonic() - started) * 1000
         data = self._check(response, latency_ms, attempts)

@@ -18,6 +18,7 @@ from .identity import client_network, user_identity
 from .limits import STORAGE_ERRORS, apply_limits
 from .logs import log_mint
 from .upstream import (
+    CircuitOpen,
     UpstreamBusy,
     UpstreamError,
     UpstreamRejected,
@@ -243,6 +244,14 @@ def _upstream_api_error(exc: UpstreamError) -> ApiError:
             503,
             "upstream_busy",
             "The chat service is busy. Try again shortly.",
+            headers={"Retry-After": str(exc.retry_after)},
+            extra={"retry_after": exc.retry_after},
+        )
+    if isinstance(exc, CircuitOpen):
+        return ApiError(
+            503,
+            "upstream_unavailable",
+            "The chat service is unavailable. Try again shortly.",
             headers={"Retry-After": str(exc.retry_after)},
             extra={"retry_after": exc.retry_after},
         )
