@@ -1,0 +1,195 @@
+"""gunicorn settings for the chatkit-flask service.
+
+Run as:  gunicorn -c config/gunicorn.conf.py wsgi:app
+
+Every setting comes from an environment variable with a default, so the same file
+works in the container (values from docker compose's env_file) and on a plain host.
+A malformed value stops gunicorn at start-up with a message naming the variable,
+instead of silently running with a default: gunicorn prints "Failed to read config
+file" plus our ValueError and exits 1.
+
+The file must stay valid on a read-only root filesystem (compose runs the app with
+`read_only: true`; only /tmp (tmpfs) and /dev/shm are writable): nothing below makes
+gunicorn write outside those two directories.
+"""
+
+import os
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _env(name, default):
+    """The variable's value, stripped; blank or unset means the default.
+
+    Blank counts as unset because `KEY=` lines are common in env files.
+    """
+    value = os.environ.get(name, "").strip()
+    return value if value else default
+
+
+def _env_int(name, default, minimum=0):
+    raw = _env(name, None)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _env_bool(name, default):
+    raw = _env(name, None)
+    if raw is None:
+        return default
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ValueError(f"{name} must be on/off (or true/false, 1/0), got {raw!r}")
+
+
+def _env_choice(name, default, choices):
+    value = _env(name, default).lower()
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _bind():
+    explicit = _env("GUNICORN_BIND", None)
+    if explicit is not None:
+        # Several addresses may be given, comma-separated ("0.0.0.0:8000,[::]:8000").
+        return [part.strip() for part in explicit.split(",") if part.strip()]
+    # PORT is the conventional variable of PaaS platforms and of our compose file; 0.0.0.0
+    # because inside a container the loopback interface is unreachable from the host.
+    port = _env_int("PORT", 8000, minimum=1)
+    if port > 65535:
+        raise ValueError(f"PORT must be <= 65535, got {port}")
+    return [f"0.0.0.0:{port}"]
+
+
+bind = _bind()
+
+# Minting a secret is one short upstream HTTPS call: the worker mostly waits on I/O.
+# gthread serves several requests per process without gevent's monkey-patching pitfalls
+# (ssl patched after import); 2 processes x 8 threads = 16 concurrent mints by default.
+workers = _env_int("GUNICORN_WORKERS", 2, minimum=1)
+threads = _env_int("GUNICORN_THREADS", 8, minimum=1)
+worker_class = _env("GUNICORN_WORKER_CLASS", "gthread")
+
+# For gthread `timeout` only detects a stuck worker loop (a sync worker would be killed
+# mid-request). Keep CHATKIT_UPSTREAM_TIMEOUT (default 15 s, retries included) below it.
+timeout = _env_int("GUNICORN_TIMEOUT", 30)
+# On SIGTERM (docker stop) in-flight requests get this long to finish. The compose file's
+# stop_grace_period (30 s) must be larger, or Docker SIGKILLs gunicorn before it is done.
+graceful_timeout = _env_int("GUNICORN_GRACEFUL_TIMEOUT", 20)
+# Slightly above gunicorn's 2 s so a browser's follow-up request can reuse the connection
+# through a proxy; threads are cheap while idle.
+keepalive = _env_int("GUNICORN_KEEPALIVE", 5)
+
+# Recycle workers after N requests (0 = never), with jitter so they do not all restart at
+# once. Off by default: the service holds no per-request state that could leak.
+max_requests = _env_int("GUNICORN_MAX_REQUESTS", 0)
+max_requests_jitter = _env_int("GUNICORN_MAX_REQUESTS_JITTER", 0)
+
+# Proxies whose X-Forwarded-Proto gunicorn believes (wsgi.url_scheme). This does NOT set
+# the client IP used by the rate limits: that is CHATKIT_TRUSTED_PROXIES in the app.
+forwarded_allow_ips = _env("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+
+# Containers log to stdout/stderr; Docker / the platform collects and rotates.
+loglevel = _env_choice("GUNICORN_LOG_LEVEL", "info", _LOG_LEVELS)
+errorlog = "-"
+accesslog = "-" if _env_bool("GUNICORN_ACCESS_LOG", True) else None
+# Deliberately small: client address, method, path WITHOUT query string (%(U)s, never
+# %(r)s or %(q)s), status, bytes, duration in ms and the X-Request-ID response header.
+# No cookies (the visitor cookie identifies the user), no User-Agent/Referer, no bodies
+# (the response body is the client secret), so access logs hold no credentials.
+# Behind a proxy %(h)s is the proxy's address; the app's mint log lines carry the client
+# network (after CHATKIT_TRUSTED_PROXIES) and the same request id.
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms request_id=%({x-request-id}o)s'
+
+# Workers' heartbeat file: on a disk-backed /tmp fchmod() can block and get healthy
+# workers killed; /dev/shm is memory-backed (and writable under read_only: true).
+worker_tmp_dir = (
+    "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+)
+
+# gunicorn >= 25.1 opens a control socket for `gunicornc` by default, at
+# $XDG_RUNTIME_DIR/gunicorn.ctl or $HOME/.gunicorn/gunicorn.ctl. In the image $HOME does
+# not exist and the root filesystem is read-only, so gunicorn would log an error at each
+# start; the socket also lets anyone in the container change the worker count or stop the
+# server. Off unless GUNICORN_CONTROL_SOCKET names a path (use one under /tmp).
+_control_socket = _env("GUNICORN_CONTROL_SOCKET", None)
+if _control_socket is None:
+    control_socket_disable = True
+else:
+    control_socket_disable = False
+    control_socket = _control_socket
+
+# Other paths gunicorn could write, all left at their no-disk defaults: pidfile None,
+# tmp_upload_dir None, no "dirty" workers (dirty_apps empty; their pid file would go to
+# the temp dir, /tmp). Python writes no .pyc files (PYTHONDONTWRITEBYTECODE in the image).
+proc_name = "chatkit-flask"
+
+
+# Prometheus multiprocess mode (chatkit_flask/metrics.py). With several workers each process
+# keeps its own metric values; prometheus-client sums them at scrape time only when every
+# worker writes them to files in PROMETHEUS_MULTIPROC_DIR, a directory that must exist and
+# be empty before the workers start. The hooks below run in the gunicorn master.
+_PROMETHEUS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+# Remembers the directory on_starting created, in the environment rather than a module
+# variable so that it survives a config reload (SIGHUP re-executes this file).
+_OWNED_DIR = "CHATKIT_GUNICORN_METRICS_DIR"
+
+
+def on_starting(server):
+    """Prepare PROMETHEUS_MULTIPROC_DIR before any worker imports prometheus-client.
+
+    Unset: a private directory under the temp dir (/tmp, a tmpfs in the container), exported
+    to the workers through the environment and removed on exit; private so that two gunicorn
+    instances on one host never mix or wipe each other's files. Set: created if missing and
+    emptied of *.db files left by a previous run. Both happen here, not at config load, so
+    --check-config and --print-config have no side effects. (With --preload the app, and
+    prometheus-client, would be imported before this hook: leave preload_app off.)
+    """
+    directory = os.environ.get(_PROMETHEUS_DIR, "").strip()
+    try:
+        if not directory:
+            import tempfile
+
+            directory = tempfile.mkdtemp(prefix="chatkit-prometheus-")
+            os.environ[_PROMETHEUS_DIR] = directory
+            os.environ[_OWNED_DIR] = directory
+        else:
+            os.makedirs(directory, exist_ok=True)
+            for name in os.listdir(directory):
+                if name.endswith(".db"):
+                    os.remove(os.path.join(directory, name))
+    except OSError as exc:
+        # No writable temp dir (e.g. read-only root without a /tmp tmpfs): serve anyway;
+        # /metrics then shows the values of whichever worker answers the scrape.
+        os.environ.pop(_PROMETHEUS_DIR, None)
+        server.log.warning("metrics: no multiprocess directory (%s); per-worker values only", exc)
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges (its files in PROMETHEUS_MULTIPROC_DIR stay for the
+    counters, which must not go backwards)."""
+    if os.environ.get(_PROMETHEUS_DIR):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics directory on_starting created (never one the operator named)."""
+    import shutil
+
+    directory = os.environ.pop(_OWNED_DIR, "")
+    if directory and directory == os.environ.get(_PROMETHEUS_DIR):
+        shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,725 @@
+"""Deployment files: docker-compose.yml, Dockerfile, .dockerignore, .env.example and
+config/gunicorn.conf.py.
+
+No Docker engine needed. docker-compose.yml is checked twice: as plain YAML (PyYAML,
+always) and after the real Compose parser resolved it (`docker-compose config`: schema
+validation, ${VAR} substitution, env_file reading). The second variant skips when the
+`docker-compose` binary is missing (CI installs it with .ci/install-docker-compose.sh).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import runpy
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlsplit
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+ENV_EXAMPLE = ROOT / ".env.example"
+GUNICORN_CONF = ROOT / "config" / "gunicorn.conf.py"
+
+DUMMY_SECRETS = {
+    "OPENAI_API_KEY": "sk-test-dummy",
+    "SECRET_KEY": "test-secret-key-dummy",
+    "CHATKIT_WORKFLOW_ID": "wf_dummy",
+}
+SECRET_KEYS = {"OPENAI_API_KEY", "SECRET_KEY", "SECRET_KEY_FALLBACKS"}
+
+# Every key the service reads, with the default .env.example must show (None = blank).
+ENV_DEFAULTS: dict[str, str | None] = {
+    "OPENAI_API_KEY": None,
+    "SECRET_KEY": None,
+    "CHATKIT_WORKFLOW_ID": None,
+    "CHATKIT_ALLOWED_WORKFLOWS": None,
+    "CHATKIT_WORKFLOW_VERSION": None,
+    "CHATKIT_API_BASE": "https://api.openai.com",
+    "CHATKIT_URL_PREFIX": "/api/chatkit",
+    "CHATKIT_SESSION_TTL": "600",
+    "CHATKIT_UPSTREAM_TIMEOUT": "15",
+    "CHATKIT_UPSTREAM_RETRIES": "2",
+    "CHATKIT_SESSION_RATE_LIMIT": None,
+    "CHATKIT_FILE_UPLOAD_ENABLED": None,
+    "CHATKIT_FILE_UPLOAD_MAX_FILES": None,
+    "CHATKIT_FILE_UPLOAD_MAX_FILE_SIZE": None,
+    "CHATKIT_HISTORY_ENABLED": None,
+    "CHATKIT_HISTORY_RECENT_THREADS": None,
+    "CHATKIT_THREAD_TITLING_ENABLED": None,
+    "CHATKIT_COOKIE_NAME": "chatkit_session_id",
+    "CHATKIT_COOKIE_SECURE": "true",
+    "CHATKIT_COOKIE_MAX_AGE": "2592000",
+    "CHATKIT_RATELIMIT_PER_USER": "10 per minute;100 per day",
+    "CHATKIT_RATELIMIT_PER_IP": "30 per minute;500 per day",
+    "CHATKIT_RATELIMIT_GLOBAL": None,
+    "CHATKIT_RATELIMIT_FAIL_CLOSED": "false",
+    "CHATKIT_REDIS_TIMEOUT": "0.3",
+    "CHATKIT_TRUSTED_PROXIES": "0",
+    "CHATKIT_IPV6_PREFIX": "64",
+    "CHATKIT_ALLOWED_ORIGINS": None,
+    "CHATKIT_LOG_LEVEL": "INFO",
+    "CHATKIT_LOG_FORMAT": "text",
+    "CHATKIT_DEMO": "false",
+    "RATELIMIT_STRATEGY": "fixed-window",
+    "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": "true",
+    "RATELIMIT_HEADERS_ENABLED": "true",
+    "GUNICORN_BIND": None,
+    "GUNICORN_WORKERS": "2",
+    "GUNICORN_THREADS": "8",
+    "GUNICORN_WORKER_CLASS": "gthread",
+    "GUNICORN_TIMEOUT": "30",
+    "GUNICORN_GRACEFUL_TIMEOUT": "20",
+    "GUNICORN_KEEPALIVE": "5",
+    "GUNICORN_MAX_REQUESTS": "0",
+    "GUNICORN_MAX_REQUESTS_JITTER": "0",
+    "GUNICORN_LOG_LEVEL": "info",
+    "GUNICORN_ACCESS_LOG": "on",
+    "FORWARDED_ALLOW_IPS": "127.0.0.1,::1",
+    "PORT": "8000",
+    "REDIS_MAXMEMORY": "64mb",
+}
+
+# Variables config/gunicorn.conf.py reads; cleared before each exec of the file.
+GUNICORN_ENV = [key for key in ENV_DEFAULTS if key.startswith("GUNICORN_")] + [
+    "GUNICORN_CONTROL_SOCKET",
+    "FORWARDED_ALLOW_IPS",
+    "PORT",
+    "PROMETHEUS_MULTIPROC_DIR",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parse_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of an env file (comments and blank lines skipped, no unquoting)."""
+    values: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        key, sep, value = stripped.partition("=")
+        assert sep, f"{path.name}: not a KEY=VALUE line: {line!r}"
+        assert key not in values, f"{path.name}: {key} is set twice"
+        values[key] = value
+    return values
+
+
+def duration_seconds(value: str | int | float) -> float:
+    """A Compose duration ("30s", "1m30s", "1h", "500ms") in seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", value)
+    assert parts and "".join(n + u for n, u in parts) == value, f"bad duration {value!r}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def as_list(value) -> list:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def env_mapping(service: dict) -> dict[str, str | None]:
+    environment = service.get("environment") or {}
+    if isinstance(environment, list):
+        return {k: v for k, _, v in (item.partition("=") for item in environment)}
+    return {k: None if v is None else str(v) for k, v in environment.items()}
+
+
+def published_ports(service: dict) -> list[tuple[str, str]]:
+    """(published, target) per ports entry, short ("8000:8000") or long syntax."""
+    result = []
+    for entry in service.get("ports") or []:
+        if isinstance(entry, dict):
+            result.append((str(entry.get("published")), str(entry["target"])))
+            continue
+        text = str(entry).split("/", 1)[0]
+        # host:container or ip:host:container; ${VAR:-x} contains a ':' of its own.
+        fields = re.findall(r"\$\{[^}]*\}|[^:]+", text)
+        assert len(fields) in (2, 3), f"unexpected ports entry {entry!r}"
+        result.append((fields[-2], fields[-1]))
+    return result
+
+
+def healthcheck_text(service: dict) -> str:
+    test = service["healthcheck"]["test"]
+    return " ".join(test) if isinstance(test, list) else str(test)
+
+
+def command_args(service: dict) -> list[str]:
+    command = service.get("command")
+    return command if isinstance(command, list) else str(command).split()
+
+
+def exec_gunicorn_conf(monkeypatch, **env: str) -> dict:
+    """Run config/gunicorn.conf.py the way gunicorn does, with a controlled environment."""
+    for key in GUNICORN_ENV:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return runpy.run_path(str(GUNICORN_CONF))
+
+
+def gunicorn_defaults() -> dict:
+    with pytest.MonkeyPatch.context() as mp:
+        return exec_gunicorn_conf(mp)
+
+
+# --------------------------------------------------------------------------- (a) compose
+
+
+def _compose_env_file(path: Path, **overrides: str) -> Path:
+    """.env.example with dummy secrets (and overrides) filled in, written to path."""
+    lines = []
+    for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
+        key, sep, _ = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            if key in overrides:
+                line = f"{key}={overrides[key]}"
+            elif key in DUMMY_SECRETS:
+                line = f"{key}={DUMMY_SECRETS[key]}"
+        lines.append(line)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def docker_compose_binary() -> str:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip(
+            "docker-compose binary not installed (run .ci/install-docker-compose.sh); "
+            "the PyYAML checks of docker-compose.yml still ran"
+        )
+    return binary
+
+
+def run_compose_config(
+    workdir: Path, compose_text: str | None = None, **overrides: str
+) -> subprocess.CompletedProcess:
+    """`docker-compose --env-file <.env> config` on a copy of the files in workdir."""
+    binary = docker_compose_binary()
+    if compose_text is None:
+        compose_text = COMPOSE_FILE.read_text(encoding="utf-8")
+    (workdir / "docker-compose.yml").write_text(compose_text, encoding="utf-8")
+    shutil.copy(DOCKERFILE, workdir / "Dockerfile")
+    env_file = _compose_env_file(workdir / ".env", **overrides)
+    # A clean environment: a PORT or REDIS_MAXMEMORY exported in the developer's shell
+    # would otherwise win over the env file.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(workdir)}
+    return subprocess.run(
+        [binary, "-f", "docker-compose.yml", "--env-file", str(env_file), "config"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def compose_resolved(tmp_path_factory) -> dict:
+    result = run_compose_config(tmp_path_factory.mktemp("compose"))
+    assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
+    return yaml.safe_load(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def compose_raw() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(params=["pyyaml", "docker-compose"])
+def compose(request) -> dict:
+    """The compose model, as written (PyYAML) and as resolved by the Compose parser."""
+    if request.param == "pyyaml":
+        return request.getfixturevalue("compose_raw")
+    return request.getfixturevalue("compose_resolved")
+
+
+def test_compose_services(compose):
+    assert set(compose["services"]) == {"app", "redis"}
+    assert not compose.get("volumes"), "no named volumes: the counters are not persisted"
+
+
+def test_redis_healthcheck_checks_pong(compose):
+    redis = compose["services"]["redis"]
+    assert "PONG" in healthcheck_text(redis)
+    for key in ("interval", "timeout", "retries", "start_period"):
+        assert key in redis["healthcheck"], key
+
+
+def test_redis_is_not_published(compose):
+    assert "ports" not in compose["services"]["redis"]
+
+
+def test_redis_image_pinned_to_a_major_version(compose):
+    image = compose["services"]["redis"]["image"]
+    name, _, tag = image.partition(":")
+    assert name == "redis"
+    assert tag and tag != "latest" and re.match(r"\d+", tag), image
+
+
+def test_redis_without_persistence_and_with_a_volatile_memory_policy(compose):
+    redis = compose["services"]["redis"]
+    args = command_args(redis)
+    assert args[0] == "redis-server"
+    assert args[args.index("--save") + 1] == ""
+    assert args[args.index("--appendonly") + 1] == "no"
+    assert "--maxmemory" in args
+    policy = args[args.index("--maxmemory-policy") + 1]
+    assert policy.startswith("volatile-"), policy
+    assert not redis.get("volumes")
+
+
+def test_app_waits_for_healthy_redis(compose):
+    assert compose["services"]["app"]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_app_healthcheck_uses_python_against_readyz(compose):
+    text = healthcheck_text(compose["services"]["app"])
+    assert "python" in text and "/readyz" in text
+    assert "curl" not in text and "wget" not in text
+
+
+def test_both_services_restart_unless_stopped(compose):
+    for name in ("app", "redis"):
+        assert compose["services"][name]["restart"] == "unless-stopped", name
+
+
+def test_app_is_hardened(compose):
+    app = compose["services"]["app"]
+    assert app["read_only"] is True
+    assert "/tmp" in [str(t).split(":")[0] for t in as_list(app.get("tmpfs"))]
+    assert "ALL" in app["cap_drop"]
+    assert "no-new-privileges:true" in app["security_opt"]
+
+
+def test_stop_grace_period_exceeds_gunicorn_graceful_timeout(compose):
+    graceful = gunicorn_defaults()["graceful_timeout"]
+    grace = duration_seconds(compose["services"]["app"]["stop_grace_period"])
+    assert grace > graceful, f"stop_grace_period {grace}s <= graceful_timeout {graceful}s"
+
+
+def test_exactly_one_published_port(compose):
+    ports = published_ports(compose["services"]["app"])
+    assert len(ports) == 1, ports
+
+
+def test_storage_uri_points_at_the_redis_service(compose):
+    uri = env_mapping(compose["services"]["app"])["RATELIMIT_STORAGE_URI"]
+    parts = urlsplit(uri)
+    assert parts.scheme == "redis" and parts.hostname == "redis", uri
+
+
+def test_no_secrets_inline(compose_raw):
+    app = compose_raw["services"]["app"]
+    inline = env_mapping(app)
+    assert not SECRET_KEYS & set(inline), "secrets belong in .env, not in the compose file"
+    assert set(inline) == {"RATELIMIT_STORAGE_URI"}, "only the Redis address is inline"
+    assert ".env" in as_list(app["env_file"])
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    assert not re.search(r"sk-[A-Za-z0-9]", text), "something like an API key in the file"
+
+
+def test_compose_variables_are_documented_in_env_example(compose_raw):
+    used = set(re.findall(r"\$\{([A-Z0-9_]+)", COMPOSE_FILE.read_text(encoding="utf-8")))
+    assert used, "expected ${PORT...} substitutions"
+    missing = used - set(parse_env_file(ENV_EXAMPLE))
+    assert not missing, f"used in docker-compose.yml, missing in .env.example: {missing}"
+
+
+def test_compose_resolves_env_example_exactly(compose_resolved):
+    """The real parser reads .env.example's values unchanged (no quotes, `;` kept)."""
+    app = compose_resolved["services"]["app"]
+    env = env_mapping(app)
+    assert env["CHATKIT_RATELIMIT_PER_USER"] == "10 per minute;100 per day"
+    assert env["CHATKIT_RATELIMIT_PER_IP"] == "30 per minute;500 per day"
+    assert env["OPENAI_API_KEY"] == DUMMY_SECRETS["OPENAI_API_KEY"]
+    # The inline value wins over env_file.
+    assert env["RATELIMIT_STORAGE_URI"] == "redis://redis:6379/0"
+    assert published_ports(app) == [("8000", "8000")]
+    args = command_args(compose_resolved["services"]["redis"])
+    assert args[args.index("--maxmemory") + 1] == "64mb"
+
+
+def test_compose_port_follows_port_variable(tmp_path):
+    result = run_compose_config(tmp_path, PORT="9000", REDIS_MAXMEMORY="128mb")
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    app = resolved["services"]["app"]
+    # Inside and outside the same: gunicorn binds $PORT, the healthcheck dials $PORT.
+    assert published_ports(app) == [("9000", "9000")]
+    assert env_mapping(app)["PORT"] == "9000"
+    args = command_args(resolved["services"]["redis"])
+    assert args[args.index("--maxmemory") + 1] == "128mb"
+
+
+def test_compose_parser_rejects_an_invalid_file(tmp_path):
+    """Guards the guard: the parser used above really validates the schema."""
+    broken = COMPOSE_FILE.read_text(encoding="utf-8").replace(
+        "condition: service_healthy", "condition: service_healty"
+    )
+    result = run_compose_config(tmp_path, broken)
+    assert result.returncode != 0
+    assert "service_healty" in result.stderr
+
+
+# --------------------------------------------------------------------------- (b) Dockerfile
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for line in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):
+            continue  # comment inside a continued instruction
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        full = pending + stripped
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+    assert not pending, "Dockerfile ends with a line continuation"
+    return instructions
+
+
+def _index(instructions, keyword, predicate=lambda args: True) -> int:
+    for i, (kw, args) in enumerate(instructions):
+        if kw == keyword and predicate(args):
+            return i
+    raise AssertionError(f"no {keyword} matching in Dockerfile")
+
+
+def test_dockerfile_base_image_and_env():
+    instructions = dockerfile_instructions()
+    assert instructions[0][0] == "FROM"
+    assert re.fullmatch(r"python:3\.11[.\w-]*-slim[\w@:.-]*", instructions[0][1].split()[0])
+    env = " ".join(args for kw, args in instructions if kw == "ENV")
+    assert "PYTHONDONTWRITEBYTECODE=1" in env and "PYTHONUNBUFFERED=1" in env
+
+
+def test_dockerfile_runs_as_fixed_non_root_user():
+    users = [args for kw, args in dockerfile_instructions() if kw == "USER"]
+    assert users, "no USER instruction: the service would run as root"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0"), users[-1]
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert "--uid 10001" in text and user in ("10001", "app")
+
+
+def test_dockerfile_healthcheck_uses_python_not_curl():
+    checks = [args for kw, args in dockerfile_instructions() if kw == "HEALTHCHECK"]
+    assert len(checks) == 1
+    assert "python" in checks[0] and "/readyz" in checks[0]
+    assert "curl" not in checks[0] and "wget" not in checks[0]
+
+
+def test_dockerfile_cmd_runs_gunicorn_with_the_config():
+    cmds = [args for kw, args in dockerfile_instructions() if kw == "CMD"]
+    assert len(cmds) == 1
+    assert json.loads(cmds[0]) == ["gunicorn", "-c", "config/gunicorn.conf.py", "wsgi:app"]
+
+
+def test_dockerfile_installs_requirements_before_copying_the_source():
+    instructions = dockerfile_instructions()
+    copy_reqs = _index(instructions, "COPY", lambda a: "requirements.txt" in a)
+    install = _index(instructions, "RUN", lambda a: "pip install" in a)
+    copy_src = _index(instructions, "COPY", lambda a: "chatkit_flask" in a)
+    assert copy_reqs < install < copy_src
+    assert "--no-cache-dir" in instructions[install][1]
+    assert "requirements.txt" in instructions[copy_reqs][1].split()[0]
+    for kw, args in instructions:
+        if kw == "COPY" and not args.startswith("--from"):
+            *sources, _dest = args.split()
+            for source in sources:
+                assert (ROOT / source).exists(), f"COPY source {source} missing"
+            assert "." not in sources, "COPY . would pull in the whole context"
+
+
+def test_dockerfile_runtime_filter_keeps_runtime_and_drops_test_tools():
+    """The grep in the install step, applied to requirements.txt as the build would."""
+    install = next(a for kw, a in dockerfile_instructions() if kw == "RUN" and "pip install" in a)
+    match = re.search(r"grep -viE '([^']+)'", install)
+    assert match, "expected grep -viE '<pattern>' filtering requirements.txt"
+    pattern = re.compile(match.group(1), re.IGNORECASE)
+    kept = {
+        re.split(r"[=<>~!\[ ;]", line.strip(), maxsplit=1)[0].lower()
+        for line in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#") and not pattern.search(line)
+    }
+    for runtime in ("flask", "flask-limiter", "limits", "redis", "requests", "gunicorn"):
+        assert runtime in kept, f"{runtime} would not be installed in the image"
+    for tool in ("pytest", "ruff", "hypothesis", "fakeredis"):
+        assert tool not in kept, f"{tool} would be installed in the image"
+
+
+def test_dockerfile_exposes_8000():
+    assert ("EXPOSE", "8000") in dockerfile_instructions()
+
+
+def test_dockerignore_keeps_secrets_and_clutter_out():
+    patterns = {
+        line.strip()
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for required in (".env", ".env.*", ".git", ".venv", "**/__pycache__", "**/*.pyc"):
+        assert required in patterns, required
+
+
+# --------------------------------------------------------------------------- (c) .env.example
+
+
+def test_env_example_lists_every_key_with_its_default():
+    values = parse_env_file(ENV_EXAMPLE)
+    missing = set(ENV_DEFAULTS) - set(values)
+    assert not missing, f"missing in .env.example: {sorted(missing)}"
+    for key, default in ENV_DEFAULTS.items():
+        assert values[key] == (default or ""), f"{key}={values[key]!r}, expected {default!r}"
+
+
+def test_env_example_leaves_secrets_blank():
+    values = parse_env_file(ENV_EXAMPLE)
+    for key in ("OPENAI_API_KEY", "SECRET_KEY", "SECRET_KEY_FALLBACKS"):
+        assert values.get(key, "") == "", f"{key} must be blank in .env.example"
+
+
+def test_env_example_values_are_portable():
+    """Unquoted, no `#` or `$`: read the same by Compose v1/v2 and `docker run --env-file`."""
+    for key, value in parse_env_file(ENV_EXAMPLE).items():
+        assert not value.startswith(("'", '"')), f"{key}: quotes would be kept by docker run"
+        assert "#" not in value and "$" not in value, f"{key}: # or $ in value"
+        assert value == value.strip(), f"{key}: surrounding whitespace"
+
+
+def test_env_example_covers_every_service_setting():
+    try:
+        from chatkit_flask import settings
+    except ImportError as exc:  # the package's own tests report a broken import
+        pytest.skip(f"chatkit_flask.settings does not import: {exc}")
+    options = getattr(settings, "OPTIONS", None)
+    if not options:
+        pytest.skip("chatkit_flask.settings.OPTIONS not available")
+    text = ENV_EXAMPLE.read_text(encoding="utf-8")
+    missing = [key for key in options if not re.search(rf"^#? ?{key}=", text, re.MULTILINE)]
+    assert not missing, f"settings not documented in .env.example: {missing}"
+
+
+# --------------------------------------------------------------------------- (d) gunicorn
+
+
+def test_gunicorn_defaults(monkeypatch):
+    conf = exec_gunicorn_conf(monkeypatch)
+    assert conf["bind"] == ["0.0.0.0:8000"]
+    assert conf["workers"] == 2
+    assert conf["threads"] == 8
+    assert conf["worker_class"] == "gthread"
+    assert conf["timeout"] == 30
+    assert conf["graceful_timeout"] == 20
+    assert conf["keepalive"] == 5
+    assert conf["max_requests"] == 0
+    assert conf["max_requests_jitter"] == 0
+    assert conf["loglevel"] == "info"
+    assert conf["accesslog"] == "-"
+    assert conf["errorlog"] == "-"
+    assert conf["forwarded_allow_ips"] == "127.0.0.1,::1"
+    # No control socket under $HOME (read-only in the container).
+    assert conf["control_socket_disable"] is True
+    expected_tmp = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    assert conf["worker_tmp_dir"] == expected_tmp
+
+
+def test_gunicorn_env_example_values_equal_the_defaults(monkeypatch):
+    example = parse_env_file(ENV_EXAMPLE)
+    env = {k: v for k, v in example.items() if k in GUNICORN_ENV}
+    from_example = exec_gunicorn_conf(monkeypatch, **env)
+    defaults = exec_gunicorn_conf(monkeypatch)
+    for key in ("bind", "workers", "threads", "worker_class", "timeout", "graceful_timeout"):
+        assert from_example[key] == defaults[key], key
+
+
+def test_gunicorn_env_vars_map_to_settings(monkeypatch):
+    conf = exec_gunicorn_conf(
+        monkeypatch,
+        PORT="9001",
+        GUNICORN_WORKERS="5",
+        GUNICORN_THREADS="3",
+        GUNICORN_WORKER_CLASS="sync",
+        GUNICORN_TIMEOUT="45",
+        GUNICORN_GRACEFUL_TIMEOUT="7",
+        GUNICORN_KEEPALIVE="9",
+        GUNICORN_MAX_REQUESTS="1000",
+        GUNICORN_MAX_REQUESTS_JITTER="50",
+        GUNICORN_LOG_LEVEL="WARNING",
+        GUNICORN_ACCESS_LOG="off",
+        FORWARDED_ALLOW_IPS="10.0.0.1",
+        GUNICORN_CONTROL_SOCKET="/tmp/gunicorn.ctl",
+    )
+    assert conf["bind"] == ["0.0.0.0:9001"]
+    assert (conf["workers"], conf["threads"], conf["worker_class"]) == (5, 3, "sync")
+    assert (conf["timeout"], conf["graceful_timeout"], conf["keepalive"]) == (45, 7, 9)
+    assert (conf["max_requests"], conf["max_requests_jitter"]) == (1000, 50)
+    assert conf["loglevel"] == "warning"
+    assert conf["accesslog"] is None
+    assert conf["forwarded_allow_ips"] == "10.0.0.1"
+    assert conf["control_socket_disable"] is False
+    assert conf["control_socket"] == "/tmp/gunicorn.ctl"
+
+
+def test_gunicorn_bind_overrides_port(monkeypatch):
+    conf = exec_gunicorn_conf(monkeypatch, PORT="9001", GUNICORN_BIND="127.0.0.1:7000,[::1]:7000")
+    assert conf["bind"] == ["127.0.0.1:7000", "[::1]:7000"]
+
+
+def test_gunicorn_blank_values_mean_default(monkeypatch):
+    conf = exec_gunicorn_conf(monkeypatch, GUNICORN_WORKERS="", GUNICORN_BIND=" ", PORT="")
+    assert conf["workers"] == 2
+    assert conf["bind"] == ["0.0.0.0:8000"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GUNICORN_WORKERS", "abc"),
+        ("GUNICORN_WORKERS", "0"),
+        ("GUNICORN_THREADS", "2.5"),
+        ("GUNICORN_TIMEOUT", "-1"),
+        ("GUNICORN_GRACEFUL_TIMEOUT", "20s"),
+        ("GUNICORN_KEEPALIVE", "x"),
+        ("GUNICORN_MAX_REQUESTS", "many"),
+        ("GUNICORN_MAX_REQUESTS_JITTER", "-5"),
+        ("GUNICORN_LOG_LEVEL", "verbose"),
+        ("GUNICORN_ACCESS_LOG", "maybe"),
+        ("PORT", "http"),
+        ("PORT", "70000"),
+    ],
+)
+def test_gunicorn_invalid_value_names_the_variable(monkeypatch, name, value):
+    with pytest.raises(ValueError, match=name):
+        exec_gunicorn_conf(monkeypatch, **{name: value})
+
+
+def test_gunicorn_accepts_its_own_settings(monkeypatch):
+    """Every module-level name that looks like a setting is one gunicorn knows."""
+    from gunicorn.config import Config
+
+    conf = exec_gunicorn_conf(monkeypatch)
+    known = set(Config().settings)
+    names = {k for k, v in conf.items() if not k.startswith("_") and not callable(v)}
+    names -= {"os", "annotations"}
+    unknown = {n for n in names if n not in known and not n.isupper()}
+    assert not unknown, f"not gunicorn settings (typo?): {unknown}"
+
+
+def test_access_log_format_records_no_query_cookie_or_body(monkeypatch):
+    fmt = exec_gunicorn_conf(monkeypatch)["access_log_format"]
+    for forbidden in ("%(r)s", "%(q)s", "%(a)s", "%(f)s", "}i)s", "}e)s"):
+        assert forbidden not in fmt, forbidden  # request line, query, headers, environ
+    for required in ("%(h)s", "%(m)s", "%(U)s", "%(s)s", "%(M)s", "%({x-request-id}o)s"):
+        assert required in fmt, required
+
+
+def test_access_log_line_rendered_by_gunicorn_leaks_nothing(monkeypatch):
+    """Render the format with gunicorn's own atoms for a request full of secrets."""
+    from gunicorn import glogging
+    from gunicorn.config import Config
+
+    fmt = exec_gunicorn_conf(monkeypatch)["access_log_format"]
+    cfg = Config()
+    logger = glogging.Logger(cfg)
+
+    resp = SimpleNamespace(
+        status="200 OK",
+        sent=123,
+        headers=[
+            ("Content-Type", "application/json"),
+            ("X-Request-ID", "req-42"),
+            ("Set-Cookie", "chatkit_session_id=SETCOOKIE-SECRET"),
+        ],
+    )
+    req = SimpleNamespace(
+        headers=[
+            ("COOKIE", "chatkit_session_id=COOKIE-SECRET"),
+            ("AUTHORIZATION", "Bearer AUTH-SECRET"),
+        ]
+    )
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "RAW_URI": "/api/chatkit/secret?token=QUERY-SECRET",
+        "PATH_INFO": "/api/chatkit/secret",
+        "QUERY_STRING": "token=QUERY-SECRET",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "203.0.113.7",
+        "HTTP_COOKIE": "chatkit_session_id=COOKIE-SECRET",
+        "HTTP_AUTHORIZATION": "Bearer AUTH-SECRET",
+    }
+    atoms = logger.atoms(resp, req, environ, datetime.timedelta(milliseconds=37))
+    line = fmt % glogging.SafeAtoms(atoms)
+    assert "SECRET" not in line, line
+    for expected in ("203.0.113.7", "POST", "/api/chatkit/secret", "200", "123", "37", "req-42"):
+        assert expected in line, (expected, line)
+
+
+# --------------------------------------------------------------------------- metrics hooks
+
+_SERVER = SimpleNamespace(log=SimpleNamespace(warning=lambda *args: None))
+
+
+def test_on_starting_creates_a_private_metrics_dir_and_on_exit_removes_it(monkeypatch):
+    conf = exec_gunicorn_conf(monkeypatch)
+    # Both restored after the test (the hooks set them in os.environ directly).
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
+    monkeypatch.setenv("CHATKIT_GUNICORN_METRICS_DIR", "")
+    conf["on_starting"](_SERVER)
+    created = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    try:
+        assert created.is_dir() and created.name.startswith("chatkit-prometheus-")
+    finally:
+        conf["on_exit"](_SERVER)
+    assert not created.exists()
+
+
+def test_on_starting_empties_a_named_metrics_dir_and_keeps_it(monkeypatch, tmp_path):
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    (directory / "counter_4242.db").write_bytes(b"")
+    (directory / "README").write_text("not ours", encoding="utf-8")
+    conf = exec_gunicorn_conf(monkeypatch, PROMETHEUS_MULTIPROC_DIR=str(directory))
+    monkeypatch.delenv("CHATKIT_GUNICORN_METRICS_DIR", raising=False)
+    conf["on_starting"](_SERVER)
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(directory)
+    assert sorted(p.name for p in directory.iterdir()) == ["README"]
+    conf["on_exit"](_SERVER)
+    assert directory.is_dir()
+
+
+def test_on_starting_creates_a_missing_named_metrics_dir(monkeypatch, tmp_path):
+    directory = tmp_path / "missing" / "prometheus"
+    conf = exec_gunicorn_conf(monkeypatch, PROMETHEUS_MULTIPROC_DIR=str(directory))
+    conf["on_starting"](_SERVER)
+    assert directory.is_dir()
+
+
+def test_config_load_has_no_side_effects(monkeypatch):
+    """--check-config / --print-config exec the file: nothing may be created then."""
+    exec_gunicorn_conf(monkeypatch)
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
