@@ -1,0 +1,165 @@
+"""What the container runs, run here: `gunicorn -c config/gunicorn.conf.py wsgi:app` with the
+environment docker-compose.yml gives the `app` service, against the real local Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from chatkit_flask.fake_upstream import FakeChatKit
+from tests.conftest import REDIS_URL, TEST_API_KEY, WORKFLOW
+from tests.test_multiprocess import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+URL = "/api/chatkit/secret"
+
+
+def compose_app_environment(upstream: FakeChatKit, port: int, **extra: str) -> dict[str, str]:
+    """.env.example (secrets filled in) + the compose file's `environment`, with the `redis`
+    service host pointed at the local Redis test database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATKIT_", "RATELIMIT_"))}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            env[key.strip()] = value
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for key, value in compose["services"]["app"]["environment"].items():
+        env[key] = str(value)
+    assert env["RATELIMIT_STORAGE_URI"].startswith("redis://redis:6379/")
+    env.update(
+        RATELIMIT_STORAGE_URI=REDIS_URL,
+        OPENAI_API_KEY=TEST_API_KEY,
+        SECRET_KEY="deploy-test-secret",
+        CHATKIT_WORKFLOW_ID=WORKFLOW,
+        CHATKIT_API_BASE=upstream.base_url,
+        CHATKIT_COOKIE_SECURE="false",
+        PORT=str(port),
+        GUNICORN_BIND=f"127.0.0.1:{port}",  # the container binds 0.0.0.0; loopback is enough here
+        GUNICORN_ACCESS_LOG="off",
+    )
+    env.update(extra)
+    return env
+
+
+class Instance:
+    def __init__(self, upstream: FakeChatKit, **extra: str) -> None:
+        self.port = free_port()
+        self.env = compose_app_environment(upstream, self.port, **extra)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.process.stderr.read()}")
+            try:
+                if requests.get(self.base + "/healthz", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("gunicorn did not start")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+@pytest.fixture
+def instances(real_redis: Any, upstream: FakeChatKit) -> Iterator[list[Instance]]:
+    started: list[Instance] = []
+    yield started
+    for instance in started:
+        instance.stop()
+
+
+def test_compose_healthcheck_command_succeeds_against_the_service(
+    instances: list[Instance], upstream: FakeChatKit
+) -> None:
+    instance = Instance(upstream)
+    instances.append(instance)
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    test = compose["services"]["app"]["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    command = [sys.executable if part == "python" else part for part in test[1:]]
+    result = subprocess.run(command, env=instance.env, capture_output=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+    # And it fails when the service is not there.
+    instance.stop()
+    result = subprocess.run(command, env=instance.env, capture_output=True, timeout=10)
+    assert result.returncode != 0
+
+
+def test_two_replicas_on_one_redis_admit_exactly_the_limit(
+    instances: list[Instance], upstream: FakeChatKit
+) -> None:
+    limits = {"CHATKIT_RATELIMIT_PER_USER": "12 per minute"}
+    replicas = [Instance(upstream, **limits), Instance(upstream, **limits)]
+    instances.extend(replicas)
+    upstream.latency = 0.02
+    first = requests.post(replicas[0].base + URL, timeout=10)
+    cookie = first.cookies["chatkit_session_id"]
+
+    def mint(i: int) -> int:
+        replica = replicas[i % 2]  # a load balancer spreading one visitor over both
+        return requests.post(
+            replica.base + URL, cookies={"chatkit_session_id": cookie}, timeout=10
+        ).status_code
+
+    with ThreadPoolExecutor(40) as pool:
+        statuses = Counter(pool.map(mint, range(80)))
+    assert first.status_code == 200
+    assert statuses == {200: 11, 429: 69}
+    assert upstream.count == 12
+
+
+def test_sigterm_finishes_in_flight_mints(instances: list[Instance], upstream: FakeChatKit) -> None:
+    instance = Instance(upstream, CHATKIT_RATELIMIT_PER_IP="1000 per minute")
+    instances.append(instance)
+    upstream.latency = 1.0
+    results: list[int | str] = []
+    lock = threading.Lock()
+
+    def mint() -> None:
+        try:
+            status: int | str = requests.post(instance.base + URL, timeout=15).status_code
+        except requests.RequestException as exc:
+            status = type(exc).__name__
+        with lock:
+            results.append(status)
+
+    threads = [threading.Thread(target=mint) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    upstream.wait_for(12, timeout=10)  # every mint is in flight upstream
+    instance.process.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(timeout=20)
+    exit_code = instance.process.wait(timeout=30)
+    assert results == [200] * 12
+    assert exit_code == 0
