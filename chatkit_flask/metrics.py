@@ -21,6 +21,13 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+
+# prometheus-client picks multiprocess mode at import when the variable merely exists; an empty
+# value (``PROMETHEUS_MULTIPROC_DIR=`` in an env file) would make it write to the working
+# directory. Empty means unset.
+if "PROMETHEUS_MULTIPROC_DIR" in os.environ and not os.environ["PROMETHEUS_MULTIPROC_DIR"].strip():
+    del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
