@@ -39,6 +39,9 @@ from prometheus_client import (
     multiprocess,
 )
 
+from . import upstream as upstream_module
+from .upstream import UpstreamTimeout
+
 if TYPE_CHECKING:
     from .extension import ChatKitState
 
@@ -160,9 +163,13 @@ def _upstream_status(upstream: Any) -> str:
     status = getattr(upstream, "status", None)
     if status is not None:
         return str(status)
-    from .upstream import UpstreamTimeout
-
     return "timeout" if isinstance(upstream, UpstreamTimeout) else "error"
+
+
+def _called(upstream: Any) -> bool:
+    """False when the upstream was not called at all (the circuit breaker refused)."""
+    circuit_open = getattr(upstream_module, "CircuitOpen", None)
+    return not (circuit_open is not None and isinstance(upstream, circuit_open))
 
 
 def _after_request(response: Response) -> Response:
@@ -189,7 +196,7 @@ def _record(response: Response) -> None:
     if outcome == "limiter_unavailable":
         limiter_storage_errors.inc()
     upstream = g.get("chatkit_upstream")
-    if upstream is not None:
+    if upstream is not None and _called(upstream):
         upstream_responses.labels(_upstream_status(upstream)).inc()
         latency_ms = getattr(upstream, "latency_ms", None)
         if latency_ms is not None:

@@ -119,6 +119,27 @@ def test_connection_failure_counts_as_error(make_app: Callable[..., Flask]) -> N
     assert snap.delta("chatkit_mints_total", outcome="upstream_error") == 1
 
 
+def test_circuit_breaker_refusals_are_not_upstream_responses(
+    make_app: Callable[..., Flask], upstream: FakeChatKit
+) -> None:
+    app = make_app(
+        CHATKIT_BREAKER_FAILURES=2, CHATKIT_BREAKER_COOLDOWN=60, CHATKIT_UPSTREAM_RETRIES=0
+    )
+    upstream.set_default(Behaviour.error(503))
+    snap = Snapshot()
+    try:
+        statuses = [app.test_client().post(URL).status_code for _ in range(3)]
+        assert statuses == [502, 502, 503]
+        assert upstream.count == 2  # the third was refused by the open circuit
+        assert snap.delta("chatkit_mints_total", outcome="upstream_error") == 2
+        assert value("chatkit_mints_total", outcome="upstream_unavailable") >= 1
+        assert value("chatkit_upstream_circuit_state") == 2
+        assert snap.delta("chatkit_upstream_latency_seconds_count") == 2
+        assert snap.delta("chatkit_upstream_responses_total", status="error") == 0
+    finally:
+        set_circuit_state("closed")
+
+
 def test_ip_scope_is_counted(make_app: Callable[..., Flask]) -> None:
     app = make_app(CHATKIT_RATELIMIT_PER_IP="2 per minute")
     snap = Snapshot()
