@@ -98,6 +98,7 @@ def test_returning_visitor_keeps_the_same_user(client: FlaskClient, upstream: Fa
         "\u00e9\u00e9.\u00e9",
     ],
 )
+@pytest.mark.filterwarnings("ignore:The 'chatkit_session_id' cookie is too large")
 def test_forged_cookie_is_replaced_and_never_sent_upstream(
     client: FlaskClient, upstream: FakeChatKit, forged: str
 ) -> None:
