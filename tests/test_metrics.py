@@ -3,7 +3,9 @@ rules, and totals summed across several gunicorn workers (multiprocess mode)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -492,3 +494,22 @@ def test_totals_add_up_across_gunicorn_workers(
         assert samples["chatkit_upstream_latency_seconds_count{}"] == statuses[200]
         assert samples["chatkit_limiter_fallback_active{}"] == 0
     assert upstream.count == statuses[200]
+
+
+def test_grafana_dashboard_uses_only_exported_metrics(make_app: Callable[..., Flask]) -> None:
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    client = make_app().test_client()
+    assert client.post(URL).status_code == 200  # label values appear with the first call
+    exported = client.get("/metrics").text
+    names = {
+        sample.name
+        for family in text_string_to_metric_families(exported)
+        for sample in family.samples
+    }
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert exprs
+    used = {name for expr in exprs for name in re.findall(r"\bchatkit_[a-z_]+", expr)}
+    assert used
+    assert used <= names, used - names
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
