@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
 
+from .errors import http_error_response
 from .extension import ChatKit
 from .logs import configure_logging
 from .settings import Settings, load_config
@@ -42,6 +45,19 @@ def create_app(
     chatkit = ChatKit(app)
     state = chatkit.state(app)
     app.register_blueprint(health_blueprint(state))
+    prefix = state.settings.url_prefix + "/"
+
+    @app.errorhandler(HTTPException)
+    def routing_error(exc: HTTPException) -> Response | HTTPException:
+        # Routing errors (an unknown method such as TRACE, an unknown path under the prefix)
+        # happen before the blueprint's handlers can apply: answer them in the same JSON shape.
+        if not request.path.startswith(prefix):
+            return exc
+        g.chatkit_request_id = g.get("chatkit_request_id") or uuid.uuid4().hex
+        response = http_error_response(exc)
+        response.headers["X-Request-ID"] = g.chatkit_request_id
+        return response
+
     if state.settings.demo:
         from .demo import demo_blueprint
 

@@ -76,7 +76,7 @@ def _read_body() -> dict[str, Any]:
         raise ApiError(415, "unsupported_media_type", "The request body must be application/json.")
     try:
         body = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting
         raise ApiError(400, "invalid_request", "The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "The request body must be a JSON object.")
