@@ -842,13 +842,15 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  {r['variant']}: redis round trips/req {rt['per_request']:g} ({cmds}); "
             f"server {r['server_cpu_cores']:.2f} cores, upstream {r['upstream_cpu_cores']:.2f}, "
-            f"client {r['client_cpu_cores']:.2f}, redis {r['redis_cpu_ms_per_request']:.3f} ms/req; "
+            f"client {r['client_cpu_cores']:.2f}, "
+            f"redis {r['redis_cpu_ms_per_request']:.3f} ms/req; "
             f"machine {r['machine_busy_pct']:.0f}% busy, other jobs {r['other_cpu_cores']:.2f} "
             f"cores; workers {r['workers']}" + (" (RESTARTED)" if r["workers_restarted"] else "")
         )
     c = results[0]
     print(
-        f"  ceiling: upstream {c['upstream_cpu_cores']:.2f} cores, client {c['client_cpu_cores']:.2f}"
+        f"  ceiling: upstream {c['upstream_cpu_cores']:.2f} cores, "
+        f"client {c['client_cpu_cores']:.2f}"
     )
     if not args.no_json:
         RESULTS.mkdir(parents=True, exist_ok=True)
