@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from flask import Flask, Response, g
@@ -49,6 +50,46 @@ def _global_key() -> str:
     return "global"
 
 
+class _FallbackSafeLimiter(Limiter):
+    """Flask-Limiter with its storage-failure race closed.
+
+    When the storage fails, the first request to notice switches the limiter to the in-memory
+    fallback and re-evaluates. A concurrent request whose own Redis call fails a moment later
+    finds the switch already made and re-raises instead (Flask-Limiter 4.1.1 checks
+    ``not self._storage_dead``): a 503 from the view or a 500 from the header hook. Here such a
+    request is simply re-evaluated against the fallback, as the first one was.
+    """
+
+    def _check_request_limit(
+        self, callable_name: str | None = None, in_middleware: bool = True
+    ) -> None:
+        try:
+            super()._check_request_limit(callable_name=callable_name, in_middleware=in_middleware)
+        except STORAGE_ERRORS:
+            if not (self._in_memory_fallback_enabled and self._storage_dead):
+                raise
+            self.context.seen_limits.clear()
+            super()._check_request_limit(callable_name=callable_name, in_middleware=in_middleware)
+
+
+def _guard_header_hook(app: Flask, limiter: Limiter) -> None:
+    """The same race in Flask-Limiter's header hook (a 500 there): re-run it on the fallback."""
+    original = getattr(Limiter, "_Limiter__inject_headers", None)
+    hooks = app.after_request_funcs.get(None, [])
+    for index, hook in enumerate(hooks):
+        if isinstance(hook, partial) and hook.func is original and hook.args == (limiter,):
+
+            def guarded(response: Response, inject: Callable = hook) -> Response:
+                try:
+                    return inject(response)
+                except STORAGE_ERRORS:
+                    if not (limiter._in_memory_fallback_enabled and limiter._storage_dead):
+                        raise
+                    return inject(response)
+
+            hooks[index] = guarded
+
+
 def build_limiter(app: Flask, settings: Settings) -> Limiter:
     """A Limiter owned by the extension, configured from ``settings``.
 
@@ -60,7 +101,7 @@ def build_limiter(app: Flask, settings: Settings) -> Limiter:
     # config for these two, so the config must say the same as the settings decided.
     app.config["RATELIMIT_IN_MEMORY_FALLBACK_ENABLED"] = fallback
     app.config["RATELIMIT_HEADERS_ENABLED"] = settings.headers_enabled
-    limiter = Limiter(
+    limiter = _FallbackSafeLimiter(
         _ip_key,
         storage_uri=settings.storage_uri,
         storage_options=storage_options(settings, app.config.get("RATELIMIT_STORAGE_OPTIONS")),
@@ -79,6 +120,7 @@ def build_limiter(app: Flask, settings: Settings) -> Limiter:
         limiter.init_app(app)
     except ConfigurationError as exc:
         raise ConfigError("RATELIMIT_STORAGE_URI", str(exc)) from None
+    _guard_header_hook(app, limiter)
     if settings.storage_uri.startswith("memory://"):
         log.warning(
             "chatkit_flask: RATELIMIT_STORAGE_URI is memory:// - limits are per process; "
