@@ -294,8 +294,13 @@ class ChatKitClient:
         time.sleep(pause)
         return True
 
-    @staticmethod
-    def _check(response: requests.Response, latency_ms: float, attempts: int) -> dict[str, Any]:
+    def _redact(self, text: str) -> str:
+        # An upstream or a proxy in between may echo the Authorization header back.
+        return text.replace(self._api_key, "[redacted]") if self._api_key else text
+
+    def _check(
+        self, response: requests.Response, latency_ms: float, attempts: int
+    ) -> dict[str, Any]:
         status = response.status_code
         request_id = response.headers.get("x-request-id")
         common: dict[str, Any] = {
@@ -305,7 +310,7 @@ class ChatKitClient:
             "attempts": attempts,
         }
         if status >= 300:
-            detail = response.text[:_DETAIL_LIMIT]
+            detail = self._redact(response.text)[:_DETAIL_LIMIT]
             if status == 429:
                 raise UpstreamBusy(
                     "upstream rate limited the request",
@@ -323,7 +328,7 @@ class ChatKitClient:
         except ValueError:
             raise UpstreamUnavailable(
                 "upstream answered with a body that is not JSON",
-                detail=response.text[:100],
+                detail=self._redact(response.text)[:100],
                 **common,
             ) from None
         if not isinstance(data, dict):
