@@ -239,19 +239,16 @@ def _retry_after(state: ChatKitState) -> int:
 
 
 def _upstream_api_error(exc: UpstreamError) -> ApiError:
-    if isinstance(exc, UpstreamBusy):
-        return ApiError(
-            503,
-            "upstream_busy",
-            "The chat service is busy. Try again shortly.",
-            headers={"Retry-After": str(exc.retry_after)},
-            extra={"retry_after": exc.retry_after},
+    if isinstance(exc, UpstreamBusy | CircuitOpen):
+        code, message = (
+            ("upstream_busy", "The chat service is busy. Try again shortly.")
+            if isinstance(exc, UpstreamBusy)
+            else ("upstream_unavailable", "The chat service is unavailable. Try again shortly.")
         )
-    if isinstance(exc, CircuitOpen):
         return ApiError(
             503,
-            "upstream_unavailable",
-            "The chat service is unavailable. Try again shortly.",
+            code,
+            message,
             headers={"Retry-After": str(exc.retry_after)},
             extra={"retry_after": exc.retry_after},
         )
