@@ -76,7 +76,7 @@ ENV_DEFAULTS: dict[str, str | None] = {
     "RATELIMIT_HEADERS_ENABLED": "true",
     "GUNICORN_BIND": None,
     "GUNICORN_WORKERS": "2",
-    "GUNICORN_THREADS": "8",
+    "GUNICORN_THREADS": "32",
     "GUNICORN_WORKER_CLASS": "gthread",
     "GUNICORN_TIMEOUT": "30",
     "GUNICORN_GRACEFUL_TIMEOUT": "20",
@@ -539,7 +539,7 @@ def test_gunicorn_defaults(monkeypatch):
     conf = exec_gunicorn_conf(monkeypatch)
     assert conf["bind"] == ["0.0.0.0:8000"]
     assert conf["workers"] == 2
-    assert conf["threads"] == 8
+    assert conf["threads"] == 32
     assert conf["worker_class"] == "gthread"
     assert conf["timeout"] == 30
     assert conf["graceful_timeout"] == 20
