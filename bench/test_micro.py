@@ -9,7 +9,9 @@ Not part of the main test run (tests live in tests/)::
 
     .venv/bin/pytest bench/test_micro.py --benchmark-only
 
-Profile one case with pyinstrument::
+CPU per request of one case (A/B of a setting), and a pyinstrument profile::
+
+    .venv/bin/python bench/test_micro.py cpu returning redis RATELIMIT_HEADERS_ENABLED=false
 
     .venv/bin/python bench/test_micro.py [returning|new|limited] [requests] [redis|fakeredis]
 """
@@ -143,7 +145,28 @@ def profile(variant: str, requests: int, storage: str) -> None:
     print(f"{variant}: {1e3 * elapsed / requests:.3f} ms per request (profiled)")
 
 
+def cpu(variant: str, storage: str, overrides: dict[str, Any]) -> None:
+    """CPU ms per request (thread CPU, best of 5 x 1000): steadier than wall time for A/B."""
+    app = build_app(variant, storage, **overrides)
+    _, call = make_request(app, variant)
+    for _ in range(200):
+        call()
+    best = []
+    for _ in range(5):
+        started = time.thread_time()
+        for _ in range(1000):
+            call()
+        best.append(time.thread_time() - started)
+    print(f"{variant} {storage} {overrides or ''}: {min(best):.3f} ms CPU per request")
+
+
 if __name__ == "__main__":
-    profile(sys.argv[1] if len(sys.argv) > 1 else "returning",
+    if sys.argv[1:2] == ["cpu"]:
+        # bench/test_micro.py cpu returning redis [KEY=VALUE ...]
+        cpu(sys.argv[2], sys.argv[3], dict(a.split("=", 1) for a in sys.argv[4:]))
+    else:
+        profile(
+            sys.argv[1] if len(sys.argv) > 1 else "returning",
             int(sys.argv[2]) if len(sys.argv) > 2 else 2000,
-            sys.argv[3] if len(sys.argv) > 3 else "redis")  # fmt: skip
+            sys.argv[3] if len(sys.argv) > 3 else "redis",
+        )
