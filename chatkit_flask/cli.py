@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["chatkit_cli", "mask_api_key", "mask_storage_uri"]
 
 CHECK_USER = "chatkit-flask-check"
-ENDPOINT = "chatkit.secret"  # Flask-Limiter's scope for the mint route's limits
+
 _CHECK_TTL = 60  # seconds: a check session that could not be cancelled expires soon anyway
 
 chatkit_cli = AppGroup("chatkit", help="Operate the ChatKit mint endpoint.")
@@ -124,7 +124,7 @@ def check_command(live: bool) -> None:
     click.echo("Limiter storage:")
     uri = mask_storage_uri(settings.storage_uri)
     try:
-        reachable = state.limiter.storage.check()
+        reachable = state.limits.storage.check()
     except Exception:
         reachable = False
     if reachable:
@@ -298,12 +298,6 @@ def _resolve_key(
     return "global", settings.limit_global, "global"
 
 
-def _args(state: ChatKitState, key: str) -> list[str]:
-    """The arguments Flask-Limiter passes to the strategy for the mint route's limits."""
-    prefix = getattr(state.limiter, "_key_prefix", None) or state.settings.key_prefix
-    return [prefix, key, ENDPOINT] if prefix else [key, ENDPOINT]
-
-
 def _items(limit: str, scope: str) -> list[RateLimitItem]:
     if not limit:
         raise click.ClickException(f"the {scope} limit is off: nothing to show")
@@ -317,12 +311,11 @@ def usage_command(visitor: str | None, user: str | None, ip: str | None, global_
     state = _state()
     key, limit, scope = _resolve_key(state, visitor, user, ip, global_)
     items = _items(limit, scope)
-    args = _args(state, key)
     click.echo(f"{scope} limits for {key}:")
     now = time.time()
     try:
         for item in items:
-            stats = state.limiter.limiter.get_window_stats(item, *args)
+            stats = state.limits.window_stats(item, key)
             remaining = max(0, min(stats.remaining, item.amount))
             used = item.amount - remaining
             resets = max(0, math.ceil(stats.reset_time - now)) if used else 0
@@ -342,13 +335,12 @@ def reset_command(visitor: str | None, user: str | None, ip: str | None, global_
     state = _state()
     key, limit, scope = _resolve_key(state, visitor, user, ip, global_)
     items = _items(limit, scope)
-    args = _args(state, key)
     had_hits = 0
     try:
         for item in items:
-            if state.limiter.limiter.get_window_stats(item, *args).remaining < item.amount:
+            if state.limits.window_stats(item, key).remaining < item.amount:
                 had_hits += 1
-            state.limiter.limiter.clear(item, *args)
+            state.limits.clear(item, key)
     except STORAGE_ERRORS as exc:
         raise click.ClickException(
             f"cannot reach the limiter storage at {mask_storage_uri(state.settings.storage_uri)}: "

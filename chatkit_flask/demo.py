@@ -48,7 +48,7 @@ def demo_blueprint(state: ChatKitState) -> Blueprint:
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
-    state.limiter.exempt(bp)
+    state.exempt(bp)
     return bp
 
 

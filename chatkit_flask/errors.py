@@ -51,8 +51,6 @@ def error_response(error: ApiError) -> Response:
     response.headers["Cache-Control"] = "no-store"
     for name, value in error.headers.items():
         response.headers[name] = value
-    if "Retry-After" in error.headers:
-        g.chatkit_retry_after = error.headers["Retry-After"]
     return response
 
 

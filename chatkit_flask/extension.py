@@ -13,7 +13,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .cli import chatkit_cli
 from .identity import VisitorCookie
-from .limits import build_limiter
+from .limits import REQUEST_KEYS, MintLimiter, build_storage
 from .metrics import init_metrics, set_circuit_state
 from .settings import Settings
 from .upstream import ChatKitClient
@@ -29,10 +29,16 @@ class ChatKitState:
     """Per-app state, kept in ``app.extensions["chatkit"]``."""
 
     settings: Settings
-    limiter: Limiter
+    limits: MintLimiter  # the endpoint's limits, and their storage (``limits.storage``)
+    limiter: Limiter | None  # the host app's Flask-Limiter, when it handed one over
     client: ChatKitClient
     cookie: VisitorCookie
     extension: ChatKit
+
+    def exempt(self, blueprint: Any) -> None:
+        """Keep a host app's Flask-Limiter defaults off one of the extension's blueprints."""
+        if self.limiter is not None:
+            self.limiter.exempt(blueprint)
 
     def load_user(self) -> Any:
         loader = self.extension._user_loader
@@ -74,7 +80,9 @@ class ChatKit:
         if settings.trusted_proxies:
             n = settings.trusted_proxies
             app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n)  # type: ignore[method-assign]
-        limiter = self._limiter or build_limiter(app, settings)
+        limiter = self._limiter
+        storage = limiter.storage if limiter is not None else build_storage(app, settings)
+        key_prefix = getattr(limiter, "_key_prefix", None) or settings.key_prefix
         client = self._client or ChatKitClient(
             settings.api_key,
             api_base=settings.api_base,
@@ -85,6 +93,7 @@ class ChatKit:
         )
         state = ChatKitState(
             settings=settings,
+            limits=MintLimiter(storage, settings, REQUEST_KEYS, key_prefix),
             limiter=limiter,
             client=client,
             cookie=VisitorCookie(

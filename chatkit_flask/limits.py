@@ -1,27 +1,134 @@
-"""How often callers may mint: Flask-Limiter on the configured storage (Redis in production)."""
+"""How often callers may mint: per user, per IP and global limits on the limiter's storage.
+
+The storage is the one Flask-Limiter would build from ``RATELIMIT_STORAGE_URI`` and
+``RATELIMIT_STORAGE_OPTIONS`` (any URI the ``limits`` library accepts), or the storage of a
+host app's own ``flask_limiter.Limiter``. The endpoint's limits are checked here, together,
+before the upstream call, with ``limits`` (Flask-Limiter's engine) rather than Flask-Limiter's
+decorators: those cost one Redis round trip per limit plus two for the headers, and per-request
+hooks on every route of the app (measured in docs/benchmark.md).
+
+- On a Redis-protocol storage (redis://, rediss://, unix sockets, Sentinel, Valkey) with the
+  fixed-window strategy, one Lua script checks every limit and, only if all pass, counts the
+  request in all of them: one round trip per request, exact across processes and hosts, and a
+  refused request consumes nothing. The counters are ``limits``' own fixed-window keys, so
+  ``limits``/Flask-Limiter tools (and ``flask chatkit usage``) read them as usual.
+- On any other storage or strategy (memory, Redis Cluster, moving or sliding windows), each limit
+  is hit in turn through ``limits``, as Flask-Limiter's decorators would: every hit is atomic,
+  and the first breach stops the check.
+- When the storage fails: fail-closed raises ``LimiterUnavailable`` (503); otherwise each
+  process limits from memory (the same limits, counted per process) and re-probes the storage
+  after 1, 2, 4 ... 32 s; with the fallback off, requests pass (fail-open, logged).
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, Response, g
-from flask_limiter import Limiter
+from flask import Flask, g
+from limits import RateLimitItem, WindowStats, parse_many
 from limits.errors import ConfigurationError, StorageError
+from limits.storage import (
+    MemoryStorage,
+    RedisClusterStorage,
+    RedisStorage,
+    Storage,
+    storage_from_string,
+)
+from limits.strategies import STRATEGIES, RateLimiter
 from redis.exceptions import RedisError
 
 from .settings import ConfigError, Settings
 
-__all__ = ["STORAGE_ERRORS", "apply_limits", "build_limiter", "storage_options"]
+__all__ = [
+    "ENDPOINT",
+    "REQUEST_KEYS",
+    "STORAGE_ERRORS",
+    "LimiterUnavailable",
+    "MintLimiter",
+    "Rule",
+    "Verdict",
+    "build_storage",
+    "storage_options",
+]
 
 log = logging.getLogger("chatkit_flask")
 
-# What a storage failure looks like when it reaches the view (fail-closed mode only).
+# What a failing storage raises (redis-py, valkey through limits, sockets).
 STORAGE_ERRORS: tuple[type[Exception], ...] = (RedisError, StorageError, ConnectionError, OSError)
+ENDPOINT = "chatkit.secret"  # the scope part of every counter key, as Flask-Limiter names it
 
 _REDIS_SCHEMES = ("redis", "rediss", "redis+", "valkey", "valkeys", "valkey+")
+_MAX_PROBE_DELAY = 32.0
+
+# KEYS: the counters, in evaluation order. ARGV: limit, expiry for each counter.
+# Returns {0, count1, ttl1, count2, ttl2, ...} when every counter had room (all were counted),
+# or {i, count_i, ttl_i} for the first counter i that was full (nothing was counted).
+_CHECK_AND_COUNT = """
+local n = #KEYS
+for i = 1, n do
+  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if current >= tonumber(ARGV[2 * i - 1]) then
+    local ttl = redis.call('TTL', KEYS[i])
+    if ttl < 0 then
+      redis.call('EXPIRE', KEYS[i], ARGV[2 * i])
+      ttl = tonumber(ARGV[2 * i])
+    end
+    return {i, current, ttl}
+  end
+end
+local out = {0}
+for i = 1, n do
+  local count = redis.call('INCR', KEYS[i])
+  local ttl
+  if count == 1 then
+    redis.call('EXPIRE', KEYS[i], ARGV[2 * i])
+    ttl = tonumber(ARGV[2 * i])
+  else
+    ttl = redis.call('TTL', KEYS[i])
+    if ttl < 0 then
+      redis.call('EXPIRE', KEYS[i], ARGV[2 * i])
+      ttl = tonumber(ARGV[2 * i])
+    end
+  end
+  out[2 * i] = count
+  out[2 * i + 1] = ttl
+end
+return out
+"""
+
+
+class LimiterUnavailable(Exception):
+    """The limiter's storage failed and ``CHATKIT_RATELIMIT_FAIL_CLOSED`` is on."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One limit: its scope ("user", "ip", "global"), window and the key it counts."""
+
+    scope: str
+    item: RateLimitItem
+    key_func: Callable[[], str]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of a check. ``limit``/``remaining``/``reset_at`` describe the breached limit,
+    or when none was, the one with the fewest requests left (for the X-RateLimit-* headers)."""
+
+    allowed: bool
+    scope: str | None
+    limit: int
+    remaining: int
+    reset_at: int
+
+    @property
+    def retry_after(self) -> int:
+        return max(1, self.reset_at - int(time.time()))
 
 
 def storage_options(settings: Settings, configured: dict[str, Any] | None) -> dict[str, Any]:
@@ -38,123 +145,179 @@ def storage_options(settings: Settings, configured: dict[str, Any] | None) -> di
     return options
 
 
-def _visitor_key() -> str:
-    return g.chatkit_identity.limit_key
-
-
-def _ip_key() -> str:
-    return "ip:" + g.chatkit_client_network
-
-
-def _global_key() -> str:
-    return "global"
-
-
-class _FallbackSafeLimiter(Limiter):
-    """Flask-Limiter with its storage-failure race closed.
-
-    When the storage fails, the first request to notice switches the limiter to the in-memory
-    fallback and re-evaluates. A concurrent request whose own Redis call fails a moment later
-    finds the switch already made and re-raises instead (Flask-Limiter 4.1.1 checks
-    ``not self._storage_dead``): a 503 from the view or a 500 from the header hook. Here such a
-    request is simply re-evaluated against the fallback, as the first one was.
-    """
-
-    def _check_request_limit(
-        self, callable_name: str | None = None, in_middleware: bool = True
-    ) -> None:
-        try:
-            super()._check_request_limit(callable_name=callable_name, in_middleware=in_middleware)
-        except STORAGE_ERRORS:
-            if not (self._in_memory_fallback_enabled and self._storage_dead):
-                raise
-            self.context.seen_limits.clear()
-            super()._check_request_limit(callable_name=callable_name, in_middleware=in_middleware)
-
-
-def _guard_header_hook(app: Flask, limiter: Limiter) -> None:
-    """The same race in Flask-Limiter's header hook (a 500 there): re-run it on the fallback."""
-    original = getattr(Limiter, "_Limiter__inject_headers", None)
-    hooks = app.after_request_funcs.get(None, [])
-    for index, hook in enumerate(hooks):
-        if isinstance(hook, partial) and hook.func is original and hook.args == (limiter,):
-
-            def guarded(response: Response, inject: Callable = hook) -> Response:
-                try:
-                    return inject(response)
-                except STORAGE_ERRORS:
-                    if not (limiter._in_memory_fallback_enabled and limiter._storage_dead):
-                        raise
-                    return inject(response)
-
-            hooks[index] = guarded
-
-
-def build_limiter(app: Flask, settings: Settings) -> Limiter:
-    """A Limiter owned by the extension, configured from ``settings``.
-
-    Storage failure: fail-closed raises to the view (503); otherwise the in-memory fallback
-    (per process) applies the same limits; with the fallback off, requests pass (fail-open).
-    """
-    fallback = settings.in_memory_fallback and not settings.fail_closed
-    # Flask-Limiter treats a False constructor argument as "unset" and falls back to the app
-    # config for these two, so the config must say the same as the settings decided.
-    app.config["RATELIMIT_IN_MEMORY_FALLBACK_ENABLED"] = fallback
-    app.config["RATELIMIT_HEADERS_ENABLED"] = settings.headers_enabled
-    limiter = _FallbackSafeLimiter(
-        _ip_key,
-        storage_uri=settings.storage_uri,
-        storage_options=storage_options(settings, app.config.get("RATELIMIT_STORAGE_OPTIONS")),
-        strategy=settings.strategy,
-        headers_enabled=settings.headers_enabled,
-        in_memory_fallback_enabled=fallback,
-        swallow_errors=not settings.fail_closed and not fallback,
-        key_prefix=settings.key_prefix,
-    )
-    if settings.headers_enabled:
-        # Flask-Limiter adds Retry-After (time to the window's reset) to every response.
-        # after_request functions run in reverse order, so this one, registered first, runs
-        # after Flask-Limiter's and keeps only the Retry-After our own errors set.
-        app.after_request(_keep_own_retry_after)
+def build_storage(app: Flask, settings: Settings) -> Storage:
+    """The limiter storage from ``RATELIMIT_STORAGE_URI``, as Flask-Limiter would build it.
+    Nothing is contacted here: the first request opens the connection."""
+    options = storage_options(settings, app.config.get("RATELIMIT_STORAGE_OPTIONS"))
     try:
-        limiter.init_app(app)
+        storage = storage_from_string(settings.storage_uri, **options)
     except ConfigurationError as exc:
         raise ConfigError("RATELIMIT_STORAGE_URI", str(exc)) from None
-    _guard_header_hook(app, limiter)
     if settings.storage_uri.startswith("memory://"):
         log.warning(
             "chatkit_flask: RATELIMIT_STORAGE_URI is memory:// - limits are per process; "
             "with several workers or hosts they multiply. Use redis:// in production."
         )
-    return limiter
+    return storage
 
 
-def _keep_own_retry_after(response: Response) -> Response:
-    retry_after = g.get("chatkit_retry_after")
-    if retry_after is None:
-        response.headers.pop("Retry-After", None)
-    else:
-        response.headers["Retry-After"] = retry_after
-    return response
+# How each scope keys the current request (identity and client network come from views.py).
+REQUEST_KEYS: dict[str, Callable[[], str]] = {
+    "user": lambda: g.chatkit_identity.limit_key,
+    "ip": lambda: "ip:" + g.chatkit_client_network,
+    "global": lambda: "global",
+}
 
 
-def apply_limits(view: Callable[..., Any], limiter: Limiter, settings: Settings) -> Callable:
-    """Wrap ``view`` in the per-user, per-IP and global limits that are configured.
+def _rules(settings: Settings, keys: dict[str, Callable[[], str]]) -> list[Rule]:
+    """The configured limits in evaluation order: shorter windows first, and within a window
+    user before IP before global (so a visitor over their own limit is told so)."""
+    rules = [
+        Rule(scope, item, keys[scope])
+        for scope, value in (
+            ("user", settings.limit_per_user),
+            ("ip", settings.limit_per_ip),
+            ("global", settings.limit_global),
+        )
+        if value
+        for item in parse_many(value)
+    ]
+    return sorted(rules, key=lambda rule: rule.item.get_expiry())  # stable: keeps scope order
 
-    Limits are evaluated in order of window length (Flask-Limiter sorts them; ties keep
-    registration order): per-user before per-IP before global within a window, and the first
-    breach stops evaluation, so a visitor over their own limit does not spend the global cap.
-    """
-    for value, key_func, scope in (
-        (settings.limit_per_user, _visitor_key, "user"),
-        (settings.limit_per_ip, _ip_key, "ip"),
-        (settings.limit_global, _global_key, "global"),
-    ):
-        if value:
-            view = limiter.limit(
-                value,
-                key_func=key_func,
-                methods=["POST"],
-                error_message=scope,
-            )(view)
-    return view
+
+class MintLimiter:
+    """Checks and counts one mint request against every configured limit. Thread-safe."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        settings: Settings,
+        keys: dict[str, Callable[[], str]],
+        key_prefix: str,
+    ) -> None:
+        self.rules = _rules(settings, keys)
+        self.storage = storage
+        self.strategy = settings.strategy
+        self._prefix = key_prefix
+        self._fail_closed = settings.fail_closed
+        self._fallback_enabled = settings.in_memory_fallback and not settings.fail_closed
+        self._memory = STRATEGIES[settings.strategy](MemoryStorage())
+        self._generic = STRATEGIES[settings.strategy](storage)
+        self._script = None
+        if (
+            settings.strategy == "fixed-window"
+            and isinstance(storage, RedisStorage)
+            and not isinstance(storage, RedisClusterStorage)  # keys may live on other nodes
+        ):
+            self._script = storage.get_connection().register_script(_CHECK_AND_COUNT)
+        self._lock = threading.Lock()
+        self._dead = False
+        self._next_probe = 0.0
+        self._probe_delay = 1.0
+        self.on_storage_error: Callable[[], None] | None = None
+
+    @property
+    def single_round_trip(self) -> bool:
+        """Whether all limits are checked in one Lua script (else one call per limit)."""
+        return self._script is not None
+
+    @property
+    def fallback_active(self) -> bool:
+        """True while this process limits from memory because the storage failed."""
+        return self._dead
+
+    def window_stats(self, item: RateLimitItem, key: str) -> WindowStats:
+        """Reset time and remaining requests of one limit for ``key`` (for the CLI)."""
+        return self._generic.get_window_stats(item, *self.identifiers(key))
+
+    def clear(self, item: RateLimitItem, key: str) -> None:
+        """Forget the counter of one limit for ``key`` (for the CLI)."""
+        self._generic.clear(item, *self.identifiers(key))
+
+    def identifiers(self, key: str) -> tuple[str, ...]:
+        """The identifiers ``limits`` builds a counter key from, as Flask-Limiter would."""
+        return (self._prefix, key, ENDPOINT) if self._prefix else (key, ENDPOINT)
+
+    def check(self) -> Verdict:
+        """Check and, when allowed, count the current request. Call inside the request."""
+        if not self.rules:
+            return Verdict(True, None, 0, 0, 0)
+        keyed = [(rule, self.identifiers(rule.key_func())) for rule in self.rules]
+        if self._dead and not self._storage_back():
+            return self._hit_each(self._memory, keyed)
+        try:
+            if self._script is not None:
+                return self._check_script(keyed)
+            return self._hit_each(self._generic, keyed)
+        except STORAGE_ERRORS as exc:
+            return self._storage_failed(exc, keyed)
+
+    def _check_script(self, keyed: list[tuple[Rule, tuple[str, ...]]]) -> Verdict:
+        assert self._script is not None
+        storage: RedisStorage = self.storage  # type: ignore[assignment]
+        keys = [storage.prefixed_key(rule.item.key_for(*ids)) for rule, ids in keyed]
+        args: list[int] = []
+        for rule, _ in keyed:
+            args += [rule.item.amount, rule.item.get_expiry()]
+        result = [int(value) for value in self._script(keys, args)]
+        now = int(time.time())
+        if result[0]:
+            rule = keyed[result[0] - 1][0]
+            return Verdict(False, rule.scope, rule.item.amount, 0, now + result[2])
+        best = None
+        for index, (rule, _) in enumerate(keyed):
+            remaining = rule.item.amount - result[1 + 2 * index]
+            if best is None or remaining < best.remaining:
+                reset_at = now + result[2 + 2 * index]
+                best = Verdict(True, None, rule.item.amount, remaining, reset_at)
+        assert best is not None
+        return best
+
+    @staticmethod
+    def _hit_each(strategy: RateLimiter, keyed: list[tuple[Rule, tuple[str, ...]]]) -> Verdict:
+        for rule, ids in keyed:
+            if not strategy.hit(rule.item, *ids):
+                stats = strategy.get_window_stats(rule.item, *ids)
+                return Verdict(False, rule.scope, rule.item.amount, 0, int(stats.reset_time))
+        rule, ids = keyed[0]
+        stats = strategy.get_window_stats(rule.item, *ids)
+        return Verdict(True, None, rule.item.amount, stats.remaining, int(stats.reset_time))
+
+    def _storage_failed(self, exc: Exception, keyed: list[tuple[Rule, tuple[str, ...]]]) -> Verdict:
+        if self.on_storage_error is not None:
+            self.on_storage_error()
+        if self._fail_closed:
+            raise LimiterUnavailable(type(exc).__name__) from exc
+        if not self._fallback_enabled:
+            log.error(
+                "chatkit_flask: rate limit storage failed (%s); request allowed unlimited",
+                type(exc).__name__,
+            )
+            return Verdict(True, None, 0, 0, 0)
+        with self._lock:
+            if not self._dead:
+                self._dead = True
+                self._probe_delay = 1.0
+                self._next_probe = time.monotonic() + self._probe_delay
+                log.warning(
+                    "chatkit_flask: rate limit storage unreachable (%s) - limiting from memory "
+                    "in this process until it answers",
+                    type(exc).__name__,
+                )
+        return self._hit_each(self._memory, keyed)
+
+    def _storage_back(self) -> bool:
+        """While in fallback: probe the storage when due; True once it answers again."""
+        with self._lock:
+            if time.monotonic() < self._next_probe:
+                return False
+            # One request probes; the others keep using memory meanwhile.
+            self._next_probe = time.monotonic() + self._probe_delay
+            self._probe_delay = min(self._probe_delay * 2, _MAX_PROBE_DELAY)
+        if not self.storage.check():
+            return False
+        with self._lock:
+            if self._dead:
+                self._dead = False
+                log.warning("chatkit_flask: rate limit storage answers again - limits back in it")
+        return True

@@ -139,24 +139,8 @@ def render_latest() -> bytes:
 # ------------------------------------------------------------------ collection
 
 
-def _fallback_active(limiter: Any) -> bool:
-    """Flask-Limiter's private flag for "storage dead, limiting from memory" (may change)."""
-    try:
-        return bool(getattr(limiter, "_storage_dead", False)) and bool(
-            getattr(limiter, "_in_memory_fallback_enabled", True)
-        )
-    except Exception:  # a future Flask-Limiter without these attributes
-        return False
-
-
 def _state() -> ChatKitState | None:
     return current_app.extensions.get("chatkit")
-
-
-def _before_request() -> None:
-    state = _state()
-    if state is not None:
-        g.chatkit_fallback_before = _fallback_active(state.limiter)
 
 
 def _upstream_status(upstream: Any) -> str:
@@ -183,44 +167,19 @@ def _after_request(response: Response) -> Response:
 def _record(response: Response) -> None:
     state = _state()
     if state is not None:
-        active = _fallback_active(state.limiter)
-        limiter_fallback_active.set(1 if active else 0)
-        if active and not g.get("chatkit_fallback_before", True):
-            limiter_storage_errors.inc()  # this request found the storage dead
+        limiter_fallback_active.set(1 if state.limits.fallback_active else 0)
     if request.endpoint != _ENDPOINT or request.method != "POST":
         return
     outcome = g.get("chatkit_outcome") or f"http_{response.status_code}"
     mints.labels(outcome).inc()
     if response.status_code == 429:
         rate_limited.labels(g.get("chatkit_limit_scope") or "user").inc()
-    if outcome == "limiter_unavailable":
-        limiter_storage_errors.inc()
     upstream = g.get("chatkit_upstream")
     if upstream is not None and _called(upstream):
         upstream_responses.labels(_upstream_status(upstream)).inc()
         latency_ms = getattr(upstream, "latency_ms", None)
         if latency_ms is not None:
             upstream_latency.observe(latency_ms / 1000)
-
-
-class _SwallowedErrorCounter(logging.Handler):
-    """Counts storage errors Flask-Limiter swallows (fail-open mode): it only logs them."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            if str(record.msg).startswith("Failed to rate limit"):
-                limiter_storage_errors.inc()
-        except Exception:  # noqa: S110
-            pass
-
-
-def _install_swallow_counter() -> None:
-    logger = logging.getLogger("flask-limiter")
-    if not any(isinstance(h, _SwallowedErrorCounter) for h in logger.handlers):
-        logger.addHandler(_SwallowedErrorCounter())
 
 
 # ------------------------------------------------------------------ endpoint
@@ -256,13 +215,13 @@ def _metrics_blueprint(state: ChatKitState, path: str, allow: Iterable[str]) -> 
             )
             response.headers["Cache-Control"] = "no-store"
             return response, 403
-        limiter_fallback_active.set(1 if _fallback_active(state.limiter) else 0)
+        limiter_fallback_active.set(1 if state.limits.fallback_active else 0)
         response = Response(render_latest(), mimetype=None)
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         response.headers["Cache-Control"] = "no-store"
         return response
 
-    state.limiter.exempt(bp)
+    state.exempt(bp)
     return bp
 
 
@@ -286,9 +245,10 @@ def init_metrics(
     if _EXTENSION_KEY in app.extensions:
         return
     app.extensions[_EXTENSION_KEY] = True
-    app.before_request(_before_request)
     app.after_request(_after_request)
-    _install_swallow_counter()
+    # Every failed storage call: the switch to the in-memory fallback, a fail-closed 503, or
+    # a request let through unlimited (fail-open).
+    state.limits.on_storage_error = limiter_storage_errors.inc
     if endpoint:
         networks = state.settings.metrics_allow if allow is None else tuple(allow)
         app.register_blueprint(_metrics_blueprint(state, path, networks))

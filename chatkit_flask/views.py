@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
-from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import HTTPException
 
 from .errors import ApiError, error_response, http_error_response
 from .identity import client_network, user_identity
-from .limits import STORAGE_ERRORS, apply_limits
+from .limits import LimiterUnavailable
 from .logs import log_mint
 from .upstream import (
     CircuitOpen,
@@ -136,6 +134,7 @@ def make_blueprint(state: ChatKitState) -> Blueprint:
         if request.method != "POST":
             raise ApiError(405, "method_not_allowed", "Use POST.", headers={"Allow": "POST"})
         identity = g.chatkit_identity
+        _enforce_limits(state)
         try:
             session = state.client.create_session(
                 workflow_id=g.chatkit_workflow,
@@ -159,9 +158,10 @@ def make_blueprint(state: ChatKitState) -> Blueprint:
         response.headers["Cache-Control"] = "no-store"
         return response
 
-    bp.add_url_rule(
-        "/secret", "secret", apply_limits(secret, state.limiter, settings), methods=_ALL_METHODS
-    )
+    bp.add_url_rule("/secret", "secret", secret, methods=_ALL_METHODS)
+    # The endpoint's limits are checked by ``state.limits``; a host app's default limits
+    # must not count it a second time.
+    state.exempt(bp)
 
     @bp.after_request
     def finish(response: Response) -> Response:
@@ -182,6 +182,11 @@ def make_blueprint(state: ChatKitState) -> Blueprint:
                 httponly=True,
                 samesite="Lax",
             )
+        verdict = g.get("chatkit_verdict")
+        if verdict is not None and verdict.limit and settings.headers_enabled:
+            response.headers["X-RateLimit-Limit"] = str(verdict.limit)
+            response.headers["X-RateLimit-Remaining"] = str(verdict.remaining)
+            response.headers["X-RateLimit-Reset"] = str(verdict.reset_at)
         if request.method == "POST":
             _log(response, identity)
         return response
@@ -190,52 +195,38 @@ def make_blueprint(state: ChatKitState) -> Blueprint:
     def on_api_error(exc: ApiError) -> Response:
         return error_response(exc)
 
-    @bp.errorhandler(RateLimitExceeded)
-    def on_rate_limited(exc: RateLimitExceeded) -> Response:
-        scope = exc.description if exc.description in _LIMIT_MESSAGES else "user"
-        g.chatkit_limit_scope = scope
-        retry_after = _retry_after(state)
-        return error_response(
-            ApiError(
-                429,
-                "rate_limited",
-                f"{_LIMIT_MESSAGES[scope]}. Try again in {retry_after} seconds.",
-                headers={"Retry-After": str(retry_after)},
-                extra={"retry_after": retry_after, "scope": scope},
-            )
-        )
-
     @bp.errorhandler(HTTPException)
     def on_http_error(exc: HTTPException) -> Response:
         return http_error_response(exc)
 
-    for error_class in STORAGE_ERRORS:
-        bp.register_error_handler(error_class, _storage_failed)
-
     return bp
 
 
-def _storage_failed(exc: Exception) -> Response:
-    # Reached only in fail-closed mode: otherwise Flask-Limiter falls back or swallows.
-    current_app.logger.error("chatkit_flask: rate limit storage failed: %s", type(exc).__name__)
-    return error_response(
-        ApiError(
+def _enforce_limits(state: ChatKitState) -> None:
+    """Count this request against its limits, or refuse it before anything goes upstream."""
+    try:
+        verdict = state.limits.check()
+    except LimiterUnavailable as exc:
+        current_app.logger.error("chatkit_flask: rate limit storage failed: %s", exc)
+        raise ApiError(
             503,
             "limiter_unavailable",
             "The chat is temporarily unavailable. Try again shortly.",
             headers={"Retry-After": "5"},
-        )
+        ) from None
+    g.chatkit_verdict = verdict
+    if verdict.allowed:
+        return
+    scope = verdict.scope or "user"
+    g.chatkit_limit_scope = scope
+    retry_after = verdict.retry_after
+    raise ApiError(
+        429,
+        "rate_limited",
+        f"{_LIMIT_MESSAGES[scope]}. Try again in {retry_after} seconds.",
+        headers={"Retry-After": str(retry_after)},
+        extra={"retry_after": retry_after, "scope": scope},
     )
-
-
-def _retry_after(state: ChatKitState) -> int:
-    try:
-        current = state.limiter.current_limit
-        if current is not None:
-            return max(1, math.ceil(current.reset_at - time.time()))
-    except STORAGE_ERRORS:
-        pass
-    return 60
 
 
 def _upstream_api_error(exc: UpstreamError) -> ApiError:
@@ -297,9 +288,9 @@ def health_blueprint(state: ChatKitState) -> Blueprint:
 
     @bp.get("/readyz")
     def readyz() -> Response | tuple[Response, int]:
-        if state.limiter.storage.check():
+        if state.limits.storage.check():
             return jsonify(status="ready", storage="ok")
         return jsonify(status="not_ready", storage="unreachable"), 503
 
-    state.limiter.exempt(bp)
+    state.exempt(bp)
     return bp

@@ -168,7 +168,7 @@ def mint_as(base: str, cookie: str | None) -> tuple[int, float, str | None]:
 
 
 def limiter_dead(app: Flask) -> bool:
-    return bool(app.extensions["chatkit"].limiter._storage_dead)
+    return app.extensions["chatkit"].limits.fallback_active
 
 
 @pytest.mark.parametrize("fault", ["killed", "hung"])

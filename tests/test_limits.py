@@ -246,7 +246,7 @@ def test_fakeredis_outage_then_recovery(
     time.sleep(1.1)  # Flask-Limiter re-probes the storage after 1 s, then 2, 4, ...
     post(app, client=client)
     state = app.extensions["chatkit"]
-    assert state.limiter._storage_dead is False
+    assert state.limits.fallback_active is False
 
 
 def test_fail_closed_answers_503_and_never_calls_upstream(
@@ -296,3 +296,99 @@ def test_host_app_can_hand_over_its_own_limiter(upstream: FakeChatKit) -> None:
     assert client.post(URL).get_json()["error"] == "rate_limited"
     assert [client.get("/products").status_code for _ in range(2)] == [200, 429]
     assert chatkit is not None
+
+
+# --- one round trip, transactional ------------------------------------------------------------
+
+
+def test_a_refused_request_consumes_no_other_limit(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
+) -> None:
+    """Admitted or refused as a whole: a request the per-IP limit refuses does not spend the
+    visitor's own limit (Flask-Limiter's decorators would have counted it there)."""
+    app = make_app(
+        **storage,
+        CHATKIT_RATELIMIT_PER_USER="5 per minute",
+        CHATKIT_RATELIMIT_PER_IP="2 per minute",
+    )
+    client = app.test_client()
+    assert [post(app, client=client).status_code for _ in range(4)] == [200, 200, 429, 429]
+    state = app.extensions["chatkit"]
+    user_rule = next(rule for rule in state.limits.rules if rule.scope == "user")
+    visitor_key = "visitor:" + __import__("chatkit_flask.identity").identity.hash_id(
+        upstream.last.json["user"].removeprefix("visitor_")
+    )
+    assert state.limits.window_stats(user_rule.item, visitor_key).remaining == 3
+    # From another IP the same visitor still has exactly those 3.
+    assert [post(app, client=client, ip="198.51.100.9").status_code for _ in range(4)] == [
+        200,
+        200,
+        429,
+        429,
+    ]
+
+
+def test_headers_describe_the_limit_with_fewest_left(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
+) -> None:
+    app = make_app(
+        **storage, CHATKIT_RATELIMIT_PER_USER="10 per minute", CHATKIT_RATELIMIT_PER_IP="3 per hour"
+    )
+    response = post(app)
+    assert response.headers["X-RateLimit-Limit"] == "3"
+    assert response.headers["X-RateLimit-Remaining"] == "2"
+    assert 3500 < int(response.headers["X-RateLimit-Reset"]) - time.time() <= 3600
+
+
+def test_headers_can_be_turned_off(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
+) -> None:
+    app = make_app(**storage, RATELIMIT_HEADERS_ENABLED=False)
+    response = post(app)
+    assert response.status_code == 200
+    assert not [name for name, _ in response.headers if name.startswith("X-RateLimit")]
+
+
+def test_one_redis_round_trip_per_request(
+    make_app: Callable[..., Flask],
+    real_redis: Any,
+    upstream: FakeChatKit,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import redis
+
+    from tests.conftest import REDIS_URL
+
+    app = make_app(RATELIMIT_STORAGE_URI=REDIS_URL, CHATKIT_RATELIMIT_PER_USER="3 per minute")
+    client = app.test_client()
+    assert app.extensions["chatkit"].limits.single_round_trip
+    post(app, client=client)  # the first call loads the script
+    sent: list[str] = []
+    original = redis.Redis.execute_command
+
+    def counting(self: redis.Redis, *args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]))
+        return original(self, *args, **options)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", counting)
+    statuses = [post(app, client=client).status_code for _ in range(4)]
+    assert statuses == [200, 200, 429, 429]
+    # One command (EVALSHA of the check-and-count script) per request, admitted or refused,
+    # although each checks 4 limit items (user and IP, per minute and per day).
+    assert sent == ["EVALSHA"] * 4
+
+
+@pytest.mark.parametrize("strategy", ["moving-window", "sliding-window-counter"])
+def test_other_strategies_limit_through_limits(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit, strategy: str
+) -> None:
+    app = make_app(
+        **storage, RATELIMIT_STRATEGY=strategy, CHATKIT_RATELIMIT_PER_USER="2 per minute"
+    )
+    assert not app.extensions["chatkit"].limits.single_round_trip
+    client = app.test_client()
+    responses = [post(app, client=client) for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 429]
+    assert responses[2].get_json()["scope"] == "user"
+    assert 1 <= responses[2].get_json()["retry_after"] <= 60
+    assert upstream.count == 2
