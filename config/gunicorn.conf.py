@@ -77,14 +77,14 @@ bind = _bind()
 
 # Minting a secret is one short upstream HTTPS call: the worker mostly waits on I/O.
 # gthread serves several requests per process without gevent's monkey-patching pitfalls
-# (ssl patched after import); 2 processes x 32 threads = 64 concurrent mints by default.
-# Measured (docs/benchmark.md; 2 cores, 64 connections, 50 ms upstream, Redis limits): 2x8
-# 171 req/s, 2x16 390-414, 4x16 490-540 (p99 ~260-280 ms: connections spread unevenly over
-# workers queue behind 16 threads), 2x32 598-646 (p99 157 ms, the steadiest), 4x32 538-651;
-# sync 2/4 workers 30/62. Past 2x32 the two cores are saturated (~2.5 ms CPU per mint), and
-# 2 processes use half the memory of 4 (~52 MB each). Each thread holds at most one Redis and
-# one upstream keep-alive connection.
-workers = _env_int("GUNICORN_WORKERS", 2, minimum=1)
+# (ssl patched after import); 3 processes x 32 threads = 96 concurrent mints by default.
+# Measured (docs/benchmark.md; 2 cores, 64 connections, 50 ms upstream, Redis limits in one
+# round trip): 3x32 933-1027 req/s (p99 85-106 ms), 2x32 786-907 (p99 100-132 ms), 4x24
+# 822-1045, 2x16 and 4x16 530 and 452 (fewer threads than connections: requests queue).
+# Threads must cover the concurrent mints (each holds a thread for the upstream's latency);
+# a third process spreads the GIL. ~52 MB per worker. Each thread holds at most one Redis
+# and one upstream keep-alive connection.
+workers = _env_int("GUNICORN_WORKERS", 3, minimum=1)
 threads = _env_int("GUNICORN_THREADS", 32, minimum=1)
 worker_class = _env("GUNICORN_WORKER_CLASS", "gthread")
 

@@ -75,7 +75,7 @@ ENV_DEFAULTS: dict[str, str | None] = {
     "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": "true",
     "RATELIMIT_HEADERS_ENABLED": "true",
     "GUNICORN_BIND": None,
-    "GUNICORN_WORKERS": "2",
+    "GUNICORN_WORKERS": "3",
     "GUNICORN_THREADS": "32",
     "GUNICORN_WORKER_CLASS": "gthread",
     "GUNICORN_TIMEOUT": "30",
@@ -538,7 +538,7 @@ def test_env_example_covers_every_service_setting():
 def test_gunicorn_defaults(monkeypatch):
     conf = exec_gunicorn_conf(monkeypatch)
     assert conf["bind"] == ["0.0.0.0:8000"]
-    assert conf["workers"] == 2
+    assert conf["workers"] == 3
     assert conf["threads"] == 32
     assert conf["worker_class"] == "gthread"
     assert conf["timeout"] == 30
@@ -600,7 +600,7 @@ def test_gunicorn_bind_overrides_port(monkeypatch):
 
 def test_gunicorn_blank_values_mean_default(monkeypatch):
     conf = exec_gunicorn_conf(monkeypatch, GUNICORN_WORKERS="", GUNICORN_BIND=" ", PORT="")
-    assert conf["workers"] == 2
+    assert conf["workers"] == 3
     assert conf["bind"] == ["0.0.0.0:8000"]
 
 
