@@ -6,7 +6,7 @@ import hashlib
 import ipaddress
 import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +17,6 @@ __all__ = ["Identity", "VisitorCookie", "client_network", "hash_id"]
 _VISITOR_ID = re.compile(r"[A-Za-z0-9_-]{22}")
 _MAX_COOKIE_LENGTH = 200  # a valid cookie is ~60 characters; anything longer is not ours
 _SALT = "chatkit-flask.visitor"
-
-UserLoader = Callable[[], Any]
 
 
 def hash_id(value: str) -> str:

@@ -38,10 +38,6 @@ _LIMIT_MESSAGES = {
 }
 
 
-def _state() -> ChatKitState:
-    return current_app.extensions["chatkit"]
-
-
 def _workflow_field(body: dict[str, Any]) -> str | None:
     """The workflow id the body asks for, from any shape frontends send today, or None."""
     asked: set[str] = set()
