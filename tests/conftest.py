@@ -78,17 +78,22 @@ def real_redis() -> Iterator[redis.Redis]:
     client.close()
 
 
+def fakeredis_config() -> dict[str, Any]:
+    """Limiter storage config on a fresh fakeredis server (`_fake_server` simulates outages)."""
+    server = fakeredis.FakeServer()
+    pool = redis.ConnectionPool(connection_class=fakeredis.FakeRedisConnection, server=server)
+    return {
+        "RATELIMIT_STORAGE_URI": "redis://",
+        "RATELIMIT_STORAGE_OPTIONS": {"connection_pool": pool},
+        "_fake_server": server,
+    }
+
+
 @pytest.fixture(params=["fakeredis", "redis"])
 def storage(request: pytest.FixtureRequest) -> dict[str, Any]:
     """Limiter storage config: fakeredis (Lua via lupa) and the real Redis server."""
     if request.param == "fakeredis":
-        server = fakeredis.FakeServer()
-        pool = redis.ConnectionPool(connection_class=fakeredis.FakeRedisConnection, server=server)
-        return {
-            "RATELIMIT_STORAGE_URI": "redis://",
-            "RATELIMIT_STORAGE_OPTIONS": {"connection_pool": pool},
-            "_fake_server": server,
-        }
+        return fakeredis_config()
     request.getfixturevalue("real_redis")
     return {"RATELIMIT_STORAGE_URI": REDIS_URL}
 

@@ -232,16 +232,11 @@ def test_storage_down_falls_back_to_memory_without_500_or_stall(
 def test_fakeredis_outage_then_recovery(
     make_app: Callable[..., Flask], upstream: FakeChatKit
 ) -> None:
-    import fakeredis
-    import redis
+    from tests.conftest import fakeredis_config
 
-    server = fakeredis.FakeServer()
-    pool = redis.ConnectionPool(connection_class=fakeredis.FakeRedisConnection, server=server)
-    app = make_app(
-        RATELIMIT_STORAGE_URI="redis://",
-        RATELIMIT_STORAGE_OPTIONS={"connection_pool": pool},
-        CHATKIT_RATELIMIT_PER_USER="3 per minute",
-    )
+    config = fakeredis_config()
+    server = config["_fake_server"]
+    app = make_app(**config, CHATKIT_RATELIMIT_PER_USER="3 per minute")
     client = app.test_client()
     state = app.extensions["chatkit"]
     assert post(app, client=client).status_code == 200

@@ -309,16 +309,9 @@ def test_fail_open_swallowed_errors_are_counted(
 
 @pytest.fixture
 def fakeredis_storage() -> dict[str, Any]:
-    import fakeredis
-    import redis
+    from tests.conftest import fakeredis_config
 
-    server = fakeredis.FakeServer()
-    pool = redis.ConnectionPool(connection_class=fakeredis.FakeRedisConnection, server=server)
-    return {
-        "RATELIMIT_STORAGE_URI": "redis://",
-        "RATELIMIT_STORAGE_OPTIONS": {"connection_pool": pool},
-        "_fake_server": server,
-    }
+    return fakeredis_config()
 
 
 def test_set_circuit_state() -> None:
