@@ -1,4 +1,4 @@
-"""Load-test the fake ChatKit API (``chatkit_flask.fake_upstream``) on its own.
+"""Load-test the fake ChatKit API (``chatkit_flask.testing.fake_chatkit``) on its own.
 
 Starts the CLI server in a subprocess, drives it with N keep-alive connections for D seconds and
 prints req/s, latency percentiles and the CPU used by server and client::
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--client", choices=["asyncio", "requests"], default="asyncio")
     args = parser.parse_args()
 
-    cmd = [sys.executable, "-m", "chatkit_flask.fake_upstream", "--port", "0"]
+    cmd = [sys.executable, "-m", "chatkit_flask.testing.fake_chatkit", "--port", "0"]
     cmd += ["--latency", str(args.latency), "--api-key", "sk-bench"]
     with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True) as server:
         try:

@@ -7,7 +7,8 @@ One command::
 
 What it does, all on loopback:
 
-1. starts the fake ChatKit API (``python -m chatkit_flask.fake_upstream``) with ``--latency``;
+1. starts the fake ChatKit API (``python -m chatkit_flask.testing.fake_chatkit``) with
+   ``--latency``;
 2. starts Redis if ``redis-cli ping`` fails, flushes the bench db (14) before each variant, and
    starts the service exactly as deployed: ``gunicorn -c config/gunicorn.conf.py wsgi:app`` with
    ``RATELIMIT_STORAGE_URI=redis://127.0.0.1:6379/14`` and per-visitor and per-IP limits on (high
@@ -810,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="chatkit-bench-"))
     upstream_port = free_port()
     upstream = subprocess.Popen(
-        [sys.executable, "-m", "chatkit_flask.fake_upstream", "--port", str(upstream_port),
+        [sys.executable, "-m", "chatkit_flask.testing.fake_chatkit", "--port", str(upstream_port),
          "--latency", str(args.latency), "--api-key", API_KEY],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip

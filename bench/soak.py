@@ -42,8 +42,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from chatkit_flask.fake_upstream import FakeChatKit  # noqa: E402
 from chatkit_flask.identity import VisitorCookie  # noqa: E402
+from chatkit_flask.testing.fake_chatkit import FakeChatKit  # noqa: E402
 
 API_KEY = "soak-openai-key-not-real"
 SECRET_KEY = "soak-secret-key-for-visitor-cookies"

@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from werkzeug.serving import run_simple
 
-    from .fake_upstream import FakeChatKit
     from .service import create_app
+    from .testing.fake_chatkit import FakeChatKit
 
     fake = FakeChatKit(api_key=DEMO_API_KEY, latency=args.latency).start()
     try:

@@ -14,8 +14,8 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
-from chatkit_flask.fake_upstream import FakeChatKit
 from chatkit_flask.service import create_app
+from chatkit_flask.testing.fake_chatkit import FakeChatKit
 
 # Deliberately not shaped like a real key (the repo's secret scan looks for sk-...).
 TEST_API_KEY = "test-openai-key-0123456789-must-never-be-logged"

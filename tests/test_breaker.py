@@ -13,8 +13,8 @@ import pytest
 from flask import Flask
 
 from chatkit_flask.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from chatkit_flask.fake_upstream import Behaviour, FakeChatKit
 from chatkit_flask.settings import ConfigError, Settings
+from chatkit_flask.testing.fake_chatkit import Behaviour, FakeChatKit
 from chatkit_flask.upstream import ChatKitClient, CircuitOpen, UpstreamUnavailable
 from tests.conftest import TEST_API_KEY, base_config
 

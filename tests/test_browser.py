@@ -22,8 +22,8 @@ from conftest import REDIS_URL, base_config
 from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from chatkit_flask.fake_upstream import Behaviour, FakeChatKit
 from chatkit_flask.service import create_app
+from chatkit_flask.testing.fake_chatkit import Behaviour, FakeChatKit
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

@@ -12,8 +12,8 @@ from click.testing import Result
 from flask import Flask
 
 from chatkit_flask.cli import CHECK_USER, mask_api_key, mask_storage_uri
-from chatkit_flask.fake_upstream import Behaviour, FakeChatKit
 from chatkit_flask.identity import hash_id
+from chatkit_flask.testing.fake_chatkit import Behaviour, FakeChatKit
 from tests.conftest import REDIS_URL, TEST_API_KEY, TEST_SECRET_KEY
 
 URL = "/api/chatkit/secret"

@@ -19,7 +19,7 @@ import pytest
 import requests
 import yaml
 
-from chatkit_flask.fake_upstream import FakeChatKit
+from chatkit_flask.testing.fake_chatkit import FakeChatKit
 from tests.conftest import REDIS_URL, TEST_API_KEY, WORKFLOW
 from tests.test_multiprocess import free_port
 

@@ -12,7 +12,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from chatkit_flask import ChatKit
-from chatkit_flask.fake_upstream import Behaviour, FakeChatKit
+from chatkit_flask.testing.fake_chatkit import Behaviour, FakeChatKit
 from tests.conftest import TEST_API_KEY, TEST_SECRET_KEY, WORKFLOW, base_config
 
 URL = "/api/chatkit/secret"

@@ -26,7 +26,7 @@ import requests
 from flask import Flask
 from werkzeug.serving import make_server
 
-from chatkit_flask.fake_upstream import Behaviour, FakeChatKit
+from chatkit_flask.testing.fake_chatkit import Behaviour, FakeChatKit
 from tests.test_multiprocess import free_port, service_env, start_gunicorn, stop
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,8 @@ from flask import Flask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatkit_flask.fake_upstream import FakeChatKit
 from chatkit_flask.service import create_app
+from chatkit_flask.testing.fake_chatkit import FakeChatKit
 from tests.conftest import WORKFLOW, base_config
 
 URL = "/api/chatkit/secret"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from chatkit_flask.fake_upstream import FakeChatKit
 from chatkit_flask.identity import VisitorCookie, client_network
 from chatkit_flask.service import create_app
+from chatkit_flask.testing.fake_chatkit import FakeChatKit
 from tests.conftest import TEST_API_KEY, WORKFLOW, base_config
 
 URL = "/api/chatkit/secret"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from chatkit_flask.fake_upstream import FakeChatKit
+from chatkit_flask.testing.fake_chatkit import FakeChatKit
 
 URL = "/api/chatkit/secret"
 

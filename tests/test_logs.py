@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from chatkit_flask.fake_upstream import FakeChatKit
 from chatkit_flask.logs import JsonFormatter, configure_logging
+from chatkit_flask.testing.fake_chatkit import FakeChatKit
 from tests.conftest import TEST_API_KEY, TEST_SECRET_KEY, WORKFLOW
 
 URL = "/api/chatkit/secret"

@@ -29,9 +29,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatkit_flask import ChatKit
-from chatkit_flask.fake_upstream import Behaviour, FakeChatKit
 from chatkit_flask.metrics import init_metrics, set_circuit_state
 from chatkit_flask.settings import ConfigError
+from chatkit_flask.testing.fake_chatkit import Behaviour, FakeChatKit
 from tests.conftest import REDIS_URL, TEST_API_KEY, TEST_SECRET_KEY, WORKFLOW, base_config
 
 ROOT = Path(__file__).resolve().parent.parent

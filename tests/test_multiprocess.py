@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from chatkit_flask.fake_upstream import FakeChatKit
+from chatkit_flask.testing.fake_chatkit import FakeChatKit
 from tests.conftest import REDIS_URL, TEST_API_KEY, TEST_SECRET_KEY, WORKFLOW
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,8 +18,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from chatkit_flask.fake_upstream import FakeChatKit
 from chatkit_flask.service import create_app
+from chatkit_flask.testing.fake_chatkit import FakeChatKit
 from tests.conftest import TEST_API_KEY, base_config
 
 SPEC = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"

@@ -12,7 +12,7 @@ import pytest
 import requests
 from flask import Flask
 
-from chatkit_flask.fake_upstream import Behaviour, FakeChatKit
+from chatkit_flask.testing.fake_chatkit import Behaviour, FakeChatKit
 from tests.conftest import TEST_API_KEY, TEST_SECRET_KEY
 from tests.test_faults import serve
 

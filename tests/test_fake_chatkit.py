@@ -16,7 +16,12 @@ from typing import Any
 import pytest
 import requests
 
-from chatkit_flask.fake_upstream import Behaviour, FakeChatKit, RecordedRequest, error_envelope
+from chatkit_flask.testing.fake_chatkit import (
+    Behaviour,
+    FakeChatKit,
+    RecordedRequest,
+    error_envelope,
+)
 
 API_KEY = "sk-test-fake"
 HEADERS = {
@@ -488,7 +493,8 @@ def test_bind_failure_raises() -> None:
 
 # --------------------------------------------------------------------------- CLI
 def test_cli_serves_until_sigterm() -> None:
-    cmd = [sys.executable, "-m", "chatkit_flask.fake_upstream", "--port", "0", "--api-key", API_KEY]
+    module = "chatkit_flask.testing.fake_chatkit"
+    cmd = [sys.executable, "-m", module, "--port", "0", "--api-key", API_KEY]
     with subprocess.Popen(
         cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as proc:

@@ -3,7 +3,7 @@
 Used by the test suite (in-process, background thread), the benchmark (it must sustain far more
 load than the service under test) and the offline demo::
 
-    python -m chatkit_flask.fake_upstream --port 8787 --latency 0.05
+    python -m chatkit_flask.testing.fake_chatkit --port 8787 --latency 0.05
 
 Implements ``POST /v1/chatkit/sessions`` and ``POST /v1/chatkit/sessions/{id}/cancel`` with the
 upstream shapes (``chatkit.session`` objects, OpenAI error envelopes, ``x-request-id`` headers),
@@ -563,7 +563,7 @@ class FakeChatKit:
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         except Exception as exc:  # pragma: no cover - defensive: never kill the loop
-            print(f"fake_upstream: internal error: {exc!r}", file=sys.stderr)
+            print(f"fake_chatkit: internal error: {exc!r}", file=sys.stderr)
         finally:
             self._conns.pop(task, None)
             if self._closing:
@@ -636,7 +636,7 @@ class FakeChatKit:
             self._count += 1
             self._cond.notify_all()
         if self.log_requests:
-            print(f"fake_upstream: {method} {path}", file=sys.stderr)
+            print(f"fake_chatkit: {method} {path}", file=sys.stderr)
 
         route = path.split("?", 1)[0]
         if route == SESSIONS_PATH:
@@ -789,7 +789,7 @@ class FakeChatKit:
         out.append("Connection: keep-alive" if keep_alive else "Connection: close")
         writer.write(("\r\n".join(out) + "\r\n\r\n").encode("latin-1") + payload)
         if self.log_requests:
-            print(f"fake_upstream: -> {status} ({len(payload)} bytes)", file=sys.stderr)
+            print(f"fake_chatkit: -> {status} ({len(payload)} bytes)", file=sys.stderr)
         return keep_alive
 
 
@@ -797,7 +797,7 @@ class FakeChatKit:
 def main(argv: list[str] | None = None) -> int:
     """Run the fake server in the foreground until SIGINT/SIGTERM."""
     parser = argparse.ArgumentParser(
-        prog="python -m chatkit_flask.fake_upstream", description="Fake OpenAI ChatKit API."
+        prog="python -m chatkit_flask.testing.fake_chatkit", description="Fake OpenAI ChatKit API."
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     parser.add_argument("--port", type=int, default=8787, help="TCP port (0 = any free port)")
