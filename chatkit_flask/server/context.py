@@ -1,0 +1,24 @@
+"""What the ChatKit server knows about a request, passed explicitly: the Flask request context is
+gone while a stream's task runs on the background event loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["RequestContext"]
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """The caller of one ChatKit request.
+
+    ``owner`` scopes every store read and write: ``"visitor:<tag>"`` for an anonymous visitor or
+    ``"user:<tag>"`` for a signed-in user (tags are SHA-256 based; never the raw cookie or id).
+    Another owner's thread or item is ``NotFoundError``, never its content.
+    """
+
+    owner: str
+    request_id: str = "-"
+    client_network: str = "-"
+    user_id: str | None = None  # the host's user id when signed in (for per-user agents)
+    locale: str | None = None
