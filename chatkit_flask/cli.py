@@ -23,7 +23,7 @@ from flask.cli import AppGroup
 from limits import RateLimitItem, parse_many
 
 from .identity import client_network, hash_id
-from .limits import STORAGE_ERRORS
+from .limits import STORAGE_ERRORS, counter_args, describe, storage_of
 from .settings import OPTIONS, ConfigError, _read
 from .upstream import (
     UpstreamBusy,
@@ -32,7 +32,7 @@ from .upstream import (
 )
 
 if TYPE_CHECKING:
-    from .extension import ChatKitState
+    from .state import ChatKitState
 
 __all__ = ["chatkit_cli", "mask_api_key", "mask_storage_uri"]
 
@@ -121,15 +121,19 @@ def check_command(live: bool) -> None:
             continue
         click.echo(f"  {name} = {_shown(name, value)}")
 
-    click.echo("Limiter storage:")
-    uri = mask_storage_uri(settings.storage_uri)
+    click.echo("Limiter storage (Flask-Limiter's):")
+    real = describe(state.limiter, current_app)
+    uri = mask_storage_uri(real["storage_uri"])
+    storage = storage_of(state.limiter)
     try:
-        reachable = state.limits.storage.check()
+        reachable = storage is not None and storage.check()
     except Exception:
         reachable = False
-    if reachable:
+    if storage is None:
+        click.echo("  warn  rate limits are off (RATELIMIT_ENABLED=false, or not initialised)")
+    elif reachable:
         _ok(f"{uri} answers")
-        if settings.storage_uri.startswith("memory://"):
+        if real["storage_uri"].startswith("memory://"):
             click.echo("  warn  memory:// limits are per process; use redis:// in production")
     else:
         _fail(f"cannot reach the limiter storage at {uri} (RATELIMIT_STORAGE_URI)")
@@ -227,25 +231,23 @@ def _limits_line(value: str) -> str:
 
 @chatkit_cli.command("limits")
 def limits_command() -> None:
-    """Print the effective limits, strategy and storage."""
-    settings = _state().settings
-    if settings.fail_closed:
-        outage = "fail closed (503)"
-    elif settings.in_memory_fallback:
-        outage = "per-process in-memory fallback"
-    else:
-        outage = "fail open (no limits)"
+    """Print the chat's limits and the storage Flask-Limiter really uses."""
+    state = _state()
+    settings = state.settings
+    real = describe(state.limiter, current_app)
     rows = [
+        ("enabled", "yes" if real["enabled"] else "no (RATELIMIT_ENABLED=false)"),
         ("per user", _limits_line(settings.limit_per_user)),
         ("per IP", f"{_limits_line(settings.limit_per_ip)} (IPv6 per /{settings.ipv6_prefix})"),
         ("global", _limits_line(settings.limit_global)),
-        ("strategy", settings.strategy),
-        ("storage", mask_storage_uri(settings.storage_uri)),
-        ("key prefix", settings.key_prefix),
-        ("storage down", outage),
+        ("strategy", real["strategy"]),
+        ("storage", mask_storage_uri(real["storage_uri"])),
+        ("key prefix", real["key_prefix"] or "(none)"),
+        ("storage down", real["outage"]),
     ]
     for label, value in rows:
         click.echo(f"{label + ':':<14}{value}")
+    click.echo("(Flask-Limiter's own view, with usage per key: flask limiter limits)")
 
 
 # ----------------------------------------------------------------------- usage / reset
@@ -289,13 +291,23 @@ def _resolve_key(
             raise click.BadParameter("empty visitor id", param_hint="--visitor")
         return "visitor:" + hash_id(text), settings.limit_per_user, "user"
     if user is not None:
-        return "user:" + hash_id(user), settings.limit_per_user, "user"
+        return "user:" + hash_id("user:" + user), settings.limit_per_user, "user"
     if ip is not None:
         network = client_network(ip.strip(), settings.ipv6_prefix)
         if network == "unknown":
             raise click.BadParameter(f"not an IP address: {ip!r}", param_hint="--ip")
         return "ip:" + network, settings.limit_per_ip, "ip"
     return "global", settings.limit_global, "global"
+
+
+def _uri(state: ChatKitState) -> str:
+    return mask_storage_uri(describe(state.limiter, current_app)["storage_uri"])
+
+
+def _strategy(state: ChatKitState) -> Any:
+    if storage_of(state.limiter) is None:
+        raise click.ClickException("rate limits are off (RATELIMIT_ENABLED=false): no counters")
+    return state.limiter.limiter
 
 
 def _items(limit: str, scope: str) -> list[RateLimitItem]:
@@ -315,7 +327,7 @@ def usage_command(visitor: str | None, user: str | None, ip: str | None, global_
     now = time.time()
     try:
         for item in items:
-            stats = state.limits.window_stats(item, key)
+            stats = _strategy(state).get_window_stats(item, *counter_args(state.limiter, key))
             remaining = max(0, min(stats.remaining, item.amount))
             used = item.amount - remaining
             resets = max(0, math.ceil(stats.reset_time - now)) if used else 0
@@ -323,7 +335,7 @@ def usage_command(visitor: str | None, user: str | None, ip: str | None, global_
             click.echo(f"  {item}: {remaining} of {item.amount} remaining ({used} used{when})")
     except STORAGE_ERRORS as exc:
         raise click.ClickException(
-            f"cannot read the limiter storage at {mask_storage_uri(state.settings.storage_uri)}: "
+            f"cannot read the limiter storage at {_uri(state)}: "
             f"{type(exc).__name__}"
         ) from None
 
@@ -338,12 +350,13 @@ def reset_command(visitor: str | None, user: str | None, ip: str | None, global_
     had_hits = 0
     try:
         for item in items:
-            if state.limits.window_stats(item, key).remaining < item.amount:
+            args = counter_args(state.limiter, key)
+            if _strategy(state).get_window_stats(item, *args).remaining < item.amount:
                 had_hits += 1
-            state.limits.clear(item, key)
+            _strategy(state).clear(item, *args)
     except STORAGE_ERRORS as exc:
         raise click.ClickException(
-            f"cannot reach the limiter storage at {mask_storage_uri(state.settings.storage_uri)}: "
+            f"cannot reach the limiter storage at {_uri(state)}: "
             f"{type(exc).__name__}"
         ) from None
     click.echo(

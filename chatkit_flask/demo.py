@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from flask import Blueprint, Response, make_response, render_template, url_for
 
 if TYPE_CHECKING:
-    from .extension import ChatKitState
+    from .state import ChatKitState
 
 __all__ = ["CHATKIT_CDN_URL", "demo_blueprint", "main"]
 

@@ -3,53 +3,36 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask
 from flask_cors import CORS
 from flask_limiter import Limiter
-from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .cli import chatkit_cli
 from .identity import VisitorCookie
-from .limits import REQUEST_KEYS, MintLimiter, build_storage
-from .metrics import init_metrics, set_circuit_state
-from .settings import Settings
+from .limits import guard_header_hook, prepare_limiter
+from .settings import OPTIONS, ConfigError, Settings, _read
+from .state import ChatKitState
 from .upstream import ChatKitClient
-from .views import make_blueprint
+from .views import BLUEPRINT_NAME, make_blueprint
 
 __all__ = ["ChatKit", "ChatKitState"]
 
 UserLoader = Callable[[], Any]
 
-
-@dataclass
-class ChatKitState:
-    """Per-app state, kept in ``app.extensions["chatkit"]``."""
-
-    settings: Settings
-    limits: MintLimiter  # the endpoint's limits, and their storage (``limits.storage``)
-    limiter: Limiter | None  # the host app's Flask-Limiter, when it handed one over
-    client: ChatKitClient
-    cookie: VisitorCookie
-    extension: ChatKit
-
-    def exempt(self, blueprint: Any) -> None:
-        """Keep a host app's Flask-Limiter defaults off one of the extension's blueprints."""
-        if self.limiter is not None:
-            self.limiter.exempt(blueprint)
-
-    def load_user(self) -> Any:
-        loader = self.extension._user_loader
-        return loader() if loader is not None else None
+# Flask-Limiter reads these from app.config itself; they are written back typed, so that the
+# string "false" from an environment variable means false to it too.
+_LIMITER_KEYS = tuple(name for name in OPTIONS if name.startswith("RATELIMIT_"))
 
 
 class ChatKit:
-    """Serves ``POST {CHATKIT_URL_PREFIX}/secret``, which mints ChatKit client secrets.
+    """Serves the ChatKit endpoint under ``CHATKIT_URL_PREFIX`` (hosted mode: ``POST
+    {prefix}/secret`` mints client secrets).
 
-    ``limiter``: a ``flask_limiter.Limiter`` the host app already runs (already ``init_app``-ed);
-    by default the extension builds its own from the ``RATELIMIT_*`` keys.
+    ``limiter``: a ``flask_limiter.Limiter`` the host app runs, in any state (initialised on the
+    app before or after this extension, enabled or not); the chat's limits are declared on it.
+    By default the extension builds its own from the ``RATELIMIT_*`` keys.
     ``client``: a ``ChatKitClient`` to use instead of one built from the settings.
     """
 
@@ -67,22 +50,24 @@ class ChatKit:
             self.init_app(app)
 
     def user_loader(self, func: UserLoader) -> UserLoader:
-        """Register ``func() -> user id or None``. When it returns an id, that id is the ChatKit
-        ``user`` and the per-user limit key; when None, the anonymous visitor cookie is used."""
+        """Register ``func() -> user id or None``. A non-empty ``str`` or ``int`` id makes the
+        request that signed-in user's (ChatKit ``user`` and per-user limit key); anything else
+        means the anonymous visitor cookie."""
         self._user_loader = func
         return func
 
     def init_app(self, app: Flask) -> None:
-        """Validate the configuration (raises ``ConfigError`` naming the key) and register."""
-        if "chatkit" in app.extensions:
-            raise RuntimeError("ChatKit is already registered on this app")
+        """Validate the configuration (raises ``ConfigError`` naming the key) and register.
+
+        Every check runs before anything is registered: a failed ``init_app`` leaves the app as
+        it was.
+        """
         settings = Settings.from_mapping(app.config)
-        if settings.trusted_proxies:
-            n = settings.trusted_proxies
-            app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n)  # type: ignore[method-assign]
-        limiter = self._limiter
-        storage = limiter.storage if limiter is not None else build_storage(app, settings)
-        key_prefix = getattr(limiter, "_key_prefix", None) or settings.key_prefix
+        _check_no_clash(app, settings)
+        for name in _LIMITER_KEYS:
+            if isinstance(app.config.get(name), str):
+                app.config[name] = _read(app.config, name)
+        limiter = prepare_limiter(app, settings, self._limiter)
         client = self._client or ChatKitClient(
             settings.api_key,
             api_base=settings.api_base,
@@ -93,18 +78,20 @@ class ChatKit:
         )
         state = ChatKitState(
             settings=settings,
-            limits=MintLimiter(storage, settings, REQUEST_KEYS, key_prefix),
             limiter=limiter,
-            client=client,
             cookie=VisitorCookie(
                 settings.secret_key, settings.secret_key_fallbacks, settings.cookie_max_age
             ),
-            extension=self,
+            user_loader=lambda: self._user_loader,
+            client=client,
         )
         app.extensions["chatkit"] = state
         app.register_blueprint(make_blueprint(state))
         app.cli.add_command(chatkit_cli)
+        guard_header_hook(app, limiter)
         if settings.metrics_enabled:
+            from .metrics import init_metrics, set_circuit_state
+
             init_metrics(app)
             breaker = getattr(client, "breaker", None)
             if breaker is not None and breaker.on_change is None:
@@ -134,3 +121,29 @@ class ChatKit:
     def state(app: Flask) -> ChatKitState:
         """The extension's state on ``app`` (settings, limiter, client)."""
         return app.extensions["chatkit"]
+
+
+def _check_no_clash(app: Flask, settings: Settings) -> None:
+    """Refuse to register over something of the host's: a second ChatKit, a blueprint of the
+    same name, a route under the prefix, a ``flask chatkit`` command, the session cookie."""
+    if "chatkit" in app.extensions:
+        raise RuntimeError("ChatKit is already registered on this app")
+    if BLUEPRINT_NAME in app.blueprints:
+        raise RuntimeError(
+            f"the app already has a blueprint named {BLUEPRINT_NAME!r}: ChatKit registers one "
+            "of that name; rename yours"
+        )
+    prefix = settings.url_prefix
+    for rule in app.url_map.iter_rules():
+        if rule.rule == prefix or rule.rule.startswith(prefix + "/"):
+            raise ConfigError(
+                "CHATKIT_URL_PREFIX",
+                f"the app already routes {rule.rule} ({rule.endpoint}); choose another prefix",
+            )
+    if "chatkit" in app.cli.commands:
+        raise RuntimeError("the app already has a 'flask chatkit' command group")
+    session_cookie = app.config.get("SESSION_COOKIE_NAME") or "session"
+    if settings.cookie_name == session_cookie:
+        raise ConfigError(
+            "CHATKIT_COOKIE_NAME", f"{settings.cookie_name!r} is the app's session cookie"
+        )

@@ -6,13 +6,24 @@ import hashlib
 import ipaddress
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from itsdangerous import BadSignature, TimestampSigner
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-__all__ = ["Identity", "VisitorCookie", "client_network", "hash_id"]
+if TYPE_CHECKING:
+    from .settings import Settings
+
+__all__ = [
+    "Identity",
+    "VisitorCookie",
+    "client_address",
+    "client_network",
+    "hash_id",
+    "user_identity",
+]
 
 _VISITOR_ID = re.compile(r"[A-Za-z0-9_-]{22}")
 _MAX_COOKIE_LENGTH = 200  # a valid cookie is ~60 characters; anything longer is not ours
@@ -85,11 +96,49 @@ class VisitorCookie:
         )
 
 
-def user_identity(user_id: Any) -> Identity:
-    """The identity of a user the host app has signed in."""
+def user_identity(user_id: Any) -> Identity | None:
+    """The identity of a user the host app has signed in, or None (anonymous) unless
+    ``user_id`` is a non-empty ``str`` or an ``int`` (``False``, ``0``-like placeholders,
+    objects and empty strings never become a shared "user")."""
+    if isinstance(user_id, bool) or not isinstance(user_id, str | int):
+        return None
     text = str(user_id)
-    tag = hash_id(text)
-    return Identity(user=text, limit_key=f"user:{tag}", log_id=f"u:{tag}")
+    if not text.strip():
+        return None
+    tag = hash_id("user:" + text)  # a separate namespace: never equal to a visitor's tag
+    return Identity(user=f"user_{text}", limit_key=f"user:{tag}", log_id=f"u:{tag}")
+
+
+def _in_networks(remote_addr: str | None, networks: Sequence[str]) -> bool:
+    try:
+        address = ipaddress.ip_address((remote_addr or "").split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in ipaddress.ip_network(net) for net in networks)
+
+
+def client_address(environ: Mapping[str, Any], settings: Settings) -> tuple[str | None, str]:
+    """The client's address and the request's scheme, for the extension's own routes only.
+
+    ``X-Forwarded-For``/``-Proto`` count only when the connecting address is in
+    ``CHATKIT_TRUSTED_PROXY_NETWORKS``, and then for ``CHATKIT_TRUSTED_PROXIES`` hops (werkzeug's
+    ProxyFix does the parsing). The host app's own routes are never rewritten.
+    """
+    remote_addr = environ.get("REMOTE_ADDR")
+    scheme = environ.get("wsgi.url_scheme", "http")
+    hops = settings.trusted_proxies
+    if not hops or not _in_networks(remote_addr, settings.trusted_proxy_networks):
+        return remote_addr, scheme
+    seen: dict[str, Any] = {}
+
+    def capture(env: dict[str, Any], _start: Any) -> list[bytes]:
+        seen.update(env)
+        return []
+
+    ProxyFix(capture, x_for=hops, x_proto=hops)(dict(environ), lambda *_: None)  # type: ignore[arg-type]
+    return seen.get("REMOTE_ADDR"), seen.get("wsgi.url_scheme", scheme)
 
 
 def client_network(remote_addr: str | None, ipv6_prefix: int) -> str:
@@ -99,8 +148,13 @@ def client_network(remote_addr: str | None, ipv6_prefix: int) -> str:
     """
     if not remote_addr:
         return "unknown"
+    text = remote_addr.strip()
+    if text.startswith("["):  # "[2001:db8::1]:443"
+        text = text[1:].split("]", 1)[0]
+    elif text.count(":") == 1:  # "203.0.113.9:51234"
+        text = text.split(":", 1)[0]
     try:
-        address = ipaddress.ip_address(remote_addr)
+        address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return "unknown"
     if isinstance(address, ipaddress.IPv6Address):

@@ -1,323 +1,279 @@
-"""How often callers may mint: per user, per IP and global limits on the limiter's storage.
+"""The chat's limits, declared to Flask-Limiter: per visitor or signed-in user, per client network
+and a global cap.
 
-The storage is the one Flask-Limiter would build from ``RATELIMIT_STORAGE_URI`` and
-``RATELIMIT_STORAGE_OPTIONS`` (any URI the ``limits`` library accepts), or the storage of a
-host app's own ``flask_limiter.Limiter``. The endpoint's limits are checked here, together,
-before the upstream call, with ``limits`` (Flask-Limiter's engine) rather than Flask-Limiter's
-decorators: those cost one Redis round trip per limit plus two for the headers, and per-request
-hooks on every route of the app (measured in docs/benchmark.md).
+Flask-Limiter is the limiter of record. The extension either builds its own ``Limiter`` from the
+``RATELIMIT_*`` keys (Flask-Limiter's own names, meanings and defaults) or uses the one a host
+app hands over; either way the endpoint's limits are ordinary ``limiter.limit(...)`` route
+limits, so ``flask limiter limits`` lists them, ``RATELIMIT_ENABLED=False`` turns them off, and a
+host's ``request_filter``, ``exempt``, ``on_breach`` and application limits apply as documented.
 
-- On a Redis-protocol storage (redis://, rediss://, unix sockets, Sentinel, Valkey) with the
-  fixed-window strategy, one Lua script checks every limit and, only if all pass, counts the
-  request in all of them: one round trip per request, exact across processes and hosts, and a
-  refused request consumes nothing. The counters are ``limits``' own fixed-window keys, so
-  ``limits``/Flask-Limiter tools (and ``flask chatkit usage``) read them as usual.
-- On any other storage or strategy (memory, Redis Cluster, moving or sliding windows), each limit
-  is hit in turn through ``limits``, as Flask-Limiter's decorators would: every hit is atomic,
-  and the first breach stops the check.
-- When the storage fails: fail-closed raises ``LimiterUnavailable`` (503); otherwise each
-  process limits from memory (the same limits, counted per process) and re-probes the storage
-  after 1, 2, 4 ... 32 s; with the fallback off, requests pass (fail-open, logged).
+Every limit is one atomic hit in the storage (exact across processes and hosts: N concurrent
+requests against a limit of K admit exactly K). Limits are hit in order of window length,
+per-user before per-IP before global within a window, and the first breach stops the
+evaluation: a request refused by a later limit has already counted against the earlier ones.
+
+Added here, on every storage path (the extension's limiter or a host's):
+- short Redis timeouts (``CHATKIT_REDIS_TIMEOUT``; redis-py waits 5 s by default);
+- the fallback race closed: when the storage dies under concurrent requests, Flask-Limiter
+  switches to its in-memory fallback on the first failure but re-raises the failures of
+  requests already in flight (a 503 or 500). Those are re-evaluated on the fallback here.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial, wraps
 from typing import Any
 
-from flask import Flask, g
-from limits import RateLimitItem, WindowStats, parse_many
+from flask import Flask, Response, current_app, g, request
+from flask_limiter import Limiter, RequestLimit
 from limits.errors import ConfigurationError, StorageError
-from limits.storage import (
-    MemoryStorage,
-    RedisClusterStorage,
-    RedisStorage,
-    Storage,
-    storage_from_string,
-)
-from limits.strategies import STRATEGIES, RateLimiter
+from limits.storage import RedisStorage
 from redis.exceptions import RedisError
 
+from .identity import client_network
 from .settings import ConfigError, Settings
 
 __all__ = [
     "ENDPOINT",
-    "REQUEST_KEYS",
     "STORAGE_ERRORS",
-    "LimiterUnavailable",
-    "MintLimiter",
-    "Rule",
-    "Verdict",
-    "build_storage",
-    "storage_options",
+    "LimitRule",
+    "counter_args",
+    "describe",
+    "fallback_active",
+    "limit_rules",
+    "limited",
+    "prepare_limiter",
+    "retry_after",
+    "storage_of",
 ]
 
 log = logging.getLogger("chatkit_flask")
 
 # What a failing storage raises (redis-py, valkey through limits, sockets).
 STORAGE_ERRORS: tuple[type[Exception], ...] = (RedisError, StorageError, ConnectionError, OSError)
-ENDPOINT = "chatkit.secret"  # the scope part of every counter key, as Flask-Limiter names it
 
+ENDPOINT = "chatkit.secret"  # the scope part of the endpoint's counter keys
 _REDIS_SCHEMES = ("redis", "rediss", "redis+", "valkey", "valkeys", "valkey+")
-_MAX_PROBE_DELAY = 32.0
-
-# KEYS: the counters, in evaluation order. ARGV: limit, expiry for each counter.
-# Returns {0, count1, ttl1, count2, ttl2, ...} when every counter had room (all were counted),
-# or {i, count_i, ttl_i} for the first counter i that was full (nothing was counted).
-_CHECK_AND_COUNT = """
-local n = #KEYS
-for i = 1, n do
-  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if current >= tonumber(ARGV[2 * i - 1]) then
-    local ttl = redis.call('TTL', KEYS[i])
-    if ttl < 0 then
-      redis.call('EXPIRE', KEYS[i], ARGV[2 * i])
-      ttl = tonumber(ARGV[2 * i])
-    end
-    return {i, current, ttl}
-  end
-end
-local out = {0}
-for i = 1, n do
-  local count = redis.call('INCR', KEYS[i])
-  local ttl
-  if count == 1 then
-    redis.call('EXPIRE', KEYS[i], ARGV[2 * i])
-    ttl = tonumber(ARGV[2 * i])
-  else
-    ttl = redis.call('TTL', KEYS[i])
-    if ttl < 0 then
-      redis.call('EXPIRE', KEYS[i], ARGV[2 * i])
-      ttl = tonumber(ARGV[2 * i])
-    end
-  end
-  out[2 * i] = count
-  out[2 * i + 1] = ttl
-end
-return out
-"""
-
-
-class LimiterUnavailable(Exception):
-    """The limiter's storage failed and ``CHATKIT_RATELIMIT_FAIL_CLOSED`` is on."""
+_TIMEOUT_KEYS = ("socket_connect_timeout", "socket_timeout")
 
 
 @dataclass(frozen=True)
-class Rule:
-    """One limit: its scope ("user", "ip", "global"), window and the key it counts."""
+class LimitRule:
+    """One configured limit: who it counts (``scope``), its value in Flask-Limiter notation and
+    the key function that names the counter."""
 
-    scope: str
-    item: RateLimitItem
+    scope: str  # "user", "ip", "global" (and "requests" in server mode)
+    value: str
     key_func: Callable[[], str]
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """The outcome of a check. ``limit``/``remaining``/``reset_at`` describe the breached limit,
-    or when none was, the one with the fewest requests left (for the X-RateLimit-* headers)."""
-
-    allowed: bool
-    scope: str | None
-    limit: int
-    remaining: int
-    reset_at: int
-
-    @property
-    def retry_after(self) -> int:
-        return max(1, self.reset_at - int(time.time()))
+def visitor_key() -> str:
+    """The visitor's or signed-in user's counter key (a hash tag, never the raw id)."""
+    return g.chatkit_identity.limit_key
 
 
-def storage_options(settings: Settings, configured: dict[str, Any] | None) -> dict[str, Any]:
-    """Short socket timeouts for Redis-like storages (redis-py waits 5 s by default), merged
-    under whatever the app configured in RATELIMIT_STORAGE_OPTIONS."""
-    options: dict[str, Any] = {}
-    if settings.storage_uri.startswith(_REDIS_SCHEMES):
-        options = {
-            "socket_connect_timeout": settings.redis_timeout,
-            "socket_timeout": settings.redis_timeout,
-            "health_check_interval": 30,
-        }
-    options.update(configured or {})
-    return options
+def network_key() -> str:
+    """The client network's counter key: the IPv4 address or the IPv6 prefix."""
+    network = g.get("chatkit_client_network")
+    if network is None:  # a host route counted by the extension's limiter's default key
+        prefix = current_app.extensions["chatkit"].settings.ipv6_prefix
+        network = client_network(request.remote_addr, prefix)
+    return "ip:" + network
 
 
-def build_storage(app: Flask, settings: Settings) -> Storage:
-    """The limiter storage from ``RATELIMIT_STORAGE_URI``, as Flask-Limiter would build it.
-    Nothing is contacted here: the first request opens the connection."""
-    options = storage_options(settings, app.config.get("RATELIMIT_STORAGE_OPTIONS"))
-    try:
-        storage = storage_from_string(settings.storage_uri, **options)
-    except ConfigurationError as exc:
-        raise ConfigError("RATELIMIT_STORAGE_URI", str(exc)) from None
-    if settings.storage_uri.startswith("memory://"):
-        log.warning(
-            "chatkit_flask: RATELIMIT_STORAGE_URI is memory:// - limits are per process; "
-            "with several workers or hosts they multiply. Use redis:// in production."
-        )
-    return storage
+def global_key() -> str:
+    return "global"
 
 
-# How each scope keys the current request (identity and client network come from views.py).
-REQUEST_KEYS: dict[str, Callable[[], str]] = {
-    "user": lambda: g.chatkit_identity.limit_key,
-    "ip": lambda: "ip:" + g.chatkit_client_network,
-    "global": lambda: "global",
-}
-
-
-def _rules(settings: Settings, keys: dict[str, Callable[[], str]]) -> list[Rule]:
-    """The configured limits in evaluation order: shorter windows first, and within a window
-    user before IP before global (so a visitor over their own limit is told so)."""
-    rules = [
-        Rule(scope, item, keys[scope])
-        for scope, value in (
-            ("user", settings.limit_per_user),
-            ("ip", settings.limit_per_ip),
-            ("global", settings.limit_global),
+def limit_rules(settings: Settings) -> list[LimitRule]:
+    """The endpoint's configured limits, in registration order (user, IP, global)."""
+    return [
+        LimitRule(scope, value, key_func)
+        for scope, value, key_func in (
+            ("user", settings.limit_per_user, visitor_key),
+            ("ip", settings.limit_per_ip, network_key),
+            ("global", settings.limit_global, global_key),
         )
         if value
-        for item in parse_many(value)
     ]
-    return sorted(rules, key=lambda rule: rule.item.get_expiry())  # stable: keeps scope order
 
 
-class MintLimiter:
-    """Checks and counts one mint request against every configured limit. Thread-safe."""
+# ------------------------------------------------------------------------- the limiter
 
-    def __init__(
-        self,
-        storage: Storage,
-        settings: Settings,
-        keys: dict[str, Callable[[], str]],
-        key_prefix: str,
-    ) -> None:
-        self.rules = _rules(settings, keys)
-        self.storage = storage
-        self.strategy = settings.strategy
-        self._prefix = key_prefix
-        self._fail_closed = settings.fail_closed
-        self._fallback_enabled = settings.in_memory_fallback and not settings.fail_closed
-        self._memory = STRATEGIES[settings.strategy](MemoryStorage())
-        self._generic = STRATEGIES[settings.strategy](storage)
-        self._script = None
-        if (
-            settings.strategy == "fixed-window"
-            and isinstance(storage, RedisStorage)
-            and not isinstance(storage, RedisClusterStorage)  # keys may live on other nodes
-        ):
-            self._script = storage.get_connection().register_script(_CHECK_AND_COUNT)
-        self._lock = threading.Lock()
-        self._dead = False
-        self._next_probe = 0.0
-        self._probe_delay = 1.0
-        self.on_storage_error: Callable[[], None] | None = None
 
-    @property
-    def single_round_trip(self) -> bool:
-        """Whether all limits are checked in one Lua script (else one call per limit)."""
-        return self._script is not None
+def _redis_like(uri: str | None) -> bool:
+    return bool(uri) and str(uri).startswith(_REDIS_SCHEMES)
 
-    @property
-    def fallback_active(self) -> bool:
-        """True while this process limits from memory because the storage failed."""
-        return self._dead
 
-    def window_stats(self, item: RateLimitItem, key: str) -> WindowStats:
-        """Reset time and remaining requests of one limit for ``key`` (for the CLI)."""
-        return self._generic.get_window_stats(item, *self.identifiers(key))
+def prepare_limiter(app: Flask, settings: Settings, handed_over: Limiter | None) -> Limiter:
+    """The limiter that holds the chat's limits: ``handed_over`` (in any state: initialised or
+    not, enabled or not), or one built from the ``RATELIMIT_*`` keys and initialised on ``app``.
 
-    def clear(self, item: RateLimitItem, key: str) -> None:
-        """Forget the counter of one limit for ``key`` (for the CLI)."""
-        self._generic.clear(item, *self.identifiers(key))
-
-    def identifiers(self, key: str) -> tuple[str, ...]:
-        """The identifiers ``limits`` builds a counter key from, as Flask-Limiter would."""
-        return (self._prefix, key, ENDPOINT) if self._prefix else (key, ENDPOINT)
-
-    def check(self) -> Verdict:
-        """Check and, when allowed, count the current request. Call inside the request."""
-        if not self.rules:
-            return Verdict(True, None, 0, 0, 0)
-        keyed = [(rule, self.identifiers(rule.key_func())) for rule in self.rules]
-        if self._dead and not self._storage_back():
-            return self._hit_each(self._memory, keyed)
+    Redis socket timeouts default to ``CHATKIT_REDIS_TIMEOUT`` wherever neither the limiter's
+    constructor nor ``RATELIMIT_STORAGE_OPTIONS`` set them.
+    """
+    limiter = handed_over or Limiter(key_func=network_key)
+    uri = limiter._storage_uri or app.config.get("RATELIMIT_STORAGE_URI")
+    if limiter.initialized:
+        _apply_timeouts_to_storage(limiter, settings.redis_timeout)
+    elif _redis_like(uri):
+        given = {**limiter._storage_options, **(app.config.get("RATELIMIT_STORAGE_OPTIONS") or {})}
+        defaults = {key: settings.redis_timeout for key in _TIMEOUT_KEYS if key not in given}
+        if defaults:
+            app.config["RATELIMIT_STORAGE_OPTIONS"] = {
+                **(app.config.get("RATELIMIT_STORAGE_OPTIONS") or {}),
+                **defaults,
+            }
+    if handed_over is None:
         try:
-            if self._script is not None:
-                return self._check_script(keyed)
-            return self._hit_each(self._generic, keyed)
-        except STORAGE_ERRORS as exc:
-            return self._storage_failed(exc, keyed)
-
-    def _check_script(self, keyed: list[tuple[Rule, tuple[str, ...]]]) -> Verdict:
-        assert self._script is not None
-        storage: RedisStorage = self.storage  # type: ignore[assignment]
-        keys = [storage.prefixed_key(rule.item.key_for(*ids)) for rule, ids in keyed]
-        args: list[int] = []
-        for rule, _ in keyed:
-            args += [rule.item.amount, rule.item.get_expiry()]
-        result = [int(value) for value in self._script(keys, args)]
-        now = int(time.time())
-        if result[0]:
-            rule = keyed[result[0] - 1][0]
-            return Verdict(False, rule.scope, rule.item.amount, 0, now + result[2])
-        best = None
-        for index, (rule, _) in enumerate(keyed):
-            remaining = rule.item.amount - result[1 + 2 * index]
-            if best is None or remaining < best.remaining:
-                reset_at = now + result[2 + 2 * index]
-                best = Verdict(True, None, rule.item.amount, remaining, reset_at)
-        assert best is not None
-        return best
-
-    @staticmethod
-    def _hit_each(strategy: RateLimiter, keyed: list[tuple[Rule, tuple[str, ...]]]) -> Verdict:
-        for rule, ids in keyed:
-            if not strategy.hit(rule.item, *ids):
-                stats = strategy.get_window_stats(rule.item, *ids)
-                return Verdict(False, rule.scope, rule.item.amount, 0, int(stats.reset_time))
-        rule, ids = keyed[0]
-        stats = strategy.get_window_stats(rule.item, *ids)
-        return Verdict(True, None, rule.item.amount, stats.remaining, int(stats.reset_time))
-
-    def _storage_failed(self, exc: Exception, keyed: list[tuple[Rule, tuple[str, ...]]]) -> Verdict:
-        if self.on_storage_error is not None:
-            self.on_storage_error()
-        if self._fail_closed:
-            raise LimiterUnavailable(type(exc).__name__) from exc
-        if not self._fallback_enabled:
-            log.error(
-                "chatkit_flask: rate limit storage failed (%s); request allowed unlimited",
-                type(exc).__name__,
+            limiter.init_app(app)
+        except ConfigurationError as exc:
+            key = "RATELIMIT_STRATEGY" if "strategy" in str(exc) else "RATELIMIT_STORAGE_URI"
+            raise ConfigError(key, str(exc)) from None
+        if str(uri or "memory://").startswith("memory://") and limiter.enabled:
+            log.warning(
+                "chatkit_flask: RATELIMIT_STORAGE_URI is memory:// - limits are per process; "
+                "with several workers or hosts they multiply. Use redis:// in production."
             )
-            return Verdict(True, None, 0, 0, 0)
-        with self._lock:
-            if not self._dead:
-                self._dead = True
-                self._probe_delay = 1.0
-                self._next_probe = time.monotonic() + self._probe_delay
-                log.warning(
-                    "chatkit_flask: rate limit storage unreachable (%s) - limiting from memory "
-                    "in this process until it answers",
-                    type(exc).__name__,
-                )
-        return self._hit_each(self._memory, keyed)
+    return limiter
 
-    def _storage_back(self) -> bool:
-        """While in fallback: probe the storage when due; True once it answers again."""
-        with self._lock:
-            if time.monotonic() < self._next_probe:
-                return False
-            # One request probes; the others keep using memory meanwhile.
-            self._next_probe = time.monotonic() + self._probe_delay
-            self._probe_delay = min(self._probe_delay * 2, _MAX_PROBE_DELAY)
-        if not self.storage.check():
-            return False
-        with self._lock:
-            if self._dead:
-                self._dead = False
-                log.warning("chatkit_flask: rate limit storage answers again - limits back in it")
-        return True
+
+def _apply_timeouts_to_storage(limiter: Limiter, timeout: float) -> None:
+    """Short timeouts on an already built Redis storage, for connections opened from now on
+    (nothing is connected before the first request)."""
+    storage = limiter._storage
+    if not isinstance(storage, RedisStorage):
+        return
+    kwargs = storage.get_connection().connection_pool.connection_kwargs
+    for key in _TIMEOUT_KEYS:
+        if kwargs.get(key) is None:  # not set by the host: redis-py's 5 s default
+            kwargs[key] = timeout
+            if f"orig_{key}" in kwargs:  # redis-py 8 restores this one after maintenance
+                kwargs[f"orig_{key}"] = timeout
+
+
+def active(limiter: Limiter) -> bool:
+    """Whether ``limiter`` limits anything now (enabled and initialised on an app)."""
+    return bool(limiter.enabled and limiter.initialized)
+
+
+def storage_of(limiter: Limiter) -> Any | None:
+    """The limiter's storage, or None while it is disabled or not initialised."""
+    return limiter._storage if active(limiter) else None
+
+
+def fallback_active(limiter: Limiter) -> bool:
+    """True while this process limits from Flask-Limiter's in-memory fallback."""
+    return bool(active(limiter) and limiter._storage_dead and limiter._in_memory_fallback_enabled)
+
+
+def describe(limiter: Limiter, app: Flask) -> dict[str, Any]:
+    """What the limiter really runs with (for the CLI): storage URI, strategy, key prefix..."""
+    config = app.config
+    if limiter._in_memory_fallback_enabled or config.get("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED"):
+        outage = "per-process in-memory fallback"
+    elif limiter._swallow_errors or config.get("RATELIMIT_SWALLOW_ERRORS"):
+        outage = "fail open (errors swallowed, no limits)"
+    else:
+        outage = "fail closed (503)"
+    return {
+        "enabled": bool(limiter.enabled and config.get("RATELIMIT_ENABLED", True)),
+        "initialized": limiter.initialized,
+        "storage_uri": limiter._storage_uri or config.get("RATELIMIT_STORAGE_URI") or "memory://",
+        "strategy": limiter._strategy or config.get("RATELIMIT_STRATEGY") or "fixed-window",
+        "key_prefix": limiter._key_prefix or config.get("RATELIMIT_KEY_PREFIX") or "",
+        "outage": outage,
+    }
+
+
+# ------------------------------------------------------------------------- the route
+
+
+def _record_breach(scope: str, _limit: RequestLimit) -> None:
+    """``on_breach`` of each of the chat's limits: remember which scope refused the request."""
+    g.chatkit_limit_scope = scope
+
+
+def limited(
+    view: Callable[..., Any],
+    limiter: Limiter,
+    rules: Iterable[LimitRule],
+    *,
+    exempt_when: Callable[[], bool] | None = None,
+    scope: str | None = None,
+) -> Callable[..., Any]:
+    """``view`` with ``rules`` as Flask-Limiter route limits on POST, guarded against the
+    fallback race. ``exempt_when``/``scope`` are passed to every limit (server mode counts
+    messages and requests separately)."""
+
+    @wraps(view)
+    def started(*args: Any, **kwargs: Any) -> Any:
+        g.chatkit_limits_passed = True  # from here on a storage error is not the limiter's
+        return view(*args, **kwargs)
+
+    decorated: Callable[..., Any] = started
+    for rule in rules:
+        decorated = limiter.limit(
+            rule.value,
+            key_func=rule.key_func,
+            methods=["POST"],
+            exempt_when=exempt_when,
+            on_breach=partial(_record_breach, rule.scope),
+            scope=scope,
+        )(decorated)
+
+    @wraps(view)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return decorated(*args, **kwargs)
+        except STORAGE_ERRORS:
+            if g.get("chatkit_limits_passed") or not fallback_active(limiter):
+                raise
+            # Our storage call failed after another request switched to the fallback.
+            limiter.context.seen_limits.clear()
+            return decorated(*args, **kwargs)
+
+    return guarded
+
+
+def guard_header_hook(app: Flask, limiter: Limiter) -> bool:
+    """The same race in Flask-Limiter's header hook (a 500 there): re-run it on the fallback.
+    Returns False while the limiter has no hook on ``app`` yet (not initialised)."""
+    original = getattr(Limiter, "_Limiter__inject_headers", None)
+    hooks = app.after_request_funcs.get(None, [])
+    for index, hook in enumerate(hooks):
+        if isinstance(hook, partial) and hook.func is original and hook.args == (limiter,):
+
+            def guarded(response: Response, inject: Callable = hook) -> Response:
+                try:
+                    return inject(response)
+                except STORAGE_ERRORS:
+                    if not fallback_active(limiter):
+                        raise
+                    return inject(response)
+
+            hooks[index] = guarded
+            return True
+    return any(getattr(hook, "__name__", "") == "guarded" for hook in hooks)
+
+
+def counter_args(limiter: Limiter, key: str, endpoint: str = ENDPOINT) -> list[str]:
+    """The identifiers Flask-Limiter builds one of the endpoint's counters from."""
+    prefix = limiter._key_prefix
+    return [prefix, key, endpoint] if prefix else [key, endpoint]
+
+
+def retry_after(limiter: Limiter, default: int = 60) -> int:
+    """Seconds until the limit that refused this request resets (at least 1)."""
+    current = limiter.current_limit
+    if current is None:
+        return default
+    try:
+        return max(1, math.ceil(current.window.reset_time - time.time()))
+    except STORAGE_ERRORS:
+        return max(1, current.limit.get_expiry())

@@ -9,7 +9,8 @@ whenever gunicorn (re)starts, and ``config/gunicorn.conf.py``'s ``child_exit`` h
 ``multiprocess.mark_process_dead`` for each dead worker.
 
 Values are collected from the facts the view leaves on ``flask.g`` (outcome, limit scope,
-upstream result), in an app ``after_request`` hook; the view itself knows nothing about metrics.
+upstream result), by a hook the extension's blueprint calls with each of its own responses (host
+routes pay nothing); the view itself knows nothing about metrics.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ from prometheus_client import (
 )
 
 from . import upstream as upstream_module
+from .limits import fallback_active
 from .upstream import UpstreamTimeout
 
 if TYPE_CHECKING:
-    from .extension import ChatKitState
+    from .state import ChatKitState
 
 __all__ = [
     "CIRCUIT_STATES",
@@ -156,18 +158,19 @@ def _called(upstream: Any) -> bool:
     return not (circuit_open is not None and isinstance(upstream, circuit_open))
 
 
-def _after_request(response: Response) -> Response:
+def _on_response(response: Response) -> None:
     try:
         _record(response)
     except Exception:  # metrics must never break a response
         logging.getLogger("chatkit_flask").exception("chatkit_flask: recording metrics failed")
-    return response
 
 
 def _record(response: Response) -> None:
     state = _state()
     if state is not None:
-        limiter_fallback_active.set(1 if state.limits.fallback_active else 0)
+        limiter_fallback_active.set(1 if fallback_active(state.limiter) else 0)
+    if g.get("chatkit_storage_failed"):
+        limiter_storage_errors.inc()
     if request.endpoint != _ENDPOINT or request.method != "POST":
         return
     outcome = g.get("chatkit_outcome") or f"http_{response.status_code}"
@@ -215,7 +218,7 @@ def _metrics_blueprint(state: ChatKitState, path: str, allow: Iterable[str]) -> 
             )
             response.headers["Cache-Control"] = "no-store"
             return response, 403
-        limiter_fallback_active.set(1 if state.limits.fallback_active else 0)
+        limiter_fallback_active.set(1 if fallback_active(state.limiter) else 0)
         response = Response(render_latest(), mimetype=None)
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         response.headers["Cache-Control"] = "no-store"
@@ -223,6 +226,21 @@ def _metrics_blueprint(state: ChatKitState, path: str, allow: Iterable[str]) -> 
 
     state.exempt(bp)
     return bp
+
+
+class _StorageErrorCounter(logging.Handler):
+    """Counts Flask-Limiter's storage-failure log records (it reports them only there)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "storage unreachable" in message or "Swallowing error" in message:
+            limiter_storage_errors.inc()
+
+
+def _count_limiter_log_errors() -> None:
+    logger = logging.getLogger("flask-limiter")
+    if not any(isinstance(handler, _StorageErrorCounter) for handler in logger.handlers):
+        logger.addHandler(_StorageErrorCounter(logging.WARNING))
 
 
 def init_metrics(
@@ -245,10 +263,10 @@ def init_metrics(
     if _EXTENSION_KEY in app.extensions:
         return
     app.extensions[_EXTENSION_KEY] = True
-    app.after_request(_after_request)
-    # Every failed storage call: the switch to the in-memory fallback, a fail-closed 503, or
-    # a request let through unlimited (fail-open).
-    state.limits.on_storage_error = limiter_storage_errors.inc
+    state.response_hooks.append(_on_response)
+    # Storage failures Flask-Limiter handles itself (the switch to its in-memory fallback,
+    # errors it swallows) reach us only through its log.
+    _count_limiter_log_errors()
     if endpoint:
         networks = state.settings.metrics_allow if allow is None else tuple(allow)
         app.register_blueprint(_metrics_blueprint(state, path, networks))

@@ -85,17 +85,21 @@ def _list(key: str, value: Any) -> tuple[str, ...]:
 
 
 def _limit(key: str, value: Any) -> str:
+    """One rule for every limit key: unset or empty means the default, ``off`` turns the limit
+    off, anything else must be Flask-Limiter notation that can admit at least one request."""
     text = _as_str(key, value)
-    if text.lower() in {"", "off", "none"}:
+    if text.lower() == "off":
         return ""
     try:
-        parse_many(text)
+        items = parse_many(text)
     except ValueError:
         raise ConfigError(
             key,
             f"is not a valid rate limit string: {text!r} "
-            "(use Flask-Limiter notation, e.g. '10 per minute;100 per day')",
+            "(use Flask-Limiter notation, e.g. '10 per minute;100 per day', or 'off')",
         ) from None
+    if any(item.amount < 1 for item in items):
+        raise ConfigError(key, f"{text!r} can never admit a request; use 'off' to turn it off")
     return text
 
 
@@ -119,6 +123,11 @@ def _token(key: str, value: Any) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", text):
         raise ConfigError(key, f"must be an identifier (letters, digits, _.:-), got {text!r}")
     return text
+
+
+def _key_prefix(key: str, value: Any) -> str:
+    text = _as_str(key, value)
+    return _token(key, text) if text else ""
 
 
 def _workflow_version(key: str, value: Any) -> str:
@@ -290,21 +299,15 @@ _OPTION_LIST = [
         "CHATKIT_RATELIMIT_PER_USER",
         "10 per minute;100 per day",
         _limit,
-        "Mints per visitor or signed-in user ('' or off disables).",
+        "Mints per visitor or signed-in user; 'off' turns it off, empty means the default.",
     ),
     Option(
         "CHATKIT_RATELIMIT_PER_IP",
         "30 per minute;500 per day",
         _limit,
-        "Mints per client IP (IPv6: per prefix, see CHATKIT_IPV6_PREFIX).",
+        "Mints per client IP (IPv6: per prefix, see CHATKIT_IPV6_PREFIX); 'off' turns it off.",
     ),
-    Option("CHATKIT_RATELIMIT_GLOBAL", "", _limit, "Site-wide cap on mints (default off)."),
-    Option(
-        "CHATKIT_RATELIMIT_FAIL_CLOSED",
-        False,
-        _bool,
-        "When the limiter storage fails: true answers 503; false falls back to memory.",
-    ),
+    Option("CHATKIT_RATELIMIT_GLOBAL", "off", _limit, "Site-wide cap on mints ('off': none)."),
     Option(
         "CHATKIT_REDIS_TIMEOUT",
         0.3,
@@ -316,6 +319,13 @@ _OPTION_LIST = [
         0,
         _int_range(0, 10),
         "Number of reverse proxies in front whose X-Forwarded-For is trusted.",
+    ),
+    Option(
+        "CHATKIT_TRUSTED_PROXY_NETWORKS",
+        "127.0.0.0/8,::1/128",
+        _networks,
+        "Networks (CIDRs) the trusted proxies connect from; forwarded headers from any other "
+        "address are ignored.",
     ),
     Option(
         "CHATKIT_IPV6_PREFIX",
@@ -344,26 +354,35 @@ _OPTION_LIST = [
         _networks,
         "Networks (comma-separated CIDRs) allowed to read /metrics; others get 403.",
     ),
+    # Flask-Limiter's own keys, with its defaults; validated here, read by Flask-Limiter.
+    Option("RATELIMIT_ENABLED", True, _bool, "Flask-Limiter: false turns every limit off."),
     Option(
         "RATELIMIT_STORAGE_URI",
         "memory://",
         _storage_uri,
-        "Limiter storage: redis://, rediss://, redis+sentinel://, redis+cluster://, valkey://.",
+        "Flask-Limiter storage: redis://, rediss://, redis+sentinel://, redis+cluster://, "
+        "valkey://; memory:// counts per process.",
     ),
     Option(
         "RATELIMIT_STRATEGY",
         "fixed-window",
         _choice("fixed-window", "moving-window", "sliding-window-counter"),
-        "Limiter strategy.",
+        "Flask-Limiter strategy.",
     ),
     Option(
         "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED",
-        True,
+        False,
         _bool,
-        "Per-process in-memory limits while the storage is down.",
+        "Flask-Limiter: per-process in-memory limits while the storage is down (else 503).",
     ),
-    Option("RATELIMIT_HEADERS_ENABLED", True, _bool, "Send X-RateLimit-* headers."),
-    Option("RATELIMIT_KEY_PREFIX", "chatkit", _token, "Prefix of the limiter's storage keys."),
+    Option(
+        "RATELIMIT_SWALLOW_ERRORS",
+        False,
+        _bool,
+        "Flask-Limiter: let requests through unlimited while the storage fails (fail open).",
+    ),
+    Option("RATELIMIT_HEADERS_ENABLED", False, _bool, "Flask-Limiter: send X-RateLimit-* headers."),
+    Option("RATELIMIT_KEY_PREFIX", "", _key_prefix, "Flask-Limiter: prefix of its storage keys."),
 ]
 
 OPTIONS: dict[str, Option] = {option.name: option for option in _OPTION_LIST}
@@ -406,9 +425,9 @@ class Settings:
     limit_per_user: str
     limit_per_ip: str
     limit_global: str
-    fail_closed: bool
     redis_timeout: float
     trusted_proxies: int
+    trusted_proxy_networks: tuple[str, ...]
     ipv6_prefix: int
     allowed_origins: tuple[str, ...]
     log_level: str
@@ -416,9 +435,11 @@ class Settings:
     demo: bool
     metrics_enabled: bool
     metrics_allow: tuple[str, ...]
+    ratelimit_enabled: bool
     storage_uri: str
     strategy: str
     in_memory_fallback: bool
+    swallow_errors: bool
     headers_enabled: bool
     key_prefix: str
 
@@ -455,9 +476,9 @@ class Settings:
             limit_per_user=v["CHATKIT_RATELIMIT_PER_USER"] or "",
             limit_per_ip=v["CHATKIT_RATELIMIT_PER_IP"] or "",
             limit_global=v["CHATKIT_RATELIMIT_GLOBAL"] or "",
-            fail_closed=v["CHATKIT_RATELIMIT_FAIL_CLOSED"],
             redis_timeout=v["CHATKIT_REDIS_TIMEOUT"],
             trusted_proxies=v["CHATKIT_TRUSTED_PROXIES"],
+            trusted_proxy_networks=v["CHATKIT_TRUSTED_PROXY_NETWORKS"],
             ipv6_prefix=v["CHATKIT_IPV6_PREFIX"],
             allowed_origins=v["CHATKIT_ALLOWED_ORIGINS"],
             log_level=v["CHATKIT_LOG_LEVEL"].upper(),
@@ -465,11 +486,13 @@ class Settings:
             demo=v["CHATKIT_DEMO"],
             metrics_enabled=v["CHATKIT_METRICS_ENABLED"],
             metrics_allow=v["CHATKIT_METRICS_ALLOW"],
+            ratelimit_enabled=v["RATELIMIT_ENABLED"],
             storage_uri=v["RATELIMIT_STORAGE_URI"],
             strategy=v["RATELIMIT_STRATEGY"],
             in_memory_fallback=v["RATELIMIT_IN_MEMORY_FALLBACK_ENABLED"],
+            swallow_errors=v["RATELIMIT_SWALLOW_ERRORS"],
             headers_enabled=v["RATELIMIT_HEADERS_ENABLED"],
-            key_prefix=v["RATELIMIT_KEY_PREFIX"],
+            key_prefix=v["RATELIMIT_KEY_PREFIX"] or "",
         )
 
 

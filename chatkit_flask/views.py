@@ -9,11 +9,14 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask_limiter import RateLimitExceeded
+from limits.errors import StorageError
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 from .errors import ApiError, error_response, http_error_response
-from .identity import client_network, user_identity
-from .limits import LimiterUnavailable
+from .identity import client_address, client_network, user_identity
+from .limits import guard_header_hook, limit_rules, limited, retry_after, storage_of
 from .logs import log_mint
 from .upstream import (
     CircuitOpen,
@@ -24,9 +27,11 @@ from .upstream import (
 )
 
 if TYPE_CHECKING:
-    from .extension import ChatKitState
+    from .state import ChatKitState
 
-__all__ = ["MAX_BODY_BYTES", "health_blueprint", "make_blueprint"]
+__all__ = ["BLUEPRINT_NAME", "MAX_BODY_BYTES", "health_blueprint", "make_blueprint"]
+
+BLUEPRINT_NAME = "chatkit"
 
 MAX_BODY_BYTES = 16 * 1024
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -35,6 +40,7 @@ _LIMIT_MESSAGES = {
     "user": "You have started too many chat sessions",
     "ip": "Too many chat sessions were started from your network",
     "global": "The chat is very busy right now",
+    "site": "Too many requests",
 }
 
 
@@ -77,7 +83,7 @@ def _read_body() -> dict[str, Any]:
     return body
 
 
-def _check_origin(state: ChatKitState) -> None:
+def _check_origin(state: ChatKitState, scheme: str) -> None:
     """Browsers on other sites may not mint. Without an allowlist only same-site pages may."""
     origin = request.headers.get("Origin")
     fetch_site = request.headers.get("Sec-Fetch-Site")
@@ -88,7 +94,7 @@ def _check_origin(state: ChatKitState) -> None:
         return
     if origin is None or origin in allowed or fetch_site == "same-origin":
         return
-    if origin == f"{request.scheme}://{request.host}":
+    if origin == f"{scheme}://{request.host}":
         return
     raise ApiError(403, "origin_not_allowed", "This origin may not use the chat.")
 
@@ -96,22 +102,27 @@ def _check_origin(state: ChatKitState) -> None:
 def make_blueprint(state: ChatKitState) -> Blueprint:
     """The ``chatkit`` blueprint: ``POST {prefix}/secret`` and the frontend helper's files."""
     settings = state.settings
+    limiter = state.limiter
     bp = Blueprint(
-        "chatkit",
+        BLUEPRINT_NAME,
         __name__,
         url_prefix=settings.url_prefix,
         static_folder="static",
         static_url_path="/static",
     )
+    header_hook = {"guarded": False}
 
     @bp.before_request
     def prepare() -> None:
         incoming = request.headers.get("X-Request-ID", "")
         g.chatkit_request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         g.chatkit_started = time.perf_counter()
+        if not header_hook["guarded"]:  # a host limiter initialised after the extension
+            header_hook["guarded"] = guard_header_hook(current_app, limiter)
         if request.endpoint != "chatkit.secret":
             return
-        _check_origin(state)
+        remote_addr, scheme = client_address(request.environ, settings)
+        _check_origin(state, scheme)
         if request.method != "POST":
             return
         body = _read_body()
@@ -119,18 +130,14 @@ def make_blueprint(state: ChatKitState) -> Blueprint:
         if workflow not in settings.allowed_workflows:
             raise ApiError(403, "workflow_not_allowed", "This workflow is not allowed.")
         g.chatkit_workflow = workflow
-        g.chatkit_client_network = client_network(request.remote_addr, settings.ipv6_prefix)
-        user_id = state.load_user()
-        if user_id is not None and user_id != "":
-            g.chatkit_identity = user_identity(user_id)
-        else:
-            g.chatkit_identity = state.cookie.resolve(request.cookies.get(settings.cookie_name))
+        g.chatkit_client_network = client_network(remote_addr, settings.ipv6_prefix)
+        user = user_identity(state.load_user())
+        g.chatkit_identity = user or state.cookie.resolve(request.cookies.get(settings.cookie_name))
 
     def secret() -> Response:
         if request.method != "POST":
             raise ApiError(405, "method_not_allowed", "Use POST.", headers={"Allow": "POST"})
         identity = g.chatkit_identity
-        _enforce_limits(state)
         try:
             session = state.client.create_session(
                 workflow_id=g.chatkit_workflow,
@@ -154,10 +161,12 @@ def make_blueprint(state: ChatKitState) -> Blueprint:
         response.headers["Cache-Control"] = "no-store"
         return response
 
-    bp.add_url_rule("/secret", "secret", secret, methods=_ALL_METHODS)
-    # The endpoint's limits are checked by ``state.limits``; a host app's default limits
-    # must not count it a second time.
-    state.exempt(bp)
+    bp.add_url_rule(
+        "/secret",
+        "secret",
+        limited(secret, limiter, limit_rules(settings)),
+        methods=_ALL_METHODS,
+    )
 
     @bp.after_request
     def finish(response: Response) -> Response:
@@ -178,12 +187,9 @@ def make_blueprint(state: ChatKitState) -> Blueprint:
                 httponly=True,
                 samesite="Lax",
             )
-        verdict = g.get("chatkit_verdict")
-        if verdict is not None and verdict.limit and settings.headers_enabled:
-            response.headers["X-RateLimit-Limit"] = str(verdict.limit)
-            response.headers["X-RateLimit-Remaining"] = str(verdict.remaining)
-            response.headers["X-RateLimit-Reset"] = str(verdict.reset_at)
         if request.method == "POST":
+            for hook in state.response_hooks:
+                hook(response)
             _log(response, identity)
         return response
 
@@ -191,38 +197,45 @@ def make_blueprint(state: ChatKitState) -> Blueprint:
     def on_api_error(exc: ApiError) -> Response:
         return error_response(exc)
 
+    @bp.errorhandler(RateLimitExceeded)
+    def on_rate_limited(exc: RateLimitExceeded) -> Response:
+        if exc.response is not None:  # the host's on_breach answered
+            return exc.response
+        scope = g.get("chatkit_limit_scope") or "site"
+        g.chatkit_limit_scope = scope
+        wait = retry_after(limiter)
+        return error_response(
+            ApiError(
+                429,
+                "rate_limited",
+                f"{_LIMIT_MESSAGES[scope]}. Try again in {wait} seconds.",
+                headers={"Retry-After": str(wait)},
+                extra={"retry_after": wait, "scope": scope},
+            )
+        )
+
+    def on_storage_error(exc: Exception) -> Response:
+        # Flask-Limiter re-raises storage failures unless its in-memory fallback or
+        # RATELIMIT_SWALLOW_ERRORS is on: fail closed, before anything goes upstream.
+        current_app.logger.error("chatkit_flask: rate limit storage failed: %s", type(exc).__name__)
+        g.chatkit_storage_failed = True
+        return error_response(
+            ApiError(
+                503,
+                "limiter_unavailable",
+                "The chat is temporarily unavailable. Try again shortly.",
+                headers={"Retry-After": "5"},
+            )
+        )
+
+    bp.register_error_handler(RedisError, on_storage_error)
+    bp.register_error_handler(StorageError, on_storage_error)
+
     @bp.errorhandler(HTTPException)
     def on_http_error(exc: HTTPException) -> Response:
         return http_error_response(exc)
 
     return bp
-
-
-def _enforce_limits(state: ChatKitState) -> None:
-    """Count this request against its limits, or refuse it before anything goes upstream."""
-    try:
-        verdict = state.limits.check()
-    except LimiterUnavailable as exc:
-        current_app.logger.error("chatkit_flask: rate limit storage failed: %s", exc)
-        raise ApiError(
-            503,
-            "limiter_unavailable",
-            "The chat is temporarily unavailable. Try again shortly.",
-            headers={"Retry-After": "5"},
-        ) from None
-    g.chatkit_verdict = verdict
-    if verdict.allowed:
-        return
-    scope = verdict.scope or "user"
-    g.chatkit_limit_scope = scope
-    retry_after = verdict.retry_after
-    raise ApiError(
-        429,
-        "rate_limited",
-        f"{_LIMIT_MESSAGES[scope]}. Try again in {retry_after} seconds.",
-        headers={"Retry-After": str(retry_after)},
-        extra={"retry_after": retry_after, "scope": scope},
-    )
 
 
 def _upstream_api_error(exc: UpstreamError) -> ApiError:
@@ -284,9 +297,12 @@ def health_blueprint(state: ChatKitState) -> Blueprint:
 
     @bp.get("/readyz")
     def readyz() -> Response | tuple[Response, int]:
-        if state.limits.storage.check():
-            return jsonify(status="ready", storage="ok")
-        return jsonify(status="not_ready", storage="unreachable"), 503
+        storage = storage_of(state.limiter)
+        if storage is None:
+            return jsonify(status="ready", storage="limits disabled")
+        if not storage.check():
+            return jsonify(status="not_ready", storage="unreachable"), 503
+        return jsonify(status="ready", storage="ok")
 
     state.exempt(bp)
     return bp

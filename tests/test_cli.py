@@ -228,7 +228,7 @@ def test_ip_and_global_keys(redis_app: Callable[..., Flask]) -> None:
 def test_user_key_is_hashed(redis_app: Callable[..., Flask]) -> None:
     result = run(redis_app(), "usage", "--user", "alice@example.com")
     assert result.exit_code == 0, result.output
-    assert f"user:{hash_id('alice@example.com')}" in result.output
+    assert f"user:{hash_id('user:alice@example.com')}" in result.output
     assert "alice" not in result.output
 
 

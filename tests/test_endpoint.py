@@ -346,7 +346,7 @@ def test_signed_in_user_from_the_host_hook(upstream: FakeChatKit) -> None:
     client = app.test_client()
     response = client.post(URL)
     assert response.status_code == 200
-    assert upstream.last.json["user"] == "customer-42"
+    assert upstream.last.json["user"] == "user_customer-42"
     assert "Set-Cookie" not in response.headers  # no visitor cookie for a signed-in user
     current["user"] = None
     client.post(URL)

@@ -26,6 +26,7 @@ import requests
 from flask import Flask
 from werkzeug.serving import make_server
 
+from chatkit_flask.limits import fallback_active
 from chatkit_flask.testing.fake_chatkit import Behaviour, FakeChatKit
 from tests.test_multiprocess import free_port, service_env, start_gunicorn, stop
 
@@ -168,7 +169,7 @@ def mint_as(base: str, cookie: str | None) -> tuple[int, float, str | None]:
 
 
 def limiter_dead(app: Flask) -> bool:
-    return app.extensions["chatkit"].limits.fallback_active
+    return fallback_active(app.extensions["chatkit"].limiter)
 
 
 @pytest.mark.parametrize("fault", ["killed", "hung"])

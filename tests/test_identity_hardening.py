@@ -69,7 +69,11 @@ def test_forwarded_chain_longer_than_trusted_proxies_is_keyed_on_the_proxys_view
     make_app: Callable[..., Flask], upstream: FakeChatKit
 ) -> None:
     """Two trusted proxies: the client cannot pick its key by prepending addresses."""
-    app = make_app(CHATKIT_RATELIMIT_PER_IP="2 per minute", CHATKIT_TRUSTED_PROXIES=2)
+    app = make_app(
+        CHATKIT_RATELIMIT_PER_IP="2 per minute",
+        CHATKIT_TRUSTED_PROXIES=2,
+        CHATKIT_TRUSTED_PROXY_NETWORKS="10.0.0.0/8",
+    )
 
     def via(chain: str) -> int:
         return (

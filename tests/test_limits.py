@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from chatkit_flask.limits import fallback_active
 from chatkit_flask.testing.fake_chatkit import FakeChatKit
 
 URL = "/api/chatkit/secret"
@@ -36,25 +37,32 @@ def test_per_visitor_limit(
     assert body["scope"] == "user"
     assert 1 <= body["retry_after"] <= 61
     assert response.headers["Retry-After"] == str(body["retry_after"])
-    assert response.headers["X-RateLimit-Limit"] == "3"
-    assert response.headers["X-RateLimit-Remaining"] == "0"
     assert str(body["retry_after"]) in body["message"]
     assert upstream.count == 3  # the rejected request never reached the upstream
     # Another visitor from the same IP still gets through.
     assert post(app).status_code == 200
 
 
-def test_rate_limit_headers_on_success(
+def test_rate_limit_headers_are_flask_limiters(
     make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
 ) -> None:
-    app = make_app(**storage, CHATKIT_RATELIMIT_PER_USER="5 per minute")
+    """With RATELIMIT_HEADERS_ENABLED, Flask-Limiter writes its headers as it documents them:
+    the shortest window's limit, and Retry-After on every response."""
+    app = make_app(
+        **storage, CHATKIT_RATELIMIT_PER_USER="5 per minute", RATELIMIT_HEADERS_ENABLED=True
+    )
     client = app.test_client()
     post(app, client=client)
     response = post(app, client=client)
     assert response.headers["X-RateLimit-Limit"] == "5"
     assert response.headers["X-RateLimit-Remaining"] == "3"
     assert int(response.headers["X-RateLimit-Reset"]) > time.time()
-    assert "Retry-After" not in response.headers
+    assert 0 <= int(response.headers["Retry-After"]) <= 61
+    for _ in range(4):
+        refused = post(app, client=client)
+    assert refused.status_code == 429
+    assert refused.headers["X-RateLimit-Remaining"] == "0"
+    assert abs(int(refused.headers["Retry-After"]) - refused.get_json()["retry_after"]) <= 1
 
 
 def test_rotating_or_dropping_cookies_still_meets_the_ip_limit(
@@ -136,7 +144,12 @@ def test_x_forwarded_for_is_ignored_without_trusted_proxies(
 def test_x_forwarded_for_is_honoured_through_the_trusted_proxy_only(
     make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
 ) -> None:
-    app = make_app(**storage, CHATKIT_RATELIMIT_PER_IP="2 per minute", CHATKIT_TRUSTED_PROXIES=1)
+    app = make_app(
+        **storage,
+        CHATKIT_RATELIMIT_PER_IP="2 per minute",
+        CHATKIT_TRUSTED_PROXIES=1,
+        CHATKIT_TRUSTED_PROXY_NETWORKS="10.0.0.0/24",
+    )
     proxy = "10.0.0.2"
 
     def via_proxy(forwarded: str) -> int:
@@ -146,6 +159,31 @@ def test_x_forwarded_for_is_honoured_through_the_trusted_proxy_only(
     assert via_proxy("198.51.100.11") == 200  # another real client
     # A client that prepends a fake address is still keyed on what the proxy saw.
     assert via_proxy("1.2.3.4, 198.51.100.10") == 429
+    # A client connecting directly (not from the proxy network) cannot pick its address.
+    direct = [
+        post(app, ip="203.0.113.50", headers={"X-Forwarded-For": f"192.0.2.{i}"}).status_code
+        for i in range(3)
+    ]
+    assert direct == [200, 200, 429]
+
+
+def test_forwarded_headers_never_rewrite_host_routes(
+    make_app: Callable[..., Flask], upstream: FakeChatKit
+) -> None:
+    app = make_app(CHATKIT_TRUSTED_PROXIES=1, CHATKIT_TRUSTED_PROXY_NETWORKS="10.0.0.0/24")
+
+    @app.get("/whoami")
+    def whoami() -> dict:
+        from flask import request
+
+        return {"addr": request.remote_addr, "scheme": request.scheme}
+
+    seen = app.test_client().get(
+        "/whoami",
+        environ_base={"REMOTE_ADDR": "10.0.0.2"},
+        headers={"X-Forwarded-For": "198.51.100.10", "X-Forwarded-Proto": "https"},
+    )
+    assert seen.get_json() == {"addr": "10.0.0.2", "scheme": "http"}
 
 
 def test_ipv6_clients_are_limited_per_64(
@@ -243,21 +281,21 @@ def test_fakeredis_outage_then_recovery(
     server.connected = False
     # In memory from here: the visitor's count starts afresh in this process, and still holds.
     assert [post(app, client=client).status_code for _ in range(4)] == [200, 200, 200, 429]
-    assert state.limits.fallback_active is True
+    assert fallback_active(state.limiter) is True
     assert app.test_client().get("/readyz").status_code == 503
     server.connected = True
     assert app.test_client().get("/readyz").status_code == 200
     time.sleep(1.1)  # the storage is probed again after 1 s, then 2, 4, ... 32 s
     # Back in Redis, where the visitor had used 1 of 3 before the outage.
     assert [post(app, client=client).status_code for _ in range(3)] == [200, 200, 429]
-    assert state.limits.fallback_active is False
+    assert fallback_active(state.limiter) is False
 
 
-def test_fail_closed_answers_503_and_never_calls_upstream(
+def test_without_fallback_or_swallow_a_dead_storage_answers_503_and_never_calls_upstream(
     make_app: Callable[..., Flask], upstream: FakeChatKit
 ) -> None:
     app = make_app(
-        RATELIMIT_STORAGE_URI="redis://127.0.0.1:1/0", CHATKIT_RATELIMIT_FAIL_CLOSED=True
+        RATELIMIT_STORAGE_URI="redis://127.0.0.1:1/0", RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=False
     )
     response = post(app)
     assert response.status_code == 503
@@ -265,6 +303,19 @@ def test_fail_closed_answers_503_and_never_calls_upstream(
     assert body["error"] == "limiter_unavailable"
     assert response.headers["Retry-After"] == "5"
     assert upstream.count == 0
+
+
+def test_swallow_errors_lets_requests_through_when_the_storage_fails(
+    make_app: Callable[..., Flask], upstream: FakeChatKit
+) -> None:
+    app = make_app(
+        RATELIMIT_STORAGE_URI="redis://127.0.0.1:1/0",
+        RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=False,
+        RATELIMIT_SWALLOW_ERRORS=True,
+        CHATKIT_RATELIMIT_PER_USER="1 per minute",
+    )
+    client = app.test_client()
+    assert [post(app, client=client).status_code for _ in range(3)] == [200, 200, 200]
 
 
 def test_health_endpoints_are_not_rate_limited(
@@ -302,14 +353,15 @@ def test_host_app_can_hand_over_its_own_limiter(upstream: FakeChatKit) -> None:
     assert chatkit is not None
 
 
-# --- one round trip, transactional ------------------------------------------------------------
+# --- Flask-Limiter's evaluation ---------------------------------------------------------------
 
 
-def test_a_refused_request_consumes_no_other_limit(
+def test_a_request_refused_by_the_ip_limit_has_counted_against_the_visitor_limit(
     make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
 ) -> None:
-    """Admitted or refused as a whole: a request the per-IP limit refuses does not spend the
-    visitor's own limit (Flask-Limiter's decorators would have counted it there)."""
+    """Flask-Limiter hits each limit in turn (per user before per IP within a window) and stops
+    at the first breach: a request the per-IP limit refuses has already spent one of the
+    visitor's own. The README says so."""
     app = make_app(
         **storage,
         CHATKIT_RATELIMIT_PER_USER="5 per minute",
@@ -317,55 +369,57 @@ def test_a_refused_request_consumes_no_other_limit(
     )
     client = app.test_client()
     assert [post(app, client=client).status_code for _ in range(4)] == [200, 200, 429, 429]
-    state = app.extensions["chatkit"]
-    user_rule = next(rule for rule in state.limits.rules if rule.scope == "user")
-    visitor_key = "visitor:" + __import__("chatkit_flask.identity").identity.hash_id(
-        upstream.last.json["user"].removeprefix("visitor_")
-    )
-    assert state.limits.window_stats(user_rule.item, visitor_key).remaining == 3
-    # From another IP the same visitor still has exactly those 3.
-    assert [post(app, client=client, ip="198.51.100.9").status_code for _ in range(4)] == [
-        200,
-        200,
-        429,
-        429,
-    ]
+    assert upstream.count == 2
+    # From another IP the same visitor has 5 - 4 = 1 left.
+    statuses = [post(app, client=client, ip="198.51.100.9").status_code for _ in range(3)]
+    assert statuses == [200, 429, 429]
+    assert post(app, client=client, ip="198.51.100.9").get_json()["scope"] == "user"
 
 
-def test_headers_describe_the_limit_with_fewest_left(
+def test_headers_describe_the_shortest_window(
     make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
 ) -> None:
     app = make_app(
-        **storage, CHATKIT_RATELIMIT_PER_USER="10 per minute", CHATKIT_RATELIMIT_PER_IP="3 per hour"
+        **storage,
+        CHATKIT_RATELIMIT_PER_USER="10 per minute",
+        CHATKIT_RATELIMIT_PER_IP="3 per hour",
+        RATELIMIT_HEADERS_ENABLED=True,
     )
     response = post(app)
-    assert response.headers["X-RateLimit-Limit"] == "3"
-    assert response.headers["X-RateLimit-Remaining"] == "2"
-    assert 3500 < int(response.headers["X-RateLimit-Reset"]) - time.time() <= 3600
+    assert response.headers["X-RateLimit-Limit"] == "10"
+    assert response.headers["X-RateLimit-Remaining"] == "9"
 
 
-def test_headers_can_be_turned_off(
+def test_headers_are_off_by_default_as_in_flask_limiter(
     make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
 ) -> None:
-    app = make_app(**storage, RATELIMIT_HEADERS_ENABLED=False)
-    response = post(app)
+    from chatkit_flask.extension import ChatKit
+    from tests.conftest import base_config
+
+    host = Flask("host")
+    host.config.update(base_config(upstream, **storage))
+    host.config.pop("_fake_server", None)
+    ChatKit(host)
+    response = host.test_client().post(URL, environ_base={"REMOTE_ADDR": "203.0.113.7"})
     assert response.status_code == 200
     assert not [name for name, _ in response.headers if name.startswith("X-RateLimit")]
+    assert "Retry-After" not in response.headers
 
 
-def test_one_redis_round_trip_per_request(
+def test_redis_round_trips_are_flask_limiters_own(
     make_app: Callable[..., Flask],
     real_redis: Any,
     upstream: FakeChatKit,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """One atomic hit per limit item while admitted; on a refusal, the hits up to the breach
+    and one read of the breached window for Retry-After. Nothing else."""
     import redis
 
     from tests.conftest import REDIS_URL
 
     app = make_app(RATELIMIT_STORAGE_URI=REDIS_URL, CHATKIT_RATELIMIT_PER_USER="3 per minute")
     client = app.test_client()
-    assert app.extensions["chatkit"].limits.single_round_trip
     post(app, client=client)  # the first call loads the script
     sent: list[str] = []
     original = redis.Redis.execute_command
@@ -375,11 +429,15 @@ def test_one_redis_round_trip_per_request(
         return original(self, *args, **options)
 
     monkeypatch.setattr(redis.Redis, "execute_command", counting)
-    statuses = [post(app, client=client).status_code for _ in range(4)]
-    assert statuses == [200, 200, 429, 429]
-    # One command (EVALSHA of the check-and-count script) per request, admitted or refused,
-    # although each checks 4 limit items (user and IP, per minute and per day).
-    assert sent == ["EVALSHA"] * 4
+    assert post(app, client=client).status_code == 200
+    # 3 limit items: the visitor's per minute, the IP's per minute and per day.
+    assert sent == ["EVALSHA"] * 3
+    sent.clear()
+    post(app, client=client)
+    sent.clear()
+    assert post(app, client=client).status_code == 429
+    assert sent[0] == "EVALSHA" and sent.count("EVALSHA") == 1  # stopped at the visitor's limit
+    assert len(sent) <= 3  # plus the window read for Retry-After
 
 
 @pytest.mark.parametrize("strategy", ["moving-window", "sliding-window-counter"])
@@ -389,7 +447,6 @@ def test_other_strategies_limit_through_limits(
     app = make_app(
         **storage, RATELIMIT_STRATEGY=strategy, CHATKIT_RATELIMIT_PER_USER="2 per minute"
     )
-    assert not app.extensions["chatkit"].limits.single_round_trip
     client = app.test_client()
     responses = [post(app, client=client) for _ in range(3)]
     assert [r.status_code for r in responses] == [200, 200, 429]

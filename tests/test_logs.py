@@ -90,7 +90,7 @@ def test_json_other_lines_carry_the_request_id(
     pool = redis.ConnectionPool(connection_class=fakeredis.FakeRedisConnection, server=server)
     app = make_app(
         CHATKIT_LOG_FORMAT="json",
-        CHATKIT_RATELIMIT_FAIL_CLOSED=True,
+        RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=False,
         RATELIMIT_STORAGE_URI="redis://",
         RATELIMIT_STORAGE_OPTIONS={"connection_pool": pool},
     )

@@ -286,7 +286,7 @@ def test_fallback_gauge_and_storage_errors(
 def test_fail_closed_503_counts_a_storage_error(
     make_app: Callable[..., Flask], fakeredis_storage: dict[str, Any]
 ) -> None:
-    app = make_app(CHATKIT_RATELIMIT_FAIL_CLOSED=True, **fakeredis_storage)
+    app = make_app(RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=False, **fakeredis_storage)
     fakeredis_storage["_fake_server"].connected = False
     snap = Snapshot()
     assert app.test_client().post(URL).status_code == 503
@@ -297,7 +297,11 @@ def test_fail_closed_503_counts_a_storage_error(
 def test_fail_open_swallowed_errors_are_counted(
     make_app: Callable[..., Flask], fakeredis_storage: dict[str, Any]
 ) -> None:
-    app = make_app(RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=False, **fakeredis_storage)
+    app = make_app(
+        RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=False,
+        RATELIMIT_SWALLOW_ERRORS=True,
+        **fakeredis_storage,
+    )
     fakeredis_storage["_fake_server"].connected = False
     snap = Snapshot()
     client = app.test_client()

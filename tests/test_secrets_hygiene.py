@@ -102,7 +102,7 @@ def test_no_secret_in_any_log_or_error_body(
     for fail_closed in (False, True):
         down = make_app(
             RATELIMIT_STORAGE_URI="redis://:pw-REDIS-SECRET@127.0.0.1:1/0",
-            CHATKIT_RATELIMIT_FAIL_CLOSED=fail_closed,
+            RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=not fail_closed,
         )
         response = down.test_client().post(URL)
         if response.status_code == 200:

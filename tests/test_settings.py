@@ -23,13 +23,36 @@ def test_defaults_match_the_documented_values() -> None:
     assert settings.url_prefix == "/api/chatkit"
     assert settings.limit_per_user == "10 per minute;100 per day"
     assert settings.limit_per_ip == "30 per minute;500 per day"
-    assert settings.limit_global == ""
+    assert settings.limit_global == ""  # "off"
     assert settings.cookie_secure is True
     assert settings.cookie_max_age == 30 * 24 * 3600
     assert settings.trusted_proxies == 0
     assert settings.allowed_workflows == frozenset({"wf_1"})
     assert settings.chatkit_configuration is None
-    assert settings.in_memory_fallback is True and settings.fail_closed is False
+    # Flask-Limiter's own defaults for its keys.
+    assert settings.ratelimit_enabled is True
+    assert settings.in_memory_fallback is False and settings.swallow_errors is False
+    assert settings.headers_enabled is False and settings.key_prefix == ""
+    assert settings.storage_uri == "memory://" and settings.strategy == "fixed-window"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("", "10 per minute;100 per day"), ("off", ""), ("OFF", ""), ("5/second", "5/second")],
+)
+def test_one_rule_for_limit_values(value: str, expected: str) -> None:
+    """Empty means the default, off turns the limit off."""
+    settings = Settings.from_mapping({**REQUIRED, "CHATKIT_RATELIMIT_PER_USER": value})
+    assert settings.limit_per_user == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["0 per minute", "10 per minute;0 per day", "none", "10 per minite"]
+)
+def test_a_limit_that_cannot_admit_or_parse_is_a_configuration_error(value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping({**REQUIRED, "CHATKIT_RATELIMIT_PER_IP": value})
+    assert info.value.key == "CHATKIT_RATELIMIT_PER_IP"
 
 
 @pytest.mark.parametrize("key", sorted(REQUIRED))

@@ -1,0 +1,38 @@
+"""The per-app state the extension's views, CLI and metrics receive (kept in
+``app.extensions["chatkit"]``): a plain object, so no module imports the extension itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Response
+from flask_limiter import Limiter
+
+from .identity import VisitorCookie
+from .settings import Settings
+
+__all__ = ["ChatKitState"]
+
+
+@dataclass
+class ChatKitState:
+    """What one app's ChatKit runs with."""
+
+    settings: Settings
+    limiter: Limiter  # holds the chat's limits: the extension's own or the host's
+    cookie: VisitorCookie
+    user_loader: Callable[[], Callable[[], Any] | None]
+    client: Any = None  # hosted mode: the ChatKit sessions API client (upstream.ChatKitClient)
+    # Called with each response of the extension's endpoint (metrics); never on host routes.
+    response_hooks: list[Callable[[Response], None]] = field(default_factory=list)
+
+    def exempt(self, blueprint: Any) -> None:
+        """Keep default and application limits off one of the extension's service blueprints
+        (health, metrics, demo)."""
+        self.limiter.exempt(blueprint)
+
+    def load_user(self) -> Any:
+        loader = self.user_loader()
+        return loader() if loader is not None else None
