@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from flask import Response, g, jsonify
@@ -45,7 +46,11 @@ def error_response(error: ApiError) -> Response:
     """Render ``error`` as ``{"error", "message", "request_id", ...}`` with its status."""
     g.chatkit_outcome = getattr(g, "chatkit_outcome", None) or error.code
     body = {"error": error.code, "message": error.message, **error.extra}
-    body["request_id"] = getattr(g, "chatkit_request_id", None)
+    # An app-level hook (CSRF, the host's limiter) can fail a request before the blueprint
+    # gives it an id: every error body still carries one.
+    if not getattr(g, "chatkit_request_id", None):
+        g.chatkit_request_id = uuid.uuid4().hex
+    body["request_id"] = g.chatkit_request_id
     response = jsonify(body)
     response.status_code = error.status
     response.headers["Cache-Control"] = "no-store"
@@ -58,6 +63,12 @@ def http_error_response(exc: HTTPException) -> Response:
     """Render a werkzeug HTTP error (405, 413, ...) in the same JSON shape."""
     status = exc.code or 500
     code, message = _HTTP_CODES.get(status, ("http_error", "The request failed."))
+    if type(exc).__name__ == "CSRFError":  # Flask-WTF's CSRFProtect ran on the chat's endpoint
+        code, message = (
+            "csrf_failed",
+            "The site's CSRF protection refused this request: the site must exempt the chat "
+            "blueprint (csrf.exempt(app.blueprints['chatkit'])); the chat checks Origin itself.",
+        )
     headers = {}
     if status == 405:
         headers["Allow"] = "POST, OPTIONS"

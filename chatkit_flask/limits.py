@@ -21,6 +21,7 @@ Added here, on every storage path (the extension's limiter or a host's):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -59,6 +60,7 @@ STORAGE_ERRORS: tuple[type[Exception], ...] = (RedisError, StorageError, Connect
 
 ENDPOINT = "chatkit.secret"  # the scope part of the endpoint's counter keys
 _REDIS_SCHEMES = ("redis", "rediss", "redis+", "valkey", "valkeys", "valkey+")
+_registrations = itertools.count(1)
 _TIMEOUT_KEYS = ("socket_connect_timeout", "socket_timeout")
 
 
@@ -216,6 +218,11 @@ def limited(
         g.chatkit_limits_passed = True  # from here on a storage error is not the limiter's
         return view(*args, **kwargs)
 
+    # Flask-Limiter files route limits under the view's qualified name: one name per
+    # registration, so a module-level limiter shared by several apps (an app factory called
+    # by each test) does not pile one app's limits onto the next.
+    started.__qualname__ = f"{view.__qualname__}#{next(_registrations)}"
+
     decorated: Callable[..., Any] = started
     for rule in rules:
         decorated = limiter.limit(
@@ -238,6 +245,7 @@ def limited(
             limiter.context.seen_limits.clear()
             return decorated(*args, **kwargs)
 
+    guarded.__qualname__ = started.__qualname__  # the name Flask-Limiter's CLI looks up
     return guarded
 
 

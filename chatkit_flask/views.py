@@ -135,6 +135,7 @@ def make_blueprint(state: ChatKitState) -> Blueprint:
         g.chatkit_identity = user or state.cookie.resolve(request.cookies.get(settings.cookie_name))
 
     def secret() -> Response:
+        """Mint a client secret for the visitor."""
         if request.method != "POST":
             raise ApiError(405, "method_not_allowed", "Use POST.", headers={"Allow": "POST"})
         identity = g.chatkit_identity

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -128,3 +130,31 @@ def mint_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     yield caplog
     for name in ("chatkit_flask", "flask-limiter"):
         logging.getLogger(name).removeHandler(caplog.handler)
+
+
+@pytest.fixture
+def hung_redis() -> Iterator[str]:
+    """A TCP server that accepts connections and never answers: a paused Redis."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                held.append(conn)
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()

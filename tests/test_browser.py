@@ -446,3 +446,26 @@ def test_demo_page_screenshot(page: Any, start_service: Callable[..., str]) -> N
     if os.environ.get("CHATKIT_UPDATE_SCREENSHOT") or not docs.exists():
         docs.parent.mkdir(exist_ok=True)
         shutil.copyfile(shot, docs)
+
+
+def test_helper_default_endpoint_follows_the_url_prefix(
+    page: Any, start_service: Callable[..., str], upstream: FakeChatKit
+) -> None:
+    """With no ``endpoint`` option, both builds of the served helper mint from the prefix they
+    were served under (here /chat/v1, not the default /api/chatkit)."""
+    base = start_service(CHATKIT_URL_PREFIX="/chat/v1")
+    _open_demo(page, base)
+    assert page.evaluate("() => document.querySelector('script[src*=chatkit-secret]').src") == (
+        f"{base}/chat/v1/static/chatkit-secret.js"
+    )
+    plain = _mint(page)
+    module = page.evaluate(
+        """async () => {
+          const m = await import("/chat/v1/static/chatkit-secret.mjs");
+          return await m.createClientSecretFetcher()(null);
+        }"""
+    )
+    assert plain["ok"], plain
+    assert module.startswith("ek_")
+    assert upstream.count == 2
+    assert all(r.path == "/v1/chatkit/sessions" for r in upstream.requests)

@@ -27,6 +27,8 @@ def run(app: Flask, *args: str) -> Result:
 @pytest.fixture
 def redis_app(make_app: Callable[..., Flask], real_redis: redis.Redis) -> Callable[..., Flask]:
     def factory(**config: Any) -> Flask:
+        # A key prefix: ``flask chatkit usage``/``reset`` must read the prefixed counters.
+        config.setdefault("RATELIMIT_KEY_PREFIX", "chatkit")
         return make_app(RATELIMIT_STORAGE_URI=REDIS_URL, **config)
 
     return factory

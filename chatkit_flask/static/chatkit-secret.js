@@ -11,15 +11,18 @@
  */
 (function (root, factory) {
   "use strict";
-  var api = factory(root);
+  // Served by the extension at {CHATKIT_URL_PREFIX}/static/: the endpoint is next to it.
+  var script = typeof document !== "undefined" && document.currentScript;
+  var api = factory(root, script && script.src);
   if (typeof module === "object" && module && module.exports) {
     module.exports = api;
   }
   if (root) {
     root.ChatKitSecret = api;
   }
-})(typeof globalThis !== "undefined" ? globalThis : typeof self !== "undefined" ? self : this, function (root) {
+})(typeof globalThis !== "undefined" ? globalThis : typeof self !== "undefined" ? self : this, function (root, scriptUrl) {
   "use strict";
+  var DEFAULT_ENDPOINT = defaultEndpoint(scriptUrl);
 
   // --- shared core: keep identical to chatkit-secret.mjs (a test compares them) ---
   var RETRY_STATUSES = [503, 504];
@@ -96,7 +99,8 @@
    * Returns `async getClientSecret(currentClientSecret)` for ChatKit's `api: { getClientSecret }`.
    *
    * Options:
-   *   endpoint        URL of the secret endpoint (default "/api/chatkit/secret")
+   *   endpoint        URL of the secret endpoint (default: "secret" beside the prefix this
+   *                   file was served from, e.g. "/api/chatkit/secret")
    *   fetch           fetch implementation (default the global fetch)
    *   retries         extra attempts after a 503/504 or a network error (default 2)
    *   backoffMs       first backoff; doubles each retry, with jitter (default 500)
@@ -110,7 +114,7 @@
    */
   function createClientSecretFetcher(options) {
     var opts = options || {};
-    var endpoint = opts.endpoint || "/api/chatkit/secret";
+    var endpoint = opts.endpoint || DEFAULT_ENDPOINT;
     var fetchImpl =
       opts.fetch ||
       function (url, init) {
@@ -233,6 +237,11 @@
         });
       }
     };
+  }
+  /** "{prefix}/secret" when this file was loaded from "{prefix}/static/", else the default. */
+  function defaultEndpoint(url) {
+    var match = typeof url === "string" && /^(.*)\/static\/chatkit-secret\.m?js(?:[?#].*)?$/.exec(url);
+    return match ? match[1] + "/secret" : "/api/chatkit/secret";
   }
   // --- end of shared core ---
 

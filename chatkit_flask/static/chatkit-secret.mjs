@@ -6,6 +6,8 @@
  * getClientSecret(currentClientSecret) ALWAYS mints a new secret (first load and refresh alike).
  */
 const root = globalThis;
+// Served by the extension at {CHATKIT_URL_PREFIX}/static/: the endpoint is next to it.
+const DEFAULT_ENDPOINT = defaultEndpoint(import.meta.url);
 
 // --- shared core: keep identical to chatkit-secret.js (a test compares them) ---
 var RETRY_STATUSES = [503, 504];
@@ -82,7 +84,8 @@ function defaultMessage(status) {
  * Returns `async getClientSecret(currentClientSecret)` for ChatKit's `api: { getClientSecret }`.
  *
  * Options:
- *   endpoint        URL of the secret endpoint (default "/api/chatkit/secret")
+ *   endpoint        URL of the secret endpoint (default: "secret" beside the prefix this
+ *                   file was served from, e.g. "/api/chatkit/secret")
  *   fetch           fetch implementation (default the global fetch)
  *   retries         extra attempts after a 503/504 or a network error (default 2)
  *   backoffMs       first backoff; doubles each retry, with jitter (default 500)
@@ -96,7 +99,7 @@ function defaultMessage(status) {
  */
 function createClientSecretFetcher(options) {
   var opts = options || {};
-  var endpoint = opts.endpoint || "/api/chatkit/secret";
+  var endpoint = opts.endpoint || DEFAULT_ENDPOINT;
   var fetchImpl =
     opts.fetch ||
     function (url, init) {
@@ -219,6 +222,11 @@ function createClientSecretFetcher(options) {
       });
     }
   };
+}
+/** "{prefix}/secret" when this file was loaded from "{prefix}/static/", else the default. */
+function defaultEndpoint(url) {
+  var match = typeof url === "string" && /^(.*)\/static\/chatkit-secret\.m?js(?:[?#].*)?$/.exec(url);
+  return match ? match[1] + "/secret" : "/api/chatkit/secret";
 }
 // --- end of shared core ---
 
