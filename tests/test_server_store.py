@@ -7,12 +7,13 @@ Each test runs its scenario with ``asyncio.run``, as the background loop of a wo
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import random
 import re
 import sqlite3
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, get_args
@@ -21,6 +22,7 @@ import fakeredis
 import pytest
 import redis
 import redis.asyncio
+from chatkit.server import ChatKitServer, StreamingResult
 from chatkit.store import NotFoundError, StoreItemType, default_generate_id
 from chatkit.types import (
     AssistantMessageContent,
@@ -30,7 +32,9 @@ from chatkit.types import (
     Page,
     Thread,
     ThreadItem,
+    ThreadItemDoneEvent,
     ThreadMetadata,
+    ThreadStreamEvent,
     UserMessageItem,
     UserMessageTextContent,
 )
@@ -608,13 +612,90 @@ def test_two_processes_share_one_sqlite_file(tmp_path: Path) -> None:
     asyncio.run(read())
 
 
+# -- through the SDK ------------------------------------------------------------------------------
+
+
+class EchoServer(ChatKitServer[RequestContext]):
+    """The SDK's own server over our store; replies by echoing (no model)."""
+
+    async def respond(
+        self,
+        thread: ThreadMetadata,
+        input_user_message: UserMessageItem | None,
+        context: RequestContext,
+    ) -> AsyncIterator[ThreadStreamEvent]:
+        assert input_user_message is not None
+        yield ThreadItemDoneEvent(
+            item=AssistantMessageItem(
+                id=self.store.generate_item_id("message", thread, context),
+                thread_id=thread.id,
+                created_at=datetime.now(),
+                content=[AssistantMessageContent(text=f"echo: {texts([input_user_message])[0]}")],
+            )
+        )
+
+
+async def call(server: EchoServer, context: RequestContext, **request: Any) -> Any:
+    result = await server.process(json.dumps(request).encode(), context)
+    if isinstance(result, StreamingResult):
+        return [json.loads(frame.removeprefix(b"data: ")) async for frame in result]
+    return json.loads(result.json)
+
+
+def test_the_sdk_server_runs_on_the_store(backend: Backend) -> None:
+    server = EchoServer(backend.make())
+    message = {
+        "content": [{"type": "input_text", "text": "hello"}],
+        "attachments": [],
+        "inference_options": {},
+    }
+
+    async def scenario() -> None:
+        events = await call(server, ALICE, type="threads.create", params={"input": message})
+        thread_id = events[0]["thread"]["id"]
+        assert re.fullmatch(r"thr_[0-9a-f]{32}", thread_id)
+        follow_up = {**message, "content": [{"type": "input_text", "text": "again"}]}
+        await call(
+            server,
+            ALICE,
+            type="threads.add_user_message",
+            params={"thread_id": thread_id, "input": follow_up},
+        )
+
+        items = await call(server, ALICE, type="items.list", params={"thread_id": thread_id})
+        said = [part["text"] for item in items["data"] for part in item["content"]]
+        assert said == ["echo: again", "again", "echo: hello", "hello"]  # newest first
+        threads = await call(server, ALICE, type="threads.list", params={})
+        assert [t["id"] for t in threads["data"]] == [thread_id]
+
+        # Bob sees none of it and cannot write to it.
+        assert (await call(server, BOB, type="threads.list", params={}))["data"] == []
+        for request in (
+            {"type": "threads.get_by_id", "params": {"thread_id": thread_id}},
+            {"type": "items.list", "params": {"thread_id": thread_id}},
+        ):
+            with pytest.raises(NotFoundError):
+                await call(server, BOB, **request)
+        with pytest.raises(NotFoundError):
+            await call(
+                server,
+                BOB,
+                type="threads.add_user_message",
+                params={"thread_id": thread_id, "input": message},
+            )
+        await call(server, ALICE, type="threads.delete", params={"thread_id": thread_id})
+        assert (await call(server, ALICE, type="threads.list", params={}))["data"] == []
+
+    backend.run(scenario)
+
+
 # -- open_store -----------------------------------------------------------------------------------
 
 
 def test_open_store_picks_the_store_from_the_url(tmp_path: Path) -> None:
     relative = open_store("sqlite:///chatkit.db", thread_ttl=60)
     assert isinstance(relative, SQLiteStore)
-    assert relative.path == Path("chatkit.db")
+    assert relative.path == Path.cwd() / "chatkit.db"
     absolute = open_store(f"sqlite:///{tmp_path}/chat%20kit.db", thread_ttl=60)
     assert isinstance(absolute, SQLiteStore)
     assert absolute.path == tmp_path / "chat kit.db"

@@ -81,7 +81,7 @@ class SQLiteStore(OwnerScopedStore):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(thread_ttl)
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # a later chdir must not open another file
         self._clock = clock
         self._local = threading.local()
 
