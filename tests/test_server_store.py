@@ -443,6 +443,55 @@ def test_threads_expire_when_not_written_for_the_ttl(backend: Backend) -> None:
     backend.run(scenario)
 
 
+def test_listings_skip_expired_threads_between_live_ones(backend: Backend) -> None:
+    store = backend.make(thread_ttl=1)
+    created = {f"thr_{i}": T0 + timedelta(minutes=i) for i in range(8)}
+    live = [thread_id for i, thread_id in enumerate(created) if i % 2]
+
+    async def scenario() -> None:
+        for thread_id, at in created.items():
+            await store.save_thread(thread(thread_id, at), ALICE)
+        await backend.let_time_pass(0.6)
+        for thread_id in live:
+            await store.save_thread(thread(thread_id, created[thread_id], "kept"), ALICE)
+        await backend.let_time_pass(0.6)
+
+        # The first pass meets the expired ids (Redis drops them from its index as it goes).
+        for limit, order in ((2, "asc"), (1, "desc"), (3, "asc")):
+
+            def fetch(after: str | None, limit: int = limit, order: str = order) -> Any:
+                return store.load_threads(limit, after, order, ALICE)
+
+            pages = await collect_pages(fetch)
+            listed = [thread_id for ids, _, _ in pages for thread_id in ids]
+            assert listed == (live if order == "asc" else live[::-1]), (limit, order)
+
+    backend.run(scenario)
+
+
+def test_an_expired_id_taken_by_another_owner_stays_theirs(backend: Backend) -> None:
+    store = backend.make(thread_ttl=1)
+
+    async def scenario() -> None:
+        await store.save_thread(thread("thr_reused", title="Alice's"), ALICE)
+        await backend.let_time_pass(0.6)
+        await store.save_thread(thread("thr_alive"), ALICE)  # her thread list stays alive
+        await backend.let_time_pass(0.6)
+        await store.save_thread(thread("thr_reused", title="Bob's"), BOB)
+        await store.add_thread_item("thr_reused", user_message("thr_reused", "msg", "b"), BOB)
+
+        # Purging Alice deletes her live thread only (her list may still hold the old id).
+        assert await store.purge_owner(ALICE.owner) == 1
+        assert await store.list_owner_threads(ALICE.owner) == []
+        with pytest.raises(NotFoundError):
+            await store.load_thread("thr_reused", ALICE)
+        assert (await store.load_thread("thr_reused", BOB)).title == "Bob's"
+        items = (await store.load_thread_items("thr_reused", None, 20, "asc", BOB)).data
+        assert texts(items) == ["b"]
+
+    backend.run(scenario)
+
+
 def test_ids_are_128_bit_random_with_the_sdk_prefixes(backend: Backend) -> None:
     store = backend.make()
     meta = thread("thr_x")
