@@ -109,7 +109,8 @@ if ARGV[2] ~= '' then
   if not rank then return false end
   start = rank + 1
 end
-local ids = redis.call(asc and 'ZRANGE' or 'ZREVRANGE', KEYS[2], start, start + ARGV[3] - 1)
+local last = start + tonumber(ARGV[3]) - 1
+local ids = redis.call(asc and 'ZRANGE' or 'ZREVRANGE', KEYS[2], start, last)
 if #ids == 0 then return {} end
 return redis.call('HMGET', KEYS[3], unpack(ids))
 """
