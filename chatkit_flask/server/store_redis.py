@@ -1,0 +1,334 @@
+"""The shared store: threads in Redis, for several hosts (``redis://``, ``rediss://``, ``unix://``).
+
+Keys, under ``key_prefix`` (default ``chatkit:store``):
+
+- ``<prefix>:thread:<thread id>``: hash ``owner``, ``data`` (the thread's JSON), ``created``;
+- ``<prefix>:thread:<thread id>:order``: sorted set of item ids scored by creation time;
+- ``<prefix>:thread:<thread id>:items``: hash item id -> the item's JSON;
+- ``<prefix>:owner:<owner>:threads``: sorted set of the owner's thread ids scored by creation time.
+
+Scores are microseconds since the epoch; Redis breaks ties by member, so the order is
+(created_at, id) and a page after a cursor is ``ZRANK`` + ``ZRANGE``: O(log n + page).
+Every write refreshes the TTL of all three keys of its thread, so Redis expires a conversation
+natively ``thread_ttl`` seconds after its last write; the owner index lives as long as the owner's
+newest thread, and listings drop the ids of threads that expired. Each operation is one Lua script:
+the ownership check and the write it guards are atomic, and a request costs one round trip.
+
+Operators: these keys must never be evicted. Use ``maxmemory-policy noeviction`` or a dedicated
+instance (an evicted index hides live threads; an evicted item breaks a conversation).
+Redis Cluster is not supported (a script touches a thread's keys and its owner's index).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+
+from chatkit.types import Page, ThreadItem, ThreadMetadata
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from chatkit_flask.server.context import RequestContext
+from chatkit_flask.server.store import (
+    ITEM_ADAPTER,
+    OwnerScopedStore,
+    check_page_args,
+    make_page,
+    not_found,
+    sort_key,
+    thread_json,
+)
+
+__all__ = ["RedisStore"]
+
+# Write scripts share one layout and this prelude. KEYS: thread, order, items, owner index.
+# ARGV: owner, ttl in ms, thread id, then the script's own arguments.
+_WRITE_PRELUDE = """
+local function owned()
+  return redis.call('HGET', KEYS[1], 'owner') == ARGV[1]
+end
+local function touch()
+  for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+  -- The index must outlive every thread it lists: only ever extend it.
+  if redis.call('PTTL', KEYS[4]) < tonumber(ARGV[2]) then
+    redis.call('PEXPIRE', KEYS[4], ARGV[2])
+  end
+end
+"""
+
+# ARGV[4]: the thread's JSON, ARGV[5]: its score.
+_SAVE_THREAD = """
+local current = redis.call('HGET', KEYS[1], 'owner')
+if current and current ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'data', ARGV[4], 'created', ARGV[5])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[3])
+touch()
+return 1
+"""
+
+# ARGV[4]: item id, ARGV[5]: its score, ARGV[6]: its JSON.
+_PUT_ITEM = """
+if not owned() then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[6])
+touch()
+return 1
+"""
+
+# ARGV[4]: item id.
+_DELETE_ITEM = """
+if not owned() then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[4])
+redis.call('HDEL', KEYS[3], ARGV[4])
+touch()
+return 1
+"""
+
+_DELETE_THREAD = """
+if not owned() then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[3])
+return 1
+"""
+
+# KEYS: thread, order, items. ARGV: owner, item id. Returns the JSON, or nil.
+_LOAD_ITEM = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return false end
+return redis.call('HGET', KEYS[3], ARGV[2])
+"""
+
+# KEYS: thread, order, items. ARGV: owner, after ('' for none), limit + 1, 'asc' or 'desc'.
+# Returns the JSON of up to limit + 1 items, or nil when the thread or the cursor is not found.
+_PAGE_ITEMS = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return false end
+local asc = ARGV[4] == 'asc'
+local start = 0
+if ARGV[2] ~= '' then
+  local rank = redis.call(asc and 'ZRANK' or 'ZREVRANK', KEYS[2], ARGV[2])
+  if not rank then return false end
+  start = rank + 1
+end
+local last = start + tonumber(ARGV[3]) - 1
+local ids = redis.call(asc and 'ZRANGE' or 'ZREVRANGE', KEYS[2], start, last)
+if #ids == 0 then return {} end
+return redis.call('HMGET', KEYS[3], unpack(ids))
+"""
+
+# KEYS: owner index. ARGV: owner, after ('' for none), wanted (limit + 1, or 0 for all),
+# 'asc' or 'desc', thread key prefix. Returns the JSON of up to `wanted` live threads, or nil
+# when the cursor is not in the index. Ids of expired threads are removed from the index.
+_PAGE_THREADS = """
+local index, owner, wanted, asc = KEYS[1], ARGV[1], tonumber(ARGV[3]), ARGV[4] == 'asc'
+local start = 0
+if ARGV[2] ~= '' then
+  local rank = redis.call(asc and 'ZRANK' or 'ZREVRANK', index, ARGV[2])
+  if not rank then return false end
+  start = rank + 1
+end
+local batch = wanted > 0 and wanted or 100
+local found = {}
+while wanted == 0 or #found < wanted do
+  local ids = redis.call(asc and 'ZRANGE' or 'ZREVRANGE', index, start, start + batch - 1)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    local thread = redis.call('HMGET', ARGV[5] .. id, 'owner', 'data')
+    if thread[1] == owner then
+      if wanted == 0 or #found < wanted then found[#found + 1] = thread[2] end
+    else
+      redis.call('ZREM', index, id)  -- expired: later ids move up one rank
+      start = start - 1
+    end
+  end
+  start = start + #ids
+end
+return found
+"""
+
+# KEYS: owner index. ARGV: owner, thread key prefix. Returns the number of live threads deleted.
+_PURGE_OWNER = """
+local deleted = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local key = ARGV[2] .. id
+  if redis.call('HGET', key, 'owner') == ARGV[1] then
+    redis.call('DEL', key, key .. ':order', key .. ':items')
+    deleted = deleted + 1
+  end
+end
+redis.call('DEL', KEYS[1])
+return deleted
+"""
+
+_SCRIPTS = {
+    "save_thread": _WRITE_PRELUDE + _SAVE_THREAD,
+    "put_item": _WRITE_PRELUDE + _PUT_ITEM,
+    "delete_item": _WRITE_PRELUDE + _DELETE_ITEM,
+    "delete_thread": _WRITE_PRELUDE + _DELETE_THREAD,
+    "load_item": _LOAD_ITEM,
+    "page_items": _PAGE_ITEMS,
+    "page_threads": _PAGE_THREADS,
+    "purge_owner": _PURGE_OWNER,
+}
+
+
+class RedisStore(OwnerScopedStore):
+    """Threads and items in the Redis at ``url``.
+
+    The client is created on the event loop that first uses the store, and again when the running
+    loop or the process (a gunicorn fork) changes; nothing connects before first use.
+    ``client_factory`` replaces ``Redis.from_url`` (tests pass a fakeredis client).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        thread_ttl: int,
+        key_prefix: str = "chatkit:store",
+        *,
+        client_factory: Callable[[], Redis] | None = None,
+    ) -> None:
+        super().__init__(thread_ttl)
+        self._url = url
+        self._prefix = key_prefix
+        self._client_factory = client_factory
+        self._client: Redis | None = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._client_pid = 0
+        self._scripts: dict[str, AsyncScript] = {}
+
+    def __repr__(self) -> str:
+        return f"RedisStore(prefix={self._prefix!r}, thread_ttl={self.thread_ttl})"  # no URL
+
+    async def aclose(self) -> None:
+        """Close the client if it belongs to the running loop (at shutdown, and in tests)."""
+        if self._client is not None and self._client_loop is asyncio.get_running_loop():
+            await self._client.aclose()
+        self._client = None
+
+    # -- ChatKit Store --------------------------------------------------------------------------
+
+    async def load_thread(self, thread_id: str, context: RequestContext) -> ThreadMetadata:
+        owner, data = await self._redis().hmget(self._thread_key(thread_id), ["owner", "data"])
+        if owner is None or owner.decode() != context.owner:
+            not_found("thread", thread_id)
+        return ThreadMetadata.model_validate_json(data)
+
+    async def save_thread(self, thread: ThreadMetadata, context: RequestContext) -> None:
+        created = sort_key(thread.created_at)
+        if not await self._write(
+            "save_thread", thread.id, context.owner, thread_json(thread), created
+        ):
+            not_found("thread", thread.id)
+
+    async def load_threads(
+        self, limit: int, after: str | None, order: str, context: RequestContext
+    ) -> Page[ThreadMetadata]:
+        limit = check_page_args(limit, order)
+        rows = await self._page_threads(context.owner, after, limit + 1, order)
+        if rows is None:
+            not_found("thread", str(after))
+        return make_page([ThreadMetadata.model_validate_json(row) for row in rows], limit)
+
+    async def delete_thread(self, thread_id: str, context: RequestContext) -> None:
+        if not await self._write("delete_thread", thread_id, context.owner):
+            not_found("thread", thread_id)
+
+    async def load_thread_items(
+        self, thread_id: str, after: str | None, limit: int, order: str, context: RequestContext
+    ) -> Page[ThreadItem]:
+        limit = check_page_args(limit, order)
+        rows = await self._script("page_items")(
+            keys=self._thread_keys(thread_id)[:3],
+            args=[context.owner, after or "", limit + 1, order],
+        )
+        if rows is None:
+            not_found("thread or item", f"{thread_id}/{after}")
+        items = [ITEM_ADAPTER.validate_json(row) for row in rows if row is not None]
+        return make_page(items, limit)
+
+    async def add_thread_item(
+        self, thread_id: str, item: ThreadItem, context: RequestContext
+    ) -> None:
+        await self._put_item(thread_id, item, context.owner)
+
+    async def save_item(self, thread_id: str, item: ThreadItem, context: RequestContext) -> None:
+        await self._put_item(thread_id, item, context.owner)
+
+    async def load_item(self, thread_id: str, item_id: str, context: RequestContext) -> ThreadItem:
+        row = await self._script("load_item")(
+            keys=self._thread_keys(thread_id)[:3], args=[context.owner, item_id]
+        )
+        if row is None:
+            not_found("item", item_id)
+        return ITEM_ADAPTER.validate_json(row)
+
+    async def delete_thread_item(
+        self, thread_id: str, item_id: str, context: RequestContext
+    ) -> None:
+        if not await self._write("delete_item", thread_id, context.owner, item_id):
+            not_found("thread", thread_id)
+
+    # -- owner-wide operations ------------------------------------------------------------------
+
+    async def list_owner_threads(self, owner: str) -> list[ThreadMetadata]:
+        rows = await self._page_threads(owner, None, 0, "asc")
+        return [ThreadMetadata.model_validate_json(row) for row in rows or []]
+
+    async def purge_owner(self, owner: str) -> int:
+        deleted = await self._script("purge_owner")(
+            keys=[self._owner_key(owner)], args=[owner, f"{self._prefix}:thread:"]
+        )
+        return int(deleted)
+
+    # -- keys and scripts -------------------------------------------------------------------------
+
+    def _thread_key(self, thread_id: str) -> str:
+        return f"{self._prefix}:thread:{thread_id}"
+
+    def _owner_key(self, owner: str) -> str:
+        return f"{self._prefix}:owner:{owner}:threads"
+
+    def _thread_keys(self, thread_id: str, owner: str = "") -> list[str]:
+        thread = self._thread_key(thread_id)
+        return [thread, f"{thread}:order", f"{thread}:items", self._owner_key(owner)]
+
+    async def _put_item(self, thread_id: str, item: ThreadItem, owner: str) -> None:
+        created = sort_key(item.created_at)
+        if not await self._write(
+            "put_item", thread_id, owner, item.id, created, item.model_dump_json()
+        ):
+            not_found("thread", thread_id)
+
+    async def _write(self, script: str, thread_id: str, owner: str, *args: str | int) -> bool:
+        """Run a write script; False when the thread is another owner's (or missing)."""
+        done = await self._script(script)(
+            keys=self._thread_keys(thread_id, owner),
+            args=[owner, self.thread_ttl * 1000, thread_id, *args],
+        )
+        return bool(done)
+
+    async def _page_threads(
+        self, owner: str, after: str | None, wanted: int, order: str
+    ) -> list[bytes] | None:
+        return await self._script("page_threads")(
+            keys=[self._owner_key(owner)],
+            args=[owner, after or "", wanted, order, f"{self._prefix}:thread:"],
+        )
+
+    def _script(self, name: str) -> AsyncScript:
+        self._redis()
+        return self._scripts[name]
+
+    def _redis(self) -> Redis:
+        """The client for the running loop in this process (a client is bound to the loop that
+        created its connections, and connections must not cross a fork)."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop or self._client_pid != os.getpid():
+            if self._client_factory is not None:
+                client = self._client_factory()
+            else:
+                # URL query options (socket_timeout=...) take precedence over these defaults.
+                client = Redis.from_url(self._url, socket_connect_timeout=5, socket_timeout=10)
+            self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
+            self._client, self._client_loop, self._client_pid = client, loop, os.getpid()
+        return self._client

@@ -1,0 +1,339 @@
+"""The embedded store: one SQLite file that every worker process of one host shares.
+
+Blocking ``sqlite3`` calls run in worker threads (``asyncio.to_thread``) so the event loop never
+waits on the disk or on another process's write lock. Each thread has its own connection (opened
+again after a fork); WAL lets readers proceed while one process writes, and ``busy_timeout`` makes a
+writer wait for the lock instead of failing. SQLite has no native expiry: expired threads are
+hidden from every read and deleted by :meth:`SQLiteStore.prune`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+from chatkit.types import Page, ThreadItem, ThreadMetadata
+
+from chatkit_flask.server.context import RequestContext
+from chatkit_flask.server.store import (
+    ITEM_ADAPTER,
+    OwnerScopedStore,
+    check_page_args,
+    make_page,
+    not_found,
+    sort_key,
+    thread_json,
+)
+
+__all__ = ["SQLiteStore"]
+
+BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for another process's transaction
+
+# Items cascade with their thread: deleting or pruning a thread is one statement.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS chatkit_threads (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    created_us INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chatkit_threads_by_owner
+    ON chatkit_threads (owner, created_us, id);
+CREATE INDEX IF NOT EXISTS chatkit_threads_by_expiry ON chatkit_threads (expires_at);
+CREATE TABLE IF NOT EXISTS chatkit_items (
+    thread_id TEXT NOT NULL REFERENCES chatkit_threads (id) ON DELETE CASCADE,
+    id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    created_us INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (thread_id, id)
+);
+CREATE INDEX IF NOT EXISTS chatkit_items_by_thread
+    ON chatkit_items (thread_id, created_us, id);
+"""
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class SQLiteStore(OwnerScopedStore):
+    """Threads and items in the SQLite file at ``path`` (tables created on first use).
+
+    ``clock`` (seconds, like ``time.time``) decides expiry; tests inject a fake one.
+    Safe to share between threads and forked processes.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        thread_ttl: int,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(thread_ttl)
+        self.path = Path(path).absolute()  # a later chdir must not open another file
+        self._clock = clock
+        self._local = threading.local()
+
+    # -- ChatKit Store --------------------------------------------------------------------------
+
+    async def load_thread(self, thread_id: str, context: RequestContext) -> ThreadMetadata:
+        return await self._run(self._load_thread, thread_id, context.owner)
+
+    async def save_thread(self, thread: ThreadMetadata, context: RequestContext) -> None:
+        await self._run(self._save_thread, thread, context.owner)
+
+    async def load_threads(
+        self, limit: int, after: str | None, order: str, context: RequestContext
+    ) -> Page[ThreadMetadata]:
+        return await self._run(self._load_threads, limit, after, order, context.owner)
+
+    async def delete_thread(self, thread_id: str, context: RequestContext) -> None:
+        await self._run(self._delete_thread, thread_id, context.owner)
+
+    async def load_thread_items(
+        self, thread_id: str, after: str | None, limit: int, order: str, context: RequestContext
+    ) -> Page[ThreadItem]:
+        return await self._run(self._load_items, thread_id, after, limit, order, context.owner)
+
+    async def add_thread_item(
+        self, thread_id: str, item: ThreadItem, context: RequestContext
+    ) -> None:
+        await self._run(self._put_item, thread_id, item, context.owner)
+
+    async def save_item(self, thread_id: str, item: ThreadItem, context: RequestContext) -> None:
+        await self._run(self._put_item, thread_id, item, context.owner)
+
+    async def load_item(self, thread_id: str, item_id: str, context: RequestContext) -> ThreadItem:
+        return await self._run(self._load_item, thread_id, item_id, context.owner)
+
+    async def delete_thread_item(
+        self, thread_id: str, item_id: str, context: RequestContext
+    ) -> None:
+        await self._run(self._delete_item, thread_id, item_id, context.owner)
+
+    # -- owner-wide operations ------------------------------------------------------------------
+
+    async def list_owner_threads(self, owner: str) -> list[ThreadMetadata]:
+        return await self._run(self._list_owner_threads, owner)
+
+    async def purge_owner(self, owner: str) -> int:
+        return await self._run(self._purge_owner, owner)
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete threads (and their items) that expired at ``now`` (default: the clock); return
+        how many threads. Blocking: call it from a command or a thread, not the event loop."""
+        now = self._clock() if now is None else now
+        with self._transaction(write=True) as db:
+            return db.execute("DELETE FROM chatkit_threads WHERE expires_at <= ?", (now,)).rowcount
+
+    # -- blocking implementations (worker threads) -----------------------------------------------
+
+    def _load_thread(self, thread_id: str, owner: str) -> ThreadMetadata:
+        row = (
+            self._connection()
+            .execute(
+                "SELECT data FROM chatkit_threads WHERE id = ? AND owner = ? AND expires_at > ?",
+                (thread_id, owner, self._clock()),
+            )
+            .fetchone()
+        )
+        if row is None:
+            not_found("thread", thread_id)
+        return ThreadMetadata.model_validate_json(row[0])
+
+    def _save_thread(self, thread: ThreadMetadata, owner: str) -> None:
+        now = self._clock()
+        with self._transaction(write=True) as db:
+            row = db.execute(
+                "SELECT owner, expires_at FROM chatkit_threads WHERE id = ?", (thread.id,)
+            ).fetchone()
+            if row is not None and row[1] <= now:
+                # Expired but not pruned yet: it is gone, so its items must not come back.
+                db.execute("DELETE FROM chatkit_threads WHERE id = ?", (thread.id,))
+            elif row is not None and row[0] != owner:
+                not_found("thread", thread.id)
+            # An upsert, never INSERT OR REPLACE: a replace deletes the row and cascades to items.
+            db.execute(
+                """INSERT INTO chatkit_threads (id, owner, created_us, updated_at, expires_at, data)
+                VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT (id) DO UPDATE SET created_us = excluded.created_us,
+                    updated_at = excluded.updated_at, expires_at = excluded.expires_at,
+                    data = excluded.data""",
+                (
+                    thread.id,
+                    owner,
+                    sort_key(thread.created_at),
+                    now,
+                    now + self.thread_ttl,
+                    thread_json(thread),
+                ),
+            )
+
+    def _load_threads(
+        self, limit: int, after: str | None, order: str, owner: str
+    ) -> Page[ThreadMetadata]:
+        limit = check_page_args(limit, order)
+        with self._transaction(write=False) as db:
+            where, params = "owner = ? AND expires_at > ?", [owner, self._clock()]
+            if after is not None:
+                cursor = db.execute(
+                    "SELECT created_us, id FROM chatkit_threads WHERE id = ? AND owner = ?",
+                    (after, owner),
+                ).fetchone()
+                if cursor is None:
+                    not_found("thread", after)
+                where += _AFTER[order]
+                params += cursor
+            rows = db.execute(
+                f"SELECT data FROM chatkit_threads WHERE {where} {_ORDER_BY[order]} LIMIT ?",  # noqa: S608 (fixed fragments)
+                (*params, limit + 1),
+            ).fetchall()
+        return make_page([ThreadMetadata.model_validate_json(row[0]) for row in rows], limit)
+
+    def _delete_thread(self, thread_id: str, owner: str) -> None:
+        with self._transaction(write=True) as db:
+            self._require_thread(db, thread_id, owner)
+            db.execute("DELETE FROM chatkit_threads WHERE id = ?", (thread_id,))
+
+    def _load_items(
+        self, thread_id: str, after: str | None, limit: int, order: str, owner: str
+    ) -> Page[ThreadItem]:
+        limit = check_page_args(limit, order)
+        with self._transaction(write=False) as db:
+            self._require_thread(db, thread_id, owner)
+            where, params = "thread_id = ? AND owner = ?", [thread_id, owner]
+            if after is not None:
+                cursor = db.execute(
+                    "SELECT created_us, id FROM chatkit_items WHERE thread_id = ? AND id = ?",
+                    (thread_id, after),
+                ).fetchone()
+                if cursor is None:
+                    not_found("item", after)
+                where += _AFTER[order]
+                params += cursor
+            rows = db.execute(
+                f"SELECT data FROM chatkit_items WHERE {where} {_ORDER_BY[order]} LIMIT ?",  # noqa: S608 (fixed fragments)
+                (*params, limit + 1),
+            ).fetchall()
+        return make_page([ITEM_ADAPTER.validate_json(row[0]) for row in rows], limit)
+
+    def _put_item(self, thread_id: str, item: ThreadItem, owner: str) -> None:
+        now = self._clock()
+        with self._transaction(write=True) as db:
+            self._require_thread(db, thread_id, owner)
+            db.execute(
+                """INSERT INTO chatkit_items (thread_id, id, owner, created_us, updated_at, data)
+                VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT (thread_id, id) DO UPDATE SET created_us = excluded.created_us,
+                    updated_at = excluded.updated_at, data = excluded.data""",
+                (thread_id, item.id, owner, sort_key(item.created_at), now, item.model_dump_json()),
+            )
+            self._touch(db, thread_id, now)
+
+    def _load_item(self, thread_id: str, item_id: str, owner: str) -> ThreadItem:
+        with self._transaction(write=False) as db:
+            self._require_thread(db, thread_id, owner)
+            row = db.execute(
+                "SELECT data FROM chatkit_items WHERE thread_id = ? AND id = ? AND owner = ?",
+                (thread_id, item_id, owner),
+            ).fetchone()
+        if row is None:
+            not_found("item", item_id)
+        return ITEM_ADAPTER.validate_json(row[0])
+
+    def _delete_item(self, thread_id: str, item_id: str, owner: str) -> None:
+        now = self._clock()
+        with self._transaction(write=True) as db:
+            self._require_thread(db, thread_id, owner)
+            db.execute(
+                "DELETE FROM chatkit_items WHERE thread_id = ? AND id = ?", (thread_id, item_id)
+            )
+            self._touch(db, thread_id, now)
+
+    def _list_owner_threads(self, owner: str) -> list[ThreadMetadata]:
+        rows = (
+            self._connection()
+            .execute(
+                "SELECT data FROM chatkit_threads WHERE owner = ? AND expires_at > ?"
+                " ORDER BY created_us, id",
+                (owner, self._clock()),
+            )
+            .fetchall()
+        )
+        return [ThreadMetadata.model_validate_json(row[0]) for row in rows]
+
+    def _purge_owner(self, owner: str) -> int:
+        with self._transaction(write=True) as db:
+            (live,) = db.execute(
+                "SELECT COUNT(*) FROM chatkit_threads WHERE owner = ? AND expires_at > ?",
+                (owner, self._clock()),
+            ).fetchone()
+            db.execute("DELETE FROM chatkit_threads WHERE owner = ?", (owner,))  # items cascade
+        return int(live)
+
+    def _require_thread(self, db: sqlite3.Connection, thread_id: str, owner: str) -> None:
+        row = db.execute(
+            "SELECT 1 FROM chatkit_threads WHERE id = ? AND owner = ? AND expires_at > ?",
+            (thread_id, owner, self._clock()),
+        ).fetchone()
+        if row is None:
+            not_found("thread", thread_id)
+
+    def _touch(self, db: sqlite3.Connection, thread_id: str, now: float) -> None:
+        db.execute(
+            "UPDATE chatkit_threads SET updated_at = ?, expires_at = ? WHERE id = ?",
+            (now, now + self.thread_ttl, thread_id),
+        )
+
+    # -- connections ------------------------------------------------------------------------------
+
+    async def _run(self, func: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return await asyncio.to_thread(func, *args, **kwargs)
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use (and again in a forked child: a
+        connection must never cross a fork)."""
+        held = getattr(self._local, "held", None)
+        if held is not None and held[0] == os.getpid():
+            return held[1]
+        # Autocommit mode: transactions are explicit (see _transaction).
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode = WAL")  # persistent in the file; cheap to repeat
+        db.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable across a process crash
+        db.execute("PRAGMA foreign_keys = ON")  # per connection; items cascade with threads
+        db.executescript(_SCHEMA)
+        self._local.held = (os.getpid(), db)
+        return db
+
+    @contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+        """One transaction. A writer takes the write lock at BEGIN: upgrading a read transaction
+        later can fail at once with SQLITE_BUSY, which busy_timeout does not retry."""
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:  # also after a failed COMMIT: never leave one open
+                db.execute("ROLLBACK")
+            raise
+
+
+_AFTER = {
+    "asc": " AND (created_us, id) > (?, ?)",
+    "desc": " AND (created_us, id) < (?, ?)",
+}
+_ORDER_BY = {"asc": "ORDER BY created_us, id", "desc": "ORDER BY created_us DESC, id DESC"}
