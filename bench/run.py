@@ -585,16 +585,16 @@ def count_round_trips(args: argparse.Namespace, port: int, cookie: str | None) -
 
 def run_variant(
     args: argparse.Namespace, variant: str, upstream: subprocess.Popen, upstream_port: int,
-    workdir: Path,
+    workdir: Path, root: Path = ROOT, tree: str = "",
 ) -> dict[str, Any]:  # fmt: skip
     redis_cmd(args.redis_port, "flushdb", db=args.redis_db)
     port = free_port()
     env = service_env(args, variant, upstream_port, port)
-    log_path = workdir / f"gunicorn-{variant}.log"
+    log_path = workdir / f"gunicorn-{tree or 'head'}-{variant}.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
             [str(BIN / "gunicorn"), "-c", "config/gunicorn.conf.py", "wsgi:app"],
-            cwd=ROOT,
+            cwd=root,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -629,6 +629,7 @@ def run_variant(
         result.update(
             {
                 "variant": variant,
+                "tree": tree,
                 "expected_status": expected,
                 "rps": load["responses"] / load["seconds"],
                 "server_cpu_ms_per_request": 1000 * (cpu1 - cpu0) / max(1, load["responses"]),
@@ -748,6 +749,8 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in results:
         is_ceiling = r["variant"] == "ceiling"
         name = "ceiling (fake upstream)" if is_ceiling else f"service {r['variant']}"
+        if r.get("tree"):
+            name = f"{r['tree']}: {name}"
         if r["variant"] == "limited":
             name += " (429s)"
         rows.append(
@@ -776,6 +779,16 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join([line, sep, *body])
 
 
+def checkout(ref: str, workdir: Path) -> Path:
+    """A detached worktree of ``ref`` under ``workdir`` (removed at the end of the run)."""
+    path = workdir / "before"
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(path), ref], cwd=ROOT, check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Mint throughput/latency of the deployed service vs the upstream's ceiling."
@@ -800,6 +813,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-port", type=int, default=6379)
     parser.add_argument("--redis-db", type=int, default=14)
     parser.add_argument("--label", default="", help="a note stored in the JSON")
+    parser.add_argument(
+        "--before",
+        metavar="REF",
+        help="also run each variant from a checkout of git REF (a temporary worktree), "
+        "alternating with this tree, against the same upstream in the same run",
+    )
     parser.add_argument("--no-json", action="store_true", help="do not write bench/results/")
     parser.add_argument("--keep-logs", action="store_true", help="keep the service logs")
     args = parser.parse_args(argv)
@@ -819,9 +838,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_http(upstream_port, "/", 15, upstream)
         results.append(run_ceiling(args, upstream, upstream_port, workdir))
+        before = checkout(args.before, workdir) if args.before else None
         for variant in variants:
-            results.append(run_variant(args, variant, upstream, upstream_port, workdir))
+            if before is not None:
+                results.append(
+                    run_variant(
+                        args, variant, upstream, upstream_port, workdir, before,
+                        f"before {args.before}",
+                    )
+                )
+            results.append(
+                run_variant(
+                    args, variant, upstream, upstream_port, workdir, ROOT, "after" if before else ""
+                )
+            )
     finally:
+        if args.before:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(workdir / "before")],
+                cwd=ROOT, capture_output=True, check=False,
+            )  # fmt: skip
         stop(upstream)
         redis_cmd(args.redis_port, "flushdb", db=args.redis_db)
         if not args.keep_logs:
@@ -841,7 +877,8 @@ def main(argv: list[str] | None = None) -> int:
         rt = r["redis_round_trips"]
         cmds = " ".join(f"{k}={v:g}" for k, v in rt["commands_per_request"].items())
         print(
-            f"  {r['variant']}: redis round trips/req {rt['per_request']:g} ({cmds}); "
+            f"  {r.get('tree') or ''} {r['variant']}: "
+            f"redis round trips/req {rt['per_request']:g} ({cmds}); "
             f"server {r['server_cpu_cores']:.2f} cores, upstream {r['upstream_cpu_cores']:.2f}, "
             f"client {r['client_cpu_cores']:.2f}, "
             f"redis {r['redis_cpu_ms_per_request']:.3f} ms/req; "
