@@ -10,12 +10,13 @@ from flask_cors import CORS
 from flask_limiter import Limiter
 
 from .cli import chatkit_cli
+from .hosted import make_hosted_blueprint
 from .identity import VisitorCookie
 from .limits import guard_header_hook, prepare_limiter
 from .settings import OPTIONS, ConfigError, Settings, _read
 from .state import ChatKitState
 from .upstream import ChatKitClient
-from .views import BLUEPRINT_NAME, make_blueprint
+from .web import BLUEPRINT_NAME
 
 __all__ = ["ChatKit", "ChatKitState"]
 
@@ -86,7 +87,7 @@ class ChatKit:
             client=client,
         )
         app.extensions["chatkit"] = state
-        app.register_blueprint(make_blueprint(state))
+        app.register_blueprint(make_hosted_blueprint(state))
         app.cli.add_command(chatkit_cli)
         guard_header_hook(app, limiter)
         if settings.metrics_enabled:

@@ -15,7 +15,7 @@ from .errors import http_error_response
 from .extension import ChatKit
 from .logs import configure_logging
 from .settings import Settings, load_config
-from .views import health_blueprint
+from .web import health_blueprint
 
 __all__ = ["DEFAULT_CONFIG_FILE", "create_app"]
 

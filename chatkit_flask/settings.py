@@ -125,6 +125,21 @@ def _token(key: str, value: Any) -> str:
     return text
 
 
+def _agent_spec(key: str, value: Any) -> str:
+    text = _as_str(key, value)
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", text):
+        raise ConfigError(key, f"must be 'package.module:name', got {text!r}")
+    return text
+
+
+def _store_url(key: str, value: Any) -> str:
+    text = _as_str(key, value)
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme not in {"sqlite", "redis", "rediss", "unix"}:
+        raise ConfigError(key, "must be sqlite:///path or redis://host:6379/db")
+    return text
+
+
 def _key_prefix(key: str, value: Any) -> str:
     text = _as_str(key, value)
     return _token(key, text) if text else ""
@@ -200,7 +215,19 @@ _OPTION_LIST = [
         "Old secret keys (comma-separated) still accepted for cookies, for rotation.",
         secret=True,
     ),
-    Option("CHATKIT_WORKFLOW_ID", None, _token, "Agent Builder workflow id (wf_...).", True),
+    Option(
+        "CHATKIT_BACKEND",
+        "hosted",
+        _choice("hosted", "server"),
+        "hosted: mint client secrets for an Agent Builder workflow; server: serve the ChatKit "
+        "protocol here with an Agents SDK agent.",
+    ),
+    Option(
+        "CHATKIT_WORKFLOW_ID",
+        None,
+        _token,
+        "Agent Builder workflow id (wf_...); required in hosted mode.",
+    ),
     Option(
         "CHATKIT_ALLOWED_WORKFLOWS",
         "",
@@ -354,6 +381,76 @@ _OPTION_LIST = [
         _networks,
         "Networks (comma-separated CIDRs) allowed to read /metrics; others get 403.",
     ),
+    # Server mode (CHATKIT_BACKEND=server).
+    Option(
+        "CHATKIT_AGENT",
+        None,
+        _agent_spec,
+        "Server mode: package.module:name of an Agents SDK Agent, or of a callable returning one "
+        "per request; unset builds a plain agent from the two keys below.",
+    ),
+    Option("CHATKIT_AGENT_MODEL", "gpt-4.1-mini", _token, "Server mode: the plain agent's model."),
+    Option(
+        "CHATKIT_AGENT_INSTRUCTIONS",
+        "@instructions.md",
+        _as_str,
+        "Server mode: the plain agent's instructions, inline or @file (relative to config/).",
+    ),
+    Option(
+        "CHATKIT_HISTORY_ITEMS",
+        30,
+        _int_range(1, 500),
+        "Server mode: thread items (newest) sent to the model with each message.",
+    ),
+    Option(
+        "OPENAI_BASE_URL",
+        None,
+        _http_url,
+        "Server mode: the Responses API base URL (the openai client's own variable).",
+    ),
+    Option(
+        "CHATKIT_AGENT_TRACING",
+        False,
+        _bool,
+        "Server mode: send Agents SDK traces to OpenAI (off: nothing leaves but the model call).",
+    ),
+    Option(
+        "CHATKIT_MODEL_TIMEOUT",
+        120,
+        _float_range(0, 3600),
+        "Server mode: seconds a model request may take before the reply ends with an error.",
+    ),
+    Option(
+        "CHATKIT_STORE_URL",
+        "sqlite:///var/chatkit-threads.db",
+        _store_url,
+        "Server mode: where threads live: sqlite:///path (one host) or redis://host/db "
+        "(several hosts; keys must not be evicted).",
+    ),
+    Option(
+        "CHATKIT_THREAD_TTL",
+        2592000,
+        _int_range(60, None),
+        "Server mode: seconds a thread is kept after its last write (default 30 days).",
+    ),
+    Option(
+        "CHATKIT_RATELIMIT_REQUESTS_PER_IP",
+        "300 per minute",
+        _limit,
+        "Server mode: all ChatKit requests per client IP, reads included ('off': none).",
+    ),
+    Option(
+        "CHATKIT_MAX_STREAMS_PER_USER",
+        2,
+        _int_range(1, 100),
+        "Server mode: replies one visitor or user may have streaming at once.",
+    ),
+    Option(
+        "CHATKIT_MAX_INPUT_CHARS",
+        4000,
+        _int_range(1, 100_000),
+        "Server mode: longest user message in characters (longer: 400 before the model).",
+    ),
     # Flask-Limiter's own keys, with its defaults; validated here, read by Flask-Limiter.
     Option("RATELIMIT_ENABLED", True, _bool, "Flask-Limiter: false turns every limit off."),
     Option(
@@ -404,10 +501,11 @@ def _read(config: Mapping[str, Any], name: str) -> Any:
 class Settings:
     """The validated configuration the extension runs with."""
 
+    backend: str
     api_key: str
     secret_key: str
     secret_key_fallbacks: tuple[str, ...]
-    workflow_id: str
+    workflow_id: str | None
     allowed_workflows: frozenset[str]
     workflow_version: str | None
     api_base: str
@@ -435,6 +533,18 @@ class Settings:
     demo: bool
     metrics_enabled: bool
     metrics_allow: tuple[str, ...]
+    agent: str | None
+    agent_model: str
+    agent_instructions: str
+    history_items: int
+    openai_base_url: str | None
+    agent_tracing: bool
+    model_timeout: float
+    store_url: str
+    thread_ttl: int
+    limit_requests_per_ip: str
+    max_streams_per_user: int
+    max_input_chars: int
     ratelimit_enabled: bool
     storage_uri: str
     strategy: str
@@ -450,11 +560,17 @@ class Settings:
         allowed = set(v["CHATKIT_ALLOWED_WORKFLOWS"])
         for workflow in allowed:
             _token("CHATKIT_ALLOWED_WORKFLOWS", workflow)
-        allowed.add(v["CHATKIT_WORKFLOW_ID"])
+        if v["CHATKIT_WORKFLOW_ID"]:
+            allowed.add(v["CHATKIT_WORKFLOW_ID"])
+        elif v["CHATKIT_BACKEND"] == "hosted":
+            raise ConfigError(
+                "CHATKIT_WORKFLOW_ID", "is required but not set (or set CHATKIT_BACKEND=server)"
+            )
         fallbacks = config.get("SECRET_KEY_FALLBACKS") or ()
         if isinstance(fallbacks, str):
             fallbacks = _list("SECRET_KEY_FALLBACKS", fallbacks)
         return cls(
+            backend=v["CHATKIT_BACKEND"],
             api_key=v["OPENAI_API_KEY"],
             secret_key=v["SECRET_KEY"],
             secret_key_fallbacks=tuple(str(key) for key in fallbacks),
@@ -486,6 +602,18 @@ class Settings:
             demo=v["CHATKIT_DEMO"],
             metrics_enabled=v["CHATKIT_METRICS_ENABLED"],
             metrics_allow=v["CHATKIT_METRICS_ALLOW"],
+            agent=v["CHATKIT_AGENT"],
+            agent_model=v["CHATKIT_AGENT_MODEL"],
+            agent_instructions=v["CHATKIT_AGENT_INSTRUCTIONS"],
+            history_items=v["CHATKIT_HISTORY_ITEMS"],
+            openai_base_url=v["OPENAI_BASE_URL"],
+            agent_tracing=v["CHATKIT_AGENT_TRACING"],
+            model_timeout=v["CHATKIT_MODEL_TIMEOUT"],
+            store_url=v["CHATKIT_STORE_URL"],
+            thread_ttl=v["CHATKIT_THREAD_TTL"],
+            limit_requests_per_ip=v["CHATKIT_RATELIMIT_REQUESTS_PER_IP"] or "",
+            max_streams_per_user=v["CHATKIT_MAX_STREAMS_PER_USER"],
+            max_input_chars=v["CHATKIT_MAX_INPUT_CHARS"],
             ratelimit_enabled=v["RATELIMIT_ENABLED"],
             storage_uri=v["RATELIMIT_STORAGE_URI"],
             strategy=v["RATELIMIT_STRATEGY"],

@@ -25,6 +25,7 @@ class ChatKitState:
     cookie: VisitorCookie
     user_loader: Callable[[], Callable[[], Any] | None]
     client: Any = None  # hosted mode: the ChatKit sessions API client (upstream.ChatKitClient)
+    server: Any = None  # server mode: the ChatKit server runtime (server.runtime.ServerRuntime)
     # Called with each response of the extension's endpoint (metrics); never on host routes.
     response_hooks: list[Callable[[Response], None]] = field(default_factory=list)
 

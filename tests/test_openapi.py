@@ -70,7 +70,7 @@ def test_spec_documents_every_status_the_endpoint_answers() -> None:
     codes = set(spec["components"]["schemas"]["Error"]["properties"]["error"]["enum"])
     source = "".join(
         (Path(__file__).resolve().parent.parent / "chatkit_flask" / name).read_text()
-        for name in ("views.py", "errors.py")
+        for name in ("hosted.py", "web.py", "errors.py")
     )
     for code in codes:
         assert f'"{code}"' in source, code

@@ -1,0 +1,201 @@
+"""What both backends' blueprints share: request ids, the origin check, the JSON body, the caller's
+identity and cookie, the JSON error handlers and the health endpoints."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask_limiter import RateLimitExceeded
+from limits.errors import StorageError
+from redis.exceptions import RedisError
+from werkzeug.exceptions import HTTPException
+
+from .errors import ApiError, error_response, http_error_response
+from .identity import Identity, client_address, client_network, user_identity
+from .limits import guard_header_hook, retry_after, storage_of
+
+if TYPE_CHECKING:
+    from .state import ChatKitState
+
+__all__ = [
+    "BLUEPRINT_NAME",
+    "begin_request",
+    "health_blueprint",
+    "read_json_body",
+    "register_error_handlers",
+    "resolve_caller",
+    "set_visitor_cookie",
+]
+
+BLUEPRINT_NAME = "chatkit"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# What a 429 says, per scope of the refusing limit (each backend names what it counts).
+LimitMessages = dict[str, str]
+
+
+def new_blueprint(state: ChatKitState) -> Blueprint:
+    """The ``chatkit`` blueprint under the prefix, with the frontend helper's static files."""
+    return Blueprint(
+        BLUEPRINT_NAME,
+        __name__,
+        url_prefix=state.settings.url_prefix,
+        static_folder="static",
+        static_url_path="/static",
+    )
+
+
+def begin_request(state: ChatKitState, guard: dict[str, bool]) -> None:
+    """Every request of the blueprint: an ``X-Request-ID`` (kept when valid) and a start time.
+    ``guard`` remembers whether a host limiter's header hook has been made fallback-safe."""
+    incoming = request.headers.get("X-Request-ID", "")
+    g.chatkit_request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    g.chatkit_started = time.perf_counter()
+    if not guard["done"]:  # a host limiter initialised after the extension
+        guard["done"] = guard_header_hook(current_app, state.limiter)
+
+
+def check_origin(state: ChatKitState, scheme: str) -> None:
+    """Browsers on other sites may not call the chat. Without an allowlist only same-site pages
+    may."""
+    origin = request.headers.get("Origin")
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    allowed = state.settings.allowed_origins
+    if not allowed:
+        if fetch_site == "cross-site":
+            raise ApiError(403, "origin_not_allowed", "This origin may not use the chat.")
+        return
+    if origin is None or origin in allowed or fetch_site == "same-origin":
+        return
+    if origin == f"{scheme}://{request.host}":
+        return
+    raise ApiError(403, "origin_not_allowed", "This origin may not use the chat.")
+
+
+def read_json_body(max_bytes: int, *, allow_empty: bool) -> tuple[bytes, Any]:
+    """The raw body and its parsed JSON (``{}`` when empty and ``allow_empty``), or ApiError."""
+    request.max_content_length = max_bytes  # per request: the host app's limit is untouched
+    data = request.get_data(cache=True)
+    if not data.strip():
+        if allow_empty:
+            return data, {}
+        raise ApiError(400, "invalid_request", "The request body is empty.")
+    if request.mimetype != "application/json":
+        raise ApiError(415, "unsupported_media_type", "The request body must be application/json.")
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting
+        raise ApiError(400, "invalid_request", "The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "The request body must be a JSON object.")
+    return data, body
+
+
+def resolve_caller(state: ChatKitState) -> Identity:
+    """Origin check, client network and identity of the current request, kept on ``g``."""
+    settings = state.settings
+    remote_addr, scheme = client_address(request.environ, settings)
+    check_origin(state, scheme)
+    g.chatkit_client_network = client_network(remote_addr, settings.ipv6_prefix)
+    identity = user_identity(state.load_user()) or state.cookie.resolve(
+        request.cookies.get(settings.cookie_name)
+    )
+    g.chatkit_identity = identity
+    return identity
+
+
+def set_visitor_cookie(state: ChatKitState, response: Response) -> None:
+    """Issue (or re-sign) the visitor cookie when the identity asked for it."""
+    identity = g.get("chatkit_identity")
+    if identity is None or not identity.new_cookie:
+        return
+    settings = state.settings
+    response.set_cookie(
+        settings.cookie_name,
+        identity.new_cookie,
+        max_age=settings.cookie_max_age,
+        path="/",
+        secure=settings.cookie_secure,
+        httponly=True,
+        samesite="Lax",
+    )
+
+
+def register_error_handlers(bp: Blueprint, state: ChatKitState, messages: LimitMessages) -> None:
+    """Every failure of the blueprint as ``{"error", "message", "request_id", ...}`` JSON;
+    ``messages`` words the 429 of each limit scope."""
+    limiter = state.limiter
+
+    @bp.after_request
+    def tag(response: Response) -> Response:
+        request_id = g.get("chatkit_request_id")
+        if request_id:
+            response.headers["X-Request-ID"] = request_id
+        return response
+
+    @bp.errorhandler(ApiError)
+    def on_api_error(exc: ApiError) -> Response:
+        return error_response(exc)
+
+    @bp.errorhandler(RateLimitExceeded)
+    def on_rate_limited(exc: RateLimitExceeded) -> Response:
+        if exc.response is not None:  # the host's on_breach answered
+            return exc.response
+        scope = g.get("chatkit_limit_scope") or "site"
+        g.chatkit_limit_scope = scope
+        wait = retry_after(limiter)
+        return error_response(
+            ApiError(
+                429,
+                "rate_limited",
+                f"{messages.get(scope, 'Too many requests')}. Try again in {wait} seconds.",
+                headers={"Retry-After": str(wait)},
+                extra={"retry_after": wait, "scope": scope},
+            )
+        )
+
+    def on_storage_error(exc: Exception) -> Response:
+        # Flask-Limiter re-raises storage failures unless its in-memory fallback or
+        # RATELIMIT_SWALLOW_ERRORS is on: fail closed, before anything reaches the backend.
+        current_app.logger.error("chatkit_flask: rate limit storage failed: %s", type(exc).__name__)
+        g.chatkit_storage_failed = True
+        return error_response(
+            ApiError(
+                503,
+                "limiter_unavailable",
+                "The chat is temporarily unavailable. Try again shortly.",
+                headers={"Retry-After": "5"},
+            )
+        )
+
+    bp.register_error_handler(RedisError, on_storage_error)
+    bp.register_error_handler(StorageError, on_storage_error)
+
+    @bp.errorhandler(HTTPException)
+    def on_http_error(exc: HTTPException) -> Response:
+        return http_error_response(exc)
+
+
+def health_blueprint(state: ChatKitState) -> Blueprint:
+    """``GET /healthz`` (alive; touches nothing) and ``GET /readyz`` (limiter storage answers)."""
+    bp = Blueprint("chatkit_health", __name__)
+
+    @bp.get("/healthz")
+    def healthz() -> Response:
+        return jsonify(status="ok")
+
+    @bp.get("/readyz")
+    def readyz() -> Response | tuple[Response, int]:
+        storage = storage_of(state.limiter)
+        if storage is None:
+            return jsonify(status="ready", storage="limits disabled")
+        if not storage.check():
+            return jsonify(status="not_ready", storage="unreachable"), 503
+        return jsonify(status="ready", storage="ok")
+
+    state.exempt(bp)
+    return bp
