@@ -152,9 +152,10 @@ def started(real_redis: Any) -> Iterator[Callable[[Any], Any]]:
 
 class SlowClients:
     """Connections that send a request a byte at a time: half stuck in the headers, half in
-    the body (headers complete, Content-Length 1000, then one body byte a second)."""
+    the body (headers complete, Content-Length 1000, then one body byte a second); plus `idle`
+    connections that never send anything."""
 
-    def __init__(self, port: int, count: int) -> None:
+    def __init__(self, port: int, count: int, idle: int = 0) -> None:
         self.sockets: list[socket.socket] = []
         self.pending: dict[socket.socket, bytes] = {}
         for i in range(count):
@@ -170,6 +171,11 @@ class SlowClients:
                 self.pending[sock] = f"POST {MINT} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode() + (
                     b"X-Slow: " + b"s" * 2000
                 )
+            self.sockets.append(sock)
+        for _ in range(idle):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.setblocking(False)
+            self.pending[sock] = b""
             self.sockets.append(sock)
 
     def drip(self) -> None:
@@ -230,7 +236,7 @@ def test_mints_stay_fast_through_the_proxy_under_400_slow_connections(
 ) -> None:
     app = started(Instance(upstream, **APP_SETTINGS))
     proxy = started(Caddy(tmp_path, app.port))  # the production timeouts (10 s, 30 s)
-    clients = SlowClients(proxy.port, 400)
+    clients = SlowClients(proxy.port, 400, idle=100)
     try:
         results = mint_latencies(proxy.base, clients, seconds=6)
         held = clients.still_open()
@@ -239,12 +245,12 @@ def test_mints_stay_fast_through_the_proxy_under_400_slow_connections(
         clients.close()
     latencies = [r for r in results if isinstance(r, float)]
     print(
-        f"\nthrough caddy: {held} slow connections held (caddy RSS {rss:.0f} MB),"
+        f"\nthrough caddy: {held} slow or idle connections held (caddy RSS {rss:.0f} MB),"
         f" {len(latencies)}/{len(results)} mints answered,"
         f" median {sorted(latencies)[len(latencies) // 2] * 1000:.0f} ms,"
         f" max {max(latencies) * 1000:.0f} ms"
     )
-    assert held == 400, "the slow connections must all still be open for the load to count"
+    assert held == 500, "the connections must all still be open for the load to count"
     assert len(latencies) == len(results) >= 15, results
     assert max(latencies) < 1.0, results
 
@@ -261,7 +267,7 @@ def test_the_same_load_against_gunicorn_directly_stalls_mints(
 ) -> None:
     """Why the proxy is there: gthread threads block in header and body reads, no deadline."""
     app = started(Instance(upstream, **APP_SETTINGS))
-    clients = SlowClients(app.port, 400)
+    clients = SlowClients(app.port, 400, idle=100)
     try:
         results = mint_latencies(app.base, clients, seconds=6, timeout=1.5)
     finally:
@@ -272,18 +278,18 @@ def test_the_same_load_against_gunicorn_directly_stalls_mints(
     assert len(failed) == len(results), results
 
 
-def test_slow_header_and_slow_body_clients_are_cut_off(
+def test_slow_header_slow_body_and_idle_clients_are_cut_off(
     started: Callable[[Any], Any], upstream: FakeChatKit, tmp_path: Path
 ) -> None:
     app = started(Instance(upstream, **APP_SETTINGS))
     proxy = started(Caddy(tmp_path, app.port, read_header="2s", read_body="3s"))
-    clients = SlowClients(proxy.port, 2)  # one slow header, one slow body
+    clients = SlowClients(proxy.port, 2, idle=1)  # a slow header, a slow body, an idle one
     try:
-        assert clients.still_open() == 2
+        assert clients.still_open() == 3
         deadline = time.monotonic() + 6
         closed_at: dict[int, float] = {}
         start = time.monotonic()
-        while time.monotonic() < deadline and len(closed_at) < 2:
+        while time.monotonic() < deadline and len(closed_at) < 3:
             clients.drip()
             time.sleep(0.25)
             for i, sock in enumerate(clients.sockets):
@@ -291,8 +297,11 @@ def test_slow_header_and_slow_body_clients_are_cut_off(
                     closed_at[i] = time.monotonic() - start
     finally:
         clients.close()
-    assert set(closed_at) == {0, 1}, "a slow client outlived the read timeouts"
-    assert closed_at[0] < 2 + 1.5 and closed_at[1] < 3 + 1.5, closed_at
+    assert set(closed_at) == {0, 1, 2}, "a slow or idle client outlived the read timeouts"
+    # Header deadline (2 s) for the slow header and the idle one, request deadline (3 s) for
+    # the slow body; 1.5 s of slack for the polling and a loaded machine.
+    assert closed_at[0] < 2 + 1.5 and closed_at[2] < 2 + 1.5, closed_at
+    assert closed_at[1] < 3 + 1.5, closed_at
     assert upstream.count == 0, "an incomplete request reached the app"
 
 
