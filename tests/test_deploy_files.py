@@ -1,5 +1,5 @@
 """Deployment files: docker-compose.yml, Dockerfile, .dockerignore, .env.example and
-config/gunicorn.conf.py.
+config/gunicorn.conf.py. (config/Caddyfile runs for real in tests/test_proxy.py.)
 
 No Docker engine needed. docker-compose.yml is checked twice: as plain YAML (PyYAML,
 always) and after the real Compose parser resolved it (`docker-compose config`: schema
@@ -15,7 +15,9 @@ import os
 import re
 import runpy
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
@@ -35,8 +37,9 @@ DUMMY_SECRETS = {
     "OPENAI_API_KEY": "sk-test-dummy",
     "SECRET_KEY": "test-secret-key-dummy",
     "CHATKIT_WORKFLOW_ID": "wf_dummy",
+    "REDIS_PASSWORD": "0123456789abcdef0123456789abcdef",
 }
-SECRET_KEYS = {"OPENAI_API_KEY", "SECRET_KEY", "SECRET_KEY_FALLBACKS"}
+SECRET_KEYS = {"OPENAI_API_KEY", "SECRET_KEY", "SECRET_KEY_FALLBACKS", "REDIS_PASSWORD"}
 
 # Every key the service reads, with the default .env.example must show (None = blank).
 ENV_DEFAULTS: dict[str, str | None] = {
@@ -103,6 +106,9 @@ ENV_DEFAULTS: dict[str, str | None] = {
     "FORWARDED_ALLOW_IPS": "127.0.0.1,::1",
     "PORT": "8000",
     "REDIS_MAXMEMORY": "64mb",
+    "REDIS_PASSWORD": None,
+    "CHATKIT_SITE_HOST": "localhost",
+    "PROXY_SUBNET": "10.203.47.0/24",
 }
 
 # Variables config/gunicorn.conf.py reads; cleared before each exec of the file.
@@ -177,6 +183,15 @@ def healthcheck_text(service: dict) -> str:
 def command_args(service: dict) -> list[str]:
     command = service.get("command")
     return command if isinstance(command, list) else str(command).split()
+
+
+def size_bytes(value: str | int) -> int:
+    """A Compose / Redis size ("512m", "64mb", "1g", 1048576) in bytes."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"(\d+)([kmg]?)b?", str(value).lower())
+    assert match, f"bad size {value!r}"
+    return int(match.group(1)) * 1024 ** " kmg".index(match.group(2) or " ")
 
 
 def exec_gunicorn_conf(monkeypatch, **env: str) -> dict:
@@ -266,8 +281,9 @@ def compose(request) -> dict:
 
 
 def test_compose_services(compose):
-    assert set(compose["services"]) == {"app", "redis"}
-    assert not compose.get("volumes"), "no named volumes: the counters are not persisted"
+    assert set(compose["services"]) == {"proxy", "app", "redis"}
+    # Caddy's certificates persist; the counters do not (no volume for Redis).
+    assert set(compose.get("volumes") or {}) == {"caddy_data"}
 
 
 def test_redis_healthcheck_checks_pong(compose):
@@ -310,9 +326,9 @@ def test_app_healthcheck_uses_python_against_readyz(compose):
     assert "curl" not in text and "wget" not in text
 
 
-def test_both_services_restart_unless_stopped(compose):
-    for name in ("app", "redis"):
-        assert compose["services"][name]["restart"] == "unless-stopped", name
+def test_every_service_restarts_unless_stopped(compose):
+    for name, service in compose["services"].items():
+        assert service["restart"] == "unless-stopped", name
 
 
 def test_app_is_hardened(compose):
@@ -323,28 +339,130 @@ def test_app_is_hardened(compose):
     assert "no-new-privileges:true" in app["security_opt"]
 
 
+# Capabilities each service keeps after cap_drop: [ALL].
+CAPABILITIES = {"proxy": {"NET_BIND_SERVICE"}, "app": set(), "redis": set()}
+
+
+@pytest.mark.parametrize("name", sorted(CAPABILITIES))
+def test_every_service_is_hardened(compose, name):
+    service = compose["services"][name]
+    assert service["read_only"] is True, name
+    assert service["cap_drop"] == ["ALL"], name
+    assert set(service.get("cap_add") or []) == CAPABILITIES[name], name
+    assert "no-new-privileges:true" in service["security_opt"], name
+    assert size_bytes(service["mem_limit"]) > 0, name
+    assert int(service["pids_limit"]) > 0, name
+    for mount in as_list(service.get("tmpfs")):
+        _, _, options = str(mount).partition(":")
+        assert {"noexec", "nosuid"} <= set(options.split(",")), (name, mount)
+        assert any(o.startswith("size=") for o in options.split(",")), (name, mount)
+
+
+@pytest.mark.parametrize("name", ["proxy", "app", "redis"])
+def test_every_service_rotates_its_logs(compose, name):
+    logging = compose["services"][name]["logging"]
+    assert logging["driver"] == "json-file"
+    assert size_bytes(logging["options"]["max-size"]) <= 100 * 1024**2
+    assert 1 <= int(logging["options"]["max-file"]) <= 10
+
+
+def test_app_limits_leave_room_for_gunicorn(compose):
+    app = compose["services"]["app"]
+    conf = gunicorn_defaults()
+    # pids_limit counts threads: every worker's threads, a few of its own, and the master.
+    assert int(app["pids_limit"]) >= conf["workers"] * (conf["threads"] + 8) + 16
+    assert size_bytes(app["mem_limit"]) >= conf["workers"] * 100 * 1024**2
+
+
+def test_redis_mem_limit_leaves_room_above_maxmemory(compose_resolved):
+    redis = compose_resolved["services"]["redis"]
+    args = command_args(redis)
+    maxmemory = size_bytes(args[args.index("--maxmemory") + 1])
+    assert size_bytes(redis["mem_limit"]) >= 1.5 * maxmemory
+
+
+def test_redis_runs_as_the_image_user_with_a_writable_data_tmpfs(compose):
+    redis = compose["services"]["redis"]
+    # redis:7-alpine's own user; its entrypoint then needs no chown/setuid capability.
+    assert str(redis["user"]) == "999:1000"
+    data = [str(t) for t in as_list(redis["tmpfs"]) if str(t).startswith("/data:")]
+    assert data and {"uid=999", "gid=1000"} <= set(data[0].split(":", 1)[1].split(","))
+
+
 def test_stop_grace_period_exceeds_gunicorn_graceful_timeout(compose):
     graceful = gunicorn_defaults()["graceful_timeout"]
     grace = duration_seconds(compose["services"]["app"]["stop_grace_period"])
     assert grace > graceful, f"stop_grace_period {grace}s <= graceful_timeout {graceful}s"
 
 
-def test_exactly_one_published_port(compose):
-    ports = published_ports(compose["services"]["app"])
-    assert len(ports) == 1, ports
+def test_only_the_proxy_publishes_ports(compose):
+    services = compose["services"]
+    assert sorted(published_ports(services["proxy"])) == [("443", "443"), ("80", "80")]
+    # gunicorn has no read timeouts of its own: reachable only through the proxy.
+    assert "ports" not in services["app"]
+    assert len(as_list(services["app"]["expose"])) == 1
 
 
-def test_storage_uri_points_at_the_redis_service(compose):
-    uri = env_mapping(compose["services"]["app"])["RATELIMIT_STORAGE_URI"]
+def test_proxy_runs_the_project_caddyfile_and_keeps_its_certificates(compose_raw):
+    proxy = compose_raw["services"]["proxy"]
+    assert re.fullmatch(r"caddy:2\.\d+-alpine", proxy["image"]), proxy["image"]
+    volumes = as_list(proxy["volumes"])
+    assert "./config/Caddyfile:/etc/caddy/Caddyfile:ro" in volumes
+    assert "caddy_data:/data" in volumes
+    env = env_mapping(proxy)
+    assert env["CHATKIT_SITE_HOST"] == "${CHATKIT_SITE_HOST:-localhost}"
+    assert env["CHATKIT_UPSTREAM"] == "app:${PORT:-8000}"
+    assert proxy["depends_on"]["app"]["condition"] == "service_healthy"
+    grace = duration_seconds(proxy["stop_grace_period"])
+    caddyfile = (ROOT / "config" / "Caddyfile").read_text(encoding="utf-8")
+    caddy_grace = re.search(r"(?m)^\s*grace_period (\S+)$", caddyfile)
+    assert caddy_grace and grace > duration_seconds(caddy_grace.group(1))
+
+
+def test_networks_keep_redis_internal_and_pin_the_proxy_subnet(compose):
+    services, networks = compose["services"], compose["networks"]
+    # A list as written, a mapping once resolved: set() gives the names either way.
+    assert set(services["proxy"]["networks"]) == {"edge"}
+    assert set(services["app"]["networks"]) == {"edge", "backend"}
+    assert set(services["redis"]["networks"]) == {"backend"}
+    assert networks["backend"]["internal"] is True
+    assert not networks["edge"].get("internal")
+    subnets = [c["subnet"] for c in networks["edge"]["ipam"]["config"]]
+    trusted = env_mapping(services["app"])["CHATKIT_TRUSTED_PROXY_NETWORKS"]
+    assert subnets == [trusted]
+    assert env_mapping(services["app"])["CHATKIT_TRUSTED_PROXIES"] == "1"
+
+
+def test_storage_uri_points_at_the_redis_service(compose_resolved):
+    uri = env_mapping(compose_resolved["services"]["app"])["RATELIMIT_STORAGE_URI"]
     parts = urlsplit(uri)
     assert parts.scheme == "redis" and parts.hostname == "redis", uri
+    assert parts.password, "the compose Redis requires a password"
+
+
+def test_redis_password_comes_from_env_and_is_required(compose_raw):
+    reference = "${REDIS_PASSWORD:?REDIS_PASSWORD must be set in .env}"
+    app, redis = compose_raw["services"]["app"], compose_raw["services"]["redis"]
+    assert env_mapping(app)["RATELIMIT_STORAGE_URI"] == f"redis://:{reference}@redis:6379/0"
+    args = command_args(redis)
+    assert args[args.index("--requirepass") + 1] == reference
+    # The healthcheck's redis-cli reads the password from REDISCLI_AUTH, not its command line.
+    assert env_mapping(redis)["REDISCLI_AUTH"] == reference
+    assert "-a " not in healthcheck_text(redis) and "AUTH" not in healthcheck_text(redis)
 
 
 def test_no_secrets_inline(compose_raw):
     app = compose_raw["services"]["app"]
     inline = env_mapping(app)
     assert not SECRET_KEYS & set(inline), "secrets belong in .env, not in the compose file"
-    assert set(inline) == {"RATELIMIT_STORAGE_URI"}, "only the Redis address is inline"
+    assert set(inline) == {
+        "RATELIMIT_STORAGE_URI",
+        "CHATKIT_TRUSTED_PROXIES",
+        "CHATKIT_TRUSTED_PROXY_NETWORKS",
+    }, "only what the compose file itself defines is inline"
+    for name, service in compose_raw["services"].items():
+        for key, value in env_mapping(service).items():
+            assert "$" in str(value) or key not in SECRET_KEYS | {"REDISCLI_AUTH"}, (name, key)
     assert ".env" in as_list(app["env_file"])
     text = COMPOSE_FILE.read_text(encoding="utf-8")
     assert not re.search(r"sk-[A-Za-z0-9]", text), "something like an API key in the file"
@@ -364,23 +482,89 @@ def test_compose_resolves_env_example_exactly(compose_resolved):
     assert env["CHATKIT_RATELIMIT_PER_USER"] == "10 per minute;100 per day"
     assert env["CHATKIT_RATELIMIT_PER_IP"] == "30 per minute;500 per day"
     assert env["OPENAI_API_KEY"] == DUMMY_SECRETS["OPENAI_API_KEY"]
-    # The inline value wins over env_file.
-    assert env["RATELIMIT_STORAGE_URI"] == "redis://redis:6379/0"
-    assert published_ports(app) == [("8000", "8000")]
-    args = command_args(compose_resolved["services"]["redis"])
+    # The inline values win over env_file.
+    password = DUMMY_SECRETS["REDIS_PASSWORD"]
+    assert env["RATELIMIT_STORAGE_URI"] == f"redis://:{password}@redis:6379/0"
+    assert env["CHATKIT_TRUSTED_PROXIES"] == "1"
+    assert env["CHATKIT_TRUSTED_PROXY_NETWORKS"] == "10.203.47.0/24"
+    assert [str(port) for port in app["expose"]] == ["8000"]
+    redis = compose_resolved["services"]["redis"]
+    args = command_args(redis)
     assert args[args.index("--maxmemory") + 1] == "64mb"
+    assert args[args.index("--requirepass") + 1] == password
+    assert env_mapping(redis)["REDISCLI_AUTH"] == password
+    proxy = env_mapping(compose_resolved["services"]["proxy"])
+    assert proxy["CHATKIT_SITE_HOST"] == "localhost"
+    assert proxy["CHATKIT_UPSTREAM"] == "app:8000"
 
 
 def test_compose_port_follows_port_variable(tmp_path):
-    result = run_compose_config(tmp_path, PORT="9000", REDIS_MAXMEMORY="128mb")
+    result = run_compose_config(
+        tmp_path,
+        PORT="9000",
+        REDIS_MAXMEMORY="128mb",
+        CHATKIT_SITE_HOST="chat.example.com",
+        PROXY_SUBNET="192.168.254.0/24",
+    )
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
     app = resolved["services"]["app"]
-    # Inside and outside the same: gunicorn binds $PORT, the healthcheck dials $PORT.
-    assert published_ports(app) == [("9000", "9000")]
+    # gunicorn binds $PORT, the healthcheck and the proxy dial it.
+    assert [str(port) for port in app["expose"]] == ["9000"]
     assert env_mapping(app)["PORT"] == "9000"
+    proxy = env_mapping(resolved["services"]["proxy"])
+    assert proxy["CHATKIT_UPSTREAM"] == "app:9000"
+    assert proxy["CHATKIT_SITE_HOST"] == "chat.example.com"
+    assert env_mapping(app)["CHATKIT_TRUSTED_PROXY_NETWORKS"] == "192.168.254.0/24"
+    assert resolved["networks"]["edge"]["ipam"]["config"] == [{"subnet": "192.168.254.0/24"}]
     args = command_args(resolved["services"]["redis"])
     assert args[args.index("--maxmemory") + 1] == "128mb"
+
+
+def test_compose_refuses_to_start_without_a_redis_password(tmp_path):
+    result = run_compose_config(tmp_path, REDIS_PASSWORD="")
+    assert result.returncode != 0
+    assert "REDIS_PASSWORD must be set in .env" in result.stderr
+
+
+def test_redis_command_and_healthcheck_work_against_a_real_redis(compose_resolved, tmp_path):
+    """The resolved command line, run by this machine's redis-server on a private port:
+    the password is enforced, the healthcheck passes only with REDISCLI_AUTH, and the app's
+    storage URI authenticates."""
+    redis_lib = pytest.importorskip("redis")
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if not (server and cli):
+        pytest.skip("redis-server / redis-cli not installed")
+    redis = compose_resolved["services"]["redis"]
+    args = command_args(redis)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [server, *args[1:], "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        check = healthcheck_text(redis).replace("CMD-SHELL ", "", 1)
+        check = check.replace("redis-cli", f"{cli} -p {port}")
+        base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        with_auth = dict(base_env, REDISCLI_AUTH=env_mapping(redis)["REDISCLI_AUTH"])
+        for _ in range(50):
+            if subprocess.run(["sh", "-c", check], env=with_auth).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the healthcheck never passed with REDISCLI_AUTH")
+        assert subprocess.run(["sh", "-c", check], env=base_env).returncode != 0
+        uri = env_mapping(compose_resolved["services"]["app"])["RATELIMIT_STORAGE_URI"]
+        local = uri.replace("@redis:6379/", f"@127.0.0.1:{port}/")
+        assert redis_lib.Redis.from_url(local, socket_timeout=2).ping()
+        with pytest.raises(redis_lib.AuthenticationError):
+            redis_lib.Redis(port=port, socket_timeout=2).ping()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 def test_compose_parser_rejects_an_invalid_file(tmp_path):

@@ -4,6 +4,7 @@ environment docker-compose.yml gives the `app` service, against the real local R
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -38,8 +40,13 @@ def compose_app_environment(upstream: FakeChatKit, port: int, **extra: str) -> d
             env[key.strip()] = value
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     for key, value in compose["services"]["app"]["environment"].items():
-        env[key] = str(value)
-    assert env["RATELIMIT_STORAGE_URI"].startswith("redis://redis:6379/")
+        # ${NAME:-default} / ${NAME:?error} as Compose substitutes them from .env.
+        env[key] = re.sub(
+            r"\$\{(\w+)(?::-([^}]*)|:\?[^}]*)?\}",
+            lambda m: env.get(m.group(1)) or m.group(2) or "",
+            str(value),
+        )
+    assert urlsplit(env["RATELIMIT_STORAGE_URI"]).hostname == "redis"
     env.update(
         RATELIMIT_STORAGE_URI=REDIS_URL,
         OPENAI_API_KEY=TEST_API_KEY,
