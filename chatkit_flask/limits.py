@@ -72,6 +72,9 @@ class LimitRule:
     scope: str  # "user", "ip", "global" (and "requests" in server mode)
     value: str
     key_func: Callable[[], str]
+    # Server mode: which requests the limit counts, and the counter's scope within the endpoint.
+    exempt_when: Callable[[], bool] | None = None
+    counter: str | None = None
 
 
 def visitor_key() -> str:
@@ -92,10 +95,14 @@ def global_key() -> str:
     return "global"
 
 
-def limit_rules(settings: Settings) -> list[LimitRule]:
+def limit_rules(
+    settings: Settings,
+    exempt_when: Callable[[], bool] | None = None,
+    counter: str | None = None,
+) -> list[LimitRule]:
     """The endpoint's configured limits, in registration order (user, IP, global)."""
     return [
-        LimitRule(scope, value, key_func)
+        LimitRule(scope, value, key_func, exempt_when, counter)
         for scope, value, key_func in (
             ("user", settings.limit_per_user, visitor_key),
             ("ip", settings.limit_per_ip, network_key),
@@ -202,16 +209,10 @@ def _record_breach(scope: str, _limit: RequestLimit) -> None:
 
 
 def limited(
-    view: Callable[..., Any],
-    limiter: Limiter,
-    rules: Iterable[LimitRule],
-    *,
-    exempt_when: Callable[[], bool] | None = None,
-    scope: str | None = None,
+    view: Callable[..., Any], limiter: Limiter, rules: Iterable[LimitRule]
 ) -> Callable[..., Any]:
     """``view`` with ``rules`` as Flask-Limiter route limits on POST, guarded against the
-    fallback race. ``exempt_when``/``scope`` are passed to every limit (server mode counts
-    messages and requests separately)."""
+    fallback race."""
 
     @wraps(view)
     def started(*args: Any, **kwargs: Any) -> Any:
@@ -229,9 +230,9 @@ def limited(
             rule.value,
             key_func=rule.key_func,
             methods=["POST"],
-            exempt_when=exempt_when,
+            exempt_when=rule.exempt_when,
             on_breach=partial(_record_breach, rule.scope),
-            scope=scope,
+            scope=rule.counter,
         )(decorated)
 
     @wraps(view)

@@ -7,6 +7,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -125,9 +126,15 @@ def set_visitor_cookie(state: ChatKitState, response: Response) -> None:
     )
 
 
-def register_error_handlers(bp: Blueprint, state: ChatKitState, messages: LimitMessages) -> None:
+def register_error_handlers(
+    bp: Blueprint,
+    state: ChatKitState,
+    messages: LimitMessages,
+    render_refusal: Callable[[ApiError], Response] = error_response,
+) -> None:
     """Every failure of the blueprint as ``{"error", "message", "request_id", ...}`` JSON;
-    ``messages`` words the 429 of each limit scope."""
+    ``messages`` words the 429 of each limit scope, ``render_refusal`` answers it (server mode
+    answers a refused message inside an event stream)."""
     limiter = state.limiter
 
     @bp.after_request
@@ -148,7 +155,7 @@ def register_error_handlers(bp: Blueprint, state: ChatKitState, messages: LimitM
         scope = g.get("chatkit_limit_scope") or "site"
         g.chatkit_limit_scope = scope
         wait = retry_after(limiter)
-        return error_response(
+        return render_refusal(
             ApiError(
                 429,
                 "rate_limited",
