@@ -7,7 +7,7 @@ the NEWEST items, a generic message instead of the provider's error body, the mo
 aborted when the visitor goes away, and token usage reported per answer.
 
 Built against openai-chatkit 1.6.x: :meth:`stream` and :meth:`call` use the SDK's
-``_process_streaming`` / ``_process_non_streaming`` to skip its per-call parser (pinned range).
+``_process_streaming_impl`` / ``_process_non_streaming`` to skip its per-call parser (pinned range).
 """
 
 from __future__ import annotations
@@ -168,6 +168,14 @@ class TokenUsage:
 UsageCallback = Callable[[RequestContext, TokenUsage], None]
 
 
+def _release_event_reader(agent_context: AgentContext[RequestContext]) -> None:
+    """Cancel the task ``stream_agent_response`` leaves waiting on the context's event queue
+    when a run fails or is cancelled (else it lingers until garbage collection, then logs
+    "Task was destroyed but it is pending!" for every disconnect)."""
+    for waiter in list(getattr(agent_context._events, "_getters", ())):
+        waiter.cancel()
+
+
 class _Converter(ThreadItemConverter):
     """History to model input. An @-mention tag is sent as its text (the SDK refuses tags)."""
 
@@ -248,14 +256,17 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
     def is_streaming(request: ChatKitReq) -> bool:
         return is_streaming_req(request)
 
-    def stream(self, request: ChatKitReq, context: RequestContext) -> AsyncIterator[bytes]:
+    async def stream(self, request: ChatKitReq, context: RequestContext) -> AsyncIterator[bytes]:
         """SSE frames (``b"data: {...}\\n\\n"``) for a streaming request.
 
-        The SDK's own generator, not its ``StreamingResult`` wrapper: a cancellation must land
-        inside it for ``handle_stream_cancelled`` (which keeps the partial answer) to run.
         ``NotFoundError`` for a missing or foreign thread is raised before the first frame.
+        Not the SDK's ``StreamingResult``: its wrapper generator would stop a cancellation from
+        landing inside the SDK (where ``handle_stream_cancelled`` keeps the partial answer), and
+        its ``_process_streaming`` logs every 404 as an ERROR with a traceback.
         """
-        return self._process_streaming(request, context)  # type: ignore[arg-type]
+        events = self._process_streaming_impl(request, context)  # type: ignore[arg-type]
+        async for event in events:
+            yield b"data: " + self._serialize(event) + b"\n\n"
 
     async def call(self, request: ChatKitReq, context: RequestContext) -> bytes:
         """The JSON answer to a non-streaming request (``NotFoundError`` if not the owner's)."""
@@ -317,6 +328,8 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
             # Without this the model request runs to its end after a disconnect (and is paid
             # for): stream_agent_response waits on tasks that cancelling us does not cancel.
             result.cancel()
+            if outcome != "completed":
+                _release_event_reader(agent_context)
             self._report_usage(context, result.context_wrapper.usage, outcome)
 
     def _report_usage(
