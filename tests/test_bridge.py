@@ -123,3 +123,21 @@ def test_a_forked_child_gets_its_own_loop(bridge: AsyncBridge) -> None:
     os.waitpid(pid, 0)
     os.close(read_fd)
     assert bridge.loop is parent_loop
+
+
+def test_heartbeats_fill_silences_and_idle_timeout_ends_the_wait(bridge: AsyncBridge) -> None:
+    async def slow() -> AsyncIterator[str]:
+        yield "a"
+        await asyncio.sleep(0.35)
+        yield "b"
+        await asyncio.sleep(30)
+        yield "never"
+
+    frames = bridge.stream(slow, heartbeat=0.1, heartbeat_item=":", idle_timeout=0.6)
+    received = []
+    with pytest.raises(TimeoutError):
+        for item in frames:
+            received.append(item)
+    assert received[0] == "a" and "b" in received
+    assert 2 <= received.index("b") - 1 <= 4  # heartbeats during the 0.35 s silence
+    assert all(item == ":" for item in received[1:received.index("b")])

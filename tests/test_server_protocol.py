@@ -21,11 +21,13 @@ pytest.importorskip("chatkit")
 
 from agents import Agent, set_tracing_disabled
 from agents.testing import ScriptedModel, assistant_message
+from flask import request
 from flask.testing import FlaskClient
 
 from chatkit_flask.server.agent import ModelClient, build_plain_agent
 from chatkit_flask.server.bridge import AsyncBridge
 from chatkit_flask.server.context import RequestContext
+from chatkit_flask.server.endpoint import HEARTBEAT_FRAME, handle
 from chatkit_flask.server.protocol import (
     BUSY_MESSAGE,
     FAILED_MESSAGE,
@@ -328,6 +330,28 @@ def test_a_model_failure_is_an_error_event(
     again = post(client, {"type": "threads.add_user_message",
                           "params": {"thread_id": thread_id, "input": user_input("again")}})
     assert sse_events(again.data)[-1]["item"]["content"][0]["text"] == "You said: again"
+
+
+def test_heartbeats_keep_a_silent_stream_alive_and_a_departure_is_noticed(
+    server: FlaskChatKitServer, bridge: AsyncBridge, fake: FakeResponses
+) -> None:
+    """The model goes silent after one delta; heartbeats flow; closing the response (what the
+    WSGI server does when the client leaves) aborts the model request."""
+    fake.enqueue(Reply.hang(after_tokens=1))
+    app = make_app(server, bridge)
+    app.view_functions["chat"] = lambda: handle(
+        server, bridge, request.get_data(), RequestContext(owner="visitor:alice"), heartbeat=0.05
+    )
+    response = app.test_client().post(
+        "/chat", data=json.dumps({"type": "threads.create",
+                                  "params": {"input": user_input("a b c d")}}))
+    frames = iter(response.response)
+    received = [next(frames) for _ in range(12)]
+    assert HEARTBEAT_FRAME in received and received[0].startswith(b"data: ")
+    closed = time.monotonic()
+    response.close()
+    (abort,) = fake.wait_for_abort(1, timeout=2)
+    assert abort.at - closed < 1.0
 
 
 # ------------------------------------------------------- agents, no HTTP

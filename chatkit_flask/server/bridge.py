@@ -14,6 +14,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterator
 from typing import Generic, TypeVar
@@ -132,6 +133,8 @@ class AsyncBridge:
         *,
         queue_size: int = 64,
         idle_timeout: float | None = None,
+        heartbeat: float | None = None,
+        heartbeat_item: T | None = None,
     ) -> Iterator[T]:
         """Relay ``agen_factory()`` (run on the loop) to the calling thread, item by item.
 
@@ -140,16 +143,22 @@ class AsyncBridge:
         from the producer are raised in the consumer. Closing the returned generator (gunicorn
         does when the client goes away) cancels the producer INSIDE its current await, so its
         own cancellation handling runs, and waits up to ``cancel_grace`` seconds for it.
-        ``idle_timeout`` bounds the wait for each item (``TimeoutError``).
+        ``idle_timeout`` bounds the wait for each item (``TimeoutError``). With ``heartbeat``,
+        ``heartbeat_item`` is yielded after that many silent seconds: a write lets the server
+        notice a client that left during a long silence.
         """
         self._refuse_loop_thread()
-        return self._stream(agen_factory, queue_size, idle_timeout)
+        if heartbeat is not None and heartbeat_item is None:
+            raise ValueError("heartbeat needs a heartbeat_item")
+        return self._stream(agen_factory, queue_size, idle_timeout, heartbeat, heartbeat_item)
 
     def _stream(
         self,
         agen_factory: Callable[[], AsyncIterable[T]],
         queue_size: int,
         idle_timeout: float | None,
+        heartbeat: float | None,
+        heartbeat_item: T | None,
     ) -> Iterator[T]:
         loop = self.loop
         queue: asyncio.Queue[object] = asyncio.Queue(queue_size)
@@ -157,15 +166,24 @@ class AsyncBridge:
         task_future = asyncio.run_coroutine_threadsafe(
             _pump(agen_factory, queue, finished), loop
         )
+        take: concurrent.futures.Future[list[object]] | None = None
         completed = False
         try:
             while True:
                 take = asyncio.run_coroutine_threadsafe(_take_available(queue), loop)
-                try:
-                    batch = take.result(idle_timeout)
-                except concurrent.futures.TimeoutError:
-                    take.cancel()
-                    raise TimeoutError(f"no stream item within {idle_timeout}s") from None
+                deadline = None if idle_timeout is None else time.monotonic() + idle_timeout
+                while True:
+                    wait = heartbeat
+                    if deadline is not None:
+                        left = max(0.0, deadline - time.monotonic())
+                        wait = left if wait is None else min(wait, left)
+                    try:
+                        batch = take.result(wait)
+                        break
+                    except concurrent.futures.TimeoutError:
+                        if deadline is not None and time.monotonic() >= deadline:
+                            raise TimeoutError(f"no stream item within {idle_timeout}s") from None
+                        yield heartbeat_item  # type: ignore[misc]
                 for item in batch:
                     if item is _END:
                         completed = True
@@ -175,6 +193,8 @@ class AsyncBridge:
                         raise item.error
                     yield item  # type: ignore[misc]
         finally:
+            if take is not None and not take.done():
+                take.cancel()  # else it waits on the queue forever
             if not completed:
                 # Cancelling the concurrent future cancels the loop task; wait on our own event
                 # because the future reports "cancelled" at once, before cleanup has run.

@@ -17,12 +17,13 @@ from .bridge import AsyncBridge
 from .context import RequestContext
 from .protocol import FlaskChatKitServer, NotFoundError, RequestRefused
 
-__all__ = ["STREAM_HEADERS", "handle"]
+__all__ = ["HEARTBEAT_FRAME", "STREAM_HEADERS", "handle"]
 
 STREAM_HEADERS = {
     "Cache-Control": "no-store",
     "X-Accel-Buffering": "no",  # nginx: pass frames through instead of buffering the answer
 }
+HEARTBEAT_FRAME = b": keep-alive\n\n"  # an SSE comment: EventSource-style parsers skip it
 NOT_FOUND_MESSAGE = "No such conversation."
 MISFIT_MESSAGE = "The request does not fit this conversation."
 
@@ -35,6 +36,7 @@ def handle(
     *,
     timeout: float = 30.0,
     stream_idle_timeout: float | None = None,
+    heartbeat: float | None = None,
 ) -> Response:
     """Answer one ChatKit request body for ``context.owner``.
 
@@ -42,7 +44,9 @@ def handle(
     ``unsupported_request`` / ``input_too_long`` before any work, 404 ``not_found`` for a thread
     or item that is missing or not the owner's. ``timeout`` bounds a non-streaming request;
     ``stream_idle_timeout`` (None: the model client's own timeout applies) bounds each wait for
-    the next frame.
+    the next frame. ``heartbeat`` (seconds; off by default) sends an SSE comment line during
+    silences, so proxies keep the connection and a visitor who left is noticed (and the model
+    request cancelled) even while the model is silent.
     """
     try:
         request = server.parse(body)
@@ -56,15 +60,22 @@ def handle(
             raise ApiError(404, "not_found", NOT_FOUND_MESSAGE) from None
         except ValueError:  # the SDK's own checks (e.g. an item of the wrong kind)
             raise ApiError(400, "invalid_request", MISFIT_MESSAGE) from None
+        except TimeoutError:
+            raise ApiError(503, "timeout", "The request took too long. Please try again.") from None
         response = Response(payload, mimetype="application/json")
         response.headers["Cache-Control"] = "no-store"
         return response
 
     frames = bridge.stream(
-        lambda: server.stream(request, context), idle_timeout=stream_idle_timeout
+        lambda: server.stream(request, context),
+        idle_timeout=stream_idle_timeout,
+        heartbeat=heartbeat,
+        heartbeat_item=HEARTBEAT_FRAME,
     )
     try:
         first = next(frames)
+        while first == HEARTBEAT_FRAME:  # headers wait for real news (a 404 must stay a 404)
+            first = next(frames)
     except StopIteration:
         first = b""  # nothing to say (e.g. retry after an item that is not in the thread)
     except NotFoundError:
