@@ -440,15 +440,19 @@ class FakeResponses:
                              + event("response.output_item.done", output_index=0,
                                      item=done_message)
                              + event("response.completed", response=final))
+            with self._cond:  # counted before the client can see the end
+                self._completed += 1
             writer.write(b"0\r\n\r\n")
             await writer.drain()
         except (_ClientGone, ConnectionError):
             self._record_abort(started, sent, path)
             raise _ClientGone from None
         finally:
+            # Wait for the watcher to really stop: the next request on this connection must not
+            # find it still reading (StreamReader allows one reader).
             client_gone.cancel()
-        with self._cond:
-            self._completed += 1
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await client_gone
         return keep_alive
 
     async def _send(
