@@ -333,7 +333,10 @@ def test_a_model_failure_is_an_error_event(
 
 
 def test_heartbeats_keep_a_silent_stream_alive_and_a_departure_is_noticed(
-    server: FlaskChatKitServer, bridge: AsyncBridge, fake: FakeResponses
+    server: FlaskChatKitServer,
+    bridge: AsyncBridge,
+    fake: FakeResponses,
+    usage: list[tuple[RequestContext, TokenUsage]],
 ) -> None:
     """The model goes silent after one delta; heartbeats flow; closing the response (what the
     WSGI server does when the client leaves) aborts the model request."""
@@ -352,6 +355,7 @@ def test_heartbeats_keep_a_silent_stream_alive_and_a_departure_is_noticed(
     response.close()
     (abort,) = fake.wait_for_abort(1, timeout=2)
     assert abort.at - closed < 1.0
+    assert usage[-1][1].outcome == "cancelled"
 
 
 # ------------------------------------------------------- agents, no HTTP
