@@ -10,6 +10,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,8 +137,12 @@ def test_add_user_message_sends_the_history(client: FlaskClient, fake: FakeRespo
     response = post(client, {"type": "threads.add_user_message",
                              "params": {"thread_id": thread_id, "input": user_input("second")}})
 
-    kinds = [e["type"] for e in sse_events(response.data)]
-    assert kinds[0] == "thread.item.done" and kinds[-1] == "thread.item.done"
+    events = sse_events(response.data)
+    kinds = [e["type"] for e in events]
+    assert kinds[:3] == ["thread.item.done", "stream_options", "thread.item.added"]
+    assert set(kinds[3:-1]) == {"thread.item.updated"} and kinds[-1] == "thread.item.done"
+    assert events[0]["item"]["content"][0]["text"] == "second"
+    assert events[-1]["item"]["content"][0]["text"] == "You said: second"
     sent = fake.requests[-1].json
     assert sent["model"] == "gpt-test" and sent["stream"] is True
     assert sent["instructions"] == "Answer briefly."
@@ -397,18 +402,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture
-def gunicorn(fake: FakeResponses) -> Iterator[int]:
-    """One gthread worker with a 2 s worker timeout, talking to the fake model."""
-    fake.clear()
+@pytest.fixture(scope="module")
+def _gunicorn_port(
+    fake: FakeResponses, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[int]:
     port = free_port()
     env = {**os.environ, "FAKE_RESPONSES_URL": fake.base_url, "FAKE_RESPONSES_KEY": KEY,
            "OPENAI_AGENTS_DISABLE_TRACING": "1", "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", "1", "--threads", "4",
-         "--timeout", "2", "-b", f"127.0.0.1:{port}", "tests.server_wsgi:app"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    log_path = tmp_path_factory.mktemp("gunicorn") / "stderr.log"
+    with log_path.open("wb") as log:  # a file, not a pipe nobody reads (it could fill and block)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", "1", "--threads", "4",
+             "--timeout", "2", "-b", f"127.0.0.1:{port}", "tests.server_wsgi:app"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
+        )
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -417,8 +424,7 @@ def gunicorn(fake: FakeResponses) -> Iterator[int]:
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                output = process.stderr.read().decode() if process.stderr else ""
-                raise RuntimeError(output) from None
+                raise RuntimeError(log_path.read_text()) from None
             time.sleep(0.1)
     yield port
     process.terminate()
@@ -427,12 +433,23 @@ def gunicorn(fake: FakeResponses) -> Iterator[int]:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()
 
 
-def http_post(port: int, body: dict[str, Any], timeout: float = 10) -> tuple[int, bytes]:
+@pytest.fixture
+def gunicorn(_gunicorn_port: int, fake: FakeResponses) -> int:
+    """One gthread worker (4 threads) with a 2 s worker timeout, talking to the fake model.
+    Shared by the tests below: each uses its own owner."""
+    fake.clear()
+    return _gunicorn_port
+
+
+def http_post(
+    port: int, body: dict[str, Any], owner: str = "visitor:alice", timeout: float = 10
+) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     conn.request("POST", "/chat", json.dumps(body),
-                 {"Content-Type": "application/json", "X-Owner": "visitor:alice"})
+                 {"Content-Type": "application/json", "X-Owner": owner})
     response = conn.getresponse()
     data = response.read()
     conn.close()
@@ -448,7 +465,7 @@ def test_disconnect_mid_stream_aborts_the_model_and_keeps_the_partial_answer(
         "input": user_input("one two three four five six seven eight nine ten")}})
     sock = socket.create_connection(("127.0.0.1", gunicorn), timeout=10)
     sock.sendall(f"POST /chat HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                 f"X-Owner: visitor:alice\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+                 f"X-Owner: visitor:leaver\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
     received = b""
     while received.count(b'"assistant_message.content_part.text_delta"') < 3:
         chunk = sock.recv(65536)
@@ -463,10 +480,11 @@ def test_disconnect_mid_stream_aborts_the_model_and_keeps_the_partial_answer(
     assert fake.completed == 0
 
     time.sleep(0.3)  # the worker saves the partial answer after noticing
-    _, listed = http_post(gunicorn, {"type": "threads.list", "params": {}})
+    _, listed = http_post(gunicorn, {"type": "threads.list", "params": {}}, "visitor:leaver")
     (thread,) = json.loads(listed)["data"]
     _, page = http_post(gunicorn, {"type": "items.list",
-                                   "params": {"thread_id": thread["id"], "order": "asc"}})
+                                   "params": {"thread_id": thread["id"], "order": "asc"}},
+                        "visitor:leaver")
     stored = json.loads(page)["data"]
     assert [i["type"] for i in stored] == ["user_message", "assistant_message"]
     partial = stored[1]["content"][0]["text"]
@@ -485,3 +503,34 @@ def test_a_stream_longer_than_the_worker_timeout_completes(
     assert status == 200 and time.monotonic() - started > 3.5
     assert sse_events(data)[-1]["item"]["content"][0]["text"] == f"You said: {words}"
     assert fake.completed == 1 and fake.aborted == 0
+
+
+@pytest.mark.slow
+def test_one_visitor_leaving_does_not_disturb_concurrent_streams(
+    gunicorn: int, fake: FakeResponses
+) -> None:
+    fake.token_delay = 0.05
+    words = " ".join(f"w{i}" for i in range(10))
+    results: list[tuple[int, bytes]] = []
+    workers = [
+        threading.Thread(target=lambda: results.append(http_post(
+            gunicorn, {"type": "threads.create", "params": {"input": user_input(words)}})))
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    body = json.dumps({"type": "threads.create", "params": {"input": user_input(words)}})
+    sock = socket.create_connection(("127.0.0.1", gunicorn), timeout=10)
+    sock.sendall(f"POST /chat HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    received = b""
+    while b"text_delta" not in received:
+        received += sock.recv(65536)
+    sock.close()
+    for worker in workers:
+        worker.join(10)
+
+    assert [status for status, _ in results] == [200, 200]
+    for _, data in results:
+        assert sse_events(data)[-1]["item"]["content"][0]["text"] == f"You said: {words}"
+    assert fake.wait_for_abort(1, timeout=2) and fake.aborted == 1
