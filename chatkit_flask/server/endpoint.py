@@ -1,0 +1,110 @@
+"""One ChatKit request in, one Flask response out (no routing, identity or limits here).
+
+A stream's first frame is read before any header is sent, so a missing or foreign thread is a
+plain 404 rather than a 200 stream that stops short. After that, frames go out as they come: the
+response body is a generator the WSGI server writes chunk by chunk, and closing it (gunicorn does
+when the client goes away) cancels the answer on the event loop, and with it the model request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from flask import Response
+
+from ..errors import ApiError
+from .bridge import AsyncBridge
+from .context import RequestContext
+from .protocol import FlaskChatKitServer, NotFoundError, RequestRefused
+
+__all__ = ["HEARTBEAT_FRAME", "STREAM_HEADERS", "handle"]
+
+STREAM_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Accel-Buffering": "no",  # nginx: pass frames through instead of buffering the answer
+}
+HEARTBEAT_FRAME = b": keep-alive\n\n"  # an SSE comment: EventSource-style parsers skip it
+NOT_FOUND_MESSAGE = "No such conversation."
+MISFIT_MESSAGE = "The request does not fit this conversation."
+
+
+def handle(
+    server: FlaskChatKitServer,
+    bridge: AsyncBridge,
+    body: bytes,
+    context: RequestContext,
+    *,
+    timeout: float = 30.0,
+    stream_idle_timeout: float | None = None,
+    heartbeat: float | None = None,
+) -> Response:
+    """Answer one ChatKit request body for ``context.owner``.
+
+    Raises :class:`~chatkit_flask.errors.ApiError`: 400 ``invalid_request`` /
+    ``unsupported_request`` / ``input_too_long`` before any work, 404 ``not_found`` for a thread
+    or item that is missing or not the owner's. ``timeout`` bounds a non-streaming request;
+    ``stream_idle_timeout`` (None: the model client's own timeout applies) bounds each wait for
+    the next frame. ``heartbeat`` (seconds; off by default) sends an SSE comment line during
+    silences, so proxies keep the connection and a visitor who left is noticed (and the model
+    request cancelled) even while the model is silent.
+    """
+    try:
+        request = server.parse(body)
+    except RequestRefused as exc:
+        raise ApiError(400, exc.code, exc.message) from None
+
+    if not server.is_streaming(request):
+        try:
+            payload = bridge.run(lambda: server.call(request, context), timeout)
+        except NotFoundError:
+            raise ApiError(404, "not_found", NOT_FOUND_MESSAGE) from None
+        except ValueError:  # the SDK's own checks (e.g. an item of the wrong kind)
+            raise ApiError(400, "invalid_request", MISFIT_MESSAGE) from None
+        except TimeoutError:
+            raise ApiError(503, "timeout", "The request took too long. Please try again.") from None
+        response = Response(payload, mimetype="application/json")
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    frames = bridge.stream(
+        lambda: server.stream(request, context),
+        idle_timeout=stream_idle_timeout,
+        heartbeat=heartbeat,
+        heartbeat_item=HEARTBEAT_FRAME,
+    )
+    try:
+        first = next(frames)
+        while first == HEARTBEAT_FRAME:  # headers wait for real news (a 404 must stay a 404)
+            first = next(frames)
+    except StopIteration:
+        first = b""  # nothing to say (e.g. retry after an item that is not in the thread)
+    except NotFoundError:
+        raise ApiError(404, "not_found", NOT_FOUND_MESSAGE) from None
+    except ValueError:
+        raise ApiError(400, "invalid_request", MISFIT_MESSAGE) from None
+    response = Response(_SseBody(first, frames), mimetype="text/event-stream")
+    response.headers.update(STREAM_HEADERS)
+    return response
+
+
+class _SseBody:
+    """The stream body: the frame already read, then the rest as it comes.
+
+    A class rather than a generator so that ``close()`` reaches the bridge's generator even if the
+    server closes us before the first iteration (a closed, never-started generator would not
+    propagate the close, and the answer would run on unobserved).
+    """
+
+    def __init__(self, first: bytes, rest: Iterator[bytes]) -> None:
+        self._first = first
+        self._rest = rest
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._first:
+            yield self._first
+        yield from self._rest
+
+    def close(self) -> None:
+        close = getattr(self._rest, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,355 @@
+"""The ChatKit protocol, served by OpenAI's ChatKit SDK with an Agents SDK agent.
+
+:class:`FlaskChatKitServer` adds to the SDK what a public site needs: one cached request parser
+(the SDK builds a pydantic ``TypeAdapter`` per request: about 3 ms of CPU), refusal of the request
+types we do not serve, an input length limit checked before any model call, history taken from
+the NEWEST items, a generic message instead of the provider's error body, the model request
+aborted when the visitor goes away, and token usage reported per answer.
+
+Built against openai-chatkit 1.6.x: :meth:`stream` and :meth:`call` use the SDK's
+``_process_streaming_impl`` / ``_process_non_streaming`` to skip its per-call parser (pinned range).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from agents import Runner
+from chatkit.agents import AgentContext, ThreadItemConverter, stream_agent_response
+from chatkit.errors import CustomStreamError
+from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
+from chatkit.store import NotFoundError, Store
+from chatkit.types import (
+    ChatKitReq,
+    FeedbackKind,
+    ItemsFeedbackReq,
+    ItemsListReq,
+    ThreadMetadata,
+    ThreadsAddUserMessageReq,
+    ThreadsCreateReq,
+    ThreadsListReq,
+    ThreadStreamEvent,
+    ThreadsUpdateReq,
+    UserMessageInput,
+    UserMessageItem,
+    UserMessageTagContent,
+    is_streaming_req,
+)
+from openai import RateLimitError
+from openai.types.responses import ResponseInputTextParam
+from pydantic import TypeAdapter, ValidationError
+
+from .agent import AgentSource, ModelClient, resolve_agent
+from .context import RequestContext
+
+__all__ = [
+    "MODEL_TYPES",
+    "STREAMING_TYPES",
+    "SUPPORTED_TYPES",
+    "UNSUPPORTED_TYPES",
+    "FlaskChatKitServer",
+    "InputTooLong",
+    "InvalidRequest",
+    "NotFoundError",
+    "RequestRefused",
+    "TokenUsage",
+    "UnsupportedRequest",
+    "calls_model",
+    "request_type",
+    "streams",
+]
+
+log = logging.getLogger(__name__)
+
+STREAMING_TYPES = frozenset(
+    {"threads.create", "threads.add_user_message", "threads.retry_after_item"}
+)
+MODEL_TYPES = STREAMING_TYPES  # every stream we serve calls the model; reads never do
+SUPPORTED_TYPES = STREAMING_TYPES | {
+    "threads.get_by_id",
+    "threads.list",
+    "items.list",
+    "threads.update",
+    "threads.delete",
+    "items.feedback",
+}
+# ChatKit types we refuse: client tools, structured input, custom actions, dictation, uploads.
+UNSUPPORTED_TYPES = frozenset(
+    {
+        "threads.add_client_tool_output",
+        "threads.add_structured_input",
+        "threads.custom_action",
+        "threads.sync_custom_action",
+        "input.transcribe",
+        "attachments.create",
+        "attachments.delete",
+    }
+)
+MAX_PAGE_SIZE = 100
+MAX_TITLE_CHARS = 200
+MAX_FEEDBACK_ITEMS = 100
+
+BUSY_MESSAGE = "The assistant is busy right now. Please try again in a moment."
+FAILED_MESSAGE = "The assistant could not answer just now. Please try again."
+
+# Built once: building it per request is a quarter of the server's CPU per message.
+_REQUEST_ADAPTER: TypeAdapter[ChatKitReq] = TypeAdapter(ChatKitReq)
+
+
+# --------------------------------------------------------------------- errors
+class RequestRefused(Exception):
+    """A request we answer with 400 before doing anything; ``code`` is the JSON error code."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(RequestRefused):
+    """Not JSON, not a ChatKit request, or fields of the wrong shape."""
+
+
+class UnsupportedRequest(RequestRefused):
+    """A valid ChatKit request type this server does not serve (attachments, tools, ...)."""
+
+    code = "unsupported_request"
+
+
+class InputTooLong(RequestRefused):
+    """The user message is longer than ``max_input_chars``; the model was not called."""
+
+    code = "input_too_long"
+
+
+# ----------------------------------------------------------------- classifier
+def request_type(body: bytes | str) -> str | None:
+    """The ``type`` of a ChatKit request body, or None when there is none (cheap; no pydantic)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    kind = data.get("type") if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def streams(kind: str | None) -> bool:
+    """True for the types answered with an event stream."""
+    return kind in STREAMING_TYPES
+
+
+def calls_model(kind: str | None) -> bool:
+    """True for the types that cost a model call (count these against message limits)."""
+    return kind in MODEL_TYPES
+
+
+def _refuse_unsupported(kind: str | None) -> None:
+    if kind in UNSUPPORTED_TYPES:
+        raise UnsupportedRequest(f"Requests of type {kind!r} are not supported here.")
+
+
+# ---------------------------------------------------------------------- usage
+@dataclass(frozen=True)
+class TokenUsage:
+    """Tokens one answer used, as the provider reported them (zeros if it never finished)."""
+
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    requests: int
+    outcome: Literal["completed", "failed", "cancelled"]
+
+
+UsageCallback = Callable[[RequestContext, TokenUsage], None]
+
+
+def _release_event_reader(agent_context: AgentContext[RequestContext]) -> None:
+    """Cancel the task ``stream_agent_response`` leaves waiting on the context's event queue
+    when a run fails or is cancelled (else it lingers until garbage collection, then logs
+    "Task was destroyed but it is pending!" for every disconnect)."""
+    for waiter in list(getattr(agent_context._events, "_getters", ())):
+        waiter.cancel()
+
+
+class _Converter(ThreadItemConverter):
+    """History to model input. An @-mention tag is sent as its text (the SDK refuses tags)."""
+
+    async def tag_to_message_content(self, tag: UserMessageTagContent) -> ResponseInputTextParam:
+        return ResponseInputTextParam(type="input_text", text=f"@{tag.text}")
+
+
+# --------------------------------------------------------------------- server
+class FlaskChatKitServer(ChatKitServer[RequestContext]):
+    """The ChatKit server for one site.
+
+    ``store`` must scope every read and write by ``context.owner`` (another owner's thread is
+    ``NotFoundError``). ``agent`` is an ``Agent`` or a per-request factory. ``model`` gives the
+    ``AsyncOpenAI`` client; without it the agent's own model (or the Agents SDK default) is used.
+    ``on_usage(context, usage)`` runs on the event loop after every answer (must not block;
+    its errors are logged, never raised). ``history_items`` is the number of newest thread items
+    sent to the model; each costs CPU in the openai client's request transform (measured: about
+    16-21 ms per message with 1 item, 30 ms with 30).
+    """
+
+    def __init__(
+        self,
+        store: Store[RequestContext],
+        agent: AgentSource,
+        model: ModelClient | None = None,
+        *,
+        history_items: int = 20,
+        max_input_chars: int = 4000,
+        on_usage: UsageCallback | None = None,
+    ) -> None:
+        super().__init__(store)
+        self.agent = agent
+        self.model = model
+        self.history_items = history_items
+        self.max_input_chars = max_input_chars
+        self.on_usage = on_usage
+        self.converter: ThreadItemConverter = _Converter()
+
+    # ------------------------------------------------------------- parsing
+    def parse(self, body: bytes | str) -> ChatKitReq:
+        """Validate ``body`` into a request we serve, or raise a :class:`RequestRefused`."""
+        # Checked first, so a type we refuse is named as such even when its params are malformed
+        # (and a large dictation or upload body is not validated for nothing).
+        _refuse_unsupported(request_type(body))
+        try:
+            request = _REQUEST_ADAPTER.validate_json(body)
+        except ValidationError:
+            raise InvalidRequest("The request is not a valid ChatKit request.") from None
+        _refuse_unsupported(request.type)
+        if request.type not in SUPPORTED_TYPES:  # a type added by a newer SDK
+            raise UnsupportedRequest(f"Requests of type {request.type!r} are not supported here.")
+        self._check(request)
+        return request
+
+    def _check(self, request: ChatKitReq) -> None:
+        match request:
+            case ThreadsCreateReq() | ThreadsAddUserMessageReq():
+                self._check_input(request.params.input)
+            case ThreadsListReq() | ItemsListReq():
+                # The client chooses the page size; a huge one would load a whole history.
+                limit = request.params.limit
+                request.params.limit = None if limit is None else max(1, min(limit, MAX_PAGE_SIZE))
+            case ThreadsUpdateReq() if len(request.params.title) > MAX_TITLE_CHARS:
+                raise InvalidRequest(f"A title has at most {MAX_TITLE_CHARS} characters.")
+            case ItemsFeedbackReq() if len(request.params.item_ids) > MAX_FEEDBACK_ITEMS:
+                raise InvalidRequest(f"Feedback names at most {MAX_FEEDBACK_ITEMS} items.")
+
+    def _check_input(self, user_input: UserMessageInput) -> None:
+        if user_input.attachments:
+            raise UnsupportedRequest("Attachments are not supported here.")
+        length = sum(len(part.text) for part in user_input.content)
+        length += len(user_input.quoted_text or "")
+        if length > self.max_input_chars:
+            raise InputTooLong(f"A message has at most {self.max_input_chars} characters.")
+        # inference_options (model, tool_choice) are ignored on purpose: the browser must not
+        # pick the model the site pays for.
+
+    # ---------------------------------------------------------- processing
+    @staticmethod
+    def is_streaming(request: ChatKitReq) -> bool:
+        return is_streaming_req(request)
+
+    async def stream(self, request: ChatKitReq, context: RequestContext) -> AsyncIterator[bytes]:
+        """SSE frames (``b"data: {...}\\n\\n"``) for a streaming request.
+
+        ``NotFoundError`` for a missing or foreign thread is raised before the first frame.
+        Not the SDK's ``StreamingResult``: its wrapper generator would stop a cancellation from
+        landing inside the SDK (where ``handle_stream_cancelled`` keeps the partial answer), and
+        its ``_process_streaming`` logs every 404 as an ERROR with a traceback.
+        """
+        events = self._process_streaming_impl(request, context)  # type: ignore[arg-type]
+        async for event in events:
+            yield b"data: " + self._serialize(event) + b"\n\n"
+
+    async def call(self, request: ChatKitReq, context: RequestContext) -> bytes:
+        """The JSON answer to a non-streaming request (``NotFoundError`` if not the owner's)."""
+        return await self._process_non_streaming(request, context)  # type: ignore[arg-type]
+
+    async def process(
+        self, request: str | bytes | bytearray, context: RequestContext
+    ) -> StreamingResult | NonStreamingResult:
+        """The SDK's entry point, with our parser and checks (raises :class:`RequestRefused`)."""
+        parsed = self.parse(bytes(request) if isinstance(request, bytearray) else request)
+        if self.is_streaming(parsed):
+            return StreamingResult(self.stream(parsed, context))  # type: ignore[arg-type]
+        return NonStreamingResult(await self.call(parsed, context))
+
+    async def add_feedback(
+        self, thread_id: str, item_ids: list[str], feedback: FeedbackKind, context: RequestContext
+    ) -> None:
+        # The SDK accepts feedback on any thread id; only the owner may give it.
+        await self.store.load_thread(thread_id, context=context)
+        log.info("feedback %s on %d item(s) [%s]", feedback, len(item_ids), context.request_id)
+
+    # ------------------------------------------------------------- answers
+    async def respond(
+        self,
+        thread: ThreadMetadata,
+        input_user_message: UserMessageItem | None,
+        context: RequestContext,
+    ) -> AsyncIterator[ThreadStreamEvent]:
+        agent = resolve_agent(self.agent, context)
+        # The NEWEST items, oldest first (the quickstart's order="asc" sends the oldest ones).
+        page = await self.store.load_thread_items(
+            thread.id, None, self.history_items, "desc", context
+        )
+        agent_input = await self.converter.to_agent_input(list(reversed(page.data)))
+        agent_context = AgentContext(thread=thread, store=self.store, request_context=context)
+        result = Runner.run_streamed(
+            agent,
+            agent_input,
+            context=agent_context,
+            run_config=self.model.run_config() if self.model is not None else None,
+        )
+        outcome: Literal["completed", "failed", "cancelled"] = "cancelled"
+        try:
+            async for event in stream_agent_response(agent_context, result):
+                yield event
+            outcome = "completed"
+        except Exception as exc:
+            outcome = "failed"
+            # Class and status only: provider messages can quote parts of keys or inputs.
+            log.warning(
+                "model answer failed: %s status=%s [%s]",
+                type(exc).__name__,
+                getattr(exc, "status_code", "-"),
+                context.request_id,
+            )
+            message = BUSY_MESSAGE if isinstance(exc, RateLimitError) else FAILED_MESSAGE
+            raise CustomStreamError(message, allow_retry=True) from None
+        finally:
+            # Without this the model request runs to its end after a disconnect (and is paid
+            # for): stream_agent_response waits on tasks that cancelling us does not cancel.
+            result.cancel()
+            if outcome != "completed":
+                _release_event_reader(agent_context)
+            self._report_usage(context, result.context_wrapper.usage, outcome)
+
+    def _report_usage(
+        self,
+        context: RequestContext,
+        usage: object,
+        outcome: Literal["completed", "failed", "cancelled"],
+    ) -> None:
+        if self.on_usage is None:
+            return
+        report = TokenUsage(
+            input_tokens=getattr(usage, "input_tokens", 0),
+            output_tokens=getattr(usage, "output_tokens", 0),
+            total_tokens=getattr(usage, "total_tokens", 0),
+            requests=getattr(usage, "requests", 0),
+            outcome=outcome,
+        )
+        try:
+            self.on_usage(context, report)
+        except Exception:
+            log.exception("on_usage callback failed [%s]", context.request_id)

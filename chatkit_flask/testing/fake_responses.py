@@ -1,0 +1,601 @@
+"""A fake OpenAI Responses API (``POST /v1/responses``): stdlib asyncio HTTP/1.1 on a real socket.
+
+For tests of server mode (the real ``AsyncOpenAI`` client and Agents SDK talk to it), the offline
+demo and the benchmark::
+
+    python -m chatkit_flask.testing.fake_responses --port 8788 --token-delay 0.02
+
+A streamed request (``"stream": true``) is answered with Server-Sent Events in the order the
+Agents SDK relies on: ``response.created``, ``response.in_progress``,
+``response.output_item.added`` (a ``message`` with a unique id), ``response.content_part.added``,
+``response.output_text.delta`` x n (one per word, ``token_delay`` apart),
+``response.output_text.done``, ``response.content_part.done``, ``response.output_item.done`` and
+``response.completed`` with ``usage``. The reply echoes the last user message ("You said: ...")
+unless a :class:`Reply` is enqueued. Every request is recorded; a client that hangs up before the
+stream ends is recorded as an :class:`Abort`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from types import TracebackType
+from typing import Any, Self
+
+from .fake_chatkit import RecordedRequest, error_envelope
+
+__all__ = ["Abort", "FakeResponses", "RecordedRequest", "Reply", "main"]
+
+RESPONSES_PATH = "/v1/responses"
+MAX_BODY_BYTES = 8 * 1024 * 1024  # histories can be long
+MAX_HEAD_BYTES = 64 * 1024
+_TOKEN_RE = re.compile(r"\s*\S+")
+
+_ERRORS: dict[int, tuple[str, str, str | None]] = {
+    400: ("Bad request.", "invalid_request_error", None),
+    401: ("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
+    429: ("Rate limit reached for requests.", "requests", "rate_limit_exceeded"),
+    500: ("The server had an error while processing your request.", "server_error", None),
+    503: ("The server is overloaded or not ready yet.", "server_error", None),
+}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """How the fake answers one request (consumed in order by :meth:`FakeResponses.enqueue`).
+
+    ``text=None`` echoes the last user message. A non-200 ``status`` answers ``body`` (an OpenAI
+    error envelope by default) instead of a stream. ``break_after`` cuts the connection after that
+    many text deltas; ``hang_after`` stops sending (but keeps the connection) after that many
+    deltas, or before any response at all when 0 and ``status`` is 200. ``token_delay`` overrides
+    the server's delay for this reply.
+    """
+
+    text: str | None = None
+    status: int = 200
+    body: Any = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    break_after: int | None = None
+    hang_after: int | None = None
+    token_delay: float | None = None
+
+    @classmethod
+    def error(cls, status: int, message: str | None = None, **headers: str) -> Reply:
+        """Answer ``status`` with an OpenAI error envelope."""
+        d_msg, d_type, d_code = _ERRORS.get(
+            status, (f"HTTP {status}", "server_error" if status >= 500 else "invalid_request_error",
+                     None)
+        )
+        return cls(status=status, body=error_envelope(message or d_msg, d_type, None, d_code),
+                   headers=headers)
+
+    @classmethod
+    def rate_limited(cls, retry_after: int = 7) -> Reply:
+        """429 with a rate-limit envelope and ``Retry-After``."""
+        return cls.error(429, **{"retry-after": str(retry_after)})
+
+    @classmethod
+    def broken(cls, after_tokens: int = 2, text: str | None = None) -> Reply:
+        """Stream ``after_tokens`` deltas, then drop the connection (no ``response.completed``)."""
+        return cls(text=text, break_after=after_tokens)
+
+    @classmethod
+    def hang(cls, after_tokens: int = 0, text: str | None = None) -> Reply:
+        """Stop sending after ``after_tokens`` deltas (0: before the response headers)."""
+        return cls(text=text, hang_after=after_tokens)
+
+
+@dataclass(frozen=True)
+class Abort:
+    """A client hung up before the answer was complete."""
+
+    at: float  # time.monotonic() when the fake noticed
+    started: float  # time.monotonic() when the request arrived
+    tokens_sent: int
+    path: str
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class FakeResponses:
+    """In-process fake of the Responses API on a loopback socket.
+
+    ``start()`` serves from a daemon thread; every public method is thread-safe. ``api_key``
+    (when set) must arrive as ``Authorization: Bearer KEY``, else 401. ``token_delay`` seconds
+    pass between text deltas and may be changed at runtime.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        api_key: str | None = None,
+        token_delay: float = 0.0,
+        max_history: int = 10_000,
+    ) -> None:
+        self.host = host
+        self.api_key = api_key
+        self.token_delay = token_delay
+        self._requested_port = port
+        self._port: int | None = None
+        self._cond = threading.Condition()
+        self._records: deque[RecordedRequest] = deque(maxlen=max_history)
+        self._count = 0
+        self._completed = 0
+        self._aborts: list[Abort] = []
+        self._queue: deque[Reply] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._conns: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._closing = False
+
+    # ----------------------------------------------------------------- lifecycle
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("FakeResponses is not started")
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT/v1``: what ``AsyncOpenAI(base_url=...)`` expects."""
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host  # noqa: S104
+        return f"http://{host}:{self.port}/v1"
+
+    def start(self) -> Self:
+        """Bind and serve from a daemon thread; returns once the socket listens."""
+        if self._thread is not None:
+            raise RuntimeError("FakeResponses already started")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._bind())
+            except BaseException as exc:
+                failure.append(exc)
+                loop.close()
+                ready.set()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=serve, name="fake-responses", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+        return self
+
+    def stop(self) -> None:
+        """Close the listener and every open connection, then stop the thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive():
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self if self._thread is not None else self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def _bind(self) -> None:
+        self._server = await asyncio.start_server(
+            self._handle_conn, self.host, self._requested_port, limit=MAX_HEAD_BYTES, backlog=1024
+        )
+        self._port = self._server.sockets[0].getsockname()[1]
+
+    async def _shutdown(self) -> None:
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for task, writer in list(self._conns.items()):
+            writer.transport.abort()
+            task.cancel()
+        if self._conns:
+            await asyncio.gather(*self._conns, return_exceptions=True)
+
+    # ---------------------------------------------------------- recording API
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Recorded requests, oldest first (bodies parsed in ``.json``)."""
+        with self._cond:
+            return list(self._records)
+
+    @property
+    def count(self) -> int:
+        """Requests received since start or the last ``clear()``."""
+        with self._cond:
+            return self._count
+
+    @property
+    def completed(self) -> int:
+        """Streams that reached ``response.completed``."""
+        with self._cond:
+            return self._completed
+
+    @property
+    def aborts(self) -> list[Abort]:
+        """Requests whose client hung up before the end, in the order noticed."""
+        with self._cond:
+            return list(self._aborts)
+
+    @property
+    def aborted(self) -> int:
+        with self._cond:
+            return len(self._aborts)
+
+    def wait_for(self, n: int, timeout: float = 5.0) -> list[RecordedRequest]:
+        """Block until ``n`` requests arrived (``TimeoutError`` otherwise)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._count >= n, timeout):
+                raise TimeoutError(f"expected {n} requests, got {self._count} after {timeout}s")
+            return list(self._records)
+
+    def wait_for_abort(self, n: int = 1, timeout: float = 5.0) -> list[Abort]:
+        """Block until ``n`` clients hung up mid-answer (``TimeoutError`` otherwise)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._aborts) >= n, timeout):
+                raise TimeoutError(f"expected {n} aborts, got {len(self._aborts)} after {timeout}s")
+            return list(self._aborts)
+
+    def clear(self) -> None:
+        """Forget recorded requests, aborts and scripted replies."""
+        with self._cond:
+            self._records.clear()
+            self._aborts.clear()
+            self._queue.clear()
+            self._count = self._completed = 0
+
+    def enqueue(self, *replies: Reply | str) -> None:
+        """Script the next answers in order (a ``str`` is ``Reply(text=...)``)."""
+        with self._cond:
+            self._queue.extend(Reply(text=r) if isinstance(r, str) else r for r in replies)
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def _next_reply(self) -> Reply:
+        with self._cond:
+            return self._queue.popleft() if self._queue else Reply()
+
+    # ------------------------------------------------------------ HTTP layer
+    async def _handle_conn(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self._closing:
+            writer.transport.abort()
+            return
+        self._conns[task] = writer
+        try:
+            while await self._serve_one(reader, writer):
+                pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError, _ClientGone):
+            pass
+        except Exception as exc:  # pragma: no cover - never kill the loop
+            print(f"fake_responses: internal error: {exc!r}", file=sys.stderr)
+        finally:
+            self._conns.pop(task, None)
+            writer.transport.abort() if self._closing else writer.close()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; False when the connection must close."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return False
+        started = time.monotonic()
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3:
+            return self._write_json(writer, 400, error_envelope("Malformed request line."), False)
+        method, path, _version = parts
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        try:
+            length = int(headers.get("content-length", "0"))
+        except ValueError:
+            return self._write_json(writer, 400, error_envelope("Invalid Content-Length."), False)
+        if length < 0 or length > MAX_BODY_BYTES or "transfer-encoding" in headers:
+            return self._write_json(writer, 400, error_envelope("Unsupported body."), False)
+        raw = await reader.readexactly(length) if length else b""
+        try:
+            parsed = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = None
+        with self._cond:
+            self._records.append(RecordedRequest(method, path, headers, parsed, raw))
+            self._count += 1
+            self._cond.notify_all()
+
+        keep_alive = "close" not in headers.get("connection", "").lower()
+        route = path.split("?", 1)[0]
+        if route != RESPONSES_PATH or method != "POST":
+            body = error_envelope(f"Invalid URL ({method} {route})")
+            return self._write_json(writer, 404, body, keep_alive)
+        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            return self._write_json(writer, 401, Reply.error(401).body, keep_alive)
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("model"), str):
+            body = error_envelope("Missing required parameter: 'model'.", param="model")
+            return self._write_json(writer, 400, body, keep_alive)
+
+        reply = self._next_reply()
+        if reply.status != 200:
+            body = reply.body if reply.body is not None else Reply.error(reply.status).body
+            return self._write_json(writer, reply.status, body, keep_alive, reply.headers)
+        text = reply.text if reply.text is not None else _echo(parsed)
+        if not parsed.get("stream"):
+            if reply.hang_after is not None:
+                await self._until_client_leaves(reader, started, 0, path)
+            response = _response(parsed, text, _new_id("msg"), "completed")
+            return self._write_json(writer, 200, response, keep_alive)
+        return await self._stream(reader, writer, parsed, text, reply, started, path, keep_alive)
+
+    async def _stream(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        request: dict[str, Any],
+        text: str,
+        reply: Reply,
+        started: float,
+        path: str,
+        keep_alive: bool,
+    ) -> bool:
+        if reply.hang_after == 0:
+            await self._until_client_leaves(reader, started, 0, path)
+        # The client sends nothing more while it reads the answer, so any read completing
+        # (EOF) means it hung up: that is how an abort is noticed between deltas.
+        client_gone = asyncio.ensure_future(reader.read(1))
+        delay = self.token_delay if reply.token_delay is None else reply.token_delay
+        tokens = _TOKEN_RE.findall(text) or [""]
+        item_id = _new_id("msg")
+        sent = 0
+        seq = iter(range(1_000_000))
+
+        def event(kind: str, **fields: Any) -> bytes:
+            payload = {"type": kind, "sequence_number": next(seq), **fields}
+            return f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode()
+
+        try:
+            head = [
+                "HTTP/1.1 200 OK",
+                "Content-Type: text/event-stream; charset=utf-8",
+                f"x-request-id: req_{secrets.token_hex(12)}",
+                "Transfer-Encoding: chunked",
+                "Connection: keep-alive" if keep_alive else "Connection: close",
+            ]
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+            in_progress = _response(request, "", item_id, "in_progress", output=[])
+            message = {"id": item_id, "type": "message", "role": "assistant",
+                       "status": "in_progress", "content": []}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            await self._send(writer, client_gone,
+                             event("response.created", response=in_progress)
+                             + event("response.in_progress", response=in_progress)
+                             + event("response.output_item.added", output_index=0, item=message)
+                             + event("response.content_part.added", item_id=item_id,
+                                     output_index=0, content_index=0, part=part))
+            for token in tokens:
+                if reply.break_after is not None and sent >= reply.break_after:
+                    writer.transport.abort()  # mid-stream failure: no completed event
+                    return False
+                if reply.hang_after is not None and sent >= reply.hang_after:
+                    await client_gone  # silent until the client gives up
+                    raise _ClientGone
+                if delay > 0:
+                    done, _ = await asyncio.wait({client_gone}, timeout=delay)
+                    if done:
+                        raise _ClientGone
+                await self._send(writer, client_gone,
+                                 event("response.output_text.delta", item_id=item_id,
+                                       output_index=0, content_index=0, delta=token,
+                                       logprobs=[]))
+                sent += 1
+            done_part = {**part, "text": text}
+            done_message = {**message, "status": "completed", "content": [done_part]}
+            final = _response(request, text, item_id, "completed")
+            await self._send(writer, client_gone,
+                             event("response.output_text.done", item_id=item_id, output_index=0,
+                                   content_index=0, text=text, logprobs=[])
+                             + event("response.content_part.done", item_id=item_id,
+                                     output_index=0, content_index=0, part=done_part)
+                             + event("response.output_item.done", output_index=0,
+                                     item=done_message)
+                             + event("response.completed", response=final))
+            with self._cond:  # counted before the client can see the end
+                self._completed += 1
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        except (_ClientGone, ConnectionError):
+            self._record_abort(started, sent, path)
+            raise _ClientGone from None
+        finally:
+            # Wait for the watcher to really stop: the next request on this connection must not
+            # find it still reading (StreamReader allows one reader).
+            client_gone.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await client_gone
+        return keep_alive
+
+    async def _send(
+        self, writer: asyncio.StreamWriter, client_gone: asyncio.Future[bytes], data: bytes
+    ) -> None:
+        if client_gone.done() or writer.transport.is_closing():
+            raise _ClientGone
+        writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+        await writer.drain()
+
+    async def _until_client_leaves(
+        self, reader: asyncio.StreamReader, started: float, sent: int, path: str
+    ) -> None:
+        await reader.read()
+        self._record_abort(started, sent, path)
+        raise _ClientGone
+
+    def _record_abort(self, started: float, sent: int, path: str) -> None:
+        with self._cond:
+            self._aborts.append(Abort(time.monotonic(), started, sent, path))
+            self._cond.notify_all()
+
+    def _write_json(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: Any,
+        keep_alive: bool,
+        extra: Mapping[str, str] | None = None,
+    ) -> bool:
+        if writer.transport.is_closing():
+            return False
+        payload = json.dumps(body).encode()
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Unknown"
+        head = [f"HTTP/1.1 {status} {phrase}", "Content-Type: application/json",
+                f"x-request-id: req_{secrets.token_hex(12)}"]
+        head += [f"{name}: {value}" for name, value in (extra or {}).items()]
+        head += [f"Content-Length: {len(payload)}",
+                 "Connection: keep-alive" if keep_alive else "Connection: close"]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
+        return keep_alive
+
+
+# ------------------------------------------------------------------ payloads
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(16)}"
+
+
+def _texts(content: Any) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        parts = [p for p in content if isinstance(p, dict)]
+        return [p["text"] for p in parts if isinstance(p.get("text"), str)]
+    return []
+
+
+def _echo(request: dict[str, Any]) -> str:
+    """``You said: <last user message>`` (the whole input when it is a plain string)."""
+    items = request.get("input")
+    if isinstance(items, str):
+        return f"You said: {items}"
+    for item in reversed(items if isinstance(items, list) else []):
+        if isinstance(item, dict) and item.get("role") == "user":
+            return "You said: " + " ".join(_texts(item.get("content")))
+    return "You said nothing."
+
+
+def _count_words(request: dict[str, Any]) -> int:
+    """A stand-in for input tokens: words in the instructions and every input message."""
+    words = len(str(request.get("instructions") or "").split())
+    items = request.get("input")
+    for item in [items] if isinstance(items, str) else items or []:
+        for text in _texts(item.get("content") if isinstance(item, dict) else item):
+            words += len(text.split())
+    return words
+
+
+def _response(
+    request: dict[str, Any],
+    text: str,
+    item_id: str,
+    status: str,
+    output: list[Any] | None = None,
+) -> dict[str, Any]:
+    if output is None:
+        output = [{"id": item_id, "type": "message", "role": "assistant", "status": "completed",
+                   "content": [{"type": "output_text", "text": text, "annotations": [],
+                                "logprobs": []}]}]
+    usage = None
+    if status == "completed":
+        input_tokens, output_tokens = _count_words(request), len(_TOKEN_RE.findall(text))
+        usage = {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+                 "output_tokens": output_tokens,
+                 "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": input_tokens + output_tokens}
+    return {
+        "id": "resp_" + item_id.split("_", 1)[1], "object": "response",
+        "created_at": int(time.time()), "status": status, "model": request.get("model"),
+        "instructions": request.get("instructions"), "output": output,
+        "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "error": None,
+        "incomplete_details": None, "metadata": {}, "temperature": 1.0, "top_p": 1.0,
+        "text": {"format": {"type": "text"}}, "truncation": "disabled", "usage": usage,
+    }
+
+
+# ----------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    """Serve in the foreground until SIGINT/SIGTERM."""
+    parser = argparse.ArgumentParser(
+        prog="python -m chatkit_flask.testing.fake_responses",
+        description="Fake OpenAI Responses API (streams an echo of the last user message).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
+    parser.add_argument("--port", type=int, default=8788, help="TCP port (0 = any free port)")
+    parser.add_argument("--token-delay", type=float, default=0.02, help="seconds between deltas")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    parser.add_argument("--reply", default=None, help="answer this text instead of the echo")
+    args = parser.parse_args(argv)
+    return asyncio.run(_serve_cli(args))
+
+
+async def _serve_cli(args: argparse.Namespace) -> int:
+    fake = FakeResponses(args.host, args.port, api_key=args.api_key, token_delay=args.token_delay)
+    if args.reply is not None:
+        fake._next_reply = lambda: Reply(text=args.reply)  # type: ignore[method-assign]
+    try:
+        await fake._bind()
+    except OSError as exc:
+        print(f"fake Responses API: cannot bind {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"fake Responses API listening on {fake.base_url}", flush=True)
+    await stop.wait()
+    await fake._shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
