@@ -65,18 +65,26 @@ class ChatKit:
         """
         settings = Settings.from_mapping(app.config)
         _check_no_clash(app, settings)
+        limiter_cell: list[Limiter] = []
+        server = client = None
+        if settings.backend == "server":  # imports the ChatKit and Agents SDKs
+            from .server.views import create_runtime, make_server_blueprint
+
+            server = create_runtime(settings, lambda: limiter_cell[0])
+        else:
+            client = self._client or ChatKitClient(
+                settings.api_key,
+                api_base=settings.api_base,
+                timeout=settings.upstream_timeout,
+                retries=settings.upstream_retries,
+                breaker_failures=settings.breaker_failures,
+                breaker_cooldown=settings.breaker_cooldown,
+            )
         for name in _LIMITER_KEYS:
             if isinstance(app.config.get(name), str):
                 app.config[name] = _read(app.config, name)
         limiter = prepare_limiter(app, settings, self._limiter)
-        client = self._client or ChatKitClient(
-            settings.api_key,
-            api_base=settings.api_base,
-            timeout=settings.upstream_timeout,
-            retries=settings.upstream_retries,
-            breaker_failures=settings.breaker_failures,
-            breaker_cooldown=settings.breaker_cooldown,
-        )
+        limiter_cell.append(limiter)
         state = ChatKitState(
             settings=settings,
             limiter=limiter,
@@ -85,9 +93,13 @@ class ChatKit:
             ),
             user_loader=lambda: self._user_loader,
             client=client,
+            server=server,
         )
         app.extensions["chatkit"] = state
-        app.register_blueprint(make_hosted_blueprint(state))
+        if server is not None:
+            app.register_blueprint(make_server_blueprint(state))
+        else:
+            app.register_blueprint(make_hosted_blueprint(state))
         app.cli.add_command(chatkit_cli)
         guard_header_hook(app, limiter)
         if settings.metrics_enabled:

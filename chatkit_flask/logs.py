@@ -14,9 +14,10 @@ from typing import Any
 
 from flask import g, has_request_context
 
-__all__ = ["JsonFormatter", "configure_logging", "log_mint", "mint_log"]
+__all__ = ["JsonFormatter", "configure_logging", "log_message", "log_mint", "mint_log"]
 
 mint_log = logging.getLogger("chatkit_flask.mint")
+message_log = logging.getLogger("chatkit_flask.message")
 
 _FIELDS = (
     "request_id",
@@ -48,6 +49,35 @@ def log_mint(fields: dict[str, Any]) -> None:
         return
     text = " ".join(f"{key}={_value(fields[key])}" for key in _FIELDS if key in fields)
     mint_log.log(level, "mint %s", text, extra={"chatkit": fields})
+
+
+_MESSAGE_FIELDS = (
+    "request_id",
+    "type",
+    "outcome",
+    "status",
+    "visitor",
+    "ip",
+    "thread",
+    "scope",
+    "tokens_in",
+    "tokens_out",
+    "duration_ms",
+)
+
+
+_MESSAGE_OK = {"answered", "streamed", "completed", "cancelled"}
+
+
+def log_message(fields: dict[str, Any]) -> None:
+    """Server mode: one line per ChatKit request (never message text); warning level for a
+    refusal or a failure."""
+    ok = fields.get("status", 200) < 400 and fields.get("outcome") in _MESSAGE_OK
+    level = logging.INFO if ok else logging.WARNING
+    if not message_log.isEnabledFor(level):
+        return
+    text = " ".join(f"{key}={_value(fields[key])}" for key in _MESSAGE_FIELDS if key in fields)
+    message_log.log(level, "chatkit %s", text, extra={"chatkit": fields})
 
 
 class JsonFormatter(logging.Formatter):

@@ -3,7 +3,8 @@ gone while a stream's task runs on the background event loop."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["RequestContext"]
 
@@ -22,3 +23,6 @@ class RequestContext:
     client_network: str = "-"
     user_id: str | None = None  # the host's user id when signed in (for per-user agents)
     locale: str | None = None
+    # Filled while the request runs (token usage, outcome) and read by the log line and the
+    # token budget once the stream ends. Never holds message text.
+    report: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)

@@ -3,6 +3,10 @@
 - :class:`FakeChatKit`: a fake ChatKit sessions API on a real loopback socket (a context
   manager); point ``CHATKIT_API_BASE`` at its ``base_url``.
 - :func:`chatkit_test_config`: the settings a test app needs against that fake, limits off.
+- :class:`FakeResponses` (server mode; needs ``chatkit-flask[server]``): a fake OpenAI
+  Responses API on a loopback socket that streams replies with token usage; point
+  ``OPENAI_BASE_URL`` at its ``base_url``. Import it from
+  ``chatkit_flask.testing.fake_responses``.
 - :func:`reset_limits`: clear every counter of the app's limiter between tests that keep
   limits on.
 - ``pytest_plugins = ["chatkit_flask.testing.pytest_plugin"]`` in a ``conftest.py`` gives the

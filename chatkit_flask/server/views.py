@@ -1,0 +1,228 @@
+"""Server backend: ``POST {prefix}`` is the ChatKit endpoint chatkit-js's ``api.url`` points at
+(request -> identity -> limits -> ChatKit server -> JSON or event stream).
+
+Limits: ``CHATKIT_RATELIMIT_PER_USER``/``_PER_IP``/``_GLOBAL`` count **messages** (the request
+types that call the model); ``CHATKIT_RATELIMIT_REQUESTS_PER_IP`` counts every request. A refused
+message never reaches the model. Refusals of a message are answered the way the ChatKit UI shows
+them, inside the stream: a 200 ``text/event-stream`` holding one ``error`` event with the wait
+time (and a ``Retry-After`` header); refusals of a read are a 429 JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from flask import Blueprint, Response, g, jsonify, request, url_for
+from flask_limiter import Limiter
+
+from ..errors import ApiError, error_response
+from ..identity import hash_id
+from ..limits import LimitRule, limit_rules, limited, network_key, storage_of
+from ..logs import log_message
+from ..settings import Settings
+from ..web import (
+    begin_request,
+    new_blueprint,
+    read_json_body,
+    register_error_handlers,
+    resolve_caller,
+    set_visitor_cookie,
+)
+from .context import RequestContext
+from .endpoint import STREAM_HEADERS, handle
+from .protocol import calls_model, streams
+from .runtime import ServerRuntime
+
+if TYPE_CHECKING:
+    from ..state import ChatKitState
+
+__all__ = ["create_runtime", "make_server_blueprint"]
+
+ENDPOINT = "chatkit.chatkit"
+CONFIG_ENDPOINT = "chatkit.config"
+HEARTBEAT_SECONDS = 15.0  # an SSE comment during model silences: proxies keep the stream open
+_LIMIT_MESSAGES = {
+    "user": "You have sent too many messages",
+    "ip": "Too many messages came from your network",
+    "global": "The chat is very busy right now",
+    "requests": "Too many requests came from your network",
+    "streams": "You already have replies on the way",
+}
+
+
+def create_runtime(settings: Settings, limiter: Callable[[], Limiter]) -> ServerRuntime:
+    """Build server mode's parts (raises ``ConfigError`` naming the key); ``limiter`` gives
+    the limiter once it exists (the stream slots count in its storage)."""
+    return ServerRuntime(settings, lambda: storage_of(limiter()))
+
+
+def _is_read() -> bool:
+    return not g.get("chatkit_is_message", False)
+
+
+def _rules(state: ChatKitState) -> list[LimitRule]:
+    """Message limits (exempt for reads), then the per-IP limit on every request."""
+    settings = state.settings
+    rules = limit_rules(settings, exempt_when=_is_read, counter="messages")
+    if settings.limit_requests_per_ip:
+        rules.append(
+            LimitRule("requests", settings.limit_requests_per_ip, network_key, None, "requests")
+        )
+    return rules
+
+
+def refused_in_stream(error: ApiError) -> Response:
+    """A refused message as the ChatKit UI shows it: one ``error`` event in a 200 stream. Other
+    requests (reads, and anything that does not stream) get the JSON error."""
+    if not streams(g.get("chatkit_request_type")):
+        return error_response(error)
+    g.chatkit_outcome = error.code
+    g.chatkit_refused = error
+    event = {"type": "error", "code": "custom", "message": error.message, "allow_retry": True}
+    response = Response(f"data: {json.dumps(event)}\n\n", mimetype="text/event-stream")
+    response.headers.update(STREAM_HEADERS)
+    response.headers.update(error.headers)
+    return response
+
+
+def make_server_blueprint(state: ChatKitState) -> Blueprint:
+    """The ``chatkit`` blueprint of the server backend: ``POST {prefix}`` and ``GET
+    {prefix}/config``."""
+    settings = state.settings
+    runtime: ServerRuntime = state.server
+    bp = new_blueprint(state)
+    guard = {"done": False}
+    max_body = max(64 * 1024, settings.max_input_chars * 4 + 32 * 1024)
+
+    @bp.before_request
+    def prepare() -> None:
+        begin_request(state, guard)
+        if request.endpoint not in (ENDPOINT, CONFIG_ENDPOINT):
+            return
+        resolve_caller(state)
+        if request.endpoint != ENDPOINT or request.method != "POST":
+            return
+        raw, body = read_json_body(max_body, allow_empty=False)
+        kind = body.get("type")
+        g.chatkit_request_type = kind if isinstance(kind, str) else None
+        g.chatkit_is_message = calls_model(g.chatkit_request_type)
+        g.chatkit_body = raw
+
+    def chatkit() -> Response:
+        """One ChatKit request for the caller."""
+        if request.method != "POST":
+            raise ApiError(405, "method_not_allowed", "Use POST.", headers={"Allow": "POST"})
+        identity = g.chatkit_identity
+        context = RequestContext(
+            owner=identity.limit_key,
+            request_id=g.chatkit_request_id,
+            client_network=g.get("chatkit_client_network", "-"),
+            user_id=identity.user if identity.user.startswith("user_") else None,
+            locale=request.accept_languages.best,
+        )
+        g.chatkit_context = context
+        owner = identity.limit_key
+        slot = g.chatkit_is_message and streams(g.chatkit_request_type)
+        if slot and not runtime.slots.acquire(owner):
+            g.chatkit_limit_scope = "streams"
+            return refused_in_stream(
+                ApiError(
+                    429,
+                    "too_many_streams",
+                    f"{_LIMIT_MESSAGES['streams']}. Wait for them to finish.",
+                    headers={"Retry-After": "5"},
+                    extra={"retry_after": 5, "scope": "streams"},
+                )
+            )
+        try:
+            response = handle(
+                runtime.server,
+                runtime.bridge,
+                g.chatkit_body,
+                context,
+                timeout=settings.model_timeout,
+                heartbeat=HEARTBEAT_SECONDS,
+            )
+        except BaseException:
+            if slot:
+                runtime.slots.release(owner)
+            raise
+        started = g.chatkit_started
+        fields = _log_fields(response)
+        if slot:
+            response.call_on_close(lambda: runtime.slots.release(owner))
+        if response.mimetype == "text/event-stream":
+            g.chatkit_outcome = "streamed"
+            # The line is written when the stream ends, however it ends.
+            response.call_on_close(lambda: _log_stream(fields, context, started))
+        else:
+            g.chatkit_outcome = "answered"
+        return response
+
+    bp.add_url_rule(
+        "", "chatkit", limited(chatkit, state.limiter, _rules(state)), methods=["GET", "POST"]
+    )
+
+    @bp.get("/config")
+    def config() -> Response:
+        """What the page needs to configure chatkit-js; issues the visitor cookie first, so the
+        widget's first parallel requests agree on who the visitor is."""
+        response = jsonify(backend="server", url=url_for(ENDPOINT))
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @bp.after_request
+    def finish(response: Response) -> Response:
+        if request.endpoint not in (ENDPOINT, CONFIG_ENDPOINT):
+            return response
+        response.headers["Cache-Control"] = "no-store"
+        set_visitor_cookie(state, response)
+        if request.endpoint == ENDPOINT and request.method == "POST":
+            for hook in state.response_hooks:
+                hook(response)
+            if response.mimetype != "text/event-stream" or g.get("chatkit_refused"):
+                log_message(_log_fields(response))
+        return response
+
+    register_error_handlers(bp, state, _LIMIT_MESSAGES, refused_in_stream)
+    return bp
+
+
+def _log_fields(response: Response) -> dict[str, Any]:
+    identity = g.get("chatkit_identity")
+    fields: dict[str, Any] = {
+        "request_id": g.get("chatkit_request_id", "-"),
+        "type": g.get("chatkit_request_type") or "-",
+        "outcome": g.get("chatkit_outcome") or f"http_{response.status_code}",
+        "status": response.status_code,
+        "visitor": identity.log_id if identity is not None else "-",
+        "ip": g.get("chatkit_client_network") or "-",
+    }
+    scope = g.get("chatkit_limit_scope")
+    if scope:
+        fields["scope"] = scope
+    body = g.get("chatkit_body")
+    if body:
+        try:
+            thread = json.loads(body).get("params", {}).get("thread_id")
+        except (ValueError, AttributeError):
+            thread = None
+        if isinstance(thread, str):
+            fields["thread"] = hash_id(thread)
+    started = g.get("chatkit_started")
+    if started is not None:
+        fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    return fields
+
+
+def _log_stream(fields: dict[str, Any], context: RequestContext, started: float) -> None:
+    usage = context.report.get("usage")
+    if usage is not None:
+        fields["outcome"] = usage.outcome
+        fields["tokens_in"] = usage.input_tokens
+        fields["tokens_out"] = usage.output_tokens
+    fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    log_message(fields)
