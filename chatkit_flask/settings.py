@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from dotenv import dotenv_values
 from limits import parse_many
 
-__all__ = ["OPTIONS", "ConfigError", "Option", "Settings", "load_config"]
+__all__ = ["OPTIONS", "ConfigError", "Option", "Settings", "load_config", "read_env_file"]
 
 
 class ConfigError(ValueError):
@@ -641,14 +643,58 @@ def _chatkit_configuration(v: Mapping[str, Any]) -> dict[str, Any] | None:
     return sections or None
 
 
-def load_config(
-    path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """Read the operator's TOML file, then let environment variables of the same name win.
+# Variables with our prefixes that are not settings but are read elsewhere (the service's
+# file locations, gunicorn.conf.py's bookkeeping, the reverse proxy's host name, which Compose
+# passes from the same .env; the test and benchmark tools).
+_NOT_SETTINGS = frozenset(
+    {"CHATKIT_CONFIG_FILE", "CHATKIT_ENV_FILE", "CHATKIT_GUNICORN_METRICS_DIR", "CHATKIT_SITE_HOST"}
+)
+_TOOL_PREFIXES = ("CHATKIT_TEST_", "CHATKIT_BENCH_", "CHATKIT_UPDATE_")
+_settings_log = logging.getLogger("chatkit_flask.settings")
 
-    Unknown keys in the file stop start-up (a typo would otherwise be silently ignored).
+
+def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """``KEY=value`` pairs of a ``.env`` file, parsed as python-dotenv (and Flask's CLI) does.
+
+    The last of duplicate keys wins, as with Docker Compose; ``export KEY=v``, spaces around
+    ``=``, CRLF line ends, comments and quotes are understood; values are not expanded. A bare
+    ``KEY`` line sets nothing.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError("CHATKIT_ENV_FILE", f"file not found: {file}")
+    values = dotenv_values(file, interpolate=False, encoding="utf-8")
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _warn_unknown(names: Iterable[str], where: str) -> None:
+    # A warning, not an error (unlike an unknown key in the TOML file, which is ours alone): the
+    # environment and .env are shared with Compose, gunicorn and other tools, and an error
+    # would stop a deploy for a variable this service never reads.
+    for name in sorted(names):
+        known = name in OPTIONS or name in _NOT_SETTINGS or name.startswith(_TOOL_PREFIXES)
+        if name.startswith(("CHATKIT_", "RATELIMIT_")) and not known:
+            _settings_log.warning("%s in %s is not a setting of this service; ignored", name, where)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    environ: Mapping[str, str] | None = None,
+    env_file: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Read the operator's TOML file, then ``env_file`` (a ``.env``), then let environment
+    variables win, as Docker Compose does.
+
+    Unknown keys in the file stop start-up (a typo would otherwise be silently ignored); an
+    unknown ``CHATKIT_*`` or ``RATELIMIT_*`` variable in the environment or ``.env`` is logged
+    as a warning naming it.
     """
     environ = os.environ if environ is None else environ
+    _warn_unknown(environ, "the environment")
+    if env_file is not None:
+        from_file = read_env_file(env_file)
+        _warn_unknown(from_file.keys() - environ.keys(), str(env_file))
+        environ = {**from_file, **environ}
     values: dict[str, Any] = {}
     if path is not None:
         file = Path(path)

@@ -20,12 +20,32 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
+def _read_dotenv():
+    """The .env file the app also reads (CHATKIT_ENV_FILE, else the project root's .env), parsed
+    by python-dotenv like the app, Flask's CLI and (in effect) Compose; {} when there is none."""
+    named = os.environ.get("CHATKIT_ENV_FILE", "").strip()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = named or os.path.join(root, ".env")
+    if not os.path.isfile(path):
+        if named:
+            raise ValueError(f"CHATKIT_ENV_FILE: file not found: {named}")
+        return {}
+    from dotenv import dotenv_values
+
+    values = dotenv_values(path, interpolate=False, encoding="utf-8")
+    return {key: value for key, value in values.items() if value is not None}
+
+
+_DOTENV = _read_dotenv()
+
+
 def _env(name, default):
-    """The variable's value, stripped; blank or unset means the default.
+    """The variable's value, stripped; blank or unset means the default. The environment wins
+    over .env, as with docker compose.
 
     Blank counts as unset because `KEY=` lines are common in env files.
     """
-    value = os.environ.get(name, "").strip()
+    value = os.environ.get(name, "").strip() or _DOTENV.get(name, "").strip()
     return value if value else default
 
 
