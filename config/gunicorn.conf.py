@@ -203,6 +203,44 @@ def on_starting(server):
         server.log.warning("metrics: no multiprocess directory (%s); per-worker values only", exc)
 
 
+def when_ready(server):
+    """Check the app's settings once, before any worker is forked: a bad or missing one stops
+    gunicorn with the message naming the key (exit 4), instead of workers failing one by one.
+
+    The check runs in a forked child so that the master imports nothing of the app: workers
+    still import it fresh (SIGHUP reloads code) and prometheus-client is first imported in a
+    worker, after on_starting has set PROMETHEUS_MULTIPROC_DIR.
+    """
+    import sys
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            from chatkit_flask.service import service_config
+            from chatkit_flask.settings import ConfigError, Settings
+
+            Settings.from_mapping(service_config())
+        except ConfigError as error:
+            sys.stderr.write(f"chatkit-flask: configuration error: {error}\n")
+            code = 4
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        server.log.error("configuration check failed (exit %s): stopping", code)
+        on_exit(server)
+        # The APP_LOAD_ERROR code, as when a worker fails to load the app.
+        sys.exit(4)
+
+
 def child_exit(server, worker):
     """Drop a dead worker's live gauges (its files in PROMETHEUS_MULTIPROC_DIR stay for the
     counters, which must not go backwards)."""
