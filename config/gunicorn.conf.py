@@ -15,6 +15,9 @@ gunicorn write outside those two directories.
 
 import os
 
+from gunicorn.glogging import Logger as _GunicornLogger
+from gunicorn.glogging import SafeAtoms as _GunicornAtoms
+
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -138,6 +141,52 @@ accesslog = "-" if _env_bool("GUNICORN_ACCESS_LOG", True) else None
 # Behind a proxy %(h)s is the proxy's address; the app's mint log lines carry the client
 # network (after CHATKIT_TRUSTED_PROXIES) and the same request id.
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms request_id=%({x-request-id}o)s'
+
+
+class _EscapingLogger(_GunicornLogger):
+    """gunicorn's logger, with every access log field escaped by the app's one escaping function
+    (chatkit_flask.sanitize.escape_control): %(U)s is the percent-decoded path, so /%0a would
+    forge a line and /%1b[2J reach an operator's terminal. Only the fields the format uses are
+    escaped (a request's atoms include every header and environ variable)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # gunicorn's SafeAtoms escapes '"' but not '\\', so '\\"' in a path still ends the
+        # quoted field; escape_control(quoted=True) escapes both, and nothing else may add to it.
+        self.atoms_wrapper_class = _EscapedAtoms
+
+    def atoms(self, resp, req, environ, request_time):
+        atoms = super().atoms(resp, req, environ, request_time)
+        # Imported here, in a worker (which has loaded the app): the master imports nothing of
+        # the app, see when_ready.
+        from chatkit_flask.sanitize import escape_control
+
+        for name in _access_log_fields(self.cfg.access_log_format):
+            value = atoms.get(name)
+            if isinstance(value, str):
+                atoms[name] = escape_control(value, quoted=True)
+        return atoms
+
+
+class _EscapedAtoms(_GunicornAtoms):
+    """SafeAtoms' lookups ('-' for a missing atom, headers in any case) without its escaping."""
+
+    def __init__(self, atoms):
+        dict.__init__(self, atoms)
+
+
+def _access_log_fields(fmt, _cache={}):  # noqa: B006 - a per-process cache
+    fields = _cache.get(fmt)
+    if fields is None:
+        import re
+
+        # Header and environ atoms ({name}i, {name}o, {name}e) are looked up in lower case.
+        names = re.findall(r"%\(([^)]+)\)s", fmt)
+        fields = _cache[fmt] = tuple({n.lower() if n.startswith("{") else n for n in names})
+    return fields
+
+
+logger_class = _EscapingLogger
 
 # Workers' heartbeat file: on a disk-backed /tmp fchmod() can block and get healthy
 # workers killed; /dev/shm is memory-backed (and writable under read_only: true).
