@@ -15,7 +15,7 @@ import json
 import math
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import click
 from flask import current_app
@@ -24,7 +24,7 @@ from limits import RateLimitItem, parse_many
 
 from .identity import client_network, hash_id
 from .limits import STORAGE_ERRORS, counter_args, describe, storage_of
-from .sanitize import escape_control
+from .sanitize import escape_control, mask_url, redact_credentials
 from .settings import OPTIONS, ConfigError, _read
 from .upstream import (
     UpstreamBusy,
@@ -61,18 +61,7 @@ def mask_api_key(key: str | None) -> str:
     return f"{prefix}...{key[-4:]}"
 
 
-def mask_storage_uri(uri: str) -> str:
-    """The storage URI with any password replaced by ``***``."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "***"
-    if parts.password is None and "@" not in parts.netloc:
-        return uri
-    userinfo, _, hostinfo = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0] if userinfo else ""
-    masked = f"{user}:***@{hostinfo}" if userinfo else hostinfo
-    return urlunsplit(parts._replace(netloc=masked))
+mask_storage_uri = mask_url  # the name this module first exported
 
 
 def _shown(name: str, value: Any) -> str:
@@ -194,8 +183,7 @@ def _upstream_detail(exc: UpstreamError, api_key: str) -> str:
         message = json.loads(exc.detail)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         return ""
-    text = str(message).replace(api_key, "***") if api_key else str(message)
-    return f": {text[:200]}"
+    return f": {redact_credentials(str(message), api_key)[:200]}"
 
 
 def _check_live(state: ChatKitState) -> int:

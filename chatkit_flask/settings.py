@@ -15,6 +15,9 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from limits import parse_many
+from limits.storage import SCHEMES
+
+from .sanitize import mask_url
 
 __all__ = ["OPTIONS", "ConfigError", "Option", "Settings", "load_config", "read_env_file"]
 
@@ -27,6 +30,8 @@ class ConfigError(ValueError):
         self.key = key
 
 
+# The synchronous storages of `limits` (the async+ ones cannot serve a WSGI app).
+_STORAGE_SCHEMES = frozenset(name for name in SCHEMES if not name.startswith("async+"))
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -178,8 +183,14 @@ def _choice(*allowed: str) -> Callable[[str, Any], str]:
 
 def _storage_uri(key: str, value: Any) -> str:
     text = _as_str(key, value)
-    if "://" not in text:
-        raise ConfigError(key, f"must be a storage URI such as redis://host:6379/0, got {text!r}")
+    scheme = text.partition("://")[0]
+    if "://" not in text or scheme not in _STORAGE_SCHEMES:
+        # Checked here, with the URI's password masked: the storage's own error quotes it whole.
+        raise ConfigError(
+            key,
+            f"must be a storage URI such as redis://host:6379/0 (schemes: "
+            f"{', '.join(sorted(_STORAGE_SCHEMES))}), got {mask_url(text)!r}",
+        )
     return text
 
 

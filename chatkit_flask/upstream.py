@@ -16,6 +16,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from .breaker import CircuitBreaker
+from .sanitize import redact_credentials
 
 __all__ = [
     "ChatKitClient",
@@ -295,8 +296,9 @@ class ChatKitClient:
         return True
 
     def _redact(self, text: str) -> str:
-        # An upstream or a proxy in between may echo the Authorization header back.
-        return text.replace(self._api_key, "[redacted]") if self._api_key else text
+        # An upstream or a proxy in between may echo the Authorization header back, whole or in
+        # part ("sk-proj-****abcd"), and an error page may quote a session's client secret.
+        return redact_credentials(text, self._api_key)
 
     def _check(
         self, response: requests.Response, latency_ms: float, attempts: int
@@ -326,9 +328,11 @@ class ChatKitClient:
         try:
             data = response.json()
         except ValueError:
+            # A 2xx body may hold a client secret in a shape we do not parse: keep none of it.
+            content_type = response.headers.get("Content-Type", "-")
             raise UpstreamUnavailable(
                 "upstream answered with a body that is not JSON",
-                detail=self._redact(response.text)[:100],
+                detail=f"{len(response.content)} bytes of {content_type[:60]} (body not kept)",
                 **common,
             ) from None
         if not isinstance(data, dict):
