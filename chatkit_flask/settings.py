@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 from limits import parse_many
@@ -110,12 +110,59 @@ def _limit(key: str, value: Any) -> str:
     return text
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _http_url(key: str, value: Any) -> str:
+    """The API base the key is sent to: https (http only to a loopback host, as the tests and
+    fakes use), no userinfo (``https://api.openai.com@evil.example`` is evil.example), no query
+    or fragment; a trailing ``/v1`` is dropped, since the client adds it."""
     text = _as_str(key, value).rstrip("/")
-    parts = urlsplit(text)
-    if parts.scheme not in {"http", "https"} or not parts.netloc:
-        raise ConfigError(key, f"must be an http(s) URL, got {text!r}")
-    return text
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(key, f"must be an https URL, got {mask_url(text)!r}") from None
+    if parts.scheme not in {"http", "https"} or not host:
+        raise ConfigError(key, f"must be an https URL, got {mask_url(text)!r}")
+    if "@" in parts.netloc:
+        raise ConfigError(
+            key,
+            f"must not contain a user or password (the key would go to the host after '@'), "
+            f"got {mask_url(text)!r}",
+        )
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise ConfigError(key, f"must not have a query or fragment, got {mask_url(text)!r}")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise ConfigError(key, f"must use https (http only for a loopback host), got {text!r}")
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[: -len("/v1")]
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+_MIN_SECRET_KEY_BYTES = 32
+
+
+def _check_secret_key(secret_key: str, config: Mapping[str, Any]) -> None:
+    # A short key makes the visitor cookie's HMAC guessable offline; Flask's debug and testing
+    # modes may keep short throwaway keys.
+    if len(secret_key.encode()) >= _MIN_SECRET_KEY_BYTES:
+        return
+    if any(_bool(flag, config.get(flag) or False) for flag in ("DEBUG", "TESTING")):
+        return
+    raise ConfigError(
+        "SECRET_KEY",
+        f"must be at least {_MIN_SECRET_KEY_BYTES} bytes, got {len(secret_key.encode())} "
+        '(python -c "import secrets; print(secrets.token_urlsafe(32))")',
+    )
 
 
 def _prefix(key: str, value: Any) -> str:
@@ -570,6 +617,7 @@ class Settings:
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
         """Parse and check ``config`` (a Flask ``app.config`` or any mapping of key to value)."""
         v = {name: _read(config, name) for name in OPTIONS}
+        _check_secret_key(v["SECRET_KEY"], config)
         allowed = set(v["CHATKIT_ALLOWED_WORKFLOWS"])
         for workflow in allowed:
             _token("CHATKIT_ALLOWED_WORKFLOWS", workflow)
