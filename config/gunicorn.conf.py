@@ -252,6 +252,9 @@ def on_starting(server):
         server.log.warning("metrics: no multiprocess directory (%s); per-worker values only", exc)
 
 
+_SERVICE_APPS = ("wsgi:app", "wsgi")
+
+
 def when_ready(server):
     """Check the app's settings once, before any worker is forked: a bad or missing one stops
     gunicorn with the message naming the key (exit 4), instead of workers failing one by one.
@@ -262,6 +265,8 @@ def when_ready(server):
     """
     import sys
 
+    if getattr(server.app, "app_uri", None) not in _SERVICE_APPS:
+        return  # this file serving another app (as tests/test_proxy.py does): not our settings
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 0
