@@ -15,7 +15,7 @@ import json
 import math
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import click
 from flask import current_app
@@ -24,6 +24,7 @@ from limits import RateLimitItem, parse_many
 
 from .identity import client_network, hash_id
 from .limits import STORAGE_ERRORS, counter_args, describe, storage_of
+from .sanitize import escape_control, mask_url, redact_credentials
 from .settings import OPTIONS, ConfigError, _read
 from .upstream import (
     UpstreamBusy,
@@ -60,18 +61,7 @@ def mask_api_key(key: str | None) -> str:
     return f"{prefix}...{key[-4:]}"
 
 
-def mask_storage_uri(uri: str) -> str:
-    """The storage URI with any password replaced by ``***``."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "***"
-    if parts.password is None and "@" not in parts.netloc:
-        return uri
-    userinfo, _, hostinfo = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0] if userinfo else ""
-    masked = f"{user}:***@{hostinfo}" if userinfo else hostinfo
-    return urlunsplit(parts._replace(netloc=masked))
+mask_storage_uri = mask_url  # the name this module first exported
 
 
 def _shown(name: str, value: Any) -> str:
@@ -92,12 +82,18 @@ def _shown(name: str, value: Any) -> str:
     return str(value)
 
 
+def _echo(text: str, **style: Any) -> None:
+    """Print one line with control characters escaped: an upstream's error text, a configured
+    value or an operator's argument never sends escape sequences to the terminal."""
+    click.secho(escape_control(text), **style)
+
+
 def _ok(text: str) -> None:
-    click.echo(f"  ok    {text}")
+    _echo(f"  ok    {text}")
 
 
 def _fail(text: str) -> None:
-    click.secho(f"  FAIL  {text}", fg="red", err=False)
+    _echo(f"  FAIL  {text}", fg="red")
 
 
 # ----------------------------------------------------------------------- check
@@ -111,7 +107,7 @@ def check_command(live: bool) -> None:
     settings = state.settings
     failures = 0
 
-    click.echo("Configuration (validated at start-up):")
+    _echo("Configuration (validated at start-up):")
     for name in OPTIONS:
         try:
             value = _read(current_app.config, name)
@@ -119,9 +115,9 @@ def check_command(live: bool) -> None:
             _fail(str(exc))
             failures += 1
             continue
-        click.echo(f"  {name} = {_shown(name, value)}")
+        _echo(f"  {name} = {_shown(name, value)}")
 
-    click.echo("Limiter storage (Flask-Limiter's):")
+    _echo("Limiter storage (Flask-Limiter's):")
     real = describe(state.limiter, current_app)
     uri = mask_storage_uri(real["storage_uri"])
     storage = storage_of(state.limiter)
@@ -130,24 +126,24 @@ def check_command(live: bool) -> None:
     except Exception:
         reachable = False
     if storage is None:
-        click.echo("  warn  rate limits are off (RATELIMIT_ENABLED=false, or not initialised)")
+        _echo("  warn  rate limits are off (RATELIMIT_ENABLED=false, or not initialised)")
     elif reachable:
         _ok(f"{uri} answers")
         if real["storage_uri"].startswith("memory://"):
-            click.echo("  warn  memory:// limits are per process; use redis:// in production")
+            _echo("  warn  memory:// limits are per process; use redis:// in production")
     else:
         _fail(f"cannot reach the limiter storage at {uri} (RATELIMIT_STORAGE_URI)")
         failures += 1
 
     if live:
-        click.echo(f"Upstream ({settings.api_base}):")
+        _echo(f"Upstream ({settings.api_base}):")
         failures += _check_live(state)
     else:
-        click.echo("Upstream: not contacted (add --live to mint and cancel one test session)")
+        _echo("Upstream: not contacted (add --live to mint and cancel one test session)")
 
     if failures:
         raise click.ClickException(f"{failures} check(s) failed")
-    click.echo("All checks passed.")
+    _echo("All checks passed.")
 
 
 def _upstream_message(exc: UpstreamError, state: ChatKitState) -> str:
@@ -187,8 +183,7 @@ def _upstream_detail(exc: UpstreamError, api_key: str) -> str:
         message = json.loads(exc.detail)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         return ""
-    text = str(message).replace(api_key, "***") if api_key else str(message)
-    return f": {text[:200]}"
+    return f": {redact_credentials(str(message), api_key)[:200]}"
 
 
 def _check_live(state: ChatKitState) -> int:
@@ -246,8 +241,8 @@ def limits_command() -> None:
         ("storage down", real["outage"]),
     ]
     for label, value in rows:
-        click.echo(f"{label + ':':<14}{value}")
-    click.echo("(Flask-Limiter's own view, with usage per key: flask limiter limits)")
+        _echo(f"{label + ':':<14}{value}")
+    _echo("(Flask-Limiter's own view, with usage per key: flask limiter limits)")
 
 
 # ----------------------------------------------------------------------- usage / reset
@@ -323,7 +318,7 @@ def usage_command(visitor: str | None, user: str | None, ip: str | None, global_
     state = _state()
     key, limit, scope = _resolve_key(state, visitor, user, ip, global_)
     items = _items(limit, scope)
-    click.echo(f"{scope} limits for {key}:")
+    _echo(f"{scope} limits for {key}:")
     now = time.time()
     try:
         for item in items:
@@ -332,7 +327,7 @@ def usage_command(visitor: str | None, user: str | None, ip: str | None, global_
             used = item.amount - remaining
             resets = max(0, math.ceil(stats.reset_time - now)) if used else 0
             when = f", resets in {resets}s" if used else ""
-            click.echo(f"  {item}: {remaining} of {item.amount} remaining ({used} used{when})")
+            _echo(f"  {item}: {remaining} of {item.amount} remaining ({used} used{when})")
     except STORAGE_ERRORS as exc:
         raise click.ClickException(
             f"cannot read the limiter storage at {_uri(state)}: "
@@ -359,6 +354,6 @@ def reset_command(visitor: str | None, user: str | None, ip: str | None, global_
             f"cannot reach the limiter storage at {_uri(state)}: "
             f"{type(exc).__name__}"
         ) from None
-    click.echo(
+    _echo(
         f"Cleared {len(items)} {scope} limit counter(s) for {key} ({had_hits} had been used)."
     )

@@ -26,6 +26,23 @@ CHATKIT_CDN_URL = "https://cdn.platform.openai.com/deployments/chatkit/chatkit.j
 DEMO_API_KEY = "offline-demo-key-not-a-real-openai-key"
 DEMO_SECRET_KEY = "offline-demo-secret-key-not-for-production"  # noqa: S105
 DEMO_WORKFLOW_ID = "wf_offline_demo"
+_CHATKIT_ORIGIN = "https://cdn.platform.openai.com"
+# Only our own files and ChatKit's component: no inline script or style, no plugins, no <base>
+# or form hijack, and the page may not be framed (clickjacking the mint button).
+DEMO_CSP = "; ".join(
+    [
+        "default-src 'none'",
+        f"script-src 'self' {_CHATKIT_ORIGIN}",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        f"connect-src 'self' {_CHATKIT_ORIGIN} https://api.openai.com",
+        f"frame-src {_CHATKIT_ORIGIN}",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "object-src 'none'",
+        "frame-ancestors 'none'",
+    ]
+)
 
 
 def demo_blueprint(state: ChatKitState) -> Blueprint:
@@ -46,6 +63,9 @@ def demo_blueprint(state: ChatKitState) -> Blueprint:
         )
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Content-Security-Policy"] = DEMO_CSP
+        response.headers["X-Frame-Options"] = "DENY"  # frame-ancestors for older browsers
+        response.headers["Referrer-Policy"] = "no-referrer"
         return response
 
     state.exempt(bp)

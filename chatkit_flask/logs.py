@@ -14,7 +14,16 @@ from typing import Any
 
 from flask import g, has_request_context
 
-__all__ = ["JsonFormatter", "configure_logging", "log_message", "log_mint", "mint_log"]
+from .sanitize import escape_control
+
+__all__ = [
+    "JsonFormatter",
+    "TextFormatter",
+    "configure_logging",
+    "log_message",
+    "log_mint",
+    "mint_log",
+]
 
 mint_log = logging.getLogger("chatkit_flask.mint")
 message_log = logging.getLogger("chatkit_flask.message")
@@ -38,8 +47,13 @@ _FIELDS = (
 
 
 def _value(value: Any) -> str:
+    # Quoted, with control characters, backslash and '"' escaped, whenever the raw text could end
+    # its field or line early or reach a terminal: an upstream body or a request id with a
+    # space, '=', a line break, a tab or ESC must not forge a field or a line.
     text = str(value)
-    return json.dumps(text) if (" " in text or '"' in text or not text) else text
+    if text and escape_control(text) == text and not any(char in text for char in ' "=\\'):
+        return text
+    return '"' + escape_control(text, quoted=True) + '"'
 
 
 def log_mint(fields: dict[str, Any]) -> None:
@@ -80,6 +94,18 @@ def log_message(fields: dict[str, Any]) -> None:
     message_log.log(level, "chatkit %s", text, extra={"chatkit": fields})
 
 
+class TextFormatter(logging.Formatter):
+    """``time level [pid] logger: message``, one physical line per record: control characters
+    in the message, the logger name and a traceback are escaped (a traceback's line breaks show
+    as ``\\n``), so that no logged text can forge a line or reach a terminal as a sequence."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_control(super().format(record))
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and the mint fields if any."""
 
@@ -118,9 +144,7 @@ def configure_logging(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
-        )
+        handler.setFormatter(TextFormatter())
     handler._chatkit_flask = True  # type: ignore[attr-defined]
     for name in ("chatkit_flask", "flask-limiter"):
         logger = logging.getLogger(name)

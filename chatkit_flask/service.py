@@ -14,27 +14,49 @@ from werkzeug.exceptions import HTTPException
 from .errors import http_error_response
 from .extension import ChatKit
 from .logs import configure_logging
-from .settings import Settings, load_config
+from .settings import Settings, load_config, read_env_file
 from .web import health_blueprint
 
-__all__ = ["DEFAULT_CONFIG_FILE", "create_app"]
+__all__ = ["DEFAULT_CONFIG_FILE", "DEFAULT_ENV_FILE", "create_app", "service_config"]
 
-DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "chatkit.toml"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_FILE = PROJECT_ROOT / "config" / "chatkit.toml"
+DEFAULT_ENV_FILE = PROJECT_ROOT / ".env"
+
+
+def service_config(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The service's configuration: config file (``CHATKIT_CONFIG_FILE``, default
+    ``config/chatkit.toml``) < ``.env`` < environment variables < ``overrides``.
+
+    ``.env`` is ``CHATKIT_ENV_FILE`` if set, else the project root's ``.env`` when ``environ``
+    is the process environment (None); an explicit ``environ`` reads no file it does not name.
+    Not validated: pass the result to ``Settings.from_mapping``.
+    """
+    process = environ is None
+    environ = os.environ if environ is None else environ
+    env_file: Path | str | None = environ.get("CHATKIT_ENV_FILE") or None
+    if env_file is None and process and DEFAULT_ENV_FILE.is_file():
+        env_file = DEFAULT_ENV_FILE
+    # CHATKIT_CONFIG_FILE itself may be set in .env.
+    lookup = {**read_env_file(env_file), **environ} if env_file is not None else environ
+    path = lookup.get("CHATKIT_CONFIG_FILE") or (
+        DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.exists() else None
+    )
+    config = load_config(path, environ, env_file)
+    config.update(overrides or {})
+    if str(config.get("CHATKIT_METRICS_ENABLED", "")).strip() == "":
+        config["CHATKIT_METRICS_ENABLED"] = True  # the service serves /metrics unless told not to
+    return config
 
 
 def create_app(
     overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> Flask:
-    """Build the service app: config file (``CHATKIT_CONFIG_FILE``, default ``config/chatkit.toml``)
-    < environment variables < ``overrides``. Raises ``ConfigError`` naming the bad key."""
-    environ = os.environ if environ is None else environ
-    path = environ.get("CHATKIT_CONFIG_FILE") or (
-        DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.exists() else None
-    )
-    config = load_config(path, environ)
-    config.update(overrides or {})
-    if str(config.get("CHATKIT_METRICS_ENABLED", "")).strip() == "":
-        config["CHATKIT_METRICS_ENABLED"] = True  # the service serves /metrics unless told not to
+    """Build the service app from ``service_config(overrides, environ)``. Raises
+    ``ConfigError`` naming the bad key."""
+    config = service_config(overrides, environ)
     settings = Settings.from_mapping(config)  # fail fast, before anything is wired
     configure_logging(settings.log_level, settings.log_format)
 

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
+from dotenv import dotenv_values
 from limits import parse_many
+from limits.storage import SCHEMES
 
-__all__ = ["OPTIONS", "ConfigError", "Option", "Settings", "load_config"]
+from .sanitize import mask_url
+
+__all__ = ["OPTIONS", "ConfigError", "Option", "Settings", "load_config", "read_env_file"]
 
 
 class ConfigError(ValueError):
@@ -25,6 +30,8 @@ class ConfigError(ValueError):
         self.key = key
 
 
+# The synchronous storages of `limits` (the async+ ones cannot serve a WSGI app).
+_STORAGE_SCHEMES = frozenset(name for name in SCHEMES if not name.startswith("async+"))
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -103,12 +110,59 @@ def _limit(key: str, value: Any) -> str:
     return text
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _http_url(key: str, value: Any) -> str:
+    """The API base the key is sent to: https (http only to a loopback host, as the tests and
+    fakes use), no userinfo (``https://api.openai.com@evil.example`` is evil.example), no query
+    or fragment; a trailing ``/v1`` is dropped, since the client adds it."""
     text = _as_str(key, value).rstrip("/")
-    parts = urlsplit(text)
-    if parts.scheme not in {"http", "https"} or not parts.netloc:
-        raise ConfigError(key, f"must be an http(s) URL, got {text!r}")
-    return text
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(key, f"must be an https URL, got {mask_url(text)!r}") from None
+    if parts.scheme not in {"http", "https"} or not host:
+        raise ConfigError(key, f"must be an https URL, got {mask_url(text)!r}")
+    if "@" in parts.netloc:
+        raise ConfigError(
+            key,
+            f"must not contain a user or password (the key would go to the host after '@'), "
+            f"got {mask_url(text)!r}",
+        )
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise ConfigError(key, f"must not have a query or fragment, got {mask_url(text)!r}")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise ConfigError(key, f"must use https (http only for a loopback host), got {text!r}")
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[: -len("/v1")]
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+_MIN_SECRET_KEY_BYTES = 32
+
+
+def _check_secret_key(secret_key: str, config: Mapping[str, Any]) -> None:
+    # A short key makes the visitor cookie's HMAC guessable offline; Flask's debug and testing
+    # modes may keep short throwaway keys.
+    if len(secret_key.encode()) >= _MIN_SECRET_KEY_BYTES:
+        return
+    if any(_bool(flag, config.get(flag) or False) for flag in ("DEBUG", "TESTING")):
+        return
+    raise ConfigError(
+        "SECRET_KEY",
+        f"must be at least {_MIN_SECRET_KEY_BYTES} bytes, got {len(secret_key.encode())} "
+        '(python -c "import secrets; print(secrets.token_urlsafe(32))")',
+    )
 
 
 def _prefix(key: str, value: Any) -> str:
@@ -176,8 +230,14 @@ def _choice(*allowed: str) -> Callable[[str, Any], str]:
 
 def _storage_uri(key: str, value: Any) -> str:
     text = _as_str(key, value)
-    if "://" not in text:
-        raise ConfigError(key, f"must be a storage URI such as redis://host:6379/0, got {text!r}")
+    scheme = text.partition("://")[0]
+    if "://" not in text or scheme not in _STORAGE_SCHEMES:
+        # Checked here, with the URI's password masked: the storage's own error quotes it whole.
+        raise ConfigError(
+            key,
+            f"must be a storage URI such as redis://host:6379/0 (schemes: "
+            f"{', '.join(sorted(_STORAGE_SCHEMES))}), got {mask_url(text)!r}",
+        )
     return text
 
 
@@ -557,6 +617,7 @@ class Settings:
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
         """Parse and check ``config`` (a Flask ``app.config`` or any mapping of key to value)."""
         v = {name: _read(config, name) for name in OPTIONS}
+        _check_secret_key(v["SECRET_KEY"], config)
         allowed = set(v["CHATKIT_ALLOWED_WORKFLOWS"])
         for workflow in allowed:
             _token("CHATKIT_ALLOWED_WORKFLOWS", workflow)
@@ -641,14 +702,58 @@ def _chatkit_configuration(v: Mapping[str, Any]) -> dict[str, Any] | None:
     return sections or None
 
 
-def load_config(
-    path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """Read the operator's TOML file, then let environment variables of the same name win.
+# Variables with our prefixes that are not settings but are read elsewhere (the service's
+# file locations, gunicorn.conf.py's bookkeeping, the reverse proxy's host name, which Compose
+# passes from the same .env; the test and benchmark tools).
+_NOT_SETTINGS = frozenset(
+    {"CHATKIT_CONFIG_FILE", "CHATKIT_ENV_FILE", "CHATKIT_GUNICORN_METRICS_DIR", "CHATKIT_SITE_HOST"}
+)
+_TOOL_PREFIXES = ("CHATKIT_TEST_", "CHATKIT_BENCH_", "CHATKIT_UPDATE_")
+_settings_log = logging.getLogger("chatkit_flask.settings")
 
-    Unknown keys in the file stop start-up (a typo would otherwise be silently ignored).
+
+def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """``KEY=value`` pairs of a ``.env`` file, parsed as python-dotenv (and Flask's CLI) does.
+
+    The last of duplicate keys wins, as with Docker Compose; ``export KEY=v``, spaces around
+    ``=``, CRLF line ends, comments and quotes are understood; values are not expanded. A bare
+    ``KEY`` line sets nothing.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError("CHATKIT_ENV_FILE", f"file not found: {file}")
+    values = dotenv_values(file, interpolate=False, encoding="utf-8")
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _warn_unknown(names: Iterable[str], where: str) -> None:
+    # A warning, not an error (unlike an unknown key in the TOML file, which is ours alone): the
+    # environment and .env are shared with Compose, gunicorn and other tools, and an error
+    # would stop a deploy for a variable this service never reads.
+    for name in sorted(names):
+        known = name in OPTIONS or name in _NOT_SETTINGS or name.startswith(_TOOL_PREFIXES)
+        if name.startswith(("CHATKIT_", "RATELIMIT_")) and not known:
+            _settings_log.warning("%s in %s is not a setting of this service; ignored", name, where)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    environ: Mapping[str, str] | None = None,
+    env_file: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Read the operator's TOML file, then ``env_file`` (a ``.env``), then let environment
+    variables win, as Docker Compose does.
+
+    Unknown keys in the file stop start-up (a typo would otherwise be silently ignored); an
+    unknown ``CHATKIT_*`` or ``RATELIMIT_*`` variable in the environment or ``.env`` is logged
+    as a warning naming it.
     """
     environ = os.environ if environ is None else environ
+    _warn_unknown(environ, "the environment")
+    if env_file is not None:
+        from_file = read_env_file(env_file)
+        _warn_unknown(from_file.keys() - environ.keys(), str(env_file))
+        environ = {**from_file, **environ}
     values: dict[str, Any] = {}
     if path is not None:
         file = Path(path)

@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from .breaker import CircuitBreaker
+from .sanitize import redact_credentials
 
 __all__ = [
     "ChatKitClient",
@@ -31,6 +34,27 @@ __all__ = [
 _RETRY_STATUSES = frozenset({502, 503, 504})
 _DETAIL_LIMIT = 500  # characters of an upstream error body kept for the log
 _CONNECT_TIMEOUT = 5.0
+# A session object is under 2 KiB; anything over this is refused unread (a 300 MiB body took a
+# worker to 1.2 GiB). Of an error body only what the log keeps is read.
+MAX_BODY_BYTES = 64 * 1024
+_ERROR_BODY_BYTES = 4 * 1024
+_CHUNK_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """An upstream answer whose body was read within the deadline and the size cap."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
 
 
 @dataclass(frozen=True)
@@ -143,6 +167,7 @@ class ChatKitClient:
             "OpenAI-Beta": "chatkit_beta=v1",
             "Content-Type": "application/json",
             "Accept": "application/json",
+            "Accept-Encoding": "identity",  # compressed answers are refused, see _read
             "User-Agent": "chatkit-flask",
         }
 
@@ -239,7 +264,7 @@ class ChatKitClient:
         response, started, attempts = self._post(f"/v1/chatkit/sessions/{session_id}/cancel", None)
         return self._check(response, (time.monotonic() - started) * 1000, attempts)
 
-    def _post(self, path: str, body: dict[str, Any] | None) -> tuple[requests.Response, float, int]:
+    def _post(self, path: str, body: dict[str, Any] | None) -> tuple[_Answer, float, int]:
         url = self._base + path
         payload = json.dumps(body, separators=(",", ":")) if body is not None else None
         started = time.monotonic()
@@ -262,9 +287,8 @@ class ChatKitClient:
                 request = requests.PreparedRequest()
                 request.prepare(method="POST", url=url, headers=self._headers, data=payload)
                 response = adapter.send(
-                    request, timeout=(min(_CONNECT_TIMEOUT, remaining), remaining)
+                    request, stream=True, timeout=(min(_CONNECT_TIMEOUT, remaining), remaining)
                 )
-                response.content  # noqa: B018 - read the body here, as Session.post does
             except requests.exceptions.ConnectTimeout:
                 error: Exception = UpstreamTimeout("upstream connect timed out")
             except requests.exceptions.Timeout:
@@ -278,7 +302,8 @@ class ChatKitClient:
                 error = UpstreamUnavailable(f"upstream connection failed: {type(exc).__name__}")
             else:
                 if response.status_code not in _RETRY_STATUSES or attempt > self.retries:
-                    return response, started, attempt
+                    answer = self._read(response, deadline, started, attempt)
+                    return answer, started, attempt
                 response.close()
                 error = UpstreamUnavailable(f"upstream answered {response.status_code}")
             if attempt > self.retries or not self._sleep_before_retry(attempt, deadline):
@@ -286,6 +311,82 @@ class ChatKitClient:
                     error.latency_ms = (time.monotonic() - started) * 1000
                     error.attempts = attempt
                 raise error
+
+    def _read(
+        self, response: requests.Response, deadline: float, started: float, attempts: int
+    ) -> _Answer:
+        """The body, read within the deadline (checked between reads, each read bounded by the
+        time left) and the size cap; never decompressed (we ask for identity)."""
+        status = response.status_code
+        common: dict[str, Any] = {
+            "status": status,
+            "request_id": response.headers.get("x-request-id"),
+            "attempts": attempts,
+        }
+        limit = MAX_BODY_BYTES if status < 300 else _ERROR_BODY_BYTES
+        encoding = response.headers.get("Content-Encoding", "").strip().lower()
+        length = response.headers.get("Content-Length", "").strip()
+        refused = None
+        if encoding not in ("", "identity"):
+            # Refused, not inflated: a 1 MiB gzip bomb inflated a worker to 2.4 GiB.
+            refused = f"upstream answered with Content-Encoding {encoding[:20]!r}"
+        elif status < 300 and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            refused = f"upstream answer of {int(length)} bytes is over {MAX_BODY_BYTES}"
+        if refused is not None:
+            response.close()
+            elapsed = (time.monotonic() - started) * 1000
+            raise UpstreamUnavailable(refused, latency_ms=elapsed, **common)
+        raw = response.raw
+        connection = getattr(raw, "connection", None)
+        sock = getattr(connection, "sock", None)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while size <= limit:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise UpstreamTimeout(
+                        "upstream body not received before the deadline",
+                        latency_ms=(time.monotonic() - started) * 1000,
+                        **common,
+                    )
+                if sock is not None:
+                    # A drip-feed resets a per-read timeout with every byte; this bounds the
+                    # whole body by the deadline (a 1 byte/s body answered after 56 s).
+                    sock.settimeout(remaining)
+                chunk = raw.read1(_CHUNK_BYTES, decode_content=False)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
+            response.close()
+            raise UpstreamTimeout(
+                "upstream body not received before the deadline",
+                latency_ms=(time.monotonic() - started) * 1000,
+                **common,
+            ) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            response.close()
+            raise UpstreamUnavailable(
+                f"upstream body could not be read: {type(exc).__name__}",
+                latency_ms=(time.monotonic() - started) * 1000,
+                **common,
+            ) from None
+        except UpstreamError:
+            response.close()
+            raise
+        body = b"".join(chunks)
+        if size > limit:
+            response.close()  # the rest is never read; the connection is not reused
+            if status < 300:
+                raise UpstreamUnavailable(
+                    f"upstream answer is over {MAX_BODY_BYTES} bytes",
+                    latency_ms=(time.monotonic() - started) * 1000,
+                    **common,
+                )
+            body = body[:limit]  # an error body: the log keeps its start only
+        return _Answer(status, response.headers, body)
 
     def _sleep_before_retry(self, attempt: int, deadline: float) -> bool:
         pause = self._backoff * (2 ** (attempt - 1))
@@ -295,12 +396,11 @@ class ChatKitClient:
         return True
 
     def _redact(self, text: str) -> str:
-        # An upstream or a proxy in between may echo the Authorization header back.
-        return text.replace(self._api_key, "[redacted]") if self._api_key else text
+        # An upstream or a proxy in between may echo the Authorization header back, whole or in
+        # part ("sk-proj-****abcd"), and an error page may quote a session's client secret.
+        return redact_credentials(text, self._api_key)
 
-    def _check(
-        self, response: requests.Response, latency_ms: float, attempts: int
-    ) -> dict[str, Any]:
+    def _check(self, response: _Answer, latency_ms: float, attempts: int) -> dict[str, Any]:
         status = response.status_code
         request_id = response.headers.get("x-request-id")
         common: dict[str, Any] = {
@@ -325,10 +425,12 @@ class ChatKitClient:
             raise UpstreamUnavailable(f"upstream failed ({status})", detail=detail, **common)
         try:
             data = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
+            # A 2xx body may hold a client secret in a shape we do not parse: keep none of it.
+            content_type = response.headers.get("Content-Type", "-")
             raise UpstreamUnavailable(
                 "upstream answered with a body that is not JSON",
-                detail=self._redact(response.text)[:100],
+                detail=f"{len(response.body)} bytes of {content_type[:60]} (body not kept)",
                 **common,
             ) from None
         if not isinstance(data, dict):

@@ -15,17 +15,40 @@ gunicorn write outside those two directories.
 
 import os
 
+from gunicorn.glogging import Logger as _GunicornLogger
+from gunicorn.glogging import SafeAtoms as _GunicornAtoms
+
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
+def _read_dotenv():
+    """The .env file the app also reads (CHATKIT_ENV_FILE, else the project root's .env), parsed
+    by python-dotenv like the app, Flask's CLI and (in effect) Compose; {} when there is none."""
+    named = os.environ.get("CHATKIT_ENV_FILE", "").strip()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = named or os.path.join(root, ".env")
+    if not os.path.isfile(path):
+        if named:
+            raise ValueError(f"CHATKIT_ENV_FILE: file not found: {named}")
+        return {}
+    from dotenv import dotenv_values
+
+    values = dotenv_values(path, interpolate=False, encoding="utf-8")
+    return {key: value for key, value in values.items() if value is not None}
+
+
+_DOTENV = _read_dotenv()
+
+
 def _env(name, default):
-    """The variable's value, stripped; blank or unset means the default.
+    """The variable's value, stripped; blank or unset means the default. The environment wins
+    over .env, as with docker compose.
 
     Blank counts as unset because `KEY=` lines are common in env files.
     """
-    value = os.environ.get(name, "").strip()
+    value = os.environ.get(name, "").strip() or _DOTENV.get(name, "").strip()
     return value if value else default
 
 
@@ -119,6 +142,52 @@ accesslog = "-" if _env_bool("GUNICORN_ACCESS_LOG", True) else None
 # network (after CHATKIT_TRUSTED_PROXIES) and the same request id.
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms request_id=%({x-request-id}o)s'
 
+
+class _EscapingLogger(_GunicornLogger):
+    """gunicorn's logger, with every access log field escaped by the app's one escaping function
+    (chatkit_flask.sanitize.escape_control): %(U)s is the percent-decoded path, so /%0a would
+    forge a line and /%1b[2J reach an operator's terminal. Only the fields the format uses are
+    escaped (a request's atoms include every header and environ variable)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # gunicorn's SafeAtoms escapes '"' but not '\\', so '\\"' in a path still ends the
+        # quoted field; escape_control(quoted=True) escapes both, and nothing else may add to it.
+        self.atoms_wrapper_class = _EscapedAtoms
+
+    def atoms(self, resp, req, environ, request_time):
+        atoms = super().atoms(resp, req, environ, request_time)
+        # Imported here, in a worker (which has loaded the app): the master imports nothing of
+        # the app, see when_ready.
+        from chatkit_flask.sanitize import escape_control
+
+        for name in _access_log_fields(self.cfg.access_log_format):
+            value = atoms.get(name)
+            if isinstance(value, str):
+                atoms[name] = escape_control(value, quoted=True)
+        return atoms
+
+
+class _EscapedAtoms(_GunicornAtoms):
+    """SafeAtoms' lookups ('-' for a missing atom, headers in any case) without its escaping."""
+
+    def __init__(self, atoms):
+        dict.__init__(self, atoms)
+
+
+def _access_log_fields(fmt, _cache={}):  # noqa: B006 - a per-process cache
+    fields = _cache.get(fmt)
+    if fields is None:
+        import re
+
+        # Header and environ atoms ({name}i, {name}o, {name}e) are looked up in lower case.
+        names = re.findall(r"%\(([^)]+)\)s", fmt)
+        fields = _cache[fmt] = tuple({n.lower() if n.startswith("{") else n for n in names})
+    return fields
+
+
+logger_class = _EscapingLogger
+
 # Workers' heartbeat file: on a disk-backed /tmp fchmod() can block and get healthy
 # workers killed; /dev/shm is memory-backed (and writable under read_only: true).
 worker_tmp_dir = (
@@ -181,6 +250,49 @@ def on_starting(server):
         # /metrics then shows the values of whichever worker answers the scrape.
         os.environ.pop(_PROMETHEUS_DIR, None)
         server.log.warning("metrics: no multiprocess directory (%s); per-worker values only", exc)
+
+
+_SERVICE_APPS = ("wsgi:app", "wsgi")
+
+
+def when_ready(server):
+    """Check the app's settings once, before any worker is forked: a bad or missing one stops
+    gunicorn with the message naming the key (exit 4), instead of workers failing one by one.
+
+    The check runs in a forked child so that the master imports nothing of the app: workers
+    still import it fresh (SIGHUP reloads code) and prometheus-client is first imported in a
+    worker, after on_starting has set PROMETHEUS_MULTIPROC_DIR.
+    """
+    import sys
+
+    if getattr(server.app, "app_uri", None) not in _SERVICE_APPS:
+        return  # this file serving another app (as tests/test_proxy.py does): not our settings
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            from chatkit_flask.service import service_config
+            from chatkit_flask.settings import ConfigError, Settings
+
+            Settings.from_mapping(service_config())
+        except ConfigError as error:
+            sys.stderr.write(f"chatkit-flask: configuration error: {error}\n")
+            code = 4
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        server.log.error("configuration check failed (exit %s): stopping", code)
+        on_exit(server)
+        # The APP_LOAD_ERROR code, as when a worker fails to load the app.
+        sys.exit(4)
 
 
 def child_exit(server, worker):

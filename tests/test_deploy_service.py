@@ -50,7 +50,7 @@ def compose_app_environment(upstream: FakeChatKit, port: int, **extra: str) -> d
     env.update(
         RATELIMIT_STORAGE_URI=REDIS_URL,
         OPENAI_API_KEY=TEST_API_KEY,
-        SECRET_KEY="deploy-test-secret",
+        SECRET_KEY="deploy-test-secret-key-0123456789abcdef",
         CHATKIT_WORKFLOW_ID=WORKFLOW,
         CHATKIT_API_BASE=upstream.base_url,
         CHATKIT_COOKIE_SECURE="false",

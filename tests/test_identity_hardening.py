@@ -15,9 +15,9 @@ from tests.conftest import TEST_API_KEY, WORKFLOW, base_config
 
 URL = "/api/chatkit/secret"
 COOKIE = "chatkit_session_id"
-OLD_KEY = "old-cookie-signing-key-0001"
-OLDER_KEY = "older-cookie-signing-key-0000"
-NEW_KEY = "new-cookie-signing-key-0002"
+OLD_KEY = "old-cookie-signing-key-0001-of-32-bytes-or-more"
+OLDER_KEY = "older-cookie-signing-key-0000-of-32-bytes-or-more"
+NEW_KEY = "new-cookie-signing-key-0002-of-32-bytes-or-more"
 
 
 def post(app: Flask, ip: str, cookie: str | None = None) -> int:

@@ -12,7 +12,11 @@ import pytest
 from chatkit_flask.settings import OPTIONS, ConfigError, Settings, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIRED = {"OPENAI_API_KEY": "k", "SECRET_KEY": "s", "CHATKIT_WORKFLOW_ID": "wf_1"}
+REQUIRED = {
+    "OPENAI_API_KEY": "k",
+    "SECRET_KEY": "test-secret-key-of-at-least-32-bytes",
+    "CHATKIT_WORKFLOW_ID": "wf_1",
+}
 
 
 def test_defaults_match_the_documented_values() -> None:
@@ -146,7 +150,7 @@ def _import_wsgi(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_service_start_without_the_api_key_names_it() -> None:
-    result = _import_wsgi({"SECRET_KEY": "s", "CHATKIT_WORKFLOW_ID": "wf_1"})
+    result = _import_wsgi({k: v for k, v in REQUIRED.items() if k != "OPENAI_API_KEY"})
     assert result.returncode != 0
     assert "OPENAI_API_KEY" in result.stderr
     assert "Traceback" not in result.stderr

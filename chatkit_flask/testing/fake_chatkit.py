@@ -8,7 +8,8 @@ load than the service under test) and the offline demo::
 Implements ``POST /v1/chatkit/sessions`` and ``POST /v1/chatkit/sessions/{id}/cancel`` with the
 upstream shapes (``chatkit.session`` objects, OpenAI error envelopes, ``x-request-id`` headers),
 and lets tests script faults (errors, 429 + ``Retry-After``, slow answers, connection resets,
-non-JSON bodies, missing ``client_secret``, hangs) through :meth:`FakeChatKit.enqueue` and
+non-JSON bodies, missing ``client_secret``, hangs, a body dripped byte by byte, huge bodies,
+gzip bombs, deeply nested JSON) through :meth:`FakeChatKit.enqueue` and
 :meth:`FakeChatKit.set_default`.
 """
 
@@ -26,6 +27,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -99,6 +101,9 @@ class Behaviour:
     ``content_type``. ``drop_connection`` aborts the socket with an RST and no response;
     ``never_respond`` holds the request until the client goes away or the server stops;
     ``omit_client_secret`` answers the default success without ``client_secret``.
+    ``drip`` sends the body one byte every ``drip`` seconds; ``filler_bytes`` sends a body of
+    that many bytes (never held in memory) instead of ``raw_body``; ``content_encoding`` adds a
+    ``Content-Encoding`` header (the body is sent as given).
     """
 
     status: int = 200
@@ -110,6 +115,9 @@ class Behaviour:
     drop_connection: bool = False
     never_respond: bool = False
     omit_client_secret: bool = False
+    drip: float = 0.0
+    filler_bytes: int | None = None
+    content_encoding: str | None = None
 
     @classmethod
     def ok(cls, delay: float = 0.0) -> Behaviour:
@@ -173,6 +181,36 @@ class Behaviour:
     def missing_secret(cls) -> Behaviour:
         """A normal 200 ``chatkit.session`` object without ``client_secret``."""
         return cls(omit_client_secret=True)
+
+    @classmethod
+    def slow_drip(cls, interval: float = 1.0, body: bytes | None = None) -> Behaviour:
+        """A 200 whose headers come at once and whose body (a valid session by default) then
+        trickles in one byte every ``interval`` seconds."""
+        if body is None:
+            body = json.dumps(
+                {"id": "cksess_drip", "client_secret": "ek_fake_drip", "expires_at": 2**31 - 1}
+            ).encode()
+        return cls(raw_body=body, content_type=_JSON, drip=interval)
+
+    @classmethod
+    def huge(cls, size: int, status: int = 200) -> Behaviour:
+        """``status`` with a ``size``-byte body (``Content-Length`` announced), streamed."""
+        return cls(status=status, filler_bytes=size, content_type=_JSON)
+
+    @classmethod
+    def gzip_bomb(cls, size: int) -> Behaviour:
+        """A 200 with ``Content-Encoding: gzip`` whose body inflates to ``size`` bytes."""
+        compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: gzip framing
+        block = b"0" * (1024 * 1024)
+        parts = [compressor.compress(block) for _ in range(size // len(block))]
+        parts.append(compressor.compress(b"0" * (size % len(block))))
+        parts.append(compressor.flush())
+        return cls(raw_body=b"".join(parts), content_type=_JSON, content_encoding="gzip")
+
+    @classmethod
+    def deep_json(cls, depth: int) -> Behaviour:
+        """A 200 whose body is valid JSON nested ``depth`` levels deep (``[[[...]]]``)."""
+        return cls(raw_body=b"[" * depth + b"]" * depth, content_type=_JSON)
 
     @classmethod
     def hang(cls) -> Behaviour:
@@ -740,6 +778,10 @@ class FakeChatKit:
             writer.transport.abort()
             return False
         extra = tuple(behaviour.headers.items())
+        if behaviour.content_encoding is not None:
+            extra += (("Content-Encoding", behaviour.content_encoding),)
+        if behaviour.drip > 0 or behaviour.filler_bytes is not None:
+            return await self._write_streamed(writer, behaviour, extra)
         if behaviour.raw_body is not None:
             return self._write(
                 writer,
@@ -760,6 +802,40 @@ class FakeChatKit:
         if behaviour.omit_client_secret and status == 200:
             body = {k: v for k, v in body.items() if k != "client_secret"}
         return self._write(writer, status, body, extra, keep_alive)
+
+    async def _write_streamed(
+        self,
+        writer: asyncio.StreamWriter,
+        behaviour: Behaviour,
+        extra: tuple[tuple[str, str], ...],
+    ) -> bool:
+        """Headers at once, then the body byte by byte (``drip``) or in 64 KiB blocks of filler
+        (``filler_bytes``); the connection is closed afterwards."""
+        body = behaviour.raw_body or b""
+        size = behaviour.filler_bytes if behaviour.filler_bytes is not None else len(body)
+        head = [f"HTTP/1.1 {behaviour.status} {HTTPStatus(behaviour.status).phrase}"]
+        head.append(f"Content-Type: {behaviour.content_type}")
+        head.append(f"x-request-id: req_{secrets.token_hex(16)}")
+        head.extend(f"{name}: {value}" for name, value in extra)
+        head += [f"Content-Length: {size}", "Connection: close"]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        await writer.drain()
+        if behaviour.filler_bytes is not None:
+            block = b" " * 65536
+            sent = 0
+            while sent < size and not writer.transport.is_closing():
+                piece = block[: size - sent]
+                writer.write(piece)
+                await writer.drain()
+                sent += len(piece)
+            return False
+        for index in range(len(body)):
+            if writer.transport.is_closing():
+                break
+            writer.write(body[index : index + 1])
+            await writer.drain()
+            await asyncio.sleep(behaviour.drip)
+        return False
 
     def _write(
         self,
