@@ -357,3 +357,67 @@ def reset_command(visitor: str | None, user: str | None, ip: str | None, global_
     _echo(
         f"Cleared {len(items)} {scope} limit counter(s) for {key} ({had_hits} had been used)."
     )
+
+
+# ----------------------------------------------------------------------- server mode: data
+
+
+def _server(state: ChatKitState) -> Any:
+    if state.server is None:
+        raise click.ClickException("threads are stored in server mode only (CHATKIT_BACKEND)")
+    return state.server
+
+
+def _owner_options(func: Any) -> Any:
+    func = click.option("--user", help="Signed-in user id as the host app's user_loader gives.")(
+        func
+    )
+    return click.option(
+        "--visitor",
+        help="Anonymous visitor: raw id, cookie value, visitor_<id> or log id v:<hash>.",
+    )(func)
+
+
+def _owner(state: ChatKitState, visitor: str | None, user: str | None) -> str:
+    if (visitor is None) == (user is None):
+        raise click.UsageError("give exactly one of --visitor or --user")
+    key, _, _ = _resolve_key(state, visitor, user, None, False)
+    return key  # the store's owner is the identity's limit key
+
+
+@chatkit_cli.command("threads")
+@_owner_options
+def threads_command(visitor: str | None, user: str | None) -> None:
+    """List one visitor's or user's stored threads (server mode; titles are not shown)."""
+    state = _state()
+    server = _server(state)
+    owner = _owner(state, visitor, user)
+    threads = server.bridge.run(lambda: server.store.list_owner_threads(owner), 30)
+    _echo(f"{len(threads)} thread(s) of {owner}:")
+    for thread in threads:
+        _echo(f"  {thread.id}  created {thread.created_at:%Y-%m-%d %H:%M:%S}")
+
+
+@chatkit_cli.command("purge")
+@_owner_options
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def purge_command(visitor: str | None, user: str | None, yes: bool) -> None:
+    """Delete every thread and item of one visitor or user (a support or erasure request)."""
+    state = _state()
+    server = _server(state)
+    owner = _owner(state, visitor, user)
+    if not yes:
+        click.confirm(f"Delete every thread of {owner}?", abort=True)
+    deleted = server.bridge.run(lambda: server.store.purge_owner(owner), 60)
+    _echo(f"Deleted {deleted} thread(s) of {owner} and their items.")
+
+
+@chatkit_cli.command("prune")
+def prune_command() -> None:
+    """Delete expired threads from a store without native expiry (SQLite)."""
+    server = _server(_state())
+    prune = getattr(server.store, "prune", None)
+    if prune is None:
+        _echo("Nothing to prune: this store expires threads itself (Redis TTL).")
+        return
+    _echo(f"Pruned {prune()} expired thread(s) (CHATKIT_THREAD_TTL={server.settings.thread_ttl}s).")

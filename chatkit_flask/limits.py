@@ -43,6 +43,7 @@ __all__ = [
     "ENDPOINT",
     "STORAGE_ERRORS",
     "LimitRule",
+    "active_storage",
     "counter_args",
     "describe",
     "fallback_active",
@@ -174,6 +175,14 @@ def active(limiter: Limiter) -> bool:
 def storage_of(limiter: Limiter) -> Any | None:
     """The limiter's storage, or None while it is disabled or not initialised."""
     return limiter._storage if active(limiter) else None
+
+
+def active_storage(limiter: Limiter) -> Any | None:
+    """The storage counting right now: the limiter's, or its in-memory fallback while the
+    storage is down (None while limits are off). For counters kept beside the limits."""
+    if fallback_active(limiter):
+        return limiter._fallback_storage
+    return storage_of(limiter)
 
 
 def fallback_active(limiter: Limiter) -> bool:

@@ -148,6 +148,13 @@ def _http_url(key: str, value: Any) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
+def _openai_base_url(key: str, value: Any) -> str:
+    """The same checks as an API base, but the path is kept as given: the openai client's
+    base URL includes the ``/v1`` (``https://api.openai.com/v1``, a proxy's own path)."""
+    _http_url(key, value)
+    return _as_str(key, value).rstrip("/")
+
+
 _MIN_SECRET_KEY_BYTES = 32
 
 
@@ -465,7 +472,7 @@ _OPTION_LIST = [
     Option(
         "OPENAI_BASE_URL",
         None,
-        _http_url,
+        _openai_base_url,
         "Server mode: the Responses API base URL (the openai client's own variable).",
     ),
     Option(
@@ -498,6 +505,19 @@ _OPTION_LIST = [
         "300 per minute",
         _limit,
         "Server mode: all ChatKit requests per client IP, reads included ('off': none).",
+    ),
+    Option(
+        "CHATKIT_TOKENS_PER_USER",
+        "off",
+        _limit,
+        "Server mode: model tokens (in + out) per visitor or user, e.g. '200000 per day'; a "
+        "visitor over it is refused like the message limit ('off': no budget).",
+    ),
+    Option(
+        "CHATKIT_TOKENS_GLOBAL",
+        "off",
+        _limit,
+        "Server mode: model tokens (in + out) for the whole site, e.g. '5000000 per day'.",
     ),
     Option(
         "CHATKIT_MAX_STREAMS_PER_USER",
@@ -603,6 +623,8 @@ class Settings:
     store_url: str
     thread_ttl: int
     limit_requests_per_ip: str
+    tokens_per_user: str
+    tokens_global: str
     max_streams_per_user: int
     max_input_chars: int
     ratelimit_enabled: bool
@@ -673,6 +695,8 @@ class Settings:
             store_url=v["CHATKIT_STORE_URL"],
             thread_ttl=v["CHATKIT_THREAD_TTL"],
             limit_requests_per_ip=v["CHATKIT_RATELIMIT_REQUESTS_PER_IP"] or "",
+            tokens_per_user=v["CHATKIT_TOKENS_PER_USER"] or "",
+            tokens_global=v["CHATKIT_TOKENS_GLOBAL"] or "",
             max_streams_per_user=v["CHATKIT_MAX_STREAMS_PER_USER"],
             max_input_chars=v["CHATKIT_MAX_INPUT_CHARS"],
             ratelimit_enabled=v["RATELIMIT_ENABLED"],

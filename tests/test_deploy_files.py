@@ -71,6 +71,8 @@ ENV_DEFAULTS: dict[str, str | None] = {
     "CHATKIT_STORE_URL": "sqlite:///var/chatkit-threads.db",
     "CHATKIT_THREAD_TTL": "2592000",
     "CHATKIT_RATELIMIT_REQUESTS_PER_IP": "300 per minute",
+    "CHATKIT_TOKENS_PER_USER": "off",
+    "CHATKIT_TOKENS_GLOBAL": "off",
     "CHATKIT_MAX_STREAMS_PER_USER": "2",
     "CHATKIT_MAX_INPUT_CHARS": "4000",
     "CHATKIT_COOKIE_NAME": "chatkit_session_id",

@@ -4,6 +4,7 @@ client, the ChatKit server and the stream slots."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from ..settings import Settings
 from .agent import ModelClient, build_plain_agent, load_agent_spec
 from .bridge import AsyncBridge
+from .budget import TokenBudget
 from .context import RequestContext
 from .protocol import FlaskChatKitServer, TokenUsage
 from .slots import StreamSlots
@@ -55,6 +57,9 @@ class ServerRuntime:
             max_input_chars=settings.max_input_chars,
             on_usage=self._on_usage,
         )
+        self.budget = TokenBudget(
+            limiter_storage, settings.tokens_per_user, settings.tokens_global
+        )
         self.slots = StreamSlots(
             limiter_storage, settings.max_streams_per_user, lease=settings.model_timeout + 60
         )
@@ -62,6 +67,11 @@ class ServerRuntime:
     def _on_usage(self, context: RequestContext, usage: TokenUsage) -> None:
         """On the loop after every answer: keep it for the log line, tell the hooks."""
         context.report["usage"] = usage
+        if self.budget.enabled:  # a storage call: off the loop
+            tokens = usage.input_tokens + usage.output_tokens
+            asyncio.get_running_loop().run_in_executor(
+                None, self.budget.charge, context.owner, tokens
+            )
         for hook in self.usage_hooks:
             try:
                 hook(context, usage)

@@ -20,7 +20,7 @@ from flask_limiter import Limiter
 
 from ..errors import ApiError, error_response
 from ..identity import hash_id
-from ..limits import LimitRule, limit_rules, limited, network_key, storage_of
+from ..limits import LimitRule, active_storage, limit_rules, limited, network_key
 from ..logs import log_message
 from ..settings import Settings
 from ..web import (
@@ -50,13 +50,15 @@ _LIMIT_MESSAGES = {
     "global": "The chat is very busy right now",
     "requests": "Too many requests came from your network",
     "streams": "You already have replies on the way",
+    "tokens": "You have used up your share of the assistant for now",
+    "tokens_global": "The assistant has used up the site's budget for now",
 }
 
 
 def create_runtime(settings: Settings, limiter: Callable[[], Limiter]) -> ServerRuntime:
     """Build server mode's parts (raises ``ConfigError`` naming the key); ``limiter`` gives
     the limiter once it exists (the stream slots count in its storage)."""
-    return ServerRuntime(settings, lambda: storage_of(limiter()))
+    return ServerRuntime(settings, lambda: active_storage(limiter()))
 
 
 def _is_read() -> bool:
@@ -126,6 +128,19 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
         g.chatkit_context = context
         owner = identity.limit_key
         slot = g.chatkit_is_message and streams(g.chatkit_request_type)
+        spent = runtime.budget.exceeded(owner) if g.chatkit_is_message else None
+        if spent is not None:
+            scope, wait = spent
+            g.chatkit_limit_scope = scope
+            return refused_in_stream(
+                ApiError(
+                    429,
+                    "token_budget",
+                    f"{_LIMIT_MESSAGES[scope]}. Try again in {wait} seconds.",
+                    headers={"Retry-After": str(wait)},
+                    extra={"retry_after": wait, "scope": scope},
+                )
+            )
         if slot and not runtime.slots.acquire(owner):
             g.chatkit_limit_scope = "streams"
             return refused_in_stream(
