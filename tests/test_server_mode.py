@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -873,6 +874,35 @@ def test_a_model_that_goes_silent_ends_the_stream_with_an_error_event(
     thread_id = events[0]["thread"]["id"]
     assert answer(sse_events(post(client, message_body(thread_id, "hello")).data)) == (
         "You said: hello")
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def broken_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store that fails on use: a SQLite "file" that is a directory, a Redis nobody runs."""
+    if request.param == "sqlite":
+        (tmp_path / "threads.db").mkdir()
+        return f"sqlite:///{tmp_path}/threads.db"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def test_a_store_outage_is_a_503_that_names_the_store(
+    make_app: Callable[..., Flask],
+    fake: FakeResponses,
+    broken_store_url: str,
+    mint_logs: pytest.LogCaptureFixture,
+) -> None:
+    client = make_app(broken_store_url).test_client()
+    for body in ({"type": "threads.list", "params": {}}, create_body("hi")):
+        response = post(client, body)
+        error = assert_json_error(response, 503, "store_unavailable")  # before any stream byte
+        assert "conversations" in error["message"] and response.headers["Retry-After"]
+    assert fake.count == 0
+    failures = [r.getMessage() for r in mint_logs.records if r.levelno >= logging.ERROR]
+    assert failures and all("thread store failed" in line for line in failures), failures
+    assert not any("rate limit storage" in r.getMessage() for r in mint_logs.records)
 
 
 # ---------------------------------------------------------- start-up errors
