@@ -560,6 +560,28 @@ def test_one_visitor_may_stream_one_reply_at_a_time(
     assert outcomes.count("too_many_streams") == 1
 
 
+def test_a_visitor_who_leaves_frees_the_slot_and_stops_the_model(
+    make_app: Callable[..., Flask], fake: FakeResponses, mint_logs: pytest.LogCaptureFixture
+) -> None:
+    app = make_app(CHATKIT_MAX_STREAMS_PER_USER=1)
+    client = app.test_client()
+    fake.enqueue(Reply(text=" ".join(f"word{i}" for i in range(40)), token_delay=0.1))
+    response = client.post(URL, data=json.dumps(create_body("a long one")),
+                           content_type="application/json", buffered=False)
+    frames = iter(response.response)
+    first = [next(frames) for _ in range(5)]  # up to the first text delta
+    assert b"thread.item.updated" in first[-1]
+    response.close()  # what the WSGI server does when the browser goes away
+
+    assert fake.wait_for_abort(1, timeout=3)
+    assert fake.completed == 0
+    again = post(client, create_body("back again"))
+    assert answer(sse_events(again.data)) == "You said: back again"
+    outcomes = [r.chatkit["outcome"] for r in mint_logs.records
+                if r.name == "chatkit_flask.message"]
+    assert outcomes == ["cancelled", "completed"]
+
+
 def test_ratelimit_enabled_false_turns_every_limit_off(
     make_app: Callable[..., Flask], fake: FakeResponses
 ) -> None:
