@@ -469,6 +469,26 @@ def test_the_per_visitor_message_limit_refuses_in_stream_while_reads_work(
     assert create_thread(app.test_client(), "another visitor")  # others are not limited
 
 
+def test_a_message_refused_as_invalid_does_not_count_as_a_message(
+    make_app: Callable[..., Flask], fake: FakeResponses
+) -> None:
+    app = make_app(CHATKIT_RATELIMIT_PER_USER="2 per minute", CHATKIT_MAX_INPUT_CHARS=10,
+                   CHATKIT_RATELIMIT_REQUESTS_PER_IP="6 per minute")
+    client = app.test_client()
+    for body in (create_body("x" * 11), {"type": "threads.create"}):  # too long, malformed
+        assert post(client, body).status_code == 400
+    create_thread(client, "one")
+    create_thread(client, "two")
+    assert_refused_in_stream(post(client, create_body("three")), "too many messages")
+    assert fake.count == 2
+    # The requests limit counts the refused bodies (a request refused by the message limit
+    # stopped there): 2 + 2 so far, then a read and another bad body make 6.
+    assert post(client, {"type": "threads.list", "params": {}}).status_code == 200
+    assert post(client, {"type": "threads.create"}).status_code == 400
+    refused = post(client, {"type": "threads.list", "params": {}})
+    assert assert_json_error(refused, 429, "rate_limited")["scope"] == "requests"
+
+
 def test_the_per_ip_message_limit(make_app: Callable[..., Flask], fake: FakeResponses) -> None:
     app = make_app(CHATKIT_RATELIMIT_PER_USER="off", CHATKIT_RATELIMIT_PER_IP="2 per minute")
     create_thread(app.test_client())
@@ -997,7 +1017,7 @@ def record_text(record: logging.LogRecord) -> str:
 def test_one_log_line_per_request_and_no_secrets(
     make_app: Callable[..., Flask], fake: FakeResponses, mint_logs: pytest.LogCaptureFixture
 ) -> None:
-    app = make_app(CHATKIT_RATELIMIT_PER_USER="3 per minute", CHATKIT_MAX_INPUT_CHARS=100)
+    app = make_app(CHATKIT_RATELIMIT_PER_USER="2 per minute", CHATKIT_MAX_INPUT_CHARS=100)
     client = app.test_client()
     other = app.test_client()
     fake.enqueue(f"I heard {SECRET_TEXT}.")
