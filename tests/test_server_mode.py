@@ -380,6 +380,15 @@ def test_another_visitor_gets_404_and_never_sees_the_thread(
         "alice's secret", "You said: alice's secret"]
 
 
+def test_another_site_cannot_post_for_the_visitor(client: FlaskClient, fake: FakeResponses) -> None:
+    thread_id = create_thread(client)
+    headers = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
+    for body in (message_body(thread_id, "sent by another site"),
+                 {"type": "threads.list", "params": {}}):
+        assert_json_error(post(client, body, headers=headers), 403, "origin_not_allowed")
+    assert fake.count == 1 and len(item_list(client, thread_id)) == 2
+
+
 def test_a_forged_cookie_is_a_new_visitor(app: Flask, fake: FakeResponses) -> None:
     alice = app.test_client()
     thread_id = create_thread(alice)
@@ -875,12 +884,16 @@ def test_any_json_object_is_never_a_5xx(
 
 # ------------------------------------------------------------ model failures
 @pytest.mark.parametrize(
-    "reply",
-    [Reply.error(500, f"boom: {UPSTREAM_SECRET}"), Reply.broken(after_tokens=2)],
-    ids=["500", "broken-mid-stream"],
+    ("reply", "message"),
+    [
+        (Reply.error(500, f"boom: {UPSTREAM_SECRET}"), FAILED_MESSAGE),
+        (Reply.broken(after_tokens=2), FAILED_MESSAGE),
+        (Reply.error(429, f"slow down: {UPSTREAM_SECRET}"), BUSY_MESSAGE),
+    ],
+    ids=["500", "broken-mid-stream", "429"],
 )
 def test_a_model_failure_is_a_generic_error_event_and_the_next_message_works(
-    client: FlaskClient, fake: FakeResponses, reply: Reply, store_url: str
+    client: FlaskClient, fake: FakeResponses, reply: Reply, message: str, store_url: str
 ) -> None:
     fake.enqueue(reply)
     response = post(client, create_body("one two three four five"))
@@ -889,7 +902,7 @@ def test_a_model_failure_is_a_generic_error_event_and_the_next_message_works(
     assert response.data.endswith(b"\n\n")  # ended cleanly, on a frame boundary
     events = sse_events(response.data)
     assert events[0]["type"] == "thread.created"
-    assert events[-1] == {"type": "error", "code": "custom", "message": FAILED_MESSAGE,
+    assert events[-1] == {"type": "error", "code": "custom", "message": message,
                           "allow_retry": True}
     assert [e["type"] for e in events].count("error") == 1
     text = response.get_data(as_text=True)
