@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatkit_flask import ChatKit
+from chatkit_flask.logs import JsonFormatter
 from chatkit_flask.server.protocol import (
     BUSY_MESSAGE,
     FAILED_MESSAGE,
@@ -1063,6 +1064,9 @@ def test_one_log_line_per_request_and_no_secrets(
     assert lines[-2].chatkit["outcome"] == "rate_limited" and lines[-2].chatkit["scope"] == "user"
     assert lines[-2].levelno == logging.WARNING and lines[0].levelno == logging.INFO
     assert lines[1].chatkit["thread"] not in (thread_id, "-")  # a tag, not the id
+    as_json = [json.loads(JsonFormatter().format(r)) for r in lines]  # CHATKIT_LOG_FORMAT=json
+    assert {entry["event"] for entry in as_json} == {"message"}
+    assert [entry["request_id"] for entry in as_json] == [r.chatkit["request_id"] for r in lines]
 
     cookies = [c.get_cookie(COOKIE).value for c in (client, other)]
     secrets = [SECRET_TEXT, TEST_API_KEY, TEST_SECRET_KEY, *cookies,
