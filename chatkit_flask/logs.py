@@ -107,7 +107,8 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and the mint fields if any."""
+    """One JSON object per line: time, level, logger, message, and the fields of a mint line
+    (``"event": "mint"``) or of a server-mode request line (``"event": "message"``) if any."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -118,7 +119,7 @@ class JsonFormatter(logging.Formatter):
         }
         fields = getattr(record, "chatkit", None)
         if isinstance(fields, dict):
-            entry["event"] = "mint"
+            entry["event"] = "message" if record.name == message_log.name else "mint"
             entry.update(fields)
         else:
             entry["message"] = record.getMessage()
