@@ -147,7 +147,9 @@ def configure_logging(level: str, fmt: str) -> None:
     else:
         handler.setFormatter(TextFormatter())
     handler._chatkit_flask = True  # type: ignore[attr-defined]
-    for name in ("chatkit_flask", "flask-limiter"):
+    # openai.agents: the Agents SDK logs model failures there (server mode); in the same format,
+    # so JSON logs stay JSON, and escaped like every other line.
+    for name in ("chatkit_flask", "flask-limiter", "openai.agents"):
         logger = logging.getLogger(name)
         # Replace only the handler an earlier call installed (an app factory may run twice).
         logger.handlers[:] = [h for h in logger.handlers if not getattr(h, "_chatkit_flask", 0)]
