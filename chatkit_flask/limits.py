@@ -238,9 +238,10 @@ def limited(
         decorated = limiter.limit(
             rule.value,
             key_func=rule.key_func,
-            # Every method counts (other methods answer 405 at once; Flask answers OPTIONS
-            # preflights without calling the view): a method filter would make Flask-Limiter's
-            # CLI list the app's default limits on the endpoint as well.
+            # Only POSTs count: a crawler's GET (405) must not spend a visitor's budget. (For
+            # the other methods a host's default limits apply, and Flask-Limiter's CLI lists
+            # them beside the endpoint's own for that reason.)
+            methods=["POST"],
             exempt_when=rule.exempt_when,
             on_breach=partial(_record_breach, rule.scope),
             scope=rule.counter,

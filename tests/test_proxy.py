@@ -390,7 +390,7 @@ def test_event_stream_passes_through_unbuffered(stream_proxy: Caddy) -> None:
     first_seen = received[0][0]
     last_produced = float(received[-1][1][1])
     # The client had the first frame before the app produced the last one.
-    assert first_seen - sent < 1.0
+    assert first_seen - sent < FRAME_GAP  # before the second frame exists (slack for load)
     assert first_seen < last_produced - (FRAMES - 2) * FRAME_GAP
     # Every frame arrived within moments of being produced, after the 3 s read_body too.
     for seen, fields in received:
