@@ -16,32 +16,25 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
+from chatkit_flask import testing
 from chatkit_flask.service import create_app
 from chatkit_flask.testing.fake_chatkit import FakeChatKit
 
 # Deliberately not shaped like a real key (the repo's secret scan looks for sk-...).
-TEST_API_KEY = "test-openai-key-0123456789-must-never-be-logged"
+TEST_API_KEY = testing.TEST_API_KEY
 TEST_SECRET_KEY = "test-secret-key-for-signing-visitor-cookies"
 WORKFLOW = "wf_test_main"
 REDIS_URL = os.environ.get("CHATKIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
-@pytest.fixture(scope="session")
-def _upstream_server() -> Iterator[FakeChatKit]:
-    with FakeChatKit(api_key=TEST_API_KEY) as server:
-        yield server
+# The package's own fixture for host apps (``chatkit_api``) is the suite's fake ChatKit API too.
+pytest_plugins = ["chatkit_flask.testing.pytest_plugin"]
 
 
 @pytest.fixture
-def upstream(_upstream_server: FakeChatKit) -> Iterator[FakeChatKit]:
+def upstream(chatkit_api: FakeChatKit) -> FakeChatKit:
     """The fake ChatKit API, reset for each test."""
-    _upstream_server.set_default(None)
-    _upstream_server.latency = 0.0
-    _upstream_server.clear()
-    yield _upstream_server
-    _upstream_server.set_default(None)
-    _upstream_server.latency = 0.0
-    _upstream_server.clear()
+    return chatkit_api
 
 
 def base_config(upstream: FakeChatKit, **overrides: Any) -> dict[str, Any]:

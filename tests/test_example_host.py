@@ -11,19 +11,18 @@ from flask_wtf.csrf import CSRFProtect
 
 from chatkit_flask import ChatKit
 from chatkit_flask.testing import FakeChatKit, chatkit_test_config, reset_limits
-from chatkit_flask.testing.pytest_plugin import _chatkit_api_server, chatkit_api  # noqa: F401
 from tests.example_host import create_app
 
 URL = "/api/chatkit/secret"
 
 
 @pytest.fixture
-def app(chatkit_api: FakeChatKit) -> Flask:  # noqa: F811
+def app(chatkit_api: FakeChatKit) -> Flask:
     return create_app(chatkit_test_config(chatkit_api, SECRET_KEY="host-secret-" + "x" * 32))
 
 
 def test_test_config_runs_without_limits_and_without_a_crash(
-    app: Flask, chatkit_api: FakeChatKit  # noqa: F811
+    app: Flask, chatkit_api: FakeChatKit
 ) -> None:
     client = app.test_client()
     statuses = [client.post(URL, json={}).status_code for _ in range(15)]
@@ -32,7 +31,7 @@ def test_test_config_runs_without_limits_and_without_a_crash(
     assert [client.get("/shop").status_code for _ in range(3)] == [200] * 3
 
 
-def test_a_signed_in_user_chats_as_themselves(app: Flask, chatkit_api: FakeChatKit) -> None:  # noqa: F811
+def test_a_signed_in_user_chats_as_themselves(app: Flask, chatkit_api: FakeChatKit) -> None:
     client = app.test_client()
     assert client.post("/login", data={"user": "ada"}).status_code == 200
     assert client.post(URL, json={}).status_code == 200
@@ -42,7 +41,7 @@ def test_a_signed_in_user_chats_as_themselves(app: Flask, chatkit_api: FakeChatK
     assert chatkit_api.last.json["user"].startswith("visitor_")
 
 
-def test_limits_on_in_a_test_and_reset_between(chatkit_api: FakeChatKit) -> None:  # noqa: F811
+def test_limits_on_in_a_test_and_reset_between(chatkit_api: FakeChatKit) -> None:
     app = create_app(
         chatkit_test_config(
             chatkit_api,
@@ -58,7 +57,7 @@ def test_limits_on_in_a_test_and_reset_between(chatkit_api: FakeChatKit) -> None
 
 
 def test_without_the_exempt_line_csrf_refuses_with_a_clear_error(
-    chatkit_api: FakeChatKit,  # noqa: F811
+    chatkit_api: FakeChatKit,
 ) -> None:
     app = Flask("no_exempt")
     app.config.update(chatkit_test_config(chatkit_api, SECRET_KEY="s" * 40))

@@ -321,9 +321,9 @@ def start_service(upstream: FakeChatKit, *args: str, **env: str) -> Gunicorn:
 
 
 @pytest.fixture(scope="module")
-def gunicorn_faults(_upstream_server: FakeChatKit) -> Iterator[Gunicorn]:
+def gunicorn_faults(_chatkit_api_server: FakeChatKit) -> Iterator[Gunicorn]:
     service = start_service(
-        _upstream_server,
+        _chatkit_api_server,
         "-w",
         "2",
         "-k",

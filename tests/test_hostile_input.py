@@ -144,16 +144,16 @@ def _app(server: FakeChatKit, **overrides: Any) -> Flask:
 
 
 @pytest.fixture(scope="module")
-def apps(_upstream_server: FakeChatKit) -> Iterator[dict[str, Flask]]:
-    _upstream_server.set_default(None)
-    _upstream_server.latency = 0.0
+def apps(_chatkit_api_server: FakeChatKit) -> Iterator[dict[str, Flask]]:
+    _chatkit_api_server.set_default(None)
+    _chatkit_api_server.latency = 0.0
     yield {
-        "same-site": _app(_upstream_server),
+        "same-site": _app(_chatkit_api_server),
         "allowlist+proxy": _app(
-            _upstream_server, CHATKIT_ALLOWED_ORIGINS=ORIGIN, CHATKIT_TRUSTED_PROXIES=1
+            _chatkit_api_server, CHATKIT_ALLOWED_ORIGINS=ORIGIN, CHATKIT_TRUSTED_PROXIES=1
         ),
     }
-    _upstream_server.clear()
+    _chatkit_api_server.clear()
 
 
 def check(server: FakeChatKit, calls_before: int, response: Any, method: str = "POST") -> None:
@@ -183,15 +183,15 @@ def check(server: FakeChatKit, calls_before: int, response: Any, method: str = "
 @given(body=bodies, content_type=content_types)
 def test_any_body_and_content_type(
     apps: dict[str, Flask],
-    _upstream_server: FakeChatKit,
+    _chatkit_api_server: FakeChatKit,
     variant: str,
     body: bytes,
     content_type: str | None,
 ) -> None:
     headers = {} if content_type is None else {"Content-Type": content_type}
-    before = _upstream_server.count
+    before = _chatkit_api_server.count
     response = apps[variant].test_client().post(URL, data=body, headers=headers)
-    check(_upstream_server, before, response)
+    check(_chatkit_api_server, before, response)
     if response.status_code == 413:
         assert len(body) > 16 * 1024
 
@@ -209,7 +209,7 @@ def test_any_body_and_content_type(
 )
 def test_any_headers_cookies_and_addresses(
     apps: dict[str, Flask],
-    _upstream_server: FakeChatKit,
+    _chatkit_api_server: FakeChatKit,
     variant: str,
     origin: str | None,
     fetch_site: str | None,
@@ -230,11 +230,11 @@ def test_any_headers_cookies_and_addresses(
     ):
         if value is not None:
             headers[name] = value
-    before = _upstream_server.count
+    before = _chatkit_api_server.count
     response = (
         apps[variant].test_client().post(URL, headers=headers, environ_base={"REMOTE_ADDR": remote})
     )
-    check(_upstream_server, before, response)
+    check(_chatkit_api_server, before, response)
     if variant == "same-site" and fetch_site == "cross-site":
         assert response.status_code == 403
     if (
@@ -249,15 +249,15 @@ def test_any_headers_cookies_and_addresses(
 @given(method=methods, body=st.binary(max_size=64), origin=origins)
 def test_any_method(
     apps: dict[str, Flask],
-    _upstream_server: FakeChatKit,
+    _chatkit_api_server: FakeChatKit,
     method: str,
     body: bytes,
     origin: str | None,
 ) -> None:
     headers = {} if origin is None else {"Origin": origin}
-    before = _upstream_server.count
+    before = _chatkit_api_server.count
     response = apps["same-site"].test_client().open(URL, method=method, data=body, headers=headers)
-    check(_upstream_server, before, response, method)
+    check(_chatkit_api_server, before, response, method)
     if method.upper() not in ("OPTIONS", "POST") and response.status_code != 403:
         assert response.status_code == 405
         if method.upper() != "HEAD":
@@ -271,30 +271,30 @@ def test_any_method(
     keep_prefix=st.booleans(),
 )
 def test_mangled_signed_cookies_never_become_someone(
-    apps: dict[str, Flask], _upstream_server: FakeChatKit, tail: str, cut: int, keep_prefix: bool
+    apps: dict[str, Flask], _chatkit_api_server: FakeChatKit, tail: str, cut: int, keep_prefix: bool
 ) -> None:
     """A real cookie, cut or extended: it verifies unchanged, or a new visitor is made."""
     app = apps["same-site"]
     visitor_id, cookie = app.extensions["chatkit"].cookie.issue()
     mangled = (cookie[:cut] if keep_prefix else cookie) + tail
-    before = _upstream_server.count
+    before = _chatkit_api_server.count
     response = app.test_client().post(URL, headers={"Cookie": f"chatkit_session_id={mangled}"})
-    check(_upstream_server, before, response)
-    user = _upstream_server.last.json["user"]
+    check(_chatkit_api_server, before, response)
+    user = _chatkit_api_server.last.json["user"]
     if user == f"visitor_{visitor_id}":
         assert mangled.strip() == cookie or mangled.strip('"') == cookie
     else:
         assert "Set-Cookie" in response.headers  # a fresh visitor, signed by us
 
 
-def test_a_small_limit_still_answers_json_429(_upstream_server: FakeChatKit) -> None:
-    _upstream_server.set_default(None)
-    app = _app(_upstream_server, CHATKIT_RATELIMIT_PER_IP="3 per minute")
+def test_a_small_limit_still_answers_json_429(_chatkit_api_server: FakeChatKit) -> None:
+    _chatkit_api_server.set_default(None)
+    app = _app(_chatkit_api_server, CHATKIT_RATELIMIT_PER_IP="3 per minute")
     client = app.test_client()
-    before = _upstream_server.count
+    before = _chatkit_api_server.count
     responses = [client.post(URL) for _ in range(6)]
     assert [r.status_code for r in responses] == [200, 200, 200, 429, 429, 429]
-    assert _upstream_server.count - before == 3
+    assert _chatkit_api_server.count - before == 3
     for response in responses[3:]:
         assert response.get_json()["error"] == "rate_limited"
         assert int(response.headers["Retry-After"]) >= 1

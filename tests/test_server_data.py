@@ -3,7 +3,6 @@ every worker), and the operator's commands over a person's threads (list, purge,
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,22 +14,12 @@ from flask import Flask
 from chatkit_flask.service import create_app
 from chatkit_flask.testing.fake_responses import FakeResponses, Reply
 from tests.conftest import REDIS_URL, TEST_SECRET_KEY
+from tests.server_support import sse_events as events
+from tests.server_support import user_input
 
 MODEL_KEY = "test-model-key-not-a-real-one"
 URL = "/api/chatkit"
 os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
-
-
-def user_input(text: str) -> dict[str, Any]:
-    return {
-        "content": [{"type": "input_text", "text": text}],
-        "attachments": [],
-        "inference_options": {},
-    }
-
-
-def events(body: bytes) -> list[dict[str, Any]]:
-    return [json.loads(c[6:]) for c in body.decode().split("\n\n") if c.startswith("data: ")]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ import requests
 
 from chatkit_flask.testing.fake_responses import FakeResponses
 from tests.conftest import REDIS_URL, TEST_SECRET_KEY
+from tests.server_support import sse_events as events
+from tests.server_support import user_input
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_KEY = "test-model-key-not-a-real-one"
@@ -34,22 +36,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def user_input(text: str) -> dict[str, Any]:
-    return {
-        "content": [{"type": "input_text", "text": text}],
-        "attachments": [],
-        "inference_options": {},
-    }
-
-
-def events(body: bytes) -> list[dict[str, Any]]:
-    return [
-        json.loads(chunk[6:])
-        for chunk in body.decode().split("\n\n")
-        if chunk.startswith("data: ")
-    ]
 
 
 class Service:
