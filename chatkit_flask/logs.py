@@ -76,11 +76,12 @@ _MESSAGE_FIELDS = (
     "scope",
     "tokens_in",
     "tokens_out",
+    "ttfe_ms",
     "duration_ms",
 )
 
 
-_MESSAGE_OK = {"answered", "streamed", "completed", "cancelled"}
+_MESSAGE_OK = {"answered", "streamed", "completed", "cancelled", "no_answer"}
 
 
 def log_message(fields: dict[str, Any]) -> None:
@@ -118,7 +119,7 @@ class JsonFormatter(logging.Formatter):
         }
         fields = getattr(record, "chatkit", None)
         if isinstance(fields, dict):
-            entry["event"] = "mint"
+            entry["event"] = "message" if record.name == message_log.name else "mint"
             entry.update(fields)
         else:
             entry["message"] = record.getMessage()

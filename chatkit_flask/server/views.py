@@ -32,7 +32,7 @@ from ..web import (
     set_visitor_cookie,
 )
 from .context import RequestContext
-from .endpoint import STREAM_HEADERS, handle
+from .endpoint import STREAM_HEADERS, handle, stream_outcome
 from .protocol import calls_model, streams
 from .runtime import ServerRuntime
 
@@ -234,10 +234,14 @@ def _log_fields(response: Response) -> dict[str, Any]:
 
 
 def _log_stream(fields: dict[str, Any], context: RequestContext, started: float) -> None:
-    usage = context.report.get("usage")
+    report = context.report
+    fields["outcome"] = stream_outcome(report)
+    usage = report.get("usage")
     if usage is not None:
-        fields["outcome"] = usage.outcome
         fields["tokens_in"] = usage.input_tokens
         fields["tokens_out"] = usage.output_tokens
+    first_frame_at = report.get("first_frame_at")
+    if first_frame_at is not None:
+        fields["ttfe_ms"] = round((first_frame_at - started) * 1000, 1)
     fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 1)
     log_message(fields)
