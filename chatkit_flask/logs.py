@@ -77,6 +77,7 @@ _MESSAGE_FIELDS = (
     "tokens_in",
     "tokens_out",
     "ttfe_ms",
+    "first_answer_ms",
     "duration_ms",
 )
 

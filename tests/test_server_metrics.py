@@ -127,6 +127,7 @@ def test_completed_message(make_server_app: Callable[..., Flask], mint_logs: Any
     assert delta("chatkit_messages_total", outcome="completed") == 1
     assert delta("chatkit_requests_total", type="threads.create") == 1
     assert delta("chatkit_first_event_seconds_count") == 1
+    assert delta("chatkit_first_answer_seconds_count") == 1
     assert delta("chatkit_stream_duration_seconds_count") == 1
     assert value("chatkit_streams_open") == 0
     assert delta("chatkit_model_errors_total") == 0
@@ -149,6 +150,7 @@ def test_failed_answer_is_a_model_error(
     assert response.status_code == 200
     assert events(response.data)[-1]["type"] == "error"
     assert delta("chatkit_messages_total", outcome="failed") == 1
+    assert delta("chatkit_first_answer_seconds_count") == 0  # the model never answered
     assert delta("chatkit_model_errors_total") == 1
     assert delta("chatkit_messages_total", outcome="completed") == 0
     assert value("chatkit_streams_open") == 0
@@ -285,7 +287,7 @@ def test_labels_never_hold_an_id_or_a_text(make_server_app: Callable[..., Flask]
     }
     for family in text_string_to_metric_families(scrape):
         if not family.name.startswith(("chatkit_requests", "chatkit_messages", "chatkit_refused",
-                                       "chatkit_model", "chatkit_streams", "chatkit_first",
+                                       "chatkit_model", "chatkit_streams", "chatkit_first_",
                                        "chatkit_stream_", "chatkit_store")):  # fmt: skip
             continue
         for sample in family.samples:
@@ -305,7 +307,8 @@ def test_message_log_line(make_server_app: Callable[..., Flask], mint_logs: Any)
     assert fields["outcome"] == "completed"
     assert fields["status"] == 200
     assert re.fullmatch(r"v:[0-9a-f]{16}", fields["visitor"])
-    assert 0 < fields["ttfe_ms"] <= fields["duration_ms"]
+    # The first frame (thread.created) leaves before the model is called.
+    assert 0 < fields["ttfe_ms"] <= fields["first_answer_ms"] <= fields["duration_ms"]
     assert fields["tokens_in"] > 0 and fields["tokens_out"] > 0
     mint_logs.clear()
     post(client, add_message(thread_id, SECRET_TEXT))
@@ -313,7 +316,7 @@ def test_message_log_line(make_server_app: Callable[..., Flask], mint_logs: Any)
     line = record.getMessage()
     assert "thread=" in line and thread_id not in line
     assert SECRET_TEXT not in line and SECRET_TEXT not in json.dumps(record.chatkit)
-    assert re.search(r" ttfe_ms=[0-9.]+ duration_ms=[0-9.]+$", line)
+    assert re.search(r" ttfe_ms=[0-9.]+ first_answer_ms=[0-9.]+ duration_ms=[0-9.]+$", line)
 
     from chatkit_flask.logs import JsonFormatter
 
@@ -422,6 +425,7 @@ def test_gauge_and_counters_across_gunicorn_workers(
         assert samples["chatkit_requests_total{type=threads.create}"] == 6
         assert samples["chatkit_stream_duration_seconds_count{}"] == 6
         assert samples["chatkit_first_event_seconds_count{}"] == 6
+        assert samples["chatkit_first_answer_seconds_count{}"] == 6
         assert samples["chatkit_model_tokens_total{kind=output}"] > 5 * 30
         assert samples["chatkit_model_errors_total{}"] == 0
     finally:

@@ -3,10 +3,10 @@
 
 Three collection points, none of them in the request path's logic: a response hook reads the
 facts the blueprint leaves on ``flask.g`` (request type, outcome, limit scope) and, for a stream,
-registers a close callback that reads ``context.report`` (first frame time, the answer's
-outcome); a usage hook counts tokens and failed answers on the event loop; the ChatKit server's
-store is wrapped to count its exceptions. Every label value comes from a closed set: never an
-id, a text or anything the client chose.
+registers a close callback that reads ``context.report`` (when the first frame and the model's
+first output went out, the answer's outcome); a usage hook counts tokens and failed answers on
+the event loop; the ChatKit server's store is wrapped to count its exceptions. Every label value
+comes from a closed set: never an id, a text or anything the client chose.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CountedStore",
+    "first_answer",
     "first_event",
     "init_server_metrics",
     "messages",
@@ -47,6 +48,9 @@ log = logging.getLogger("chatkit_flask")
 # A reply's first frame (thread.created, the user's item) leaves before the model is called:
 # normally well under a second, seconds when workers are saturated or the store is slow.
 FIRST_EVENT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
+# The model's first output: typically 0.5-3 s, more for a long history or a busy provider.
+FIRST_ANSWER_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0,
+                        30.0, 60.0, 120.0)  # fmt: skip
 # Whole replies: a few seconds for a short answer, minutes for a long one (CHATKIT_MODEL_TIMEOUT
 # bounds each silent gap, not the reply).
 DURATION_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0,
@@ -84,6 +88,11 @@ first_event = Histogram(
     "chatkit_first_event_seconds",
     "Server mode: time from the request's arrival to the first frame of its stream.",
     buckets=FIRST_EVENT_BUCKETS,
+)
+first_answer = Histogram(
+    "chatkit_first_answer_seconds",
+    "Server mode: time from the request's arrival to the model's first output in its stream.",
+    buckets=FIRST_ANSWER_BUCKETS,
 )
 stream_duration = Histogram(
     "chatkit_stream_duration_seconds",
@@ -171,11 +180,13 @@ def _stream_closer(report: dict[str, Any], started: float) -> Callable[[], None]
     def closed() -> None:
         streams_open.dec()
         try:
-            ended = time.perf_counter()
-            stream_duration.observe(ended - started)
-            first_frame_at = report.get("first_frame_at")
-            if first_frame_at is not None:
-                first_event.observe(first_frame_at - started)
+            stream_duration.observe(time.perf_counter() - started)
+            for key, histogram in (
+                ("first_frame_at", first_event),
+                ("first_answer_at", first_answer),
+            ):
+                if report.get(key) is not None:
+                    histogram.observe(report[key] - started)
             messages.labels(stream_outcome(report)).inc()
         except Exception:
             log.exception("chatkit_flask: recording stream metrics failed")

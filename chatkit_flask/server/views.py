@@ -240,8 +240,8 @@ def _log_stream(fields: dict[str, Any], context: RequestContext, started: float)
     if usage is not None:
         fields["tokens_in"] = usage.input_tokens
         fields["tokens_out"] = usage.output_tokens
-    first_frame_at = report.get("first_frame_at")
-    if first_frame_at is not None:
-        fields["ttfe_ms"] = round((first_frame_at - started) * 1000, 1)
+    for key, name in (("first_frame_at", "ttfe_ms"), ("first_answer_at", "first_answer_ms")):
+        if report.get(key) is not None:
+            fields[name] = round((report[key] - started) * 1000, 1)
     fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 1)
     log_message(fields)
