@@ -57,7 +57,7 @@ DURATION_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 
                     120.0, 180.0, 300.0, 600.0)  # fmt: skip
 
 MESSAGE_OUTCOMES = ("completed", "failed", "cancelled", "no_answer", "refused", "not_found",
-                    "invalid", "forbidden", "unavailable", "error")  # fmt: skip
+                    "invalid", "unavailable", "error")  # fmt: skip
 REFUSAL_SCOPES = ("user", "ip", "global", "requests", "streams", "tokens", "tokens_global",
                   "site")  # fmt: skip
 REQUEST_TYPES = (*sorted(SUPPORTED_TYPES | UNSUPPORTED_TYPES), "unknown")
@@ -70,7 +70,7 @@ requests = Counter(
 messages = Counter(
     "chatkit_messages",
     "Server mode: messages (requests that call the model) by outcome: completed, failed, "
-    "cancelled, no_answer, refused, not_found, invalid, forbidden, unavailable, error.",
+    "cancelled, no_answer, refused, not_found, invalid, unavailable, error.",
     ["outcome"],
 )
 refused = Counter(
@@ -146,8 +146,6 @@ def _answered_outcome(response: Response) -> str:
         return "not_found"
     if status in (400, 413, 415):
         return "invalid"
-    if status == 403:
-        return "forbidden"
     if status == 503:
         return "unavailable"
     return "error"
