@@ -432,3 +432,21 @@ def test_gauge_and_counters_across_gunicorn_workers(
         fake.token_delay = 0.0
         svc.stop()
     assert not svc.tracebacks(), svc.log_path.read_text()[-3000:]
+
+
+def test_documented_alert_rules_parse_and_use_exported_metrics(
+    make_server_app: Callable[..., Flask],
+) -> None:
+    import yaml
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    blocks = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    rules = [rule for doc in blocks for group in doc["groups"] for rule in group["rules"]]
+    server_metrics = re.compile(r"chatkit_(model|messages|streams|first|store)_")
+    assert len([rule for rule in rules if server_metrics.search(rule["expr"])]) >= 5
+    scrape = make_server_app().test_client().get("/metrics").text
+    exported = {s.name for f in text_string_to_metric_families(scrape) for s in f.samples}
+    for rule in rules:
+        assert {"alert", "expr"} <= set(rule)
+        used = set(re.findall(r"\bchatkit_[a-z_]+", rule["expr"]))
+        assert used <= exported, (rule["alert"], used - exported)
