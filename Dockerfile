@@ -36,7 +36,10 @@ RUN grep -viE '^(pytest|pytest-timeout|fakeredis|lupa|hypothesis|pyyaml|ruff|pla
 # permissions and Kubernetes runAsUser/runAsNonRoot can rely on it. No home, no shell.
 RUN groupadd --gid 10001 app \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin app
+        --shell /usr/sbin/nologin app \
+    && mkdir -p /data && chown 10001:10001 /data && chmod 0700 /data
+# /data: server mode's SQLite thread store (a named volume in docker-compose.yml, which
+# copies this owner when it is first created). The only place the service writes.
 
 # Source last. Files stay owned by root and read-only for the service user: a
 # compromised worker cannot modify the code it runs.

@@ -98,10 +98,10 @@ class VisitorCookie:
 
 def user_identity(user_id: Any) -> Identity | None:
     """The identity of a user the host app has signed in, or None (anonymous) unless
-    ``user_id`` is a non-empty ``str`` or an ``int`` (``False``, ``0``-like placeholders,
+    ``user_id`` is a non-empty ``str`` or a non-zero ``int`` (``False``, ``0``, ``None``,
     objects and empty strings never become a shared "user")."""
-    if isinstance(user_id, bool) or not isinstance(user_id, str | int):
-        return None
+    if isinstance(user_id, bool) or not isinstance(user_id, str | int) or user_id == 0:
+        return None  # 0, like False, is what loaders return for "nobody"
     text = str(user_id)
     if not text.strip():
         return None

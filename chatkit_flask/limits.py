@@ -220,8 +220,8 @@ def _record_breach(scope: str, _limit: RequestLimit) -> None:
 def limited(
     view: Callable[..., Any], limiter: Limiter, rules: Iterable[LimitRule]
 ) -> Callable[..., Any]:
-    """``view`` with ``rules`` as Flask-Limiter route limits on POST, guarded against the
-    fallback race."""
+    """``view`` with ``rules`` as Flask-Limiter route limits, guarded against the fallback
+    race."""
 
     @wraps(view)
     def started(*args: Any, **kwargs: Any) -> Any:
@@ -238,7 +238,9 @@ def limited(
         decorated = limiter.limit(
             rule.value,
             key_func=rule.key_func,
-            methods=["POST"],
+            # Every method counts (other methods answer 405 at once; Flask answers OPTIONS
+            # preflights without calling the view): a method filter would make Flask-Limiter's
+            # CLI list the app's default limits on the endpoint as well.
             exempt_when=rule.exempt_when,
             on_breach=partial(_record_breach, rule.scope),
             scope=rule.counter,

@@ -109,7 +109,8 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and the mint fields if any."""
+    """One JSON object per line: time, level, logger, message, and the fields of a mint line
+    (``"event": "mint"``) or of a server-mode request line (``"event": "message"``) if any."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -148,7 +149,9 @@ def configure_logging(level: str, fmt: str) -> None:
     else:
         handler.setFormatter(TextFormatter())
     handler._chatkit_flask = True  # type: ignore[attr-defined]
-    for name in ("chatkit_flask", "flask-limiter"):
+    # openai.agents: the Agents SDK logs model failures there (server mode); in the same format,
+    # so JSON logs stay JSON, and escaped like every other line.
+    for name in ("chatkit_flask", "flask-limiter", "openai.agents"):
         logger = logging.getLogger(name)
         # Replace only the handler an earlier call installed (an app factory may run twice).
         logger.handlers[:] = [h for h in logger.handlers if not getattr(h, "_chatkit_flask", 0)]

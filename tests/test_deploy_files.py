@@ -68,7 +68,7 @@ ENV_DEFAULTS: dict[str, str | None] = {
     "OPENAI_BASE_URL": None,
     "CHATKIT_AGENT_TRACING": "false",
     "CHATKIT_MODEL_TIMEOUT": "120",
-    "CHATKIT_STORE_URL": "sqlite:///var/chatkit-threads.db",
+    "CHATKIT_STORE_URL": None,
     "CHATKIT_THREAD_TTL": "2592000",
     "CHATKIT_RATELIMIT_REQUESTS_PER_IP": "300 per minute",
     "CHATKIT_TOKENS_PER_USER": "off",
@@ -283,9 +283,32 @@ def compose(request) -> dict:
 
 
 def test_compose_services(compose):
-    assert set(compose["services"]) == {"proxy", "app", "redis"}
-    # Caddy's certificates persist; the counters do not (no volume for Redis).
-    assert set(compose.get("volumes") or {}) == {"caddy_data"}
+    # store-redis only runs with --profile redis-store (server mode on several hosts).
+    assert set(compose["services"]) == {"proxy", "app", "redis", "store-redis"}
+    assert compose["services"]["store-redis"]["profiles"] == ["redis-store"]
+    # Caddy's certificates and server mode's threads persist; the counters do not (no volume
+    # for the limiter's Redis).
+    assert set(compose.get("volumes") or {}) == {"caddy_data", "chat_data", "store_data"}
+    assert "volumes" not in compose["services"]["redis"]
+
+
+def test_server_mode_threads_survive_restarts(compose):
+    app = compose["services"]["app"]
+    store_url = env_mapping(app)["CHATKIT_STORE_URL"]  # raw ${...:-default} or resolved
+    assert store_url.removesuffix("}").endswith("sqlite:////data/chatkit-threads.db")
+    assert any(str(v).startswith("chat_data:/data") or (
+        isinstance(v, dict) and v.get("source") == "chat_data" and v.get("target") == "/data"
+    ) for v in app["volumes"])
+    store = compose["services"]["store-redis"]
+    command = " ".join(map(str, store["command"]))
+    assert "--maxmemory-policy noeviction" in command
+    assert "--appendonly yes" in command
+    assert "--requirepass" in command
+
+
+def test_dockerfile_gives_the_service_user_its_data_directory():
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert "mkdir -p /data && chown 10001:10001 /data" in text
 
 
 def test_redis_healthcheck_checks_pong(compose):
@@ -461,6 +484,7 @@ def test_no_secrets_inline(compose_raw):
         "RATELIMIT_STORAGE_URI",
         "CHATKIT_TRUSTED_PROXIES",
         "CHATKIT_TRUSTED_PROXY_NETWORKS",
+        "CHATKIT_STORE_URL",
     }, "only what the compose file itself defines is inline"
     for name, service in compose_raw["services"].items():
         for key, value in env_mapping(service).items():

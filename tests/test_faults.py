@@ -172,18 +172,49 @@ def limiter_dead(app: Flask) -> bool:
     return fallback_active(app.extensions["chatkit"].limiter)
 
 
+def host_app_with_its_limiter(upstream: FakeChatKit, storage_uri: str, **config: Any) -> Flask:
+    """A host app that hands its own Flask-Limiter (with its in-memory fallback) over."""
+    from flask_limiter import Limiter
+    from flask_limiter.util import get_remote_address
+
+    from chatkit_flask import ChatKit
+    from tests.conftest import base_config
+
+    app = Flask("host")
+    app.config.update(base_config(upstream, **config))
+    limiter = Limiter(
+        get_remote_address, storage_uri=storage_uri, in_memory_fallback_enabled=True, app=app
+    )
+    ChatKit(app, limiter=limiter)
+
+    @app.get("/readyz")
+    def readyz() -> Any:  # the service's readiness check, for the assertions below
+        ready = not fallback_active(limiter) and limiter.storage.check()
+        return ({"ready": ready}, 200 if ready else 503)
+
+    return app
+
+
+@pytest.mark.parametrize("limiter", ["own", "handed_over"])
 @pytest.mark.parametrize("fault", ["killed", "hung"])
 def test_redis_fault_under_load(
-    make_app: Callable[..., Flask], upstream: FakeChatKit, own_redis: OwnRedis, fault: str
+    make_app: Callable[..., Flask],
+    upstream: FakeChatKit,
+    own_redis: OwnRedis,
+    fault: str,
+    limiter: str,
 ) -> None:
     upstream.latency = 0.01
-    app = make_app(
-        RATELIMIT_STORAGE_URI=own_redis.url,
-        CHATKIT_RATELIMIT_PER_USER="20 per minute",
-        CHATKIT_RATELIMIT_PER_IP="100000 per minute",
-        CHATKIT_REDIS_TIMEOUT=REDIS_TIMEOUT,
-        TESTING=False,
-    )
+    config: dict[str, Any] = {
+        "CHATKIT_RATELIMIT_PER_USER": "20 per minute",
+        "CHATKIT_RATELIMIT_PER_IP": "100000 per minute",
+        "CHATKIT_REDIS_TIMEOUT": REDIS_TIMEOUT,
+        "TESTING": False,
+    }
+    if limiter == "own":
+        app = make_app(RATELIMIT_STORAGE_URI=own_redis.url, **config)
+    else:
+        app = host_app_with_its_limiter(upstream, own_redis.url, **config)
     served = serve(app)
     try:
         with Load(served.base) as load:

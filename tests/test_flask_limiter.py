@@ -108,7 +108,7 @@ def test_flask_limiter_cli_lists_the_chats_limits(upstream: FakeChatKit, handed_
         CHATKIT_RATELIMIT_GLOBAL="999 per hour",
     )
     if handed_over:
-        ChatKit(app, limiter=limiter_for("memory", app=app))
+        ChatKit(app, limiter=limiter_for("memory", app=app, default_limits=["5 per second"]))
     else:
         ChatKit(app)
     result = app.test_cli_runner().invoke(limiter_cli, ["limits"])
@@ -117,6 +117,7 @@ def test_flask_limiter_cli_lists_the_chats_limits(upstream: FakeChatKit, handed_
     for line in ("7 per 1 minute", "70 per 1 day", "31 per 1 minute", "999 per 1 hour"):
         assert line in section
     assert "Exempt" not in section
+    assert "5 per 1 second" not in section  # the host's defaults do not apply on top
 
 
 def test_flask_limiter_cli_shows_the_usage_of_a_key(make_app: Callable[..., Flask]) -> None:

@@ -31,6 +31,8 @@ __all__ = [
     "resolve_agent",
 ]
 
+# The service's config/ (a checkout or the image's /app/config); a host app that installed the
+# package keeps its files in ./config of its working directory, looked at first.
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 
 AgentFactory = Callable[[RequestContext], Agent]
@@ -85,7 +87,8 @@ def read_instructions(instructions: str) -> str:
         return instructions
     path = Path(instructions[1:]).expanduser()
     if not path.is_absolute():
-        path = CONFIG_DIR / path
+        local = Path.cwd() / "config" / path
+        path = local if local.exists() else CONFIG_DIR / path
     try:
         return path.read_text(encoding="utf-8")
     except OSError as exc:

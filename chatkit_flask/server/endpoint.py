@@ -8,6 +8,7 @@ when the client goes away) cancels the answer on the event loop, and with it the
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +19,9 @@ from ..errors import ApiError
 from .bridge import AsyncBridge
 from .context import RequestContext
 from .protocol import FlaskChatKitServer, NotFoundError, RequestRefused
+from .store import STORE_ERRORS
+
+log = logging.getLogger("chatkit_flask")
 
 __all__ = ["HEARTBEAT_FRAME", "STREAM_HEADERS", "handle", "stream_outcome"]
 
@@ -28,6 +32,7 @@ STREAM_HEADERS = {
 HEARTBEAT_FRAME = b": keep-alive\n\n"  # an SSE comment: EventSource-style parsers skip it
 NOT_FOUND_MESSAGE = "No such conversation."
 MISFIT_MESSAGE = "The request does not fit this conversation."
+STORE_DOWN_MESSAGE = "The chat cannot reach its conversations right now. Please try again shortly."
 
 
 def handle(
@@ -44,7 +49,8 @@ def handle(
 
     Raises :class:`~chatkit_flask.errors.ApiError`: 400 ``invalid_request`` /
     ``unsupported_request`` / ``input_too_long`` before any work, 404 ``not_found`` for a thread
-    or item that is missing or not the owner's. ``timeout`` bounds a non-streaming request;
+    or item that is missing or not the owner's, 503 ``store_unavailable`` when the thread store
+    fails before the answer starts. ``timeout`` bounds a non-streaming request;
     ``stream_idle_timeout`` (None: the model client's own timeout applies) bounds each wait for
     the next frame. ``heartbeat`` (seconds; off by default) sends an SSE comment line during
     silences, so proxies keep the connection and a visitor who left is noticed (and the model
@@ -64,6 +70,8 @@ def handle(
             raise ApiError(400, "invalid_request", MISFIT_MESSAGE) from None
         except TimeoutError:
             raise ApiError(503, "timeout", "The request took too long. Please try again.") from None
+        except STORE_ERRORS as exc:
+            raise _store_unavailable(exc, context) from None
         response = Response(payload, mimetype="application/json")
         response.headers["Cache-Control"] = "no-store"
         return response
@@ -84,9 +92,18 @@ def handle(
         raise ApiError(404, "not_found", NOT_FOUND_MESSAGE) from None
     except ValueError:
         raise ApiError(400, "invalid_request", MISFIT_MESSAGE) from None
+    except STORE_ERRORS as exc:
+        raise _store_unavailable(exc, context) from None
     response = Response(_SseBody(first, frames, context.report), mimetype="text/event-stream")
     response.headers.update(STREAM_HEADERS)
     return response
+
+
+def _store_unavailable(exc: Exception, context: RequestContext) -> ApiError:
+    # Named here: the blueprint's handler for Redis errors would blame the rate limiter. The
+    # class only: a driver's message can quote a host or a key.
+    log.error("chatkit_flask: thread store failed: %s [%s]", type(exc).__name__, context.request_id)
+    return ApiError(503, "store_unavailable", STORE_DOWN_MESSAGE, headers={"Retry-After": "5"})
 
 
 class _SseBody:

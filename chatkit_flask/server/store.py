@@ -23,6 +23,7 @@ The contract, the same for both (the SDK checks none of it, so the store must):
 from __future__ import annotations
 
 import secrets
+import sqlite3
 from abc import abstractmethod
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -33,12 +34,14 @@ from urllib.parse import unquote, urlsplit
 from chatkit.store import NotFoundError, Store, StoreItemType, default_generate_id
 from chatkit.types import Attachment, Page, ThreadItem, ThreadMetadata
 from pydantic import TypeAdapter
+from redis.exceptions import RedisError
 
 from chatkit_flask.server.context import RequestContext
 from chatkit_flask.settings import ConfigError
 
 __all__ = [
     "MAX_PAGE_SIZE",
+    "STORE_ERRORS",
     "STORE_URL_KEY",
     "NotFoundError",
     "OwnerScopedStore",
@@ -48,6 +51,8 @@ __all__ = [
 STORE_URL_KEY = "CHATKIT_STORE_URL"
 MAX_PAGE_SIZE = 100  # a page request cannot make the store read a whole history at once
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+# What a store raises when it cannot be reached or used (Redis down, a file that cannot be opened).
+STORE_ERRORS: tuple[type[Exception], ...] = (RedisError, sqlite3.Error)
 
 
 class _Identified(Protocol):

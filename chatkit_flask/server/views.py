@@ -33,7 +33,7 @@ from ..web import (
 )
 from .context import RequestContext
 from .endpoint import STREAM_HEADERS, handle, stream_outcome
-from .protocol import calls_model, streams
+from .protocol import RequestRefused, calls_model, streams
 from .runtime import ServerRuntime
 
 if TYPE_CHECKING:
@@ -99,6 +99,14 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
     guard = {"done": False}
     max_body = max(64 * 1024, settings.max_input_chars * 4 + 32 * 1024)
 
+    def acceptable(raw: bytes) -> bool:
+        """Whether the server will take this body (cheap: one cached pydantic adapter)."""
+        try:
+            runtime.server.parse(raw)
+        except RequestRefused:
+            return False
+        return True
+
     @bp.before_request
     def prepare() -> None:
         begin_request(state, guard)
@@ -110,7 +118,9 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
         raw, body = read_json_body(max_body, allow_empty=False)
         kind = body.get("type")
         g.chatkit_request_type = kind if isinstance(kind, str) else None
-        g.chatkit_is_message = calls_model(g.chatkit_request_type)
+        # Only a message the server will take counts against the message limits; one it refuses
+        # with a 400 (too long, malformed, attachments) falls under the requests limit alone.
+        g.chatkit_is_message = calls_model(g.chatkit_request_type) and acceptable(raw)
         g.chatkit_body = raw
 
     def chatkit() -> Response:
