@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -230,18 +231,22 @@ def test_not_found_and_invalid_messages(make_server_app: Callable[..., Flask]) -
 
 
 def test_store_exceptions_are_counted(make_server_app: Callable[..., Flask]) -> None:
-    app = make_server_app(TESTING=False)
+    app = make_server_app()
     client = app.test_client()
     store = app.extensions["chatkit"].server.store  # the runtime's own store, under the counter
 
-    async def broken(*args: Any, **kwargs: Any) -> Any:
-        raise OSError("disk I/O error")
+    async def locked(*args: Any, **kwargs: Any) -> Any:
+        raise sqlite3.OperationalError("database is locked")
 
-    store.load_threads = broken
+    store.load_threads = locked
+    store.save_thread = locked
     delta = Delta()
-    response = post(client, {"type": "threads.list", "params": {}})
-    assert response.status_code == 500
-    assert delta("chatkit_store_errors_total") == 1
+    assert post(client, {"type": "threads.list", "params": {}}).status_code == 503
+    assert post(client, create()).status_code == 503  # before the answer starts
+    assert delta("chatkit_store_errors_total") == 2
+    assert delta("chatkit_messages_total", outcome="unavailable") == 1
+    assert delta("chatkit_requests_total", type="threads.list") == 1
+    assert value("chatkit_streams_open") == 0
 
 
 def test_a_failing_metric_never_breaks_a_response(
