@@ -76,11 +76,13 @@ _MESSAGE_FIELDS = (
     "scope",
     "tokens_in",
     "tokens_out",
+    "ttfe_ms",
+    "first_answer_ms",
     "duration_ms",
 )
 
 
-_MESSAGE_OK = {"answered", "streamed", "completed", "cancelled"}
+_MESSAGE_OK = {"answered", "streamed", "completed", "cancelled", "no_answer"}
 
 
 def log_message(fields: dict[str, Any]) -> None:

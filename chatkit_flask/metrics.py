@@ -1,4 +1,5 @@
-"""Prometheus metrics of the mint endpoint, and the ``/metrics`` endpoint that exposes them.
+"""Prometheus metrics of the mint endpoint, and the ``/metrics`` endpoint that exposes them
+(server mode's own metrics are ``chatkit_flask.server.metrics``'s, wired from here).
 
 The metrics live in prometheus-client's default registry, so a host app that already exports
 that registry gets them for free. Under gunicorn (several worker processes) set
@@ -250,8 +251,8 @@ def init_metrics(
     path: str = "/metrics",
     allow: Iterable[str] | None = None,
 ) -> None:
-    """Collect the mint metrics on ``app`` (after ``ChatKit(app)``) and, unless ``endpoint`` is
-    False, serve them at ``path`` to clients in ``allow`` (CIDRs; default
+    """Collect the metrics of ``app``'s backend (after ``ChatKit(app)``) and, unless
+    ``endpoint`` is False, serve them at ``path`` to clients in ``allow`` (CIDRs; default
     ``CHATKIT_METRICS_ALLOW``). The service calls this when ``CHATKIT_METRICS_ENABLED`` is true.
 
     A host app that already exports prometheus-client's default registry can pass
@@ -264,6 +265,10 @@ def init_metrics(
         return
     app.extensions[_EXTENSION_KEY] = True
     state.response_hooks.append(_on_response)
+    if state.server is not None:  # server mode: the SDKs are already imported
+        from .server.metrics import init_server_metrics
+
+        init_server_metrics(state)
     # Storage failures Flask-Limiter handles itself (the switch to its in-memory fallback,
     # errors it swallows) reach us only through its log.
     _count_limiter_log_errors()

@@ -91,7 +91,8 @@ def test_known_traffic_gives_known_values(
     )
     statuses = [client.post(URL).status_code for _ in range(6)]
     assert statuses == [200, 200, 502, 504, 429, 429]
-    assert client.get(URL).status_code == 405  # not a mint: not counted
+    # Not a mint: not counted (a new visitor: the limits count every method of the endpoint).
+    assert app.test_client().get(URL).status_code == 405
 
     assert snap.delta("chatkit_mints_total", outcome="minted") == 2
     assert snap.delta("chatkit_mints_total", outcome="upstream_error") == 1
@@ -496,17 +497,24 @@ def test_totals_add_up_across_gunicorn_workers(
     assert upstream.count == statuses[200]
 
 
-def test_grafana_dashboard_uses_only_exported_metrics(make_app: Callable[..., Flask]) -> None:
+def test_grafana_dashboard_uses_only_exported_metrics(
+    make_app: Callable[..., Flask], tmp_path: Path
+) -> None:
     dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
     client = make_app().test_client()
     assert client.post(URL).status_code == 200  # label values appear with the first call
     exported = client.get("/metrics").text
+    # The server-mode row: what a server-mode app exports before any traffic.
+    server = make_app(CHATKIT_BACKEND="server", CHATKIT_STORE_URL=f"sqlite:///{tmp_path}/t.db")
+    exported += server.test_client().get("/metrics").text
     names = {
         sample.name
         for family in text_string_to_metric_families(exported)
         for sample in family.samples
     }
-    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    exprs = [
+        target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+    ]
     assert exprs
     used = {name for expr in exprs for name in re.findall(r"\bchatkit_[a-z_]+", expr)}
     assert used

@@ -23,6 +23,7 @@ class RequestContext:
     client_network: str = "-"
     user_id: str | None = None  # the host's user id when signed in (for per-user agents)
     locale: str | None = None
-    # Filled while the request runs (token usage, outcome) and read by the log line and the
-    # token budget once the stream ends. Never holds message text.
+    # Filled while the request runs (token usage, outcome, when the first frame and the
+    # model's first output went out) and read by the log line, the metrics and the token budget
+    # once the stream ends. Never holds message text.
     report: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)

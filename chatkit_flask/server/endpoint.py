@@ -9,7 +9,9 @@ when the client goes away) cancels the answer on the event loop, and with it the
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
+from typing import Any
 
 from flask import Response
 
@@ -21,7 +23,7 @@ from .store import STORE_ERRORS
 
 log = logging.getLogger("chatkit_flask")
 
-__all__ = ["HEARTBEAT_FRAME", "STREAM_HEADERS", "handle"]
+__all__ = ["HEARTBEAT_FRAME", "STREAM_HEADERS", "handle", "stream_outcome"]
 
 STREAM_HEADERS = {
     "Cache-Control": "no-store",
@@ -92,7 +94,7 @@ def handle(
         raise ApiError(400, "invalid_request", MISFIT_MESSAGE) from None
     except STORE_ERRORS as exc:
         raise _store_unavailable(exc, context) from None
-    response = Response(_SseBody(first, frames), mimetype="text/event-stream")
+    response = Response(_SseBody(first, frames, context.report), mimetype="text/event-stream")
     response.headers.update(STREAM_HEADERS)
     return response
 
@@ -110,18 +112,35 @@ class _SseBody:
     A class rather than a generator so that ``close()`` reaches the bridge's generator even if the
     server closes us before the first iteration (a closed, never-started generator would not
     propagate the close, and the answer would run on unobserved).
+
+    Notes in ``report`` when the first frame went out (``first_frame_at``, a
+    ``time.perf_counter()`` value) and whether the stream ran to its end (``exhausted``), for the
+    log line and the metrics.
     """
 
-    def __init__(self, first: bytes, rest: Iterator[bytes]) -> None:
+    def __init__(self, first: bytes, rest: Iterator[bytes], report: dict[str, Any]) -> None:
         self._first = first
         self._rest = rest
+        self._report = report
 
     def __iter__(self) -> Iterator[bytes]:
         if self._first:
+            self._report["first_frame_at"] = time.perf_counter()
             yield self._first
         yield from self._rest
+        self._report["exhausted"] = True
 
     def close(self) -> None:
         close = getattr(self._rest, "close", None)
         if close is not None:
             close()
+
+
+def stream_outcome(report: dict[str, Any]) -> str:
+    """How a stream ended, once closed: the answer's ``completed``, ``failed`` or ``cancelled``;
+    without an answer, ``cancelled`` if the stream was cut short, else ``no_answer`` (e.g. a
+    retry of an item that is not in the thread)."""
+    usage = report.get("usage")
+    if usage is not None:
+        return str(usage.outcome)
+    return "no_answer" if report.get("exhausted") else "cancelled"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -313,6 +314,9 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         outcome: Literal["completed", "failed", "cancelled"] = "cancelled"
         try:
             async for event in stream_agent_response(agent_context, result):
+                # The model's first output: what a visitor waits for (the frames before it,
+                # thread and user item, leave before the model is called).
+                context.report.setdefault("first_answer_at", time.perf_counter())
                 yield event
             outcome = "completed"
         except Exception as exc:

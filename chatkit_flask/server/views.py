@@ -32,7 +32,7 @@ from ..web import (
     set_visitor_cookie,
 )
 from .context import RequestContext
-from .endpoint import STREAM_HEADERS, handle
+from .endpoint import STREAM_HEADERS, handle, stream_outcome
 from .protocol import RequestRefused, calls_model, streams
 from .runtime import ServerRuntime
 
@@ -244,10 +244,14 @@ def _log_fields(response: Response) -> dict[str, Any]:
 
 
 def _log_stream(fields: dict[str, Any], context: RequestContext, started: float) -> None:
-    usage = context.report.get("usage")
+    report = context.report
+    fields["outcome"] = stream_outcome(report)
+    usage = report.get("usage")
     if usage is not None:
-        fields["outcome"] = usage.outcome
         fields["tokens_in"] = usage.input_tokens
         fields["tokens_out"] = usage.output_tokens
+    for key, name in (("first_frame_at", "ttfe_ms"), ("first_answer_at", "first_answer_ms")):
+        if report.get(key) is not None:
+            fields[name] = round((report[key] - started) * 1000, 1)
     fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 1)
     log_message(fields)
