@@ -137,3 +137,21 @@ def test_config_refuses_cross_site_pages(make_app: Callable[..., Flask]) -> None
     response = client.get("/api/chatkit/config", headers={"Sec-Fetch-Site": "cross-site"})
     assert response.status_code == 403
     assert response.json["error"] == "origin_not_allowed"
+
+
+def test_demo_page_in_server_mode(make_app: Callable[..., Flask], tmp_path: Path) -> None:
+    client = make_app(
+        CHATKIT_DEMO=True,
+        CHATKIT_BACKEND="server",
+        CHATKIT_STORE_URL=f"sqlite:///{tmp_path}/threads.db",
+    ).test_client()
+    response = client.get("/")
+    html = response.get_data(as_text=True)
+    assert response.status_code == 200
+    assert "'unsafe-inline'" not in response.headers["Content-Security-Policy"]
+    assert 'data-backend="server"' in html
+    assert 'data-prefix="/api/chatkit"' in html
+    assert 'id="try-form"' in html and 'id="mint"' not in html
+    assert "could not be loaded from OpenAI's CDN" in html
+    assert all("src=" in tag for tag in re.findall(r"<script\b[^>]*>", html))
+    assert " style=" not in html and not re.search(r"\son[a-z]+=", html)
