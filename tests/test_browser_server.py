@@ -8,7 +8,8 @@ The page is the demo page; the tests drive the served helper's functions on it:
 widget, reading the event stream as it arrives). OpenAI's CDN is blocked: the widget itself
 never loads here.
 
-Screenshot: ``test-artifacts/demo-server.png``.
+Screenshot: ``test-artifacts/demo-server.png``; ``CHATKIT_UPDATE_SCREENSHOT=1`` also refreshes
+``docs/demo-server.png``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -263,8 +265,12 @@ def test_the_demo_page_says_the_widget_is_missing_and_chats_without_it(
     assert "Reply streamed from /api/chatkit" in page.inner_text("#status")
 
     ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "demo-server.png"
     page.set_viewport_size({"width": 820, "height": 560})
-    page.screenshot(path=str(ARTIFACTS / "demo-server.png"), full_page=True)
+    page.screenshot(path=str(shot), full_page=True)
+    docs = ARTIFACTS.parent / "docs" / "demo-server.png"
+    if os.environ.get("CHATKIT_UPDATE_SCREENSHOT") or not docs.exists():
+        shutil.copyfile(shot, docs)
 
 
 def test_the_visitor_keeps_their_threads_across_reloads(
@@ -434,6 +440,13 @@ def test_the_server_fetch_contract_with_a_stub(
           answers.push(new Response("<html>bad gateway</html>", { status: 502 }));
           const proxy = await f("/api/chatkit", body("threads.add_user_message"));
           out.proxy = await proxy.text();
+          answers.push(new Response(JSON.stringify({ error: "rate_limited", retry_after: 9 }),
+            { status: 429, headers: { "Content-Type": "application/json" } }));
+          const viaRequest = await f(new Request("/api/chatkit", { method: "POST",
+            headers: { "Content-Type": "application/json" },
+            body: JSON.stringify({ type: "threads.create", params: {} }) }));
+          out.viaRequest = await viaRequest.text();
+          out.lastCall = calls[calls.length - 1];
           return out;
         }"""
     )
@@ -450,6 +463,10 @@ def test_the_server_fetch_contract_with_a_stub(
     assert result["offlineRead"]["code"] == "network_error"
     assert result["aborted"] is True  # the widget's own cancel is passed through
     assert "The chat is unavailable. Try again later." in result["proxy"]
+    # fetch(Request): its body still tells a message from a read; no message: ours, with the wait.
+    assert "Too many messages. Try again in 9 seconds." in result["viaRequest"]
+    assert result["lastCall"]["credentials"] == "same-origin"
+    assert result["lastCall"]["site"] == "demo"
 
 
 def test_configure_in_hosted_mode_gives_a_secret_fetcher(

@@ -434,8 +434,17 @@
         }
       }
       request.credentials = credentials;
-      request.headers = mergeHeaders(given.headers, opts.headers);
-      var streaming = STREAMING_TYPES.indexOf(requestType(given.body)) !== -1;
+      var body = given.body;
+      if (typeof root.Request === "function" && input instanceof root.Request) {
+        // fetch(request[, init]): the request's own headers and body, unless init replaces them
+        request.headers = mergeHeaders(given.headers || input.headers, opts.headers);
+        if (body === undefined && input.body !== null) {
+          body = await input.clone().text();
+        }
+      } else {
+        request.headers = mergeHeaders(given.headers, opts.headers);
+      }
+      var streaming = STREAMING_TYPES.indexOf(requestType(body)) !== -1;
       var response;
       try {
         response = await fetchImpl(input, request);
