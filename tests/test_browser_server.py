@@ -534,12 +534,13 @@ def test_the_demo_command_serves_server_mode(tmp_path: Path) -> None:
 
 
 def test_a_page_on_another_origin_of_the_same_site_keeps_its_visitor(
-    start_server_mode: Callable[..., str], serve: Callable[[Any], str], model: FakeResponses
+    browser: Any,
+    start_server_mode: Callable[..., str],
+    serve: Callable[[Any], str],
+    model: FakeResponses,
 ) -> None:
     """``www.example.test`` embeds the chat served by ``chat.example.test`` (both resolved to
     127.0.0.1 by Chromium): CORS with credentials, and the SameSite=Lax cookie still flows."""
-    from playwright.sync_api import sync_playwright
-
     holder: dict[str, Any] = {}
     page_base = serve(lambda environ, start_response: holder["page"](environ, start_response))
     page_origin = page_base.replace("127.0.0.1", "www.example.test")
@@ -556,24 +557,22 @@ def test_a_page_on_another_origin_of_the_same_site_keeps_its_visitor(
         return [html]
 
     holder["page"] = page_app
+    # A second Chromium from the same Playwright, with both names mapped to loopback.
     args = [*CHROMIUM_ARGS, "--host-resolver-rules=MAP *.example.test 127.0.0.1"]
-    if not os.access(CHROMIUM, os.X_OK):
-        _unavailable(f"Chromium not installed at {CHROMIUM}")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
-        try:
-            ctx = browser.new_context()
-            ctx.route(CDN_PATTERN, lambda route: route.abort())
-            page = ctx.new_page()
-            page.goto(f"{page_origin}/")
-            page.wait_for_function("() => !!window.ChatKitFlask")
-            created = _send(page, "threads.create", _input("from the shop"),
-                            credentials="include")  # fmt: skip
-            page.reload()
-            page.wait_for_function("() => !!window.ChatKitFlask")
-            listed = _send(page, "threads.list", {"limit": 5}, credentials="include")
-        finally:
-            browser.close()
+    mapped = browser.browser_type.launch(executable_path=CHROMIUM, args=args, headless=True)
+    try:
+        ctx = mapped.new_context()
+        ctx.set_default_timeout(15_000)
+        ctx.route(CDN_PATTERN, lambda route: route.abort())
+        page = ctx.new_page()
+        page.goto(f"{page_origin}/")
+        page.wait_for_function("() => !!window.ChatKitFlask")
+        created = _send(page, "threads.create", _input("from the shop"), credentials="include")
+        page.reload()
+        page.wait_for_function("() => !!window.ChatKitFlask")
+        listed = _send(page, "threads.list", {"limit": 5}, credentials="include")
+    finally:
+        mapped.close()
 
     assert created["ok"], created
     assert created["api"]["url"] == f"{service}/api/chatkit"
