@@ -1,18 +1,22 @@
 """The demo chat page (``GET /`` when ``CHATKIT_DEMO=true``) and the offline demo command.
 
-Offline demo, no OpenAI key needed (the service runs against the fake ChatKit API)::
+Offline demo, no OpenAI key needed::
 
-    python -m chatkit_flask.demo            # then open http://127.0.0.1:8000/
+    python -m chatkit_flask.demo                     # hosted mode, fake ChatKit API
+    python -m chatkit_flask.demo --backend server    # server mode, fake model echoing you
 
-The page mints secrets through ``static/chatkit-secret.js``; the chat itself loads OpenAI's
-ChatKit web component from the CDN and so needs OpenAI's service.
+then open http://127.0.0.1:8000/. The page configures the widget with ``ChatKitFlask.configure()``
+(``static/chatkit-secret.js``); the widget's own script always loads from OpenAI's CDN, and when
+it cannot the page says so (server mode then offers the endpoint without the widget).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 from typing import TYPE_CHECKING
 
 from flask import Blueprint, Response, make_response, render_template, url_for
@@ -46,15 +50,24 @@ DEMO_CSP = "; ".join(
 
 
 def demo_blueprint(state: ChatKitState) -> Blueprint:
-    """``GET /``: the demo page. Not rate limited (only the mint endpoint is)."""
+    """``GET /``: the demo page for the app's backend. Not rate limited (the chat endpoints
+    are)."""
     bp = Blueprint("chatkit_demo", __name__, template_folder="templates")
+
+    backend = state.settings.backend
 
     @bp.get("/")
     def index() -> Response:
+        config_url = url_for("chatkit.config")
+        chat_url = url_for("chatkit.chatkit") if backend == "server" else ""
         response = make_response(
             render_template(
                 "demo.html",
-                endpoint=url_for("chatkit.secret"),
+                backend=backend,
+                prefix=config_url.removesuffix("/config"),
+                config_url=config_url,
+                chat_url=chat_url,
+                endpoint=chat_url or url_for("chatkit.secret"),
                 helper_js=url_for("chatkit.static", filename="chatkit-secret.js"),
                 demo_js=url_for("chatkit.static", filename="demo.js"),
                 demo_css=url_for("chatkit.static", filename="demo.css"),
@@ -73,48 +86,84 @@ def demo_blueprint(state: ChatKitState) -> Blueprint:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the service with the demo page against an in-process fake ChatKit API."""
+    """Run the service with the demo page, offline: hosted mode against an in-process fake
+    ChatKit API, server mode against an in-process fake model (Responses API)."""
     parser = argparse.ArgumentParser(
         prog="python -m chatkit_flask.demo",
-        description="Offline demo: the service and its demo page against a fake ChatKit API.",
+        description="Offline demo: the service and its demo page against fake OpenAI APIs.",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("hosted", "server"),
+        default="hosted",
+        help="hosted: mint fake client secrets (default); server: serve the ChatKit protocol "
+        "here, answered by a fake model that echoes you",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     parser.add_argument(
-        "--latency", type=float, default=0.15, help="fake upstream seconds per mint (default 0.15)"
+        "--latency", type=float, default=0.15, help="hosted: fake seconds per mint (default 0.15)"
+    )
+    parser.add_argument(
+        "--token-delay",
+        type=float,
+        default=0.05,
+        help="server: fake model's seconds between streamed words (default 0.05)",
     )
     args = parser.parse_args(argv)
 
     from werkzeug.serving import run_simple
 
     from .service import create_app
-    from .testing.fake_chatkit import FakeChatKit
 
-    fake = FakeChatKit(api_key=DEMO_API_KEY, latency=args.latency).start()
-    try:
-        app = create_app(
-            {
-                "OPENAI_API_KEY": DEMO_API_KEY,
-                "SECRET_KEY": DEMO_SECRET_KEY,
-                "SECRET_KEY_FALLBACKS": "",
-                "CHATKIT_WORKFLOW_ID": DEMO_WORKFLOW_ID,
-                "CHATKIT_ALLOWED_WORKFLOWS": "",
-                "CHATKIT_API_BASE": fake.base_url,
-                "CHATKIT_DEMO": True,
-                "CHATKIT_COOKIE_SECURE": False,
-                "RATELIMIT_STORAGE_URI": os.environ.get("RATELIMIT_STORAGE_URI") or "memory://",
-            }
-        )
-        url = f"http://{args.host}:{args.port}/"
+    config: dict[str, object] = {
+        "OPENAI_API_KEY": DEMO_API_KEY,
+        "SECRET_KEY": DEMO_SECRET_KEY,
+        "SECRET_KEY_FALLBACKS": "",
+        "CHATKIT_DEMO": True,
+        "CHATKIT_COOKIE_SECURE": False,
+        "RATELIMIT_STORAGE_URI": os.environ.get("RATELIMIT_STORAGE_URI") or "memory://",
+    }
+    url = f"http://{args.host}:{args.port}/"
+    with contextlib.ExitStack() as stack:
+        if args.backend == "server":
+            from .testing.fake_responses import FakeResponses
+
+            model = stack.enter_context(
+                FakeResponses(api_key=DEMO_API_KEY, token_delay=args.token_delay)
+            )
+            threads = stack.enter_context(tempfile.TemporaryDirectory(prefix="chatkit-demo-"))
+            config.update(
+                CHATKIT_BACKEND="server",
+                OPENAI_BASE_URL=model.base_url,
+                CHATKIT_AGENT_INSTRUCTIONS="Offline demo: a fake model echoes the visitor.",
+                CHATKIT_STORE_URL=f"sqlite:///{threads}/threads.db",
+            )
+            fakes = (
+                f"  fake model (Responses API) at {model.base_url}, echoing with "
+                f"{args.token_delay} s per word; threads in {threads} (deleted on exit)"
+            )
+        else:
+            from .testing.fake_chatkit import FakeChatKit
+
+            upstream = stack.enter_context(
+                FakeChatKit(api_key=DEMO_API_KEY, latency=args.latency)
+            )
+            config.update(
+                CHATKIT_BACKEND="hosted",
+                CHATKIT_WORKFLOW_ID=DEMO_WORKFLOW_ID,
+                CHATKIT_ALLOWED_WORKFLOWS="",
+                CHATKIT_API_BASE=upstream.base_url,
+            )
+            fakes = f"  fake ChatKit API at {upstream.base_url}"
+        app = create_app(config)
         print(
-            f"chatkit-flask offline demo: open {url}\n"
-            f"  fake ChatKit API at {fake.base_url} (no OpenAI key used; the chat widget "
-            "itself needs OpenAI's service)\n  Ctrl+C to stop.",
+            f"chatkit-flask offline demo ({args.backend} mode): open {url}\n{fakes}\n"
+            "  No OpenAI key is used. The chat widget's script still loads from OpenAI's CDN: "
+            "without it the page says so.\n  Ctrl+C to stop.",
             flush=True,
         )
         run_simple(args.host, args.port, app, threaded=True, use_reloader=False)
-    finally:
-        fake.stop()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -114,8 +115,11 @@ class ChatKit:
             # prefix, error responses included, so a cross-origin page can read a 429.
             CORS(
                 app,
+                # The prefix itself too: server mode's endpoint is POST {prefix}.
                 resources={
-                    rf"{settings.url_prefix}/.*": {"origins": list(settings.allowed_origins)}
+                    rf"{re.escape(settings.url_prefix)}(/.*)?$": {
+                        "origins": list(settings.allowed_origins)
+                    }
                 },
                 supports_credentials=True,
                 methods=["POST", "OPTIONS"],

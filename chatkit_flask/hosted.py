@@ -1,12 +1,13 @@
 """Hosted backend: ``POST {prefix}/secret`` mints a ChatKit client secret for an Agent Builder
-workflow (request -> identity -> limits -> upstream -> response)."""
+workflow (request -> identity -> limits -> upstream -> response); ``GET {prefix}/config`` tells
+the page which backend runs."""
 
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from .errors import ApiError
 from .limits import limit_rules, limited
@@ -34,6 +35,7 @@ __all__ = ["MAX_BODY_BYTES", "make_hosted_blueprint"]
 
 MAX_BODY_BYTES = 16 * 1024
 ENDPOINT = "chatkit.secret"
+CONFIG_ENDPOINT = "chatkit.config"
 _ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 _LIMIT_MESSAGES = {
     "user": "You have started too many chat sessions",
@@ -66,7 +68,8 @@ def _workflow_field(body: dict[str, Any]) -> str | None:
 
 
 def make_hosted_blueprint(state: ChatKitState) -> Blueprint:
-    """The ``chatkit`` blueprint of the hosted backend: ``POST {prefix}/secret``."""
+    """The ``chatkit`` blueprint of the hosted backend: ``POST {prefix}/secret`` and ``GET
+    {prefix}/config``."""
     settings = state.settings
     bp = new_blueprint(state)
     guard = {"done": False}
@@ -74,10 +77,10 @@ def make_hosted_blueprint(state: ChatKitState) -> Blueprint:
     @bp.before_request
     def prepare() -> None:
         begin_request(state, guard)
-        if request.endpoint != ENDPOINT:
+        if request.endpoint not in (ENDPOINT, CONFIG_ENDPOINT):
             return
         resolve_caller(state)
-        if request.method != "POST":
+        if request.endpoint != ENDPOINT or request.method != "POST":
             return
         _, body = read_json_body(MAX_BODY_BYTES, allow_empty=True)
         workflow = _workflow_field(body) or settings.workflow_id
@@ -120,13 +123,20 @@ def make_hosted_blueprint(state: ChatKitState) -> Blueprint:
         methods=_ALL_METHODS,
     )
 
+    @bp.get("/config")
+    def config() -> Response:
+        """What the page needs to configure chatkit-js (the same answer shape in both backends,
+        so the served helper works with either); issues the visitor cookie like the server
+        backend's."""
+        return jsonify(backend="hosted", secretUrl=url_for(ENDPOINT))
+
     @bp.after_request
     def finish(response: Response) -> Response:
-        if request.endpoint != ENDPOINT:
+        if request.endpoint not in (ENDPOINT, CONFIG_ENDPOINT):
             return response
         response.headers["Cache-Control"] = "no-store"
         set_visitor_cookie(state, response)
-        if request.method == "POST":
+        if request.endpoint == ENDPOINT and request.method == "POST":
             for hook in state.response_hooks:
                 hook(response)
             _log(response)

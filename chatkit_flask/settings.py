@@ -309,6 +309,13 @@ _OPTION_LIST = [
     ),
     Option("CHATKIT_API_BASE", "https://api.openai.com", _http_url, "Base URL of the ChatKit API."),
     Option("CHATKIT_URL_PREFIX", "/api/chatkit", _prefix, "URL prefix of the endpoint."),
+    Option(
+        "CHATKIT_DOMAIN_KEY",
+        "",
+        _token,
+        "Server mode: chatkit-js domainKey the page gets from GET {prefix}/config (OpenAI "
+        "platform settings, Security, Domain allowlist); empty: a placeholder (fine on localhost).",
+    ),
     Option("CHATKIT_SESSION_TTL", 600, _int_range(1, 600), "Session lifetime in seconds (1-600)."),
     Option(
         "CHATKIT_UPSTREAM_TIMEOUT",
@@ -590,6 +597,7 @@ class Settings:
     workflow_version: str | None
     api_base: str
     url_prefix: str
+    domain_key: str
     session_ttl: int
     upstream_timeout: float
     upstream_retries: int
@@ -662,6 +670,7 @@ class Settings:
             workflow_version=v["CHATKIT_WORKFLOW_VERSION"],
             api_base=v["CHATKIT_API_BASE"],
             url_prefix=v["CHATKIT_URL_PREFIX"],
+            domain_key=v["CHATKIT_DOMAIN_KEY"] or "",
             session_ttl=v["CHATKIT_SESSION_TTL"],
             upstream_timeout=v["CHATKIT_UPSTREAM_TIMEOUT"],
             upstream_retries=v["CHATKIT_UPSTREAM_RETRIES"],

@@ -103,3 +103,55 @@ def test_demo_page_is_not_rate_limited(make_app: Callable[..., Flask]) -> None:
         CHATKIT_RATELIMIT_GLOBAL="1/hour",
     ).test_client()
     assert [client.get("/").status_code for _ in range(4)] == [200] * 4
+
+
+def test_hosted_config_names_the_backend_and_issues_the_cookie(
+    make_app: Callable[..., Flask],
+) -> None:
+    client = make_app(CHATKIT_URL_PREFIX="/chat").test_client()
+    response = client.get("/chat/config")
+    assert response.status_code == 200
+    assert response.json == {"backend": "hosted", "secretUrl": "/chat/secret"}
+    assert response.headers["Cache-Control"] == "no-store"
+    assert "chatkit_session_id=" in response.headers["Set-Cookie"]
+    assert "HttpOnly" in response.headers["Set-Cookie"]
+
+
+@pytest.mark.parametrize(("key", "expected"), [("", "domain_pk_localhost_dev"), ("dpk_1", "dpk_1")])
+def test_server_config_gives_url_and_domain_key(
+    make_app: Callable[..., Flask], tmp_path: Path, key: str, expected: str
+) -> None:
+    client = make_app(
+        CHATKIT_BACKEND="server",
+        CHATKIT_STORE_URL=f"sqlite:///{tmp_path}/threads.db",
+        CHATKIT_DOMAIN_KEY=key,
+    ).test_client()
+    response = client.get("/api/chatkit/config")
+    assert response.status_code == 200
+    assert response.json == {"backend": "server", "url": "/api/chatkit", "domainKey": expected}
+    assert "chatkit_session_id=" in response.headers["Set-Cookie"]
+
+
+def test_config_refuses_cross_site_pages(make_app: Callable[..., Flask]) -> None:
+    client = make_app().test_client()
+    response = client.get("/api/chatkit/config", headers={"Sec-Fetch-Site": "cross-site"})
+    assert response.status_code == 403
+    assert response.json["error"] == "origin_not_allowed"
+
+
+def test_demo_page_in_server_mode(make_app: Callable[..., Flask], tmp_path: Path) -> None:
+    client = make_app(
+        CHATKIT_DEMO=True,
+        CHATKIT_BACKEND="server",
+        CHATKIT_STORE_URL=f"sqlite:///{tmp_path}/threads.db",
+    ).test_client()
+    response = client.get("/")
+    html = response.get_data(as_text=True)
+    assert response.status_code == 200
+    assert "'unsafe-inline'" not in response.headers["Content-Security-Policy"]
+    assert 'data-backend="server"' in html
+    assert 'data-prefix="/api/chatkit"' in html
+    assert 'id="try-form"' in html and 'id="mint"' not in html
+    assert "could not be loaded from OpenAI's CDN" in html
+    assert all("src=" in tag for tag in re.findall(r"<script\b[^>]*>", html))
+    assert " style=" not in html and not re.search(r"\son[a-z]+=", html)

@@ -336,7 +336,11 @@ def test_the_config_endpoint_issues_the_visitor_cookie(
     response = client.get(CONFIG_URL)
 
     assert response.status_code == 200
-    assert response.get_json() == {"backend": "server", "url": URL}
+    assert response.get_json() == {
+        "backend": "server",
+        "url": URL,
+        "domainKey": "domain_pk_localhost_dev",
+    }
     assert response.headers["Cache-Control"] == "no-store"
     cookie = client.get_cookie(COOKIE)
     assert cookie is not None and cookie.http_only

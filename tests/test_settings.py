@@ -107,6 +107,28 @@ def test_chatkit_configuration_only_carries_what_is_set() -> None:
     }
 
 
+def test_openai_base_url_keeps_its_v1_but_the_chatkit_api_base_drops_it() -> None:
+    # The openai client's base URL includes /v1; ChatKitClient adds /v1 itself.
+    settings = Settings.from_mapping(
+        {
+            **REQUIRED,
+            "OPENAI_BASE_URL": "http://127.0.0.1:8788/v1/",
+            "CHATKIT_API_BASE": "https://api.openai.com/v1",
+        }
+    )
+    assert settings.openai_base_url == "http://127.0.0.1:8788/v1"
+    assert settings.api_base == "https://api.openai.com"
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_mapping({**REQUIRED, "OPENAI_BASE_URL": "http://example.com/v1"})
+    assert caught.value.key == "OPENAI_BASE_URL"
+
+
+def test_domain_key_defaults_to_empty() -> None:
+    assert Settings.from_mapping(REQUIRED).domain_key == ""
+    key = {**REQUIRED, "CHATKIT_DOMAIN_KEY": "domain_pk_abc123"}
+    assert Settings.from_mapping(key).domain_key == "domain_pk_abc123"
+
+
 def test_limits_can_be_turned_off() -> None:
     settings = Settings.from_mapping({**REQUIRED, "CHATKIT_RATELIMIT_PER_USER": "off"})
     assert settings.limit_per_user == ""

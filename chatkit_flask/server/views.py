@@ -43,6 +43,9 @@ __all__ = ["create_runtime", "make_server_blueprint"]
 
 ENDPOINT = "chatkit.chatkit"
 CONFIG_ENDPOINT = "chatkit.config"
+# chatkit-js requires a domainKey; OpenAI checks real ones against the domain allowlist, and
+# on localhost any value passes (the one OpenAI's samples use).
+DOMAIN_KEY_PLACEHOLDER = "domain_pk_localhost_dev"
 HEARTBEAT_SECONDS = 15.0  # an SSE comment during model silences: proxies keep the stream open
 _LIMIT_MESSAGES = {
     "user": "You have sent too many messages",
@@ -195,7 +198,11 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
     def config() -> Response:
         """What the page needs to configure chatkit-js; issues the visitor cookie first, so the
         widget's first parallel requests agree on who the visitor is."""
-        response = jsonify(backend="server", url=url_for(ENDPOINT))
+        response = jsonify(
+            backend="server",
+            url=url_for(ENDPOINT),
+            domainKey=settings.domain_key or DOMAIN_KEY_PLACEHOLDER,
+        )
         response.headers["Cache-Control"] = "no-store"
         return response
 
