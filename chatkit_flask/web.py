@@ -79,8 +79,16 @@ def check_origin(state: ChatKitState, scheme: str) -> None:
 
 def read_json_body(max_bytes: int, *, allow_empty: bool) -> tuple[bytes, Any]:
     """The raw body and its parsed JSON (``{}`` when empty and ``allow_empty``), or ApiError."""
-    request.max_content_length = max_bytes  # per request: the host app's limit is untouched
+    unterminated = "wsgi.input_terminated" not in request.environ
+    if unterminated and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        # A server that does not de-chunk: werkzeug would read the body as empty.
+        raise ApiError(400, "invalid_request", "Send the request body with Content-Length.")
+    # werkzeug enforces max_content_length on a chunked body by cutting the stream at the
+    # limit, without an error: let it read one byte past the cap and refuse what reaches it.
+    request.max_content_length = max_bytes + 1  # per request: the host app's limit is untouched
     data = request.get_data(cache=True)
+    if len(data) > max_bytes:
+        raise ApiError(413, "payload_too_large", "The request body is too large.")
     if not data.strip():
         if allow_empty:
             return data, {}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +19,7 @@ import pytest
 from flask import Flask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from werkzeug.serving import make_server
 
 from chatkit_flask.service import create_app
 from chatkit_flask.testing.fake_chatkit import FakeChatKit
@@ -309,3 +312,65 @@ def test_unknown_method_and_path_under_the_prefix_are_json(apps: dict[str, Flask
     response = client.get("/api/chatkit/nope")
     assert response.status_code == 404
     assert response.get_json()["error"] == "not_found"
+
+
+# --- a chunked body through a real server -----------------------------------------------------
+
+
+def _answer_length(received: bytes) -> int:
+    head, _, _ = received.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    return len(head) + 4 + int(length.group(1) if length else 0)
+
+
+def _chunked_post(port: int, body: bytes) -> tuple[int, bytes]:
+    """POST ``body`` with ``Transfer-Encoding: chunked`` (no Content-Length) over a socket."""
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 4096]), body[i : i + 4096])
+        for i in range(0, len(body), 4096)
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"POST " + URL.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n" + chunks + b"0\r\n\r\n"
+        )
+        received = b""
+        # Read the answer by its Content-Length: werkzeug's server may keep draining the
+        # refused body before it closes the connection.
+        while b"\r\n\r\n" not in received or len(received) < _answer_length(received):
+            data = sock.recv(65536)
+            assert data, received
+            received += data
+    head, _, payload = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), payload
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b'{"workflow_id": "' + WORKFLOW.encode() + b'"}', 200),
+        # Over the cap, yet its first 16 KiB are valid JSON: a truncating read would mint.
+        (b"{}" + b" " * (16 * 1024 + 10), 413),
+        (b'{"pad": "' + b"x" * (64 * 1024) + b'"}', 413),
+    ],
+)
+def test_chunked_body_over_the_cap_is_413_through_a_real_server(
+    _upstream_server: FakeChatKit, body: bytes, status: int
+) -> None:
+    """werkzeug applies ``max_content_length`` to a chunked body by cutting it at the cap; the
+    cut must never be parsed as the whole body."""
+    _upstream_server.set_default(None)
+    server = make_server("127.0.0.1", 0, _app(_upstream_server), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    before = _upstream_server.count
+    try:
+        got, payload = _chunked_post(server.server_port, body)
+    finally:
+        server.shutdown()
+        thread.join()
+    assert got == status, payload[:200]
+    assert _upstream_server.count - before == (1 if status == 200 else 0)
+    if status == 413:
+        assert json.loads(payload)["error"] == "payload_too_large"
