@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask_limiter import RateLimitExceeded
@@ -60,25 +61,55 @@ def begin_request(state: ChatKitState, guard: dict[str, bool]) -> None:
         guard["done"] = guard_header_hook(current_app, state.limiter)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _normalized_origin(value: str) -> str | None:
+    """``scheme://host[:port]`` in lower case without a default port, or None if not an origin
+    (``null``, garbage)."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if scheme not in _DEFAULT_PORTS or not host:
+        return None
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        host = f"{host}:{port}"
+    return f"{scheme}://{host}"
+
+
 def check_origin(state: ChatKitState, scheme: str) -> None:
-    """Browsers on other sites may not call the chat. Without an allowlist only same-site pages
-    may."""
+    """Browsers on other sites may not call the chat.
+
+    An ``Origin`` must be the site's own (``scheme`` is the one the client used, behind trusted
+    proxies too) or listed in ``CHATKIT_ALLOWED_ORIGINS``, whatever ``Sec-Fetch-Site`` says or
+    whether it is sent at all; a browser's ``Sec-Fetch-Site: same-origin`` counts as the site's
+    own. ``Sec-Fetch-Site: cross-site`` is refused unless the ``Origin`` is listed. A request
+    with neither header (server to server, curl) passes.
+    """
     origin = request.headers.get("Origin")
     fetch_site = request.headers.get("Sec-Fetch-Site")
-    allowed = state.settings.allowed_origins
-    if not allowed:
-        if fetch_site == "cross-site":
-            raise ApiError(403, "origin_not_allowed", "This origin may not use the chat.")
+    given = _normalized_origin(origin) if origin is not None else None
+    allowed = {_normalized_origin(item) for item in state.settings.allowed_origins}
+    if given is not None and given in allowed:
         return
-    if origin is None or origin in allowed or fetch_site == "same-origin":
+    if fetch_site == "cross-site":  # and not from a listed origin
+        raise ApiError(403, "origin_not_allowed", "This origin may not use the chat.")
+    if origin is None or fetch_site == "same-origin":
         return
-    if origin == f"{scheme}://{request.host}":
-        return
-    raise ApiError(403, "origin_not_allowed", "This origin may not use the chat.")
+    if given is None or given != _normalized_origin(f"{scheme}://{request.host}"):
+        raise ApiError(403, "origin_not_allowed", "This origin may not use the chat.")
 
 
 def read_json_body(max_bytes: int, *, allow_empty: bool) -> tuple[bytes, Any]:
     """The raw body and its parsed JSON (``{}`` when empty and ``allow_empty``), or ApiError."""
+    if request.mimetype != "application/json":
+        # Even when empty: an HTML form (or a "simple" cross-site fetch) cannot send this type.
+        raise ApiError(415, "unsupported_media_type", "The request body must be application/json.")
     unterminated = "wsgi.input_terminated" not in request.environ
     if unterminated and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
         # A server that does not de-chunk: werkzeug would read the body as empty.
@@ -93,8 +124,6 @@ def read_json_body(max_bytes: int, *, allow_empty: bool) -> tuple[bytes, Any]:
         if allow_empty:
             return data, {}
         raise ApiError(400, "invalid_request", "The request body is empty.")
-    if request.mimetype != "application/json":
-        raise ApiError(415, "unsupported_media_type", "The request body must be application/json.")
     try:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting
@@ -150,6 +179,8 @@ def register_error_handlers(
         request_id = g.get("chatkit_request_id")
         if request_id:
             response.headers["X-Request-ID"] = request_id
+        if state.settings.allowed_origins:  # the answer (CORS headers, 403) depends on Origin
+            response.vary.add("Origin")
         return response
 
     @bp.errorhandler(ApiError)

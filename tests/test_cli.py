@@ -167,7 +167,7 @@ def mint(app: Flask, n: int) -> str:
     """Mint n times as one visitor; return the visitor cookie's value."""
     client = app.test_client()
     for _ in range(n):
-        assert client.post(URL).status_code == 200
+        assert client.post(URL, json={}).status_code == 200
     return client.get_cookie(COOKIE).value
 
 
@@ -208,11 +208,11 @@ def test_usage_after_three_mints_then_reset(
 def test_reset_lets_a_limited_visitor_mint_again(redis_app: Callable[..., Flask]) -> None:
     app = redis_app(CHATKIT_RATELIMIT_PER_USER="2 per minute")
     client = app.test_client()
-    assert [client.post(URL).status_code for _ in range(3)] == [200, 200, 429]
+    assert [client.post(URL, json={}).status_code for _ in range(3)] == [200, 200, 429]
     raw = client.get_cookie(COOKIE).value.split(".", 1)[0]
     result = run(app, "reset", "--visitor", raw)
     assert "Cleared 1 user limit counter(s)" in result.output
-    assert client.post(URL).status_code == 200
+    assert client.post(URL, json={}).status_code == 200
 
 
 def test_ip_and_global_keys(redis_app: Callable[..., Flask]) -> None:

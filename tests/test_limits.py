@@ -19,7 +19,7 @@ URL = "/api/chatkit/secret"
 
 def post(app: Flask, *, ip: str = "203.0.113.7", client: Any = None, **kwargs: Any) -> Any:
     client = client or app.test_client()
-    return client.post(URL, environ_base={"REMOTE_ADDR": ip}, **kwargs)
+    return client.post(URL, json={}, environ_base={"REMOTE_ADDR": ip}, **kwargs)
 
 
 def test_per_visitor_limit(
@@ -318,8 +318,8 @@ def test_host_app_can_hand_over_its_own_limiter(upstream: FakeChatKit) -> None:
     chatkit = ChatKit(app, limiter=limiter)
     assert ChatKit.state(app).limiter is limiter
     client = app.test_client()
-    assert [client.post(URL).status_code for _ in range(3)] == [200, 200, 429]
-    assert client.post(URL).get_json()["error"] == "rate_limited"
+    assert [client.post(URL, json={}).status_code for _ in range(3)] == [200, 200, 429]
+    assert client.post(URL, json={}).get_json()["error"] == "rate_limited"
     assert [client.get("/products").status_code for _ in range(2)] == [200, 429]
     assert chatkit is not None
 
@@ -371,7 +371,7 @@ def test_headers_are_off_by_default_as_in_flask_limiter(
     host.config.update(base_config(upstream, **storage))
     host.config.pop("_fake_server", None)
     ChatKit(host)
-    response = host.test_client().post(URL, environ_base={"REMOTE_ADDR": "203.0.113.7"})
+    response = host.test_client().post(URL, json={}, environ_base={"REMOTE_ADDR": "203.0.113.7"})
     assert response.status_code == 200
     assert not [name for name, _ in response.headers if name.startswith("X-RateLimit")]
     assert "Retry-After" not in response.headers
