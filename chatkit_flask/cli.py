@@ -253,7 +253,8 @@ def _key_options(func: Any) -> Any:
         [
             click.option(
                 "--visitor",
-                help="Anonymous visitor: raw id, cookie value, visitor_<id> or log id v:<hash>.",
+                help="Anonymous visitor: raw id, cookie value (or name=value as the browser "
+                "shows it, e.g. __Host-chatkit_session_id=...), visitor_<id> or log id v:<hash>.",
             ),
             click.option("--user", help="Signed-in user id as the host app's user_loader gives."),
             click.option("--ip", help="Client IP address (IPv6: its configured prefix)."),
@@ -280,6 +281,7 @@ def _resolve_key(
         text = visitor.strip()
         if text.startswith("v:"):
             return "visitor:" + text[2:], settings.limit_per_user, "user"
+        text = text.rpartition("=")[2].strip()  # "__Host-chatkit_session_id=<value>"
         text = text.split(".", 1)[0]  # a cookie value is "<id>.<timestamp>.<signature>"
         text = text.removeprefix("visitor_")
         if not text:

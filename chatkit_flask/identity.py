@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from itsdangerous import BadSignature, TimestampSigner
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.sansio.http import parse_cookie
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -21,13 +22,34 @@ __all__ = [
     "VisitorCookie",
     "client_address",
     "client_network",
+    "cookie_values",
     "hash_id",
     "user_identity",
+    "visitor_cookie_name",
 ]
 
 _VISITOR_ID = re.compile(r"[A-Za-z0-9_-]{22}")
 _MAX_COOKIE_LENGTH = 200  # a valid cookie is ~60 characters; anything longer is not ours
 _SALT = "chatkit-flask.visitor"
+
+
+def visitor_cookie_name(name: str, secure: bool) -> str:
+    """The visitor cookie's name as sent: ``__Host-<name>`` when the cookie is Secure.
+
+    A browser accepts a ``__Host-`` cookie only from this very host, Secure, with ``Path=/`` and
+    no ``Domain``, so a page on a sibling subdomain cannot plant one (cookie tossing). Plain
+    HTTP cannot carry the prefix and keeps ``name``; a name that already has a prefix is kept.
+    """
+    if secure and not name.startswith(("__Host-", "__Secure-")):
+        return "__Host-" + name
+    return name
+
+
+def cookie_values(cookie_header: str | None, name: str) -> list[str]:
+    """Every value sent for cookie ``name`` (werkzeug's ``request.cookies`` keeps only the
+    first of duplicates, which is the one an attacker's broader cookie may win). Parsed as
+    ``request.cookies`` is (werkzeug.http's variant fails on non-UTF-8 bytes)."""
+    return parse_cookie(cookie=cookie_header).getlist(name)
 
 
 def hash_id(value: str) -> str:

@@ -369,12 +369,18 @@ _OPTION_LIST = [
         _bool,
         "chatkit_configuration.automatic_thread_titling.enabled.",
     ),
-    Option("CHATKIT_COOKIE_NAME", "chatkit_session_id", _token, "Name of the visitor cookie."),
+    Option(
+        "CHATKIT_COOKIE_NAME",
+        "chatkit_session_id",
+        _token,
+        "Name of the visitor cookie; sent as __Host-<name> while CHATKIT_COOKIE_SECURE is true.",
+    ),
     Option(
         "CHATKIT_COOKIE_SECURE",
         True,
         _bool,
-        "Send the cookie only over HTTPS; set false for plain-HTTP development.",
+        "Send the cookie only over HTTPS, with the __Host- prefix; set false for plain-HTTP "
+        "development (plain name).",
     ),
     Option(
         "CHATKIT_COOKIE_MAX_AGE",
@@ -618,6 +624,14 @@ class Settings:
         """Parse and check ``config`` (a Flask ``app.config`` or any mapping of key to value)."""
         v = {name: _read(config, name) for name in OPTIONS}
         _check_secret_key(v["SECRET_KEY"], config)
+        if v["CHATKIT_COOKIE_NAME"].startswith(("__Host-", "__Secure-")) and not v[
+            "CHATKIT_COOKIE_SECURE"
+        ]:
+            raise ConfigError(
+                "CHATKIT_COOKIE_NAME",
+                "a __Host- or __Secure- name needs CHATKIT_COOKIE_SECURE=true (browsers drop "
+                "such a cookie without Secure)",
+            )
         allowed = set(v["CHATKIT_ALLOWED_WORKFLOWS"])
         for workflow in allowed:
             _token("CHATKIT_ALLOWED_WORKFLOWS", workflow)

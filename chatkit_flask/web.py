@@ -4,6 +4,7 @@ identity and cookie, the JSON error handlers and the health endpoints."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
@@ -18,10 +19,18 @@ from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 from .errors import ApiError, error_response, http_error_response
-from .identity import Identity, client_address, client_network, user_identity
+from .identity import (
+    Identity,
+    client_address,
+    client_network,
+    cookie_values,
+    user_identity,
+    visitor_cookie_name,
+)
 from .limits import guard_header_hook, retry_after, storage_of
 
 if TYPE_CHECKING:
+    from .settings import Settings
     from .state import ChatKitState
 
 __all__ = [
@@ -35,6 +44,7 @@ __all__ = [
 ]
 
 BLUEPRINT_NAME = "chatkit"
+log = logging.getLogger("chatkit_flask")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # What a 429 says, per scope of the refusing limit (each backend names what it counts).
 LimitMessages = dict[str, str]
@@ -139,11 +149,26 @@ def resolve_caller(state: ChatKitState) -> Identity:
     remote_addr, scheme = client_address(request.environ, settings)
     check_origin(state, scheme)
     g.chatkit_client_network = client_network(remote_addr, settings.ipv6_prefix)
-    identity = user_identity(state.load_user()) or state.cookie.resolve(
-        request.cookies.get(settings.cookie_name)
-    )
+    identity = user_identity(state.load_user()) or state.cookie.resolve(_visitor_cookie(settings))
     g.chatkit_identity = identity
     return identity
+
+
+def _visitor_cookie(settings: Settings) -> str | None:
+    """The visitor cookie's value, or None when there is none or more than one: a duplicate is
+    a cookie planted from elsewhere (another subdomain, another path), and the order a browser
+    sends them in says nothing about which one is ours."""
+    name = visitor_cookie_name(settings.cookie_name, settings.cookie_secure)
+    values = cookie_values(";".join(request.headers.getlist("Cookie")), name)
+    if len(values) > 1:
+        log.warning(
+            "chatkit_flask: %d cookies named %s in one request (planted from another "
+            "subdomain or path?); none is trusted, the caller is a new visitor",
+            len(values),
+            name,
+        )
+        return None
+    return values[0] if values else None
 
 
 def set_visitor_cookie(state: ChatKitState, response: Response) -> None:
@@ -153,7 +178,7 @@ def set_visitor_cookie(state: ChatKitState, response: Response) -> None:
         return
     settings = state.settings
     response.set_cookie(
-        settings.cookie_name,
+        visitor_cookie_name(settings.cookie_name, settings.cookie_secure),
         identity.new_cookie,
         max_age=settings.cookie_max_age,
         path="/",

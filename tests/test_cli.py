@@ -185,7 +185,7 @@ def test_usage_after_three_mints_then_reset(
         f"LIMITS:LIMITER/chatkit/visitor:{tag}/chatkit.secret/100/1/day",
     }
 
-    for given in (raw, cookie, f"visitor_{raw}", f"v:{tag}"):
+    for given in (raw, cookie, f"visitor_{raw}", f"v:{tag}", f"__Host-{COOKIE}={cookie}"):
         result = run(app, "usage", "--visitor", given)
         assert result.exit_code == 0, result.output
         assert f"user limits for visitor:{tag}:" in result.output

@@ -70,7 +70,7 @@ def test_new_visitor_gets_a_signed_httponly_cookie(
     client = make_app(CHATKIT_COOKIE_SECURE=True).test_client()
     response = client.post(URL, json={}, base_url="https://localhost")
     set_cookie = response.headers["Set-Cookie"]
-    assert set_cookie.startswith(f"{COOKIE}=")
+    assert set_cookie.startswith(f"__Host-{COOKIE}=")  # Secure: the __Host- name
     for attribute in ("HttpOnly", "Secure", "SameSite=Lax", "Path=/", "Max-Age=2592000"):
         assert attribute in set_cookie
     visitor_id = upstream.last.json["user"].removeprefix("visitor_")

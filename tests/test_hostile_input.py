@@ -236,7 +236,7 @@ def test_any_headers_cookies_and_addresses(
     before = _upstream_server.count
     response = (
         apps[variant]
-        .test_client()
+        .test_client(use_cookies=False)  # else werkzeug drops the Cookie header
         .post(URL, json={}, headers=headers, environ_base={"REMOTE_ADDR": remote})
     )
     check(_upstream_server, before, response)
@@ -284,13 +284,16 @@ def test_mangled_signed_cookies_never_become_someone(
     visitor_id, cookie = app.extensions["chatkit"].cookie.issue()
     mangled = (cookie[:cut] if keep_prefix else cookie) + tail
     before = _upstream_server.count
-    response = app.test_client().post(
+    response = app.test_client(use_cookies=False).post(
         URL, json={}, headers={"Cookie": f"chatkit_session_id={mangled}"}
     )
     check(_upstream_server, before, response)
     user = _upstream_server.last.json["user"]
     if user == f"visitor_{visitor_id}":
-        assert mangled.strip() == cookie or mangled.strip('"') == cookie
+        # ";" ends the value; itsdangerous' base64 is lenient (padding, characters outside
+        # its alphabet, trailing bits): only the whole signature, loosely written, verifies.
+        sent = re.sub(r"[^A-Za-z0-9_.-]", "", mangled.split(";", 1)[0])
+        assert sent.startswith(cookie[:-1])
     else:
         assert "Set-Cookie" in response.headers  # a fresh visitor, signed by us
 

@@ -12,6 +12,7 @@ from flask.testing import FlaskClient
 
 from chatkit_flask.identity import VisitorCookie, client_network
 from chatkit_flask.service import create_app
+from chatkit_flask.settings import ConfigError
 from chatkit_flask.testing.fake_chatkit import FakeChatKit
 from tests.conftest import TEST_API_KEY, WORKFLOW, base_config
 
@@ -274,3 +275,76 @@ def test_with_an_allowlist(make_app: Callable[..., Flask], upstream: FakeChatKit
     for response in (listed, post(Origin=EVIL), post()):
         assert "Origin" in response.vary
     assert upstream.count == 3  # the listed origin and the two posts without an Origin
+
+
+# --- cookie tossing ---------------------------------------------------------------------------
+
+HOST_COOKIE = f"__Host-{COOKIE}"
+
+
+def test_a_secure_cookie_is_a_host_cookie(
+    make_app: Callable[..., Flask], upstream: FakeChatKit
+) -> None:
+    """Only this host can set a __Host- cookie: a sibling subdomain cannot plant the visitor's."""
+    client = make_app(CHATKIT_COOKIE_SECURE=True).test_client()
+    response = client.post(URL, json={}, base_url="https://localhost")
+    set_cookie = response.headers["Set-Cookie"]
+    assert set_cookie.startswith(f"{HOST_COOKIE}=")
+    assert "Secure" in set_cookie and "Path=/;" in set_cookie + ";"
+    assert "Domain" not in set_cookie
+    user = upstream.last.json["user"]
+    client.post(URL, json={}, base_url="https://localhost")
+    assert upstream.last.json["user"] == user  # read back under the same name
+    # A plain-named cookie, as a sibling subdomain can set one, is not ours.
+    _, tossed = VisitorCookie(NEW_KEY, [], 3600).issue()
+    # use_cookies=False: werkzeug's test client otherwise drops a Cookie header it is given.
+    app = make_app(SECRET_KEY=NEW_KEY, CHATKIT_COOKIE_SECURE=True)
+    planted = app.test_client(use_cookies=False)
+    planted.post(
+        URL, json={}, base_url="https://localhost", headers={"Cookie": f"{COOKIE}={tossed}"}
+    )
+    assert upstream.last.json["user"] != f"visitor_{tossed.split('.')[0]}"
+
+
+def test_plain_http_keeps_the_plain_name(client: FlaskClient) -> None:
+    assert client.post(URL, json={}).headers["Set-Cookie"].startswith(f"{COOKIE}=")
+
+
+@pytest.mark.parametrize(("secure", "name"), [(True, HOST_COOKIE), (False, COOKIE)])
+def test_two_cookies_of_the_name_trust_neither(
+    make_app: Callable[..., Flask],
+    upstream: FakeChatKit,
+    mint_logs: pytest.LogCaptureFixture,
+    secure: bool,
+    name: str,
+) -> None:
+    """The browser sends the planted cookie (longer Path) first; werkzeug keeps the first."""
+    attacker_id, attacker = VisitorCookie(NEW_KEY, [], 3600).issue()
+    victim_id, victim = VisitorCookie(NEW_KEY, [], 3600).issue()
+    app = make_app(SECRET_KEY=NEW_KEY, CHATKIT_COOKIE_SECURE=secure)
+    response = app.test_client(use_cookies=False).post(
+        URL,
+        json={},
+        base_url="https://localhost",
+        headers={"Cookie": f"{name}={attacker}; other=1; {name}={victim}"},
+    )
+    assert response.status_code == 200
+    user = upstream.last.json["user"]
+    assert user not in {f"visitor_{attacker_id}", f"visitor_{victim_id}"}
+    assert response.headers["Set-Cookie"].startswith(f"{name}=")  # a new visitor
+    warnings = [r.getMessage() for r in mint_logs.records if r.levelname == "WARNING"]
+    assert any(f"2 cookies named {name}" in text for text in warnings), warnings
+    logged = mint_logs.text
+    for secret in (attacker, victim, attacker_id, victim_id):
+        assert secret not in logged
+
+
+@pytest.mark.parametrize("name", ["__Host-chat", "__Secure-chat"])
+def test_a_prefixed_name_needs_a_secure_cookie(upstream: FakeChatKit, name: str) -> None:
+    with pytest.raises(ConfigError, match="CHATKIT_COOKIE_NAME"):
+        create_app(base_config(upstream, CHATKIT_COOKIE_NAME=name), environ={})
+    app = create_app(
+        base_config(upstream, CHATKIT_COOKIE_NAME=name, CHATKIT_COOKIE_SECURE=True), environ={}
+    )
+    response = app.test_client().post(URL, json={}, base_url="https://localhost")
+    assert response.headers["Set-Cookie"].startswith(f"{name}=")
