@@ -234,6 +234,7 @@ def limits_command() -> None:
         ("enabled", "yes" if real["enabled"] else "no (RATELIMIT_ENABLED=false)"),
         ("per user", _limits_line(settings.limit_per_user)),
         ("per IP", f"{_limits_line(settings.limit_per_ip)} (IPv6 per /{settings.ipv6_prefix})"),
+        ("per IPv6 /48", _limits_line(settings.limit_per_ipv6_48)),
         ("global", _limits_line(settings.limit_global)),
         ("strategy", real["strategy"]),
         ("storage", mask_storage_uri(real["storage_uri"])),

@@ -24,6 +24,7 @@ __all__ = [
     "client_network",
     "cookie_values",
     "hash_id",
+    "ipv6_network",
     "user_identity",
     "visitor_cookie_name",
 ]
@@ -163,13 +164,11 @@ def client_address(environ: Mapping[str, Any], settings: Settings) -> tuple[str 
     return seen.get("REMOTE_ADDR"), seen.get("wsgi.url_scheme", scheme)
 
 
-def client_network(remote_addr: str | None, ipv6_prefix: int) -> str:
-    """The address a per-IP limit is keyed on: the IPv4 address, or the IPv6 /prefix network.
-
-    One IPv6 client usually holds a whole /64, so limiting single addresses would be no limit.
-    """
+def _client_ip(remote_addr: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address in ``remote_addr`` (port, brackets and zone id dropped; an IPv4-mapped IPv6
+    address as IPv4), or None."""
     if not remote_addr:
-        return "unknown"
+        return None
     text = remote_addr.strip()
     if text.startswith("["):  # "[2001:db8::1]:443"
         text = text[1:].split("]", 1)[0]
@@ -178,11 +177,28 @@ def client_network(remote_addr: str | None, ipv6_prefix: int) -> str:
     try:
         address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def client_network(remote_addr: str | None, ipv6_prefix: int) -> str:
+    """The address a per-IP limit is keyed on: the IPv4 address, or the IPv6 /prefix network.
+
+    One IPv6 client usually holds a whole /64, so limiting single addresses would be no limit.
+    """
+    address = _client_ip(remote_addr)
+    if address is None:
         return "unknown"
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        if ipv6_prefix < 128:
-            network = ipaddress.IPv6Network((address, ipv6_prefix), strict=False)
-            return str(network)
+    if isinstance(address, ipaddress.IPv6Address) and ipv6_prefix < 128:
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
     return str(address)
+
+
+def ipv6_network(remote_addr: str | None, prefix: int) -> str | None:
+    """The IPv6 /prefix network of ``remote_addr``, or None for IPv4 (mapped too) and garbage."""
+    address = _client_ip(remote_addr)
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    return str(ipaddress.IPv6Network((address, prefix), strict=False))

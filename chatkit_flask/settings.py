@@ -400,7 +400,20 @@ _OPTION_LIST = [
         _limit,
         "Mints per client IP (IPv6: per prefix, see CHATKIT_IPV6_PREFIX); 'off' turns it off.",
     ),
-    Option("CHATKIT_RATELIMIT_GLOBAL", "off", _limit, "Site-wide cap on mints ('off': none)."),
+    Option(
+        "CHATKIT_RATELIMIT_PER_IPV6_48",
+        "60 per minute;2000 per day",
+        _limit,
+        "Mints per IPv6 /48 (all its /64s together; IPv4 clients are not counted); 'off' turns "
+        "it off.",
+    ),
+    Option(
+        "CHATKIT_RATELIMIT_GLOBAL",
+        "2000 per day",
+        _limit,
+        "Site-wide cap on mints (server mode: messages), a ceiling on the day's model spend; "
+        "'off': none.",
+    ),
     Option(
         "CHATKIT_REDIS_TIMEOUT",
         0.3,
@@ -588,6 +601,7 @@ class Settings:
     cookie_max_age: int
     limit_per_user: str
     limit_per_ip: str
+    limit_per_ipv6_48: str
     limit_global: str
     redis_timeout: float
     trusted_proxies: int
@@ -666,6 +680,7 @@ class Settings:
             cookie_max_age=v["CHATKIT_COOKIE_MAX_AGE"],
             limit_per_user=v["CHATKIT_RATELIMIT_PER_USER"] or "",
             limit_per_ip=v["CHATKIT_RATELIMIT_PER_IP"] or "",
+            limit_per_ipv6_48=v["CHATKIT_RATELIMIT_PER_IPV6_48"] or "",
             limit_global=v["CHATKIT_RATELIMIT_GLOBAL"] or "",
             redis_timeout=v["CHATKIT_REDIS_TIMEOUT"],
             trusted_proxies=v["CHATKIT_TRUSTED_PROXIES"],

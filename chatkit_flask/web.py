@@ -24,10 +24,11 @@ from .identity import (
     client_address,
     client_network,
     cookie_values,
+    ipv6_network,
     user_identity,
     visitor_cookie_name,
 )
-from .limits import guard_header_hook, retry_after, storage_of
+from .limits import IPV6_AGGREGATE_PREFIX, guard_header_hook, retry_after, storage_of
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -149,6 +150,7 @@ def resolve_caller(state: ChatKitState) -> Identity:
     remote_addr, scheme = client_address(request.environ, settings)
     check_origin(state, scheme)
     g.chatkit_client_network = client_network(remote_addr, settings.ipv6_prefix)
+    g.chatkit_ipv6_aggregate = ipv6_network(remote_addr, IPV6_AGGREGATE_PREFIX)
     identity = user_identity(state.load_user()) or state.cookie.resolve(_visitor_cookie(settings))
     g.chatkit_identity = identity
     return identity

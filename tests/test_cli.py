@@ -248,7 +248,7 @@ def test_usage_errors(redis_app: Callable[..., Flask], args: list[str]) -> None:
 
 
 def test_usage_of_a_limit_that_is_off(redis_app: Callable[..., Flask]) -> None:
-    result = run(redis_app(), "usage", "--global")
+    result = run(redis_app(CHATKIT_RATELIMIT_GLOBAL="off"), "usage", "--global")
     assert result.exit_code == 1
     assert "the global limit is off" in result.output
 
