@@ -500,6 +500,8 @@ def service_env(args: argparse.Namespace, variant: str, upstream_port: int, port
             "RATELIMIT_STORAGE_URI": f"redis://127.0.0.1:{args.redis_port}/{args.redis_db}",
             "CHATKIT_RATELIMIT_PER_USER": LIMITED_USER if variant == "limited" else HIGH,
             "CHATKIT_RATELIMIT_PER_IP": HIGH,
+            "CHATKIT_RATELIMIT_PER_IPV6_48": "off",
+            "CHATKIT_RATELIMIT_GLOBAL": "off",  # on by default since 0.2.0
             "GUNICORN_BIND": f"127.0.0.1:{port}",
             "PYTHONDONTWRITEBYTECODE": "1",
         }

@@ -178,7 +178,7 @@ def main() -> int:
                 headers["Cookie"] = f"{COOKIE}={req.cookie}"
             started = time.monotonic()
             try:
-                status = session.post(base + URL, headers=headers, timeout=30).status_code
+                status = session.post(base + URL, json={}, headers=headers, timeout=30).status_code
             except requests.RequestException:
                 status = -1
             session.cookies.clear()

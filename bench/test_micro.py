@@ -84,6 +84,7 @@ def build_app(variant: str = "returning", storage: str = "fakeredis", **override
         "CHATKIT_COOKIE_SECURE": False,
         "CHATKIT_RATELIMIT_PER_USER": LIMITED_USER if variant == "limited" else HIGH,
         "CHATKIT_RATELIMIT_PER_IP": HIGH,
+        "CHATKIT_RATELIMIT_GLOBAL": "off",  # on by default since 0.2.0
     }
     config.update(storage_config(storage))
     config.update(overrides)

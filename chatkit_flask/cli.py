@@ -234,6 +234,7 @@ def limits_command() -> None:
         ("enabled", "yes" if real["enabled"] else "no (RATELIMIT_ENABLED=false)"),
         ("per user", _limits_line(settings.limit_per_user)),
         ("per IP", f"{_limits_line(settings.limit_per_ip)} (IPv6 per /{settings.ipv6_prefix})"),
+        ("per IPv6 /48", _limits_line(settings.limit_per_ipv6_48)),
         ("global", _limits_line(settings.limit_global)),
         ("strategy", real["strategy"]),
         ("storage", mask_storage_uri(real["storage_uri"])),
@@ -253,7 +254,8 @@ def _key_options(func: Any) -> Any:
         [
             click.option(
                 "--visitor",
-                help="Anonymous visitor: raw id, cookie value, visitor_<id> or log id v:<hash>.",
+                help="Anonymous visitor: raw id, cookie value (or name=value as the browser "
+                "shows it, e.g. __Host-chatkit_session_id=...), visitor_<id> or log id v:<hash>.",
             ),
             click.option("--user", help="Signed-in user id as the host app's user_loader gives."),
             click.option("--ip", help="Client IP address (IPv6: its configured prefix)."),
@@ -280,6 +282,7 @@ def _resolve_key(
         text = visitor.strip()
         if text.startswith("v:"):
             return "visitor:" + text[2:], settings.limit_per_user, "user"
+        text = text.rpartition("=")[2].strip()  # "__Host-chatkit_session_id=<value>"
         text = text.split(".", 1)[0]  # a cookie value is "<id>.<timestamp>.<signature>"
         text = text.removeprefix("visitor_")
         if not text:

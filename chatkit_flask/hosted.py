@@ -40,6 +40,7 @@ _ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 _LIMIT_MESSAGES = {
     "user": "You have started too many chat sessions",
     "ip": "Too many chat sessions were started from your network",
+    "net48": "Too many chat sessions were started from your network",
     "global": "The chat is very busy right now",
 }
 

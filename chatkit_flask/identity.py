@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from itsdangerous import BadSignature, TimestampSigner
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.sansio.http import parse_cookie
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -21,13 +22,35 @@ __all__ = [
     "VisitorCookie",
     "client_address",
     "client_network",
+    "cookie_values",
     "hash_id",
+    "ipv6_network",
     "user_identity",
+    "visitor_cookie_name",
 ]
 
 _VISITOR_ID = re.compile(r"[A-Za-z0-9_-]{22}")
 _MAX_COOKIE_LENGTH = 200  # a valid cookie is ~60 characters; anything longer is not ours
 _SALT = "chatkit-flask.visitor"
+
+
+def visitor_cookie_name(name: str, secure: bool) -> str:
+    """The visitor cookie's name as sent: ``__Host-<name>`` when the cookie is Secure.
+
+    A browser accepts a ``__Host-`` cookie only from this very host, Secure, with ``Path=/`` and
+    no ``Domain``, so a page on a sibling subdomain cannot plant one (cookie tossing). Plain
+    HTTP cannot carry the prefix and keeps ``name``; a name that already has a prefix is kept.
+    """
+    if secure and not name.startswith(("__Host-", "__Secure-")):
+        return "__Host-" + name
+    return name
+
+
+def cookie_values(cookie_header: str | None, name: str) -> list[str]:
+    """Every value sent for cookie ``name`` (werkzeug's ``request.cookies`` keeps only the
+    first of duplicates, which is the one an attacker's broader cookie may win). Parsed as
+    ``request.cookies`` is (werkzeug.http's variant fails on non-UTF-8 bytes)."""
+    return parse_cookie(cookie=cookie_header).getlist(name)
 
 
 def hash_id(value: str) -> str:
@@ -141,13 +164,11 @@ def client_address(environ: Mapping[str, Any], settings: Settings) -> tuple[str 
     return seen.get("REMOTE_ADDR"), seen.get("wsgi.url_scheme", scheme)
 
 
-def client_network(remote_addr: str | None, ipv6_prefix: int) -> str:
-    """The address a per-IP limit is keyed on: the IPv4 address, or the IPv6 /prefix network.
-
-    One IPv6 client usually holds a whole /64, so limiting single addresses would be no limit.
-    """
+def _client_ip(remote_addr: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address in ``remote_addr`` (port, brackets and zone id dropped; an IPv4-mapped IPv6
+    address as IPv4), or None."""
     if not remote_addr:
-        return "unknown"
+        return None
     text = remote_addr.strip()
     if text.startswith("["):  # "[2001:db8::1]:443"
         text = text[1:].split("]", 1)[0]
@@ -156,11 +177,28 @@ def client_network(remote_addr: str | None, ipv6_prefix: int) -> str:
     try:
         address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def client_network(remote_addr: str | None, ipv6_prefix: int) -> str:
+    """The address a per-IP limit is keyed on: the IPv4 address, or the IPv6 /prefix network.
+
+    One IPv6 client usually holds a whole /64, so limiting single addresses would be no limit.
+    """
+    address = _client_ip(remote_addr)
+    if address is None:
         return "unknown"
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        if ipv6_prefix < 128:
-            network = ipaddress.IPv6Network((address, ipv6_prefix), strict=False)
-            return str(network)
+    if isinstance(address, ipaddress.IPv6Address) and ipv6_prefix < 128:
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
     return str(address)
+
+
+def ipv6_network(remote_addr: str | None, prefix: int) -> str | None:
+    """The IPv6 /prefix network of ``remote_addr``, or None for IPv4 (mapped too) and garbage."""
+    address = _client_ip(remote_addr)
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    return str(ipaddress.IPv6Network((address, prefix), strict=False))

@@ -41,6 +41,7 @@ from .settings import ConfigError, Settings
 
 __all__ = [
     "ENDPOINT",
+    "IPV6_AGGREGATE_PREFIX",
     "STORAGE_ERRORS",
     "LimitRule",
     "active_storage",
@@ -60,6 +61,9 @@ log = logging.getLogger("chatkit_flask")
 STORAGE_ERRORS: tuple[type[Exception], ...] = (RedisError, StorageError, ConnectionError, OSError)
 
 ENDPOINT = "chatkit.secret"  # the scope part of the endpoint's counter keys
+# One end site's usual IPv6 allocation (RFC 6177, RIPE-690): 65,536 /64s, each with its own
+# per-IP budget. CHATKIT_RATELIMIT_PER_IPV6_48 caps them together.
+IPV6_AGGREGATE_PREFIX = 48
 _REDIS_SCHEMES = ("redis", "rediss", "redis+", "valkey", "valkeys", "valkey+")
 _registrations = itertools.count(1)
 _TIMEOUT_KEYS = ("socket_connect_timeout", "socket_timeout")
@@ -70,7 +74,7 @@ class LimitRule:
     """One configured limit: who it counts (``scope``), its value in Flask-Limiter notation and
     the key function that names the counter."""
 
-    scope: str  # "user", "ip", "global" (and "requests" in server mode)
+    scope: str  # "user", "ip", "net48", "global" (and "requests" in server mode)
     value: str
     key_func: Callable[[], str]
     # Server mode: which requests the limit counts, and the counter's scope within the endpoint.
@@ -92,6 +96,15 @@ def network_key() -> str:
     return "ip:" + network
 
 
+def ipv6_aggregate_key() -> str:
+    """The client's IPv6 /48 counter key (only asked for IPv6 clients)."""
+    return f"net{IPV6_AGGREGATE_PREFIX}:" + str(g.get("chatkit_ipv6_aggregate"))
+
+
+def _not_ipv6() -> bool:
+    return g.get("chatkit_ipv6_aggregate") is None
+
+
 def global_key() -> str:
     return "global"
 
@@ -101,13 +114,19 @@ def limit_rules(
     exempt_when: Callable[[], bool] | None = None,
     counter: str | None = None,
 ) -> list[LimitRule]:
-    """The endpoint's configured limits, in registration order (user, IP, global)."""
+    """The endpoint's configured limits, in registration order (user, IP, IPv6 /48, global).
+    The /48 limit counts IPv6 clients only (exempt otherwise, as well as when ``exempt_when``)."""
+
+    def not_ipv6_or_exempt() -> bool:
+        return _not_ipv6() or bool(exempt_when and exempt_when())
+
     return [
-        LimitRule(scope, value, key_func, exempt_when, counter)
-        for scope, value, key_func in (
-            ("user", settings.limit_per_user, visitor_key),
-            ("ip", settings.limit_per_ip, network_key),
-            ("global", settings.limit_global, global_key),
+        LimitRule(scope, value, key_func, exempt, counter)
+        for scope, value, key_func, exempt in (
+            ("user", settings.limit_per_user, visitor_key, exempt_when),
+            ("ip", settings.limit_per_ip, network_key, exempt_when),
+            ("net48", settings.limit_per_ipv6_48, ipv6_aggregate_key, not_ipv6_or_exempt),
+            ("global", settings.limit_global, global_key, exempt_when),
         )
         if value
     ]

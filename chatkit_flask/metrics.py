@@ -107,7 +107,7 @@ circuit_state = Gauge(
 
 # Label values that should read 0 rather than be absent, so rate() and alerts work at once.
 mints.labels("minted")
-for _scope in ("user", "ip", "global"):
+for _scope in ("user", "ip", "net48", "global"):
     rate_limited.labels(_scope)
 
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}

@@ -383,12 +383,18 @@ _OPTION_LIST = [
         _bool,
         "chatkit_configuration.automatic_thread_titling.enabled.",
     ),
-    Option("CHATKIT_COOKIE_NAME", "chatkit_session_id", _token, "Name of the visitor cookie."),
+    Option(
+        "CHATKIT_COOKIE_NAME",
+        "chatkit_session_id",
+        _token,
+        "Name of the visitor cookie; sent as __Host-<name> while CHATKIT_COOKIE_SECURE is true.",
+    ),
     Option(
         "CHATKIT_COOKIE_SECURE",
         True,
         _bool,
-        "Send the cookie only over HTTPS; set false for plain-HTTP development.",
+        "Send the cookie only over HTTPS, with the __Host- prefix; set false for plain-HTTP "
+        "development (plain name).",
     ),
     Option(
         "CHATKIT_COOKIE_MAX_AGE",
@@ -408,7 +414,20 @@ _OPTION_LIST = [
         _limit,
         "Mints per client IP (IPv6: per prefix, see CHATKIT_IPV6_PREFIX); 'off' turns it off.",
     ),
-    Option("CHATKIT_RATELIMIT_GLOBAL", "off", _limit, "Site-wide cap on mints ('off': none)."),
+    Option(
+        "CHATKIT_RATELIMIT_PER_IPV6_48",
+        "60 per minute;2000 per day",
+        _limit,
+        "Mints per IPv6 /48 (all its /64s together; IPv4 clients are not counted); 'off' turns "
+        "it off.",
+    ),
+    Option(
+        "CHATKIT_RATELIMIT_GLOBAL",
+        "2000 per day",
+        _limit,
+        "Site-wide cap on mints (server mode: messages), a ceiling on the day's model spend; "
+        "'off': none.",
+    ),
     Option(
         "CHATKIT_REDIS_TIMEOUT",
         0.3,
@@ -610,6 +629,7 @@ class Settings:
     cookie_max_age: int
     limit_per_user: str
     limit_per_ip: str
+    limit_per_ipv6_48: str
     limit_global: str
     redis_timeout: float
     trusted_proxies: int
@@ -648,6 +668,14 @@ class Settings:
         """Parse and check ``config`` (a Flask ``app.config`` or any mapping of key to value)."""
         v = {name: _read(config, name) for name in OPTIONS}
         _check_secret_key(v["SECRET_KEY"], config)
+        if v["CHATKIT_COOKIE_NAME"].startswith(("__Host-", "__Secure-")) and not v[
+            "CHATKIT_COOKIE_SECURE"
+        ]:
+            raise ConfigError(
+                "CHATKIT_COOKIE_NAME",
+                "a __Host- or __Secure- name needs CHATKIT_COOKIE_SECURE=true (browsers drop "
+                "such a cookie without Secure)",
+            )
         allowed = set(v["CHATKIT_ALLOWED_WORKFLOWS"])
         for workflow in allowed:
             _token("CHATKIT_ALLOWED_WORKFLOWS", workflow)
@@ -683,6 +711,7 @@ class Settings:
             cookie_max_age=v["CHATKIT_COOKIE_MAX_AGE"],
             limit_per_user=v["CHATKIT_RATELIMIT_PER_USER"] or "",
             limit_per_ip=v["CHATKIT_RATELIMIT_PER_IP"] or "",
+            limit_per_ipv6_48=v["CHATKIT_RATELIMIT_PER_IPV6_48"] or "",
             limit_global=v["CHATKIT_RATELIMIT_GLOBAL"] or "",
             redis_timeout=v["CHATKIT_REDIS_TIMEOUT"],
             trusted_proxies=v["CHATKIT_TRUSTED_PROXIES"],

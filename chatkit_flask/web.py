@@ -4,11 +4,13 @@ identity and cookie, the JSON error handlers and the health endpoints."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask_limiter import RateLimitExceeded
@@ -17,10 +19,19 @@ from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 from .errors import ApiError, error_response, http_error_response
-from .identity import Identity, client_address, client_network, user_identity
-from .limits import guard_header_hook, retry_after, storage_of
+from .identity import (
+    Identity,
+    client_address,
+    client_network,
+    cookie_values,
+    ipv6_network,
+    user_identity,
+    visitor_cookie_name,
+)
+from .limits import IPV6_AGGREGATE_PREFIX, guard_header_hook, retry_after, storage_of
 
 if TYPE_CHECKING:
+    from .settings import Settings
     from .state import ChatKitState
 
 __all__ = [
@@ -34,6 +45,7 @@ __all__ = [
 ]
 
 BLUEPRINT_NAME = "chatkit"
+log = logging.getLogger("chatkit_flask")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # What a 429 says, per scope of the refusing limit (each backend names what it counts).
 LimitMessages = dict[str, str]
@@ -60,33 +72,69 @@ def begin_request(state: ChatKitState, guard: dict[str, bool]) -> None:
         guard["done"] = guard_header_hook(current_app, state.limiter)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _normalized_origin(value: str) -> str | None:
+    """``scheme://host[:port]`` in lower case without a default port, or None if not an origin
+    (``null``, garbage)."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if scheme not in _DEFAULT_PORTS or not host:
+        return None
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        host = f"{host}:{port}"
+    return f"{scheme}://{host}"
+
+
 def check_origin(state: ChatKitState, scheme: str) -> None:
-    """Browsers on other sites may not call the chat. Without an allowlist only same-site pages
-    may."""
+    """Browsers on other sites may not call the chat.
+
+    An ``Origin`` must be the site's own (``scheme`` is the one the client used, behind trusted
+    proxies too) or listed in ``CHATKIT_ALLOWED_ORIGINS``, whatever ``Sec-Fetch-Site`` says or
+    whether it is sent at all; a browser's ``Sec-Fetch-Site: same-origin`` counts as the site's
+    own. ``Sec-Fetch-Site: cross-site`` is refused unless the ``Origin`` is listed. A request
+    with neither header (server to server, curl) passes.
+    """
     origin = request.headers.get("Origin")
     fetch_site = request.headers.get("Sec-Fetch-Site")
-    allowed = state.settings.allowed_origins
-    if not allowed:
-        if fetch_site == "cross-site":
-            raise ApiError(403, "origin_not_allowed", "This origin may not use the chat.")
+    given = _normalized_origin(origin) if origin is not None else None
+    allowed = {_normalized_origin(item) for item in state.settings.allowed_origins}
+    if given is not None and given in allowed:
         return
-    if origin is None or origin in allowed or fetch_site == "same-origin":
+    if fetch_site == "cross-site":  # and not from a listed origin
+        raise ApiError(403, "origin_not_allowed", "This origin may not use the chat.")
+    if origin is None or fetch_site == "same-origin":
         return
-    if origin == f"{scheme}://{request.host}":
-        return
-    raise ApiError(403, "origin_not_allowed", "This origin may not use the chat.")
+    if given is None or given != _normalized_origin(f"{scheme}://{request.host}"):
+        raise ApiError(403, "origin_not_allowed", "This origin may not use the chat.")
 
 
 def read_json_body(max_bytes: int, *, allow_empty: bool) -> tuple[bytes, Any]:
     """The raw body and its parsed JSON (``{}`` when empty and ``allow_empty``), or ApiError."""
-    request.max_content_length = max_bytes  # per request: the host app's limit is untouched
+    if request.mimetype != "application/json":
+        # Even when empty: an HTML form (or a "simple" cross-site fetch) cannot send this type.
+        raise ApiError(415, "unsupported_media_type", "The request body must be application/json.")
+    unterminated = "wsgi.input_terminated" not in request.environ
+    if unterminated and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        # A server that does not de-chunk: werkzeug would read the body as empty.
+        raise ApiError(400, "invalid_request", "Send the request body with Content-Length.")
+    # werkzeug enforces max_content_length on a chunked body by cutting the stream at the
+    # limit, without an error: let it read one byte past the cap and refuse what reaches it.
+    request.max_content_length = max_bytes + 1  # per request: the host app's limit is untouched
     data = request.get_data(cache=True)
+    if len(data) > max_bytes:
+        raise ApiError(413, "payload_too_large", "The request body is too large.")
     if not data.strip():
         if allow_empty:
             return data, {}
         raise ApiError(400, "invalid_request", "The request body is empty.")
-    if request.mimetype != "application/json":
-        raise ApiError(415, "unsupported_media_type", "The request body must be application/json.")
     try:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting
@@ -102,11 +150,27 @@ def resolve_caller(state: ChatKitState) -> Identity:
     remote_addr, scheme = client_address(request.environ, settings)
     check_origin(state, scheme)
     g.chatkit_client_network = client_network(remote_addr, settings.ipv6_prefix)
-    identity = user_identity(state.load_user()) or state.cookie.resolve(
-        request.cookies.get(settings.cookie_name)
-    )
+    g.chatkit_ipv6_aggregate = ipv6_network(remote_addr, IPV6_AGGREGATE_PREFIX)
+    identity = user_identity(state.load_user()) or state.cookie.resolve(_visitor_cookie(settings))
     g.chatkit_identity = identity
     return identity
+
+
+def _visitor_cookie(settings: Settings) -> str | None:
+    """The visitor cookie's value, or None when there is none or more than one: a duplicate is
+    a cookie planted from elsewhere (another subdomain, another path), and the order a browser
+    sends them in says nothing about which one is ours."""
+    name = visitor_cookie_name(settings.cookie_name, settings.cookie_secure)
+    values = cookie_values(";".join(request.headers.getlist("Cookie")), name)
+    if len(values) > 1:
+        log.warning(
+            "chatkit_flask: %d cookies named %s in one request (planted from another "
+            "subdomain or path?); none is trusted, the caller is a new visitor",
+            len(values),
+            name,
+        )
+        return None
+    return values[0] if values else None
 
 
 def set_visitor_cookie(state: ChatKitState, response: Response) -> None:
@@ -116,7 +180,7 @@ def set_visitor_cookie(state: ChatKitState, response: Response) -> None:
         return
     settings = state.settings
     response.set_cookie(
-        settings.cookie_name,
+        visitor_cookie_name(settings.cookie_name, settings.cookie_secure),
         identity.new_cookie,
         max_age=settings.cookie_max_age,
         path="/",
@@ -142,6 +206,8 @@ def register_error_handlers(
         request_id = g.get("chatkit_request_id")
         if request_id:
             response.headers["X-Request-ID"] = request_id
+        if state.settings.allowed_origins:  # the answer (CORS headers, 403) depends on Origin
+            response.vary.add("Origin")
         return response
 
     @bp.errorhandler(ApiError)

@@ -151,10 +151,10 @@ def test_open_circuit_answers_503_at_once_then_recovers(
 ) -> None:
     client = breaker_app(make_app).test_client()
     upstream.set_default(failure)
-    assert [client.post(URL).status_code for _ in range(3)] == [502, 502, 502]
+    assert [client.post(URL, json={}).status_code for _ in range(3)] == [502, 502, 502]
     assert upstream.count == 3
     started = time.monotonic()
-    response = client.post(URL)
+    response = client.post(URL, json={})
     assert time.monotonic() - started < 0.1
     assert response.status_code == 503
     body = response.get_json()
@@ -164,8 +164,8 @@ def test_open_circuit_answers_503_at_once_then_recovers(
     assert upstream.count == 3  # not called while open
     upstream.set_default(None)
     time.sleep(0.55)
-    assert client.post(URL).status_code == 200  # the half-open trial
-    assert client.post(URL).status_code == 200
+    assert client.post(URL, json={}).status_code == 200  # the half-open trial
+    assert client.post(URL, json={}).status_code == 200
     warnings = [r.getMessage() for r in mint_logs.records if "circuit" in r.getMessage()]
     assert any("circuit open" in line for line in warnings)
     assert any("circuit half-open" in line for line in warnings)
@@ -179,8 +179,8 @@ def test_timeouts_open_the_circuit(make_app: Callable[..., Flask], upstream: Fak
     client = breaker_app(make_app, CHATKIT_UPSTREAM_TIMEOUT=0.2, CHATKIT_BREAKER_COOLDOWN=30)
     client = client.test_client()
     upstream.set_default(Behaviour.slow(1))
-    assert [client.post(URL).status_code for _ in range(3)] == [504, 504, 504]
-    response = client.post(URL)
+    assert [client.post(URL, json={}).status_code for _ in range(3)] == [504, 504, 504]
+    response = client.post(URL, json={})
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "30"
 
@@ -195,25 +195,25 @@ def test_4xx_and_429_never_open_the_circuit(
 ) -> None:
     client = breaker_app(make_app).test_client()
     upstream.set_default(behaviour)
-    statuses = {client.post(URL).status_code for _ in range(6)}
+    statuses = {client.post(URL, json={}).status_code for _ in range(6)}
     assert upstream.count == 6
-    assert "upstream_unavailable" not in client.post(URL).get_data(as_text=True)
+    assert "upstream_unavailable" not in client.post(URL, json={}).get_data(as_text=True)
     assert statuses <= {502, 503}
 
 
 def test_failed_trial_keeps_it_open(make_app: Callable[..., Flask], upstream: FakeChatKit) -> None:
     client = breaker_app(make_app, CHATKIT_BREAKER_FAILURES=1).test_client()
     upstream.set_default(Behaviour.error(500))
-    assert client.post(URL).status_code == 502
-    assert client.post(URL).status_code == 503
+    assert client.post(URL, json={}).status_code == 502
+    assert client.post(URL, json={}).status_code == 503
     time.sleep(0.55)
-    assert client.post(URL).status_code == 502  # trial went upstream and failed
-    assert client.post(URL).status_code == 503
+    assert client.post(URL, json={}).status_code == 502  # trial went upstream and failed
+    assert client.post(URL, json={}).status_code == 503
     assert upstream.count == 2
 
 
 def test_zero_disables_the_breaker(make_app: Callable[..., Flask], upstream: FakeChatKit) -> None:
     client = breaker_app(make_app, CHATKIT_BREAKER_FAILURES=0).test_client()
     upstream.set_default(Behaviour.error(500))
-    assert {client.post(URL).status_code for _ in range(10)} == {502}
+    assert {client.post(URL, json={}).status_code for _ in range(10)} == {502}
     assert upstream.count == 10

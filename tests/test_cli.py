@@ -167,7 +167,7 @@ def mint(app: Flask, n: int) -> str:
     """Mint n times as one visitor; return the visitor cookie's value."""
     client = app.test_client()
     for _ in range(n):
-        assert client.post(URL).status_code == 200
+        assert client.post(URL, json={}).status_code == 200
     return client.get_cookie(COOKIE).value
 
 
@@ -185,7 +185,7 @@ def test_usage_after_three_mints_then_reset(
         f"LIMITS:LIMITER/chatkit/visitor:{tag}/chatkit.secret/100/1/day",
     }
 
-    for given in (raw, cookie, f"visitor_{raw}", f"v:{tag}"):
+    for given in (raw, cookie, f"visitor_{raw}", f"v:{tag}", f"__Host-{COOKIE}={cookie}"):
         result = run(app, "usage", "--visitor", given)
         assert result.exit_code == 0, result.output
         assert f"user limits for visitor:{tag}:" in result.output
@@ -208,11 +208,11 @@ def test_usage_after_three_mints_then_reset(
 def test_reset_lets_a_limited_visitor_mint_again(redis_app: Callable[..., Flask]) -> None:
     app = redis_app(CHATKIT_RATELIMIT_PER_USER="2 per minute")
     client = app.test_client()
-    assert [client.post(URL).status_code for _ in range(3)] == [200, 200, 429]
+    assert [client.post(URL, json={}).status_code for _ in range(3)] == [200, 200, 429]
     raw = client.get_cookie(COOKIE).value.split(".", 1)[0]
     result = run(app, "reset", "--visitor", raw)
     assert "Cleared 1 user limit counter(s)" in result.output
-    assert client.post(URL).status_code == 200
+    assert client.post(URL, json={}).status_code == 200
 
 
 def test_ip_and_global_keys(redis_app: Callable[..., Flask]) -> None:
@@ -248,7 +248,7 @@ def test_usage_errors(redis_app: Callable[..., Flask], args: list[str]) -> None:
 
 
 def test_usage_of_a_limit_that_is_off(redis_app: Callable[..., Flask]) -> None:
-    result = run(redis_app(), "usage", "--global")
+    result = run(redis_app(CHATKIT_RATELIMIT_GLOBAL="off"), "usage", "--global")
     assert result.exit_code == 1
     assert "the global limit is off" in result.output
 

@@ -129,13 +129,13 @@ def test_two_replicas_on_one_redis_admit_exactly_the_limit(
     replicas = [Instance(upstream, **limits), Instance(upstream, **limits)]
     instances.extend(replicas)
     upstream.latency = 0.02
-    first = requests.post(replicas[0].base + URL, timeout=10)
+    first = requests.post(replicas[0].base + URL, json={}, timeout=10)
     cookie = first.cookies["chatkit_session_id"]
 
     def mint(i: int) -> int:
         replica = replicas[i % 2]  # a load balancer spreading one visitor over both
         return requests.post(
-            replica.base + URL, cookies={"chatkit_session_id": cookie}, timeout=10
+            replica.base + URL, json={}, cookies={"chatkit_session_id": cookie}, timeout=10
         ).status_code
 
     with ThreadPoolExecutor(40) as pool:
@@ -154,7 +154,7 @@ def test_sigterm_finishes_in_flight_mints(instances: list[Instance], upstream: F
 
     def mint() -> None:
         try:
-            status: int | str = requests.post(instance.base + URL, timeout=15).status_code
+            status: int | str = requests.post(instance.base + URL, json={}, timeout=15).status_code
         except requests.RequestException as exc:
             status = type(exc).__name__
         with lock:

@@ -26,7 +26,7 @@ def visitor_cookie(client: FlaskClient) -> str | None:
 
 def test_mint_returns_secret_and_real_expiry(client: FlaskClient, upstream: FakeChatKit) -> None:
     before = int(time.time())
-    response = client.post(URL)
+    response = client.post(URL, json={})
     assert response.status_code == 200
     body = response.get_json()
     assert set(body) == {"client_secret", "expires_at", "expires_after"}
@@ -49,7 +49,7 @@ def test_upstream_call_carries_key_beta_header_and_server_chosen_fields(
         CHATKIT_FILE_UPLOAD_ENABLED="true",
         CHATKIT_HISTORY_ENABLED="false",
     )
-    assert app.test_client().post(URL).status_code == 200
+    assert app.test_client().post(URL, json={}).status_code == 200
     sent = upstream.last
     assert sent.path == "/v1/chatkit/sessions"
     assert sent.headers["authorization"] == f"Bearer {TEST_API_KEY}"
@@ -68,9 +68,9 @@ def test_new_visitor_gets_a_signed_httponly_cookie(
     make_app: Callable[..., Flask], upstream: FakeChatKit
 ) -> None:
     client = make_app(CHATKIT_COOKIE_SECURE=True).test_client()
-    response = client.post(URL, base_url="https://localhost")
+    response = client.post(URL, json={}, base_url="https://localhost")
     set_cookie = response.headers["Set-Cookie"]
-    assert set_cookie.startswith(f"{COOKIE}=")
+    assert set_cookie.startswith(f"__Host-{COOKIE}=")  # Secure: the __Host- name
     for attribute in ("HttpOnly", "Secure", "SameSite=Lax", "Path=/", "Max-Age=2592000"):
         assert attribute in set_cookie
     visitor_id = upstream.last.json["user"].removeprefix("visitor_")
@@ -80,9 +80,9 @@ def test_new_visitor_gets_a_signed_httponly_cookie(
 
 
 def test_returning_visitor_keeps_the_same_user(client: FlaskClient, upstream: FakeChatKit) -> None:
-    client.post(URL)
+    client.post(URL, json={})
     first_user = upstream.last.json["user"]
-    response = client.post(URL)
+    response = client.post(URL, json={})
     assert "Set-Cookie" not in response.headers  # nothing new to set
     assert upstream.last.json["user"] == first_user
     assert upstream.count == 2
@@ -103,7 +103,7 @@ def test_forged_cookie_is_replaced_and_never_sent_upstream(
     client: FlaskClient, upstream: FakeChatKit, forged: str
 ) -> None:
     client.set_cookie(COOKIE, forged)
-    response = client.post(URL)
+    response = client.post(URL, json={})
     assert response.status_code == 200
     user = upstream.last.json["user"]
     assert forged not in user or forged == ""
@@ -114,13 +114,13 @@ def test_forged_cookie_is_replaced_and_never_sent_upstream(
 def test_tampered_signature_gets_a_fresh_identity(
     client: FlaskClient, upstream: FakeChatKit
 ) -> None:
-    client.post(URL)
+    client.post(URL, json={})
     original_user = upstream.last.json["user"]
     value = visitor_cookie(client)
     assert value
     victim_id = "B" * 22  # try to claim another visitor's id with the old signature
     client.set_cookie(COOKIE, victim_id + value[22:])
-    client.post(URL)
+    client.post(URL, json={})
     assert upstream.last.json["user"] not in {f"visitor_{victim_id}", original_user}
 
 
@@ -128,12 +128,12 @@ def test_cookie_signed_with_another_key_is_rejected(
     make_app: Callable[..., Flask], upstream: FakeChatKit
 ) -> None:
     other = make_app(SECRET_KEY="another-secret").test_client()
-    other.post(URL)
+    other.post(URL, json={})
     foreign = visitor_cookie(other)
     foreign_user = upstream.last.json["user"]
     client = make_app().test_client()
     client.set_cookie(COOKIE, foreign)
-    client.post(URL)
+    client.post(URL, json={})
     assert upstream.last.json["user"] != foreign_user
 
 
@@ -214,8 +214,9 @@ def test_invalid_requests_get_json_errors_and_no_upstream_call(
     assert upstream.count == 0
 
 
-def test_empty_body_with_any_content_type_is_fine(client: FlaskClient) -> None:
-    assert client.post(URL, data="", content_type="text/plain").status_code == 200
+def test_empty_body_must_still_be_json(client: FlaskClient) -> None:
+    assert client.post(URL, data="", content_type="application/json").status_code == 200
+    assert client.post(URL, data="", content_type="text/plain").status_code == 415
 
 
 def test_body_over_16_kib_is_413(client: FlaskClient, upstream: FakeChatKit) -> None:
@@ -253,7 +254,7 @@ def test_upstream_failures_map_to_gateway_errors(
     client: FlaskClient, upstream: FakeChatKit, behaviour: Behaviour, status: int, code: str
 ) -> None:
     upstream.set_default(behaviour)
-    response = client.post(URL)
+    response = client.post(URL, json={})
     assert response.status_code == status
     body = response.get_json()
     assert body["error"] == code
@@ -266,7 +267,7 @@ def test_upstream_429_is_503_busy_with_retry_after(
     client: FlaskClient, upstream: FakeChatKit
 ) -> None:
     upstream.enqueue(Behaviour.rate_limited(retry_after=7))
-    response = client.post(URL)
+    response = client.post(URL, json={})
     assert response.status_code == 503
     assert response.get_json()["error"] == "upstream_busy"
     assert response.get_json()["retry_after"] == 7
@@ -279,21 +280,21 @@ def test_retryable_statuses_are_retried_then_succeed(
     client: FlaskClient, upstream: FakeChatKit, status: int
 ) -> None:
     upstream.enqueue(Behaviour.error(status), Behaviour.error(status))
-    response = client.post(URL)
+    response = client.post(URL, json={})
     assert response.status_code == 200
     assert upstream.count == 3  # two retries (the default) then success
 
 
 def test_retries_are_bounded(make_app: Callable[..., Flask], upstream: FakeChatKit) -> None:
     upstream.set_default(Behaviour.error(503))
-    response = make_app(CHATKIT_UPSTREAM_RETRIES=1).test_client().post(URL)
+    response = make_app(CHATKIT_UPSTREAM_RETRIES=1).test_client().post(URL, json={})
     assert response.status_code == 502
     assert upstream.count == 2
 
 
 def test_connection_reset_is_retried(client: FlaskClient, upstream: FakeChatKit) -> None:
     upstream.enqueue(Behaviour.reset())
-    response = client.post(URL)
+    response = client.post(URL, json={})
     assert response.status_code == 200
     assert upstream.count == 2
 
@@ -302,7 +303,7 @@ def test_connection_refused_is_502(make_app: Callable[..., Flask], upstream: Fak
     response = (
         make_app(CHATKIT_API_BASE="http://127.0.0.1:9", CHATKIT_UPSTREAM_RETRIES=0)
         .test_client()
-        .post(URL)
+        .post(URL, json={})
     )
     assert response.status_code == 502
     assert response.get_json()["error"] == "upstream_error"
@@ -314,7 +315,7 @@ def test_deadline_gives_504_within_the_timeout(
     upstream.set_default(Behaviour.slow(3.0))
     client = make_app(CHATKIT_UPSTREAM_TIMEOUT=0.5).test_client()
     started = time.monotonic()
-    response = client.post(URL)
+    response = client.post(URL, json={})
     elapsed = time.monotonic() - started
     assert response.status_code == 504
     assert response.get_json()["error"] == "upstream_timeout"
@@ -327,7 +328,7 @@ def test_request_id_is_kept_when_valid_and_replaced_when_not(client: FlaskClient
     )
     assert response.get_json()["request_id"] == "abc-123"
     assert response.headers["X-Request-ID"] == "abc-123"
-    response = client.post(URL, headers={"X-Request-ID": "bad id with spaces"})
+    response = client.post(URL, json={}, headers={"X-Request-ID": "bad id with spaces"})
     assert response.headers["X-Request-ID"] != "bad id with spaces"
     assert len(response.headers["X-Request-ID"]) == 32
 
@@ -344,12 +345,12 @@ def test_signed_in_user_from_the_host_hook(upstream: FakeChatKit) -> None:
 
     chatkit.init_app(app)
     client = app.test_client()
-    response = client.post(URL)
+    response = client.post(URL, json={})
     assert response.status_code == 200
     assert upstream.last.json["user"] == "user_customer-42"
     assert "Set-Cookie" not in response.headers  # no visitor cookie for a signed-in user
     current["user"] = None
-    client.post(URL)
+    client.post(URL, json={})
     assert upstream.last.json["user"].startswith("visitor_")
 
 
@@ -363,9 +364,9 @@ def test_host_app_registration_with_factory_and_custom_prefix(upstream: FakeChat
         return app
 
     first, second = create(), create()
-    assert first.test_client().post("/chat/secret").status_code == 200
-    assert second.test_client().post("/chat/secret").status_code == 200
-    assert first.test_client().post(URL).status_code == 404
+    assert first.test_client().post("/chat/secret", json={}).status_code == 200
+    assert second.test_client().post("/chat/secret", json={}).status_code == 200
+    assert first.test_client().post(URL, json={}).status_code == 404
 
 
 def test_host_app_with_missing_secret_key_fails_naming_it(upstream: FakeChatKit) -> None:
@@ -384,14 +385,14 @@ def test_secrets_key_and_cookie_never_reach_logs(
     client = make_app(CHATKIT_RATELIMIT_PER_USER="2 per minute").test_client()
     secrets = []
     for _ in range(3):
-        response = client.post(URL)
+        response = client.post(URL, json={})
         if response.status_code == 200:
             secrets.append(response.get_json()["client_secret"])
     cookie = visitor_cookie(client)
     visitor_id = upstream.last.json["user"].removeprefix("visitor_")
     for behaviour in (Behaviour.error(401), Behaviour.non_json(), Behaviour.rate_limited(3)):
         upstream.enqueue(behaviour)
-        make_app().test_client().post(URL)
+        make_app().test_client().post(URL, json={})
     text = mint_logs.text + "".join(str(r.__dict__) for r in mint_logs.records)
     assert len(secrets) == 2
     assert "mint request_id=" in text  # the log was captured at all
@@ -402,7 +403,7 @@ def test_secrets_key_and_cookie_never_reach_logs(
 def test_mint_log_line_has_the_documented_fields(
     mint_logs: pytest.LogCaptureFixture, client: FlaskClient, upstream: FakeChatKit
 ) -> None:
-    client.post(URL, headers={"X-Request-ID": "req-log-1"})
+    client.post(URL, json={}, headers={"X-Request-ID": "req-log-1"})
     line = next(r.getMessage() for r in mint_logs.records if "req-log-1" in r.getMessage())
     for field in (
         "outcome=minted",
@@ -415,7 +416,7 @@ def test_mint_log_line_has_the_documented_fields(
     ):
         assert field in line
     upstream.enqueue(Behaviour.error(404, "Workflow with id 'wf_x' not found."))
-    client.post(URL, headers={"X-Request-ID": "req-log-2"})
+    client.post(URL, json={}, headers={"X-Request-ID": "req-log-2"})
     record = next(r for r in mint_logs.records if "req-log-2" in r.getMessage())
     assert "upstream_status=404" in record.getMessage()
     assert "not found" in record.getMessage()  # the upstream's error goes to the log

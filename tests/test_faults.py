@@ -143,7 +143,7 @@ class Load:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                status = session.post(self.base + URL, timeout=10).status_code
+                status = session.post(self.base + URL, json={}, timeout=10).status_code
             except requests.RequestException:
                 status = -1
             self.results.append((status, time.monotonic() - started))
@@ -164,7 +164,9 @@ class Load:
 
 def mint_as(base: str, cookie: str | None) -> tuple[int, float, str | None]:
     started = time.monotonic()
-    response = requests.post(base + URL, cookies={COOKIE: cookie} if cookie else None, timeout=10)
+    response = requests.post(
+        base + URL, json={}, cookies={COOKIE: cookie} if cookie else None, timeout=10
+    )
     return response.status_code, time.monotonic() - started, response.cookies.get(COOKIE)
 
 
@@ -274,12 +276,15 @@ def test_limits_are_back_in_redis_after_it_returns(
     }
     first, second = make_app(**config), make_app(**config)
     own_redis.kill()
-    assert first.test_client().post(URL).status_code == 200  # fallback, no 500
+    assert first.test_client().post(URL, json={}).status_code == 200  # fallback, no 500
     own_redis.start()
     time.sleep(1.1)  # Flask-Limiter re-probes a dead storage after 1 s
-    assert first.test_client().post(URL).status_code == 200
+    assert first.test_client().post(URL, json={}).status_code == 200
     assert not limiter_dead(first)
-    statuses = [app.test_client().post(URL).status_code for app in (second, first, second, first)]
+    statuses = [
+        app.test_client().post(URL, json={}).status_code
+        for app in (second, first, second, first)
+    ]
     assert statuses == [200, 200, 200, 429]  # 4 per minute across both apps, counted in Redis
 
 
@@ -386,7 +391,7 @@ def test_upstream_fault_under_concurrent_load(
 
     def mint(_: int) -> tuple[requests.Response, float]:
         started = time.monotonic()
-        response = requests.post(gunicorn_faults.base + URL, timeout=30)
+        response = requests.post(gunicorn_faults.base + URL, json={}, timeout=30)
         return response, time.monotonic() - started
 
     with ThreadPoolExecutor(8) as pool:
@@ -423,7 +428,7 @@ def test_bursts_of_failures_mixed_with_successes(
     upstream.enqueue(*(burst * 6))
 
     def mint(_: int) -> int:
-        return requests.post(gunicorn_faults.base + URL, timeout=30).status_code
+        return requests.post(gunicorn_faults.base + URL, json={}, timeout=30).status_code
 
     with ThreadPoolExecutor(8) as pool:
         statuses = Counter(pool.map(mint, range(60)))
@@ -453,7 +458,7 @@ def test_breaker_frees_threads_when_the_upstream_hangs(upstream: FakeChatKit) ->
 
         def mint(_: int) -> tuple[int, float]:
             started = time.monotonic()
-            response = requests.post(service.base + URL, timeout=30)
+            response = requests.post(service.base + URL, json={}, timeout=30)
             return response.status_code, time.monotonic() - started
 
         with ThreadPoolExecutor(8) as pool:
@@ -489,7 +494,9 @@ def test_graceful_restart_loses_no_in_flight_mint(
             try:
                 # A new connection per mint: "in flight" means the request was sent.
                 with requests.Session() as session:
-                    status: int | str = session.post(service.base + URL, timeout=10).status_code
+                    status: int | str = session.post(
+                        service.base + URL, json={}, timeout=10
+                    ).status_code
             except requests.RequestException as exc:
                 status = type(exc).__name__
             records.append((started, status))

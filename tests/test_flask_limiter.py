@@ -36,7 +36,7 @@ def limiter_for(storage: str, **kwargs: Any) -> Limiter:
 
 def mints(app: Flask, n: int) -> list[int]:
     client = app.test_client()
-    return [client.post(URL, environ_base=IP).status_code for _ in range(n)]
+    return [client.post(URL, json={}, environ_base=IP).status_code for _ in range(n)]
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -161,7 +161,10 @@ def test_host_request_filter_exempts_the_chat(upstream: FakeChatKit) -> None:
 
     ChatKit(app, limiter=limiter)
     client = app.test_client()
-    inside = [client.post(URL, environ_base={"REMOTE_ADDR": "10.1.1.1"}).status_code for _ in "ab"]
+    inside = [
+        client.post(URL, json={}, environ_base={"REMOTE_ADDR": "10.1.1.1"}).status_code
+        for _ in "ab"
+    ]
     assert inside == [200, 200]
     assert mints(app, 2) == [200, 429]
 
@@ -185,10 +188,10 @@ def test_host_on_breach_answers_and_its_default_limits_do_not_count_the_chat(
     ChatKit(app, limiter=limiter)
     # The host's default "1 per minute" does not apply on top of the chat's own limits.
     chat = app.test_client()
-    statuses = [chat.post(URL, environ_base=IP).status_code for _ in range(3)]
+    statuses = [chat.post(URL, json={}, environ_base=IP).status_code for _ in range(3)]
     assert statuses == [200, 200, 429]
     assert len(breaches) == 1 and breaches[0].limit.amount == 2
-    body = chat.post(URL, environ_base=IP).get_json()
+    body = chat.post(URL, json={}, environ_base=IP).get_json()
     assert body["error"] == "rate_limited" and body["scope"] == "user"
     client = app.test_client()
     assert [client.get("/page").status_code for _ in "ab"] == [200, 429]
@@ -202,8 +205,8 @@ def test_host_on_breach_response_is_used(upstream: FakeChatKit) -> None:
     limiter = limiter_for("memory", app=app, on_breach=on_breach)
     ChatKit(app, limiter=limiter)
     client = app.test_client()
-    client.post(URL, environ_base=IP)
-    response = client.post(URL, environ_base=IP)
+    client.post(URL, json={}, environ_base=IP)
+    response = client.post(URL, json={}, environ_base=IP)
     assert response.status_code == 429
     assert response.get_json() == {"custom": "slow down"}
 
@@ -218,8 +221,8 @@ def test_host_application_limits_count_the_chat_too(upstream: FakeChatKit) -> No
 
     client = app.test_client()
     assert client.get("/page", environ_base=IP).status_code == 200
-    assert [client.post(URL, environ_base=IP).status_code for _ in "ab"] == [200, 200]
-    refused = client.post(URL, environ_base=IP)
+    assert [client.post(URL, json={}, environ_base=IP).status_code for _ in "ab"] == [200, 200]
+    refused = client.post(URL, json={}, environ_base=IP)
     assert refused.status_code == 429
     assert refused.get_json()["scope"] == "site"  # a limit of the host's, not the chat's
     assert refused.get_json()["request_id"]
@@ -238,7 +241,7 @@ def test_handed_over_limiter_is_exact_under_concurrency(
     def one(_: int) -> int:
         client = app.test_client()
         barrier.wait(timeout=10)
-        return client.post(URL, environ_base=IP).status_code
+        return client.post(URL, json={}, environ_base=IP).status_code
 
     with ThreadPoolExecutor(30) as pool:
         statuses = list(pool.map(one, range(30)))
@@ -272,7 +275,7 @@ def test_a_dead_redis_behind_a_handed_over_limiter_never_stalls_or_500s(
     durations, statuses = [], []
     for _ in range(4):
         started = time.monotonic()
-        statuses.append(client.post(URL, environ_base=IP).status_code)
+        statuses.append(client.post(URL, json={}, environ_base=IP).status_code)
         durations.append(time.monotonic() - started)
     started = time.monotonic()
     assert client.get("/page").status_code == 200  # a host route: no 500 either
@@ -287,7 +290,7 @@ def test_without_fallback_a_dead_redis_is_a_503_json_from_a_handed_over_limiter(
     app = host_app(upstream, CHATKIT_REDIS_TIMEOUT=0.3)
     limiter = Limiter(get_remote_address, storage_uri="redis://127.0.0.1:1/0", app=app)
     ChatKit(app, limiter=limiter)
-    response = app.test_client().post(URL, environ_base=IP)
+    response = app.test_client().post(URL, json={}, environ_base=IP)
     assert response.status_code == 503
     assert response.get_json()["error"] == "limiter_unavailable"
     assert upstream.count == 0

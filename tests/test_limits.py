@@ -19,7 +19,7 @@ URL = "/api/chatkit/secret"
 
 def post(app: Flask, *, ip: str = "203.0.113.7", client: Any = None, **kwargs: Any) -> Any:
     client = client or app.test_client()
-    return client.post(URL, environ_base={"REMOTE_ADDR": ip}, **kwargs)
+    return client.post(URL, json={}, environ_base={"REMOTE_ADDR": ip}, **kwargs)
 
 
 def test_per_visitor_limit(
@@ -318,8 +318,8 @@ def test_host_app_can_hand_over_its_own_limiter(upstream: FakeChatKit) -> None:
     chatkit = ChatKit(app, limiter=limiter)
     assert ChatKit.state(app).limiter is limiter
     client = app.test_client()
-    assert [client.post(URL).status_code for _ in range(3)] == [200, 200, 429]
-    assert client.post(URL).get_json()["error"] == "rate_limited"
+    assert [client.post(URL, json={}).status_code for _ in range(3)] == [200, 200, 429]
+    assert client.post(URL, json={}).get_json()["error"] == "rate_limited"
     assert [client.get("/products").status_code for _ in range(2)] == [200, 429]
     assert chatkit is not None
 
@@ -371,7 +371,7 @@ def test_headers_are_off_by_default_as_in_flask_limiter(
     host.config.update(base_config(upstream, **storage))
     host.config.pop("_fake_server", None)
     ChatKit(host)
-    response = host.test_client().post(URL, environ_base={"REMOTE_ADDR": "203.0.113.7"})
+    response = host.test_client().post(URL, json={}, environ_base={"REMOTE_ADDR": "203.0.113.7"})
     assert response.status_code == 200
     assert not [name for name, _ in response.headers if name.startswith("X-RateLimit")]
     assert "Retry-After" not in response.headers
@@ -389,7 +389,11 @@ def test_redis_round_trips_are_flask_limiters_own(
 
     from tests.conftest import REDIS_URL
 
-    app = make_app(RATELIMIT_STORAGE_URI=REDIS_URL, CHATKIT_RATELIMIT_PER_USER="3 per minute")
+    app = make_app(
+        RATELIMIT_STORAGE_URI=REDIS_URL,
+        CHATKIT_RATELIMIT_PER_USER="3 per minute",
+        CHATKIT_RATELIMIT_GLOBAL="off",
+    )
     client = app.test_client()
     post(app, client=client)  # the first call loads the script
     sent: list[str] = []
@@ -424,3 +428,95 @@ def test_other_strategies_limit_through_limits(
     assert responses[2].get_json()["scope"] == "user"
     assert 1 <= responses[2].get_json()["retry_after"] <= 60
     assert upstream.count == 2
+
+
+# --- IPv6 /48 aggregate and the default global cap --------------------------------------------
+
+
+def test_one_ipv6_48_shares_one_budget_across_its_64s(
+    make_app: Callable[..., Flask], storage: dict, upstream: FakeChatKit
+) -> None:
+    """Each /64 has its own per-IP budget; a /48 holds 65,536 of them, so it has one too."""
+    app = make_app(
+        **storage,
+        CHATKIT_RATELIMIT_PER_IP="2 per minute",
+        CHATKIT_RATELIMIT_PER_IPV6_48="3 per minute",
+    )
+    assert [post(app, ip=f"2001:db8:1:{n}::1").status_code for n in range(3)] == [200] * 3
+    refused = post(app, ip="2001:db8:1:ffff::1")  # a fresh /64, same /48
+    assert refused.status_code == 429
+    assert refused.get_json()["scope"] == "net48"
+    assert post(app, ip="2001:db8:2::1").status_code == 200  # the next /48
+    # IPv4 clients (and IPv4-mapped addresses) are not counted by it.
+    assert [post(app, ip=f"198.51.100.{n}").status_code for n in range(4)] == [200] * 4
+    assert post(app, ip="::ffff:198.51.100.9").status_code == 200
+    assert upstream.count == 9
+
+
+def test_the_48_counter_is_keyed_net48(
+    make_app: Callable[..., Flask], real_redis: Any, upstream: FakeChatKit
+) -> None:
+    from tests.conftest import REDIS_URL
+
+    app = make_app(RATELIMIT_STORAGE_URI=REDIS_URL)
+    post(app, ip="2001:db8:abcd:12::7")
+    keys = [key.decode() for key in real_redis.keys("*")]
+    assert any("/net48:2001:db8:abcd::/48/" in key for key in keys), keys
+    real_redis.flushdb()
+    post(app, ip="203.0.113.8")
+    assert not any("net48" in key.decode() for key in real_redis.keys("*"))
+
+
+def test_server_mode_messages_count_against_the_48(tmp_path: Any) -> None:
+    """Server mode's message limits come from the same rules: the /48 caps messages, not reads."""
+    from chatkit_flask.service import create_app
+    from chatkit_flask.testing.fake_responses import FakeResponses
+    from tests.conftest import TEST_SECRET_KEY
+
+    with FakeResponses() as fake:
+        app = create_app(
+            {
+                "CHATKIT_BACKEND": "server",
+                "OPENAI_API_KEY": "test-model-key",
+                "OPENAI_BASE_URL": fake.base_url,
+                "SECRET_KEY": TEST_SECRET_KEY,
+                "CHATKIT_STORE_URL": f"sqlite:///{tmp_path / 'threads.db'}",
+                "CHATKIT_AGENT_INSTRUCTIONS": "Be brief.",
+                "CHATKIT_COOKIE_SECURE": False,
+                "CHATKIT_RATELIMIT_PER_IPV6_48": "1 per minute",
+                "TESTING": True,
+            },
+            environ={},
+        )
+
+        def send(ip: str, kind: str) -> Any:
+            params: dict[str, Any] = {}
+            if kind == "threads.create":
+                text = {"type": "input_text", "text": "hi"}
+                params = {"input": {"content": [text], "attachments": [], "inference_options": {}}}
+            return app.test_client().post(
+                "/api/chatkit",
+                json={"type": kind, "params": params},
+                environ_base={"REMOTE_ADDR": ip},
+            )
+
+        assert b'"type": "error"' not in send("2001:db8:5:1::1", "threads.create").data
+        refused = send("2001:db8:5:2::1", "threads.create")  # another /64 of the /48
+        assert b"Too many messages came from your network" in refused.data
+        assert refused.headers["Retry-After"]
+        assert send("2001:db8:5:3::1", "threads.list").status_code == 200  # reads: not counted
+        assert fake.count == 1
+
+
+def test_default_limits_include_the_48_and_a_global_cap(upstream: FakeChatKit) -> None:
+    from chatkit_flask.settings import Settings
+    from tests.conftest import base_config
+
+    config = base_config(upstream)
+    settings = Settings.from_mapping(config)
+    assert settings.limit_per_ipv6_48 == "60 per minute;2000 per day"
+    assert settings.limit_global == "2000 per day"
+    off = Settings.from_mapping(
+        {**config, "CHATKIT_RATELIMIT_GLOBAL": "off", "CHATKIT_RATELIMIT_PER_IPV6_48": "off"}
+    )
+    assert (off.limit_global, off.limit_per_ipv6_48) == ("", "")

@@ -74,7 +74,7 @@ def test_text_mint_line_cannot_be_forged(
 ) -> None:
     failing_upstream(upstream)
     app = make_app(CHATKIT_LOG_FORMAT="text", CHATKIT_UPSTREAM_RETRIES=0)
-    assert app.test_client().post(URL).status_code == 502
+    assert app.test_client().post(URL, json={}).status_code == 502
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert not any(UNSAFE.search(line) for line in lines), err
@@ -91,7 +91,7 @@ def test_json_lines_stay_json(
 ) -> None:
     failing_upstream(upstream)
     app = make_app(CHATKIT_LOG_FORMAT="json", CHATKIT_UPSTREAM_RETRIES=0)
-    assert app.test_client().post(URL).status_code == 502
+    assert app.test_client().post(URL, json={}).status_code == 502
     lines = capsys.readouterr().err.splitlines()
     entries = [json.loads(line) for line in lines if line.strip()]
     (mint,) = [entry for entry in entries if entry.get("event") == "mint"]

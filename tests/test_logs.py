@@ -39,7 +39,7 @@ def mint_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def test_json_mint_line(make_app: Callable[..., Flask], capsys: pytest.CaptureFixture[str]) -> None:
     app = make_app(CHATKIT_LOG_FORMAT="json")
-    response = app.test_client().post(URL, headers={"X-Request-ID": "req-abc.1:2_3"})
+    response = app.test_client().post(URL, json={}, headers={"X-Request-ID": "req-abc.1:2_3"})
     assert response.status_code == 200
     secret = response.get_json()["client_secret"]
     err = capsys.readouterr().err
@@ -67,8 +67,8 @@ def test_json_rate_limited_line(
 ) -> None:
     client = make_app(CHATKIT_LOG_FORMAT="json", CHATKIT_RATELIMIT_PER_USER="1 per minute")
     client = client.test_client()
-    client.post(URL)
-    limited = client.post(URL)
+    client.post(URL, json={})
+    limited = client.post(URL, json={})
     assert limited.status_code == 429
     entries = mint_entries(json_lines(capsys.readouterr().err))
     assert [entry["outcome"] for entry in entries] == ["minted", "rate_limited"]
@@ -95,7 +95,7 @@ def test_json_other_lines_carry_the_request_id(
         RATELIMIT_STORAGE_OPTIONS={"connection_pool": pool},
     )
     server.connected = False
-    response = app.test_client().post(URL, headers={"X-Request-ID": "trace-7"})
+    response = app.test_client().post(URL, json={}, headers={"X-Request-ID": "trace-7"})
     assert response.status_code == 503
     entries = json_lines(capsys.readouterr().err)
     storage = [e for e in entries if "storage failed" in e.get("message", "")]
@@ -127,7 +127,7 @@ def test_text_format_is_one_line_of_key_values(
     make_app: Callable[..., Flask], capsys: pytest.CaptureFixture[str]
 ) -> None:
     app = make_app(CHATKIT_LOG_FORMAT="text")
-    app.test_client().post(URL, headers={"X-Request-ID": "text-1"})
+    app.test_client().post(URL, json={}, headers={"X-Request-ID": "text-1"})
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if "chatkit_flask.mint" in line]
     assert " INFO " in line
@@ -165,5 +165,5 @@ def test_invalid_request_ids_are_replaced(
 
 def test_longest_valid_request_id_is_kept(make_app: Callable[..., Flask]) -> None:
     incoming = "A" * 128
-    response = make_app().test_client().post(URL, headers={"X-Request-ID": incoming})
+    response = make_app().test_client().post(URL, json={}, headers={"X-Request-ID": incoming})
     assert response.headers["X-Request-ID"] == incoming

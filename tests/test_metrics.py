@@ -89,7 +89,7 @@ def test_known_traffic_gives_known_values(
         Behaviour.error(500),
         Behaviour.slow(2),
     )
-    statuses = [client.post(URL).status_code for _ in range(6)]
+    statuses = [client.post(URL, json={}).status_code for _ in range(6)]
     assert statuses == [200, 200, 502, 504, 429, 429]
     # Not a mint: not counted (a new visitor: the limits count every method of the endpoint).
     assert app.test_client().get(URL).status_code == 405
@@ -117,7 +117,7 @@ def test_connection_failure_counts_as_error(make_app: Callable[..., Flask]) -> N
         closed = sock.getsockname()[1]
     app = make_app(CHATKIT_API_BASE=f"http://127.0.0.1:{closed}", CHATKIT_UPSTREAM_RETRIES=0)
     snap = Snapshot()
-    assert app.test_client().post(URL).status_code == 502
+    assert app.test_client().post(URL, json={}).status_code == 502
     assert snap.delta("chatkit_upstream_responses_total", status="error") == 1
     assert snap.delta("chatkit_mints_total", outcome="upstream_error") == 1
 
@@ -131,7 +131,7 @@ def test_circuit_breaker_refusals_are_not_upstream_responses(
     upstream.set_default(Behaviour.error(503))
     snap = Snapshot()
     try:
-        statuses = [app.test_client().post(URL).status_code for _ in range(3)]
+        statuses = [app.test_client().post(URL, json={}).status_code for _ in range(3)]
         assert statuses == [502, 502, 503]
         assert upstream.count == 2  # the third was refused by the open circuit
         assert snap.delta("chatkit_mints_total", outcome="upstream_error") == 2
@@ -149,7 +149,7 @@ def test_ip_scope_is_counted(make_app: Callable[..., Flask]) -> None:
     statuses = []
     for _ in range(3):
         client = app.test_client()  # a new visitor each time: only the IP limit can bite
-        statuses.append(client.post(URL).status_code)
+        statuses.append(client.post(URL, json={}).status_code)
     assert statuses == [200, 200, 429]
     assert snap.delta("chatkit_rate_limited_total", scope="ip") == 1
     assert snap.delta("chatkit_rate_limited_total", scope="user") == 0
@@ -157,7 +157,7 @@ def test_ip_scope_is_counted(make_app: Callable[..., Flask]) -> None:
 
 def test_metrics_endpoint_serves_the_exposition_format(make_app: Callable[..., Flask]) -> None:
     client = make_app().test_client()
-    client.post(URL)
+    client.post(URL, json={})
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.content_type.startswith("text/plain; version=")
@@ -241,7 +241,7 @@ def test_host_apps_get_no_endpoint_unless_they_ask(upstream: FakeChatKit) -> Non
     init_metrics(explicit)  # a second call changes nothing
     client = explicit.test_client()
     snap = Snapshot()
-    assert client.post(URL).status_code == 200
+    assert client.post(URL, json={}).status_code == 200
     assert snap.delta("chatkit_mints_total", outcome="minted") == 1  # counted once
     assert client.get("/internal/metrics").status_code == 200
     assert client.get("/metrics").status_code == 404
@@ -271,14 +271,14 @@ def test_fallback_gauge_and_storage_errors(
 ) -> None:
     app = make_app(**fakeredis_storage)
     client = app.test_client()
-    assert client.post(URL).status_code == 200
+    assert client.post(URL, json={}).status_code == 200
     assert value("chatkit_limiter_fallback_active") == 0
     snap = Snapshot()
     fakeredis_storage["_fake_server"].connected = False
-    assert client.post(URL).status_code == 200  # limited from memory
+    assert client.post(URL, json={}).status_code == 200  # limited from memory
     assert value("chatkit_limiter_fallback_active") == 1
     assert snap.delta("chatkit_limiter_storage_errors_total") == 1
-    assert client.post(URL).status_code == 200
+    assert client.post(URL, json={}).status_code == 200
     assert snap.delta("chatkit_limiter_storage_errors_total") == 1  # counted on the switch only
     scrape = client.get("/metrics").text
     assert "chatkit_limiter_fallback_active 1.0" in scrape
@@ -290,7 +290,7 @@ def test_fail_closed_503_counts_a_storage_error(
     app = make_app(RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=False, **fakeredis_storage)
     fakeredis_storage["_fake_server"].connected = False
     snap = Snapshot()
-    assert app.test_client().post(URL).status_code == 503
+    assert app.test_client().post(URL, json={}).status_code == 503
     assert snap.delta("chatkit_limiter_storage_errors_total") == 1
     assert snap.delta("chatkit_mints_total", outcome="limiter_unavailable") == 1
 
@@ -306,8 +306,8 @@ def test_fail_open_swallowed_errors_are_counted(
     fakeredis_storage["_fake_server"].connected = False
     snap = Snapshot()
     client = app.test_client()
-    assert client.post(URL).status_code == 200
-    assert client.post(URL).status_code == 200
+    assert client.post(URL, json={}).status_code == 200
+    assert client.post(URL, json={}).status_code == 200
     assert snap.delta("chatkit_limiter_storage_errors_total") == 2
     assert value("chatkit_limiter_fallback_active") == 0
 
@@ -463,7 +463,9 @@ def test_totals_add_up_across_gunicorn_workers(
         statuses = []
         with requests.Session() as session:  # one cookie: one visitor
             for _ in range(8):
-                response = session.post(base + URL, headers={"Connection": "close"}, timeout=10)
+                response = session.post(
+                    base + URL, json={}, headers={"Connection": "close"}, timeout=10
+                )
                 statuses.append(response.status_code)
         return statuses
 
@@ -502,7 +504,7 @@ def test_grafana_dashboard_uses_only_exported_metrics(
 ) -> None:
     dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
     client = make_app().test_client()
-    assert client.post(URL).status_code == 200  # label values appear with the first call
+    assert client.post(URL, json={}).status_code == 200  # label values appear with the first call
     exported = client.get("/metrics").text
     # The server-mode row: what a server-mode app exports before any traffic.
     server = make_app(CHATKIT_BACKEND="server", CHATKIT_STORE_URL=f"sqlite:///{tmp_path}/t.db")

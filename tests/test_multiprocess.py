@@ -95,13 +95,13 @@ def test_one_visitor_across_four_workers_gets_exactly_the_limit(
 ) -> None:
     _, base = gunicorn_service
     upstream.latency = 0.02  # keep requests in flight together
-    first = requests.post(base + "/api/chatkit/secret", timeout=10)
+    first = requests.post(base + "/api/chatkit/secret", json={}, timeout=10)
     assert first.status_code == 200
     cookie = first.cookies["chatkit_session_id"]
 
     def mint(_: int) -> int:
         return requests.post(
-            base + "/api/chatkit/secret",
+            base + "/api/chatkit/secret", json={},
             cookies={"chatkit_session_id": cookie},
             timeout=10,
         ).status_code

@@ -60,7 +60,7 @@ def test_no_secret_in_any_log_or_error_body(
         session = requests.Session()
 
         def mint(**kwargs: object) -> requests.Response:
-            response = session.post(base + URL, timeout=10, **kwargs)  # type: ignore[arg-type]
+            response = session.post(base + URL, json={}, timeout=10, **kwargs)  # type: ignore[arg-type]
             if response.status_code == 200:
                 secrets.append(response.json()["client_secret"])
             else:
@@ -104,7 +104,7 @@ def test_no_secret_in_any_log_or_error_body(
             RATELIMIT_STORAGE_URI="redis://:pw-REDIS-SECRET@127.0.0.1:1/0",
             RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=not fail_closed,
         )
-        response = down.test_client().post(URL)
+        response = down.test_client().post(URL, json={})
         if response.status_code == 200:
             secrets.append(response.get_json()["client_secret"])
         else:
@@ -113,7 +113,7 @@ def test_no_secret_in_any_log_or_error_body(
     breaker = make_app(CHATKIT_BREAKER_FAILURES=1, CHATKIT_UPSTREAM_RETRIES=0).test_client()
     upstream.set_default(Behaviour.error(500, UPSTREAM_MARKER))
     for _ in range(2):
-        bodies.append(breaker.post(URL).get_data(as_text=True))
+        bodies.append(breaker.post(URL, json={}).get_data(as_text=True))
     upstream.set_default(None)
     time.sleep(0.1)
 

@@ -93,6 +93,6 @@ def test_the_endpoint_maps_every_body_to_an_upstream_error(
 ) -> None:
     upstream.set_default(behaviour)
     app = make_app(CHATKIT_UPSTREAM_TIMEOUT=1, CHATKIT_UPSTREAM_RETRIES=0)
-    response = app.test_client().post(URL)
+    response = app.test_client().post(URL, json={})
     assert response.status_code == status
     assert response.get_json()["error"] == code

@@ -50,6 +50,7 @@ HEARTBEAT_SECONDS = 15.0  # an SSE comment during model silences: proxies keep t
 _LIMIT_MESSAGES = {
     "user": "You have sent too many messages",
     "ip": "Too many messages came from your network",
+    "net48": "Too many messages came from your network",
     "global": "The chat is very busy right now",
     "requests": "Too many requests came from your network",
     "streams": "You already have replies on the way",
