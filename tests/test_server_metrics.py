@@ -130,7 +130,7 @@ def test_completed_message(make_server_app: Callable[..., Flask], mint_logs: Any
     assert delta("chatkit_first_event_seconds_count") == 1
     assert delta("chatkit_first_answer_seconds_count") == 1
     assert delta("chatkit_stream_duration_seconds_count") == 1
-    assert value("chatkit_streams_open") == 0
+    assert delta("chatkit_streams_open") == 0
     assert delta("chatkit_model_errors_total") == 0
     assert delta("chatkit_store_errors_total") == 0
     # Tokens counted from the answer's usage: the same figures as its log line.
@@ -154,7 +154,7 @@ def test_failed_answer_is_a_model_error(
     assert delta("chatkit_first_answer_seconds_count") == 0  # the model never answered
     assert delta("chatkit_model_errors_total") == 1
     assert delta("chatkit_messages_total", outcome="completed") == 0
-    assert value("chatkit_streams_open") == 0
+    assert delta("chatkit_streams_open") == 0
 
 
 def test_closed_stream_is_cancelled_and_the_gauge_returns_to_zero(
@@ -168,9 +168,9 @@ def test_closed_stream_is_cancelled_and_the_gauge_returns_to_zero(
     received = b""
     while b"thread.item.updated" not in received:  # the answer has begun
         received += next(chunks)
-    assert value("chatkit_streams_open") == 1
+    assert delta("chatkit_streams_open") == 1
     response.close()  # what gunicorn does when the visitor goes away
-    assert value("chatkit_streams_open") == 0
+    assert delta("chatkit_streams_open") == 0
     assert delta("chatkit_messages_total", outcome="cancelled") == 1
     assert delta("chatkit_stream_duration_seconds_count") == 1
     assert delta("chatkit_first_event_seconds_count") == 1
@@ -210,7 +210,7 @@ def test_refusals_by_scope(make_server_app: Callable[..., Flask], fake: FakeResp
     assert delta("chatkit_messages_total", outcome="cancelled") == 1
     assert delta("chatkit_requests_total", type="threads.create") == 4
     assert delta("chatkit_requests_total", type="threads.list") == 3
-    assert value("chatkit_streams_open") == 0
+    assert delta("chatkit_streams_open") == 0
 
 
 def test_not_found_and_invalid_messages(make_server_app: Callable[..., Flask]) -> None:
@@ -246,7 +246,7 @@ def test_store_exceptions_are_counted(make_server_app: Callable[..., Flask]) -> 
     assert delta("chatkit_store_errors_total") == 2
     assert delta("chatkit_messages_total", outcome="unavailable") == 1
     assert delta("chatkit_requests_total", type="threads.list") == 1
-    assert value("chatkit_streams_open") == 0
+    assert delta("chatkit_streams_open") == 0
 
 
 def test_a_failing_metric_never_breaks_a_response(

@@ -28,7 +28,7 @@ def test_forwarded_for_from_a_direct_client_does_not_dodge_the_ip_limit(
     )
     statuses = [
         app.test_client()
-        .post(URL, environ_base={"REMOTE_ADDR": "198.51.100.77"},
+        .post(URL, json={}, environ_base={"REMOTE_ADDR": "198.51.100.77"},
               headers={"X-Forwarded-For": f"203.0.113.{n}"})
         .status_code
         for n in range(6)
