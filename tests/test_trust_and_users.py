@@ -90,3 +90,19 @@ def test_a_user_named_like_a_visitor_is_not_that_visitor(upstream: FakeChatKit) 
     ChatKit(impostor).user_loader(lambda: visitor_user)
     assert impostor.test_client().post(URL, json={}).status_code == 200
     assert upstream.last.json["user"] == "user_" + visitor_user
+
+
+@pytest.mark.parametrize("path", [URL, "/api/chatkit/config"])
+def test_a_preflight_sets_no_visitor_cookie(make_app: Callable[..., Flask], path: str) -> None:
+    app = make_app(CHATKIT_ALLOWED_ORIGINS="https://shop.example.test")
+    response = app.test_client().options(
+        path,
+        headers={
+            "Origin": "https://shop.example.test",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example.test"
+    assert "Set-Cookie" not in response.headers

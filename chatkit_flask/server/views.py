@@ -114,8 +114,8 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
     @bp.before_request
     def prepare() -> None:
         begin_request(state, guard)
-        if request.endpoint not in (ENDPOINT, CONFIG_ENDPOINT):
-            return
+        if request.endpoint not in (ENDPOINT, CONFIG_ENDPOINT) or request.method == "OPTIONS":
+            return  # a CORS preflight is answered without an identity (and sets no cookie)
         resolve_caller(state)
         if request.endpoint != ENDPOINT or request.method != "POST":
             return
