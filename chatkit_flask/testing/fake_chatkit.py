@@ -21,19 +21,18 @@ import contextlib
 import json
 import re
 import secrets
-import signal
 import socket
 import struct
 import sys
-import threading
 import time
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
+
+from ._loopback import LoopbackServer, RecordedRequest, serve_until_signalled
 
 __all__ = ["Behaviour", "FakeChatKit", "RecordedRequest", "error_envelope", "main"]
 
@@ -43,7 +42,6 @@ DEFAULT_EXPIRES_SECONDS = 600
 MAX_EXPIRES_SECONDS = 600
 DEFAULT_RATE_LIMIT = 10
 MAX_BODY_BYTES = 1024 * 1024
-MAX_HEAD_BYTES = 64 * 1024
 
 _CANCEL_RE = re.compile(r"^/v1/chatkit/sessions/([^/]+)/cancel$")
 _JSON = "application/json"
@@ -77,17 +75,6 @@ _STATUS_ERRORS: dict[int, tuple[str, str, str | None]] = {
     503: ("The server is overloaded or not ready yet.", "server_error", None),
     504: ("Gateway timeout.", "server_error", None),
 }
-
-
-@dataclass(frozen=True)
-class RecordedRequest:
-    """One request as received by the fake (headers have lower-case keys)."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    json: Any | None
-    raw_body: bytes
 
 
 @dataclass(frozen=True)
@@ -377,7 +364,7 @@ def _validate_session_body(body: Any) -> dict[str, Any]:
     }
 
 
-class FakeChatKit:
+class FakeChatKit(LoopbackServer):
     """In-process fake of the ChatKit sessions API on a real loopback socket.
 
     ``start()`` runs an asyncio loop in a daemon thread; all public methods are thread-safe.
@@ -385,6 +372,9 @@ class FakeChatKit:
     runtime. ``max_history`` bounds the retained recorded requests and remembered sessions
     (``count`` still counts every request since the last ``clear()``).
     """
+
+    _thread_name = "fake-chatkit"
+    _log_name = "fake_chatkit"
 
     def __init__(
         self,
@@ -395,141 +385,15 @@ class FakeChatKit:
         *,
         max_history: int = 10_000,
     ) -> None:
-        self.host = host
+        super().__init__(host, port, max_history=max_history)
         self.latency = latency
         self.api_key = api_key
         self.log_requests = False
-        self._requested_port = port
-        self._port: int | None = None
-        self._max_history = max_history
-        self._cond = threading.Condition()
-        self._records: deque[RecordedRequest] = deque(maxlen=max_history)
-        self._count = 0
-        self._connections = 0
         self._queue: deque[Behaviour] = deque()
         self._default: Behaviour | None = None
         self._sessions: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.Server | None = None
-        self._conns: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
-        self._closing = False
-
-    # ----------------------------------------------------------------- lifecycle
-    @property
-    def port(self) -> int:
-        """The bound TCP port (valid after ``start()``)."""
-        if self._port is None:
-            raise RuntimeError("FakeChatKit is not started")
-        return self._port
-
-    @property
-    def base_url(self) -> str:
-        """``http://HOST:PORT`` without a trailing slash (wildcard hosts map to loopback)."""
-        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)  # noqa: S104
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
-
-    def start(self) -> Self:
-        """Bind and serve from a daemon thread; returns once the socket is listening."""
-        if self._thread is not None:
-            raise RuntimeError("FakeChatKit already started")
-        ready = threading.Event()
-        failure: list[BaseException] = []
-        self._thread = threading.Thread(
-            target=self._run_thread, args=(ready, failure), name="fake-chatkit", daemon=True
-        )
-        self._thread.start()
-        ready.wait()
-        if failure:
-            self._thread.join()
-            self._thread = None
-            raise failure[0]
-        return self
-
-    def stop(self) -> None:
-        """Close the listener and every open connection, then stop the loop thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None or not thread.is_alive():
-            return
-        fut = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
-        with contextlib.suppress(Exception):
-            fut.result(timeout=5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-
-    def __enter__(self) -> Self:
-        return self if self._thread is not None else self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def _run_thread(self, ready: threading.Event, failure: list[BaseException]) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._bind())
-        except BaseException as exc:
-            failure.append(exc)
-            loop.close()
-            ready.set()
-            return
-        ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-    async def _bind(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._server = await asyncio.start_server(
-            self._handle_conn,
-            self.host,
-            self._requested_port,
-            limit=MAX_HEAD_BYTES,
-            backlog=1024,
-        )
-        self._port = self._server.sockets[0].getsockname()[1]
-
-    async def _shutdown(self) -> None:
-        self._closing = True
-        if self._server is not None:
-            self._server.close()
-        for task, writer in list(self._conns.items()):
-            writer.transport.abort()
-            task.cancel()
-        if self._conns:
-            await asyncio.gather(*self._conns, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
 
     # ------------------------------------------------------------- recording API
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        """A snapshot of the recorded requests (oldest first, at most ``max_history``)."""
-        with self._cond:
-            return list(self._records)
-
-    @property
-    def count(self) -> int:
-        """Number of requests received since construction or the last ``clear()``."""
-        with self._cond:
-            return self._count
-
-    @property
-    def connections(self) -> int:
-        """Number of TCP connections accepted since construction or the last ``clear()``."""
-        with self._cond:
-            return self._connections
-
     @property
     def last(self) -> RecordedRequest | None:
         """The most recent recorded request, if any."""
@@ -539,22 +403,10 @@ class FakeChatKit:
     def clear(self) -> None:
         """Forget recorded requests, scripted behaviours, the default override and sessions."""
         with self._cond:
-            self._records.clear()
-            self._count = 0
-            self._connections = 0
+            super().clear()
             self._queue.clear()
             self._default = None
             self._sessions.clear()
-
-    def wait_for(self, n: int, timeout: float = 5.0) -> list[RecordedRequest]:
-        """Block until at least ``n`` requests were received; return the snapshot.
-
-        Raises ``TimeoutError`` if that does not happen within ``timeout`` seconds.
-        """
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._count >= n, timeout):
-                raise TimeoutError(f"expected {n} requests, got {self._count} after {timeout}s")
-            return list(self._records)
 
     @property
     def sessions(self) -> dict[str, dict[str, Any]]:
@@ -584,31 +436,6 @@ class FakeChatKit:
             return self._queue.popleft() if self._queue else self._default
 
     # ---------------------------------------------------------------- HTTP layer
-    async def _handle_conn(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if self._closing:
-            writer.transport.abort()
-            return
-        self._conns[task] = writer
-        with self._cond:
-            self._connections += 1
-        try:
-            while await self._serve_one(reader, writer):
-                pass
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
-        except Exception as exc:  # pragma: no cover - defensive: never kill the loop
-            print(f"fake_chatkit: internal error: {exc!r}", file=sys.stderr)
-        finally:
-            self._conns.pop(task, None)
-            if self._closing:
-                writer.transport.abort()
-            else:
-                writer.close()
-
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Read and answer one request; return False when the connection must be closed."""
         try:
@@ -669,10 +496,7 @@ class FakeChatKit:
                 parsed = json.loads(raw_body)
             except ValueError:
                 parsed = None
-        with self._cond:
-            self._records.append(RecordedRequest(method, path, headers, parsed, raw_body))
-            self._count += 1
-            self._cond.notify_all()
+        self._record(RecordedRequest(method, path, headers, parsed, raw_body))
         if self.log_requests:
             print(f"fake_chatkit: {method} {path}", file=sys.stderr)
 
@@ -887,19 +711,7 @@ def main(argv: list[str] | None = None) -> int:
 async def _serve_cli(args: argparse.Namespace) -> int:
     fake = FakeChatKit(args.host, args.port, latency=args.latency, api_key=args.api_key)
     fake.log_requests = args.verbose
-    try:
-        await fake._bind()
-    except OSError as exc:
-        print(f"fake ChatKit API: cannot bind {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"fake ChatKit API listening on {fake.base_url}", flush=True)
-    await stop.wait()
-    await fake._shutdown()
-    return 0
+    return await serve_until_signalled(fake, "fake ChatKit API")
 
 
 if __name__ == "__main__":

@@ -23,24 +23,21 @@ import contextlib
 import json
 import re
 import secrets
-import signal
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
-from .fake_chatkit import RecordedRequest, error_envelope
+from ._loopback import ClientGone, LoopbackServer, RecordedRequest, serve_until_signalled
+from .fake_chatkit import error_envelope
 
 __all__ = ["Abort", "FakeResponses", "RecordedRequest", "Reply", "main"]
 
 RESPONSES_PATH = "/v1/responses"
 MAX_BODY_BYTES = 8 * 1024 * 1024  # histories can be long
-MAX_HEAD_BYTES = 64 * 1024
 _TOKEN_RE = re.compile(r"\s*\S+")
 
 _ERRORS: dict[int, tuple[str, str, str | None]] = {
@@ -107,17 +104,16 @@ class Abort:
     path: str
 
 
-class _ClientGone(Exception):
-    pass
-
-
-class FakeResponses:
+class FakeResponses(LoopbackServer):
     """In-process fake of the Responses API on a loopback socket.
 
     ``start()`` serves from a daemon thread; every public method is thread-safe. ``api_key``
     (when set) must arrive as ``Authorization: Bearer KEY``, else 401. ``token_delay`` seconds
     pass between text deltas and may be changed at runtime.
     """
+
+    _thread_name = "fake-responses"
+    _log_name = "fake_responses"
 
     def __init__(
         self,
@@ -128,29 +124,12 @@ class FakeResponses:
         token_delay: float = 0.0,
         max_history: int = 10_000,
     ) -> None:
-        self.host = host
+        super().__init__(host, port, max_history=max_history)
         self.api_key = api_key
         self.token_delay = token_delay
-        self._requested_port = port
-        self._port: int | None = None
-        self._cond = threading.Condition()
-        self._records: deque[RecordedRequest] = deque(maxlen=max_history)
-        self._count = 0
         self._completed = 0
         self._aborts: list[Abort] = []
         self._queue: deque[Reply] = deque()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.Server | None = None
-        self._conns: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
-        self._closing = False
-
-    # ----------------------------------------------------------------- lifecycle
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("FakeResponses is not started")
-        return self._port
 
     @property
     def base_url(self) -> str:
@@ -158,86 +137,7 @@ class FakeResponses:
         host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host  # noqa: S104
         return f"http://{host}:{self.port}/v1"
 
-    def start(self) -> Self:
-        """Bind and serve from a daemon thread; returns once the socket listens."""
-        if self._thread is not None:
-            raise RuntimeError("FakeResponses already started")
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def serve() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._bind())
-            except BaseException as exc:
-                failure.append(exc)
-                loop.close()
-                ready.set()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=serve, name="fake-responses", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if failure:
-            self._thread.join()
-            self._thread = None
-            raise failure[0]
-        return self
-
-    def stop(self) -> None:
-        """Close the listener and every open connection, then stop the thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None or not thread.is_alive():
-            return
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-
-    def __enter__(self) -> Self:
-        return self if self._thread is not None else self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def _bind(self) -> None:
-        self._server = await asyncio.start_server(
-            self._handle_conn, self.host, self._requested_port, limit=MAX_HEAD_BYTES, backlog=1024
-        )
-        self._port = self._server.sockets[0].getsockname()[1]
-
-    async def _shutdown(self) -> None:
-        self._closing = True
-        if self._server is not None:
-            self._server.close()
-        for task, writer in list(self._conns.items()):
-            writer.transport.abort()
-            task.cancel()
-        if self._conns:
-            await asyncio.gather(*self._conns, return_exceptions=True)
-
     # ---------------------------------------------------------- recording API
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        """Recorded requests, oldest first (bodies parsed in ``.json``)."""
-        with self._cond:
-            return list(self._records)
-
-    @property
-    def count(self) -> int:
-        """Requests received since start or the last ``clear()``."""
-        with self._cond:
-            return self._count
-
     @property
     def completed(self) -> int:
         """Streams that reached ``response.completed``."""
@@ -255,13 +155,6 @@ class FakeResponses:
         with self._cond:
             return len(self._aborts)
 
-    def wait_for(self, n: int, timeout: float = 5.0) -> list[RecordedRequest]:
-        """Block until ``n`` requests arrived (``TimeoutError`` otherwise)."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._count >= n, timeout):
-                raise TimeoutError(f"expected {n} requests, got {self._count} after {timeout}s")
-            return list(self._records)
-
     def wait_for_abort(self, n: int = 1, timeout: float = 5.0) -> list[Abort]:
         """Block until ``n`` clients hung up mid-answer (``TimeoutError`` otherwise)."""
         with self._cond:
@@ -272,10 +165,10 @@ class FakeResponses:
     def clear(self) -> None:
         """Forget recorded requests, aborts and scripted replies."""
         with self._cond:
-            self._records.clear()
+            super().clear()
             self._aborts.clear()
             self._queue.clear()
-            self._count = self._completed = 0
+            self._completed = 0
 
     def enqueue(self, *replies: Reply | str) -> None:
         """Script the next answers in order (a ``str`` is ``Reply(text=...)``)."""
@@ -292,26 +185,6 @@ class FakeResponses:
             return self._queue.popleft() if self._queue else Reply()
 
     # ------------------------------------------------------------ HTTP layer
-    async def _handle_conn(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if self._closing:
-            writer.transport.abort()
-            return
-        self._conns[task] = writer
-        try:
-            while await self._serve_one(reader, writer):
-                pass
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError, _ClientGone):
-            pass
-        except Exception as exc:  # pragma: no cover - never kill the loop
-            print(f"fake_responses: internal error: {exc!r}", file=sys.stderr)
-        finally:
-            self._conns.pop(task, None)
-            writer.transport.abort() if self._closing else writer.close()
-
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Answer one request; False when the connection must close."""
         try:
@@ -340,10 +213,7 @@ class FakeResponses:
             parsed = json.loads(raw) if raw else None
         except ValueError:
             parsed = None
-        with self._cond:
-            self._records.append(RecordedRequest(method, path, headers, parsed, raw))
-            self._count += 1
-            self._cond.notify_all()
+        self._record(RecordedRequest(method, path, headers, parsed, raw))
 
         keep_alive = "close" not in headers.get("connection", "").lower()
         route = path.split("?", 1)[0]
@@ -419,11 +289,11 @@ class FakeResponses:
                     return False
                 if reply.hang_after is not None and sent >= reply.hang_after:
                     await client_gone  # silent until the client gives up
-                    raise _ClientGone
+                    raise ClientGone
                 if delay > 0:
                     done, _ = await asyncio.wait({client_gone}, timeout=delay)
                     if done:
-                        raise _ClientGone
+                        raise ClientGone
                 await self._send(writer, client_gone,
                                  event("response.output_text.delta", item_id=item_id,
                                        output_index=0, content_index=0, delta=token,
@@ -444,9 +314,9 @@ class FakeResponses:
                 self._completed += 1
             writer.write(b"0\r\n\r\n")
             await writer.drain()
-        except (_ClientGone, ConnectionError):
+        except (ClientGone, ConnectionError):
             self._record_abort(started, sent, path)
-            raise _ClientGone from None
+            raise ClientGone from None
         finally:
             # Wait for the watcher to really stop: the next request on this connection must not
             # find it still reading (StreamReader allows one reader).
@@ -459,7 +329,7 @@ class FakeResponses:
         self, writer: asyncio.StreamWriter, client_gone: asyncio.Future[bytes], data: bytes
     ) -> None:
         if client_gone.done() or writer.transport.is_closing():
-            raise _ClientGone
+            raise ClientGone
         writer.write(b"%x\r\n%s\r\n" % (len(data), data))
         await writer.drain()
 
@@ -468,7 +338,7 @@ class FakeResponses:
     ) -> None:
         await reader.read()
         self._record_abort(started, sent, path)
-        raise _ClientGone
+        raise ClientGone
 
     def _record_abort(self, started: float, sent: int, path: str) -> None:
         with self._cond:
@@ -582,19 +452,7 @@ async def _serve_cli(args: argparse.Namespace) -> int:
     fake = FakeResponses(args.host, args.port, api_key=args.api_key, token_delay=args.token_delay)
     if args.reply is not None:
         fake._next_reply = lambda: Reply(text=args.reply)  # type: ignore[method-assign]
-    try:
-        await fake._bind()
-    except OSError as exc:
-        print(f"fake Responses API: cannot bind {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"fake Responses API listening on {fake.base_url}", flush=True)
-    await stop.wait()
-    await fake._shutdown()
-    return 0
+    return await serve_until_signalled(fake, "fake Responses API")
 
 
 if __name__ == "__main__":
