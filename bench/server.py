@@ -5,6 +5,7 @@ gives for ``github:openai/openai-chatkit-advanced-samples``, or ``git clone --ba
 
     .venv/bin/python bench/server.py --official-repo PATH [--official-venv DIR]
         [--concurrency 16,64] [--duration 10] [--capacity 50,100,200,300]
+        [--capacity-also GUNICORN_THREADS=128]   # a variant of ours for the capacity steps
 
 All on loopback, alternating targets so that noise on the shared machine hits each of them:
 
@@ -13,9 +14,12 @@ All on loopback, alternating targets so that noise on the shared machine hits ea
    ``threads.create`` again as soon as the answer ended, to: the fake itself (its own time to
    first delta), ours with the SQLite store, the official server, ours with the Redis store (db 3).
    Ours is ``gunicorn -c config/gunicorn.conf.py wsgi:app`` as shipped, limits on in Redis db 6.
-2. **Capacity**: a second fake with ``--capacity-token-delay`` (slow replies), fresh servers, and
-   for each step N visitors holding a long stream open, restarting it when it ends; measured are
-   the streams started during the window (each holder restarts once).
+2. **Capacity**: a second fake with ``--capacity-token-delay`` (slow replies), fresh servers;
+   for each step, N visitors open long streams (``--capacity-tokens`` deltas, started over
+   N/60 s, at most 5 s), and while all are held, ``--probes`` visitors send short messages for
+   ``--capacity-window`` seconds: their time to first delta, against the fake's own with the
+   same N held, says whether the instance still answers promptly. RSS per stream is (RSS with
+   N held - RSS after the warm-up) / N, summed over the server's processes.
 
 Per target: messages/s, server CPU per message (utime+stime from /proc of every process of the
 server), RSS, time to first text delta at the client, and the **added** time to first delta
