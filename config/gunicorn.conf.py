@@ -107,8 +107,15 @@ bind = _bind()
 # Threads must cover the concurrent mints (each holds a thread for the upstream's latency);
 # a third process spreads the GIL. ~52 MB per worker. Each thread holds at most one Redis
 # and one upstream keep-alive connection.
+#
+# Server mode (CHATKIT_BACKEND=server in the environment or .env): each open reply holds a
+# thread for its whole duration, so the default is 128 threads per worker, 3 x 128 = 384
+# concurrent replies. Measured (docs/benchmark.md, "Server mode against OpenAI's official
+# sample server"): 3 x 32 held 96 streams and queued the rest; 3 x 128 held 300 with +15 ms
+# (p50) / +26 ms (p99) added time to first delta. Idle threads cost ~0.15 MB each.
+SERVER_MODE = _env("CHATKIT_BACKEND", "hosted").lower() == "server"
 workers = _env_int("GUNICORN_WORKERS", 3, minimum=1)
-threads = _env_int("GUNICORN_THREADS", 32, minimum=1)
+threads = _env_int("GUNICORN_THREADS", 128 if SERVER_MODE else 32, minimum=1)
 worker_class = _env("GUNICORN_WORKER_CLASS", "gthread")
 
 # For gthread `timeout` only detects a stuck worker loop (a sync worker would be killed

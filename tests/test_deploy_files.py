@@ -97,7 +97,7 @@ ENV_DEFAULTS: dict[str, str | None] = {
     "RATELIMIT_SWALLOW_ERRORS": "false",
     "GUNICORN_BIND": None,
     "GUNICORN_WORKERS": "3",
-    "GUNICORN_THREADS": "32",
+    "GUNICORN_THREADS": None,
     "GUNICORN_WORKER_CLASS": "gthread",
     "GUNICORN_TIMEOUT": "30",
     "GUNICORN_GRACEFUL_TIMEOUT": "20",
@@ -957,3 +957,26 @@ def test_config_load_has_no_side_effects(monkeypatch):
     """--check-config / --print-config exec the file: nothing may be created then."""
     exec_gunicorn_conf(monkeypatch)
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+
+
+@pytest.mark.parametrize(
+    ("env", "threads"),
+    [({}, "32"), ({"CHATKIT_BACKEND": "server"}, "128"),
+     ({"CHATKIT_BACKEND": "server", "GUNICORN_THREADS": "48"}, "48")],
+)  # fmt: skip
+def test_gunicorn_threads_follow_the_backend(
+    env: dict, threads: str, tmp_path: Path
+) -> None:
+    """Server mode holds one thread per open reply: 3 x 128 by default (docs/deploy.md)."""
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("GUNICORN_", "CHATKIT_"))}
+    (tmp_path / "empty.env").write_text("")
+    environ["CHATKIT_ENV_FILE"] = str(tmp_path / "empty.env")
+    out = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py", "--print-config",
+         "wsgi:app"],
+        cwd=ROOT, env={**environ, **env}, capture_output=True, text=True, timeout=30, check=False,
+    ).stdout  # fmt: skip
+    assert re.search(rf"^threads\s+= {threads}$", out, re.M), out
