@@ -40,7 +40,7 @@ def chatkit_test_config(fake: FakeChatKit | None = None, **overrides: Any) -> di
     a host limiter handed to the extension). Pass ``RATELIMIT_ENABLED=True`` to test limits."""
     config: dict[str, Any] = {
         "OPENAI_API_KEY": TEST_API_KEY,
-        "SECRET_KEY": "chatkit-flask-test-secret-key-0123456789abcdef",
+        "SECRET_KEY": "test-cookie-signing-key-for-chatkit_flask-0123456789",
         "CHATKIT_WORKFLOW_ID": TEST_WORKFLOW_ID,
         "CHATKIT_COOKIE_SECURE": False,
         "RATELIMIT_ENABLED": False,
