@@ -35,21 +35,10 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from chatkit_flask.service import create_app
 from chatkit_flask.testing.fake_chatkit import FakeChatKit
 from chatkit_flask.testing.fake_responses import FakeResponses
+from tests.browser_support import CDN_PATTERN, CHROMIUM, CHROMIUM_ARGS, launch_browser
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
-CHROMIUM = os.environ.get("CHATKIT_TEST_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-CDN_PATTERN = "https://cdn.platform.openai.com/**"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 COOKIE = "chatkit_session_id"
 MODEL_KEY = "test-model-key-not-a-real-one"
@@ -78,24 +67,9 @@ SEND = """async ({ type, params, configure }) => {
 }"""
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must install it: apt-get install -y chromium; pip playwright)")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        _unavailable(f"Chromium not installed at {CHROMIUM} (apt-get install -y chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("Playwright for Python is not installed (pip install playwright)")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
+    yield from launch_browser()
 
 
 @pytest.fixture
