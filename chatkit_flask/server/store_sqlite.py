@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from chatkit.types import Page, ThreadItem, ThreadMetadata
 
@@ -185,20 +185,10 @@ class SQLiteStore(OwnerScopedStore):
     ) -> Page[ThreadMetadata]:
         limit = check_page_args(limit, order)
         with self._transaction(write=False) as db:
-            where, params = "owner = ? AND expires_at > ?", [owner, self._clock()]
-            if after is not None:
-                cursor = db.execute(
-                    "SELECT created_us, id FROM chatkit_threads WHERE id = ? AND owner = ?",
-                    (after, owner),
-                ).fetchone()
-                if cursor is None:
-                    not_found("thread", after)
-                where += _AFTER[order]
-                params += cursor
-            rows = db.execute(
-                f"SELECT data FROM chatkit_threads WHERE {where} {_ORDER_BY[order]} LIMIT ?",  # noqa: S608 (fixed fragments)
-                (*params, limit + 1),
-            ).fetchall()
+            rows = _page_rows(
+                db, "chatkit_threads", "owner = ? AND expires_at > ?", [owner, self._clock()],
+                "id = ? AND owner = ?", (after, owner), "thread", after, limit, order,
+            )  # fmt: skip
         return make_page([ThreadMetadata.model_validate_json(row[0]) for row in rows], limit)
 
     def _delete_thread(self, thread_id: str, owner: str) -> None:
@@ -212,20 +202,10 @@ class SQLiteStore(OwnerScopedStore):
         limit = check_page_args(limit, order)
         with self._transaction(write=False) as db:
             self._require_thread(db, thread_id, owner)
-            where, params = "thread_id = ? AND owner = ?", [thread_id, owner]
-            if after is not None:
-                cursor = db.execute(
-                    "SELECT created_us, id FROM chatkit_items WHERE thread_id = ? AND id = ?",
-                    (thread_id, after),
-                ).fetchone()
-                if cursor is None:
-                    not_found("item", after)
-                where += _AFTER[order]
-                params += cursor
-            rows = db.execute(
-                f"SELECT data FROM chatkit_items WHERE {where} {_ORDER_BY[order]} LIMIT ?",  # noqa: S608 (fixed fragments)
-                (*params, limit + 1),
-            ).fetchall()
+            rows = _page_rows(
+                db, "chatkit_items", "thread_id = ? AND owner = ?", [thread_id, owner],
+                "thread_id = ? AND id = ?", (thread_id, after), "item", after, limit, order,
+            )  # fmt: skip
         return make_page([ITEM_ADAPTER.validate_json(row[0]) for row in rows], limit)
 
     def _put_item(self, thread_id: str, item: ThreadItem, owner: str) -> None:
@@ -337,3 +317,33 @@ _AFTER = {
     "desc": " AND (created_us, id) < (?, ?)",
 }
 _ORDER_BY = {"asc": "ORDER BY created_us, id", "desc": "ORDER BY created_us DESC, id DESC"}
+
+
+def _page_rows(
+    db: sqlite3.Connection,
+    table: str,
+    scope: str,
+    params: list[Any],
+    cursor_scope: str,
+    cursor_params: tuple[Any, ...],
+    kind: str,
+    after: str | None,
+    limit: int,
+    order: str,
+) -> list[Any]:
+    """Up to ``limit + 1`` rows of ``table`` within ``scope``, in creation ``order``, after the
+    ``after`` record (found within ``cursor_scope``; missing or foreign: NotFoundError)."""
+    where, params = scope, list(params)
+    if after is not None:
+        cursor = db.execute(
+            f"SELECT created_us, id FROM {table} WHERE {cursor_scope}",  # noqa: S608 (fixed fragments)
+            cursor_params,
+        ).fetchone()
+        if cursor is None:
+            not_found(kind, after)
+        where += _AFTER[order]
+        params += cursor
+    return db.execute(
+        f"SELECT data FROM {table} WHERE {where} {_ORDER_BY[order]} LIMIT ?",  # noqa: S608 (fixed fragments)
+        (*params, limit + 1),
+    ).fetchall()
