@@ -60,6 +60,8 @@ def handle(
         request = server.parse(body)
     except RequestRefused as exc:
         raise ApiError(400, exc.code, exc.message) from None
+    except NotFoundError:  # an id the store could not have issued: the store is not asked
+        raise ApiError(404, "not_found", NOT_FOUND_MESSAGE) from None
 
     if not server.is_streaming(request):
         try:

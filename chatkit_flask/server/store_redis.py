@@ -171,6 +171,12 @@ _SCRIPTS = {
 }
 
 
+# Seconds a store command may wait for Redis unless the URL says otherwise
+# (redis://host/0?socket_timeout=1.5): well inside a request's own deadlines (30 s for a read,
+# CHATKIT_MODEL_TIMEOUT for a reply), so a hung Redis is a quick 503, not a hung worker thread.
+DEFAULT_TIMEOUT = 3.0
+
+
 class RedisStore(OwnerScopedStore):
     """Threads and items in the Redis at ``url``.
 
@@ -327,8 +333,12 @@ class RedisStore(OwnerScopedStore):
             if self._client_factory is not None:
                 client = self._client_factory()
             else:
-                # URL query options (socket_timeout=...) take precedence over these defaults.
-                client = Redis.from_url(self._url, socket_connect_timeout=5, socket_timeout=10)
+                # URL query options (?socket_timeout=...) take precedence over these defaults.
+                client = Redis.from_url(
+                    self._url,
+                    socket_connect_timeout=DEFAULT_TIMEOUT,
+                    socket_timeout=DEFAULT_TIMEOUT,
+                )
             self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
             self._client, self._client_loop, self._client_pid = client, loop, os.getpid()
         return self._client

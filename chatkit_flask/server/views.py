@@ -33,7 +33,7 @@ from ..web import (
 )
 from .context import RequestContext
 from .endpoint import STREAM_HEADERS, handle, stream_outcome
-from .protocol import RequestRefused, calls_model, streams
+from .protocol import NotFoundError, RequestRefused, calls_model, streams
 from .runtime import ServerRuntime
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
         """Whether the server will take this body (cheap: one cached pydantic adapter)."""
         try:
             runtime.server.parse(raw)
-        except RequestRefused:
+        except (RequestRefused, NotFoundError):
             return False
         return True
 
