@@ -209,3 +209,39 @@ def test_the_store_url_sets_its_own_timeout(
 
     assert response.status_code == 503
     assert time.monotonic() - started < 2
+
+
+# ------------------------------- the same through the extension's endpoint
+def test_the_endpoint_answers_a_malformed_thread_id_with_404_and_spends_no_message(
+    fake: FakeResponses, tmp_path: Any
+) -> None:
+    from chatkit_flask.service import create_app
+    from tests.test_server_mode import close_app, server_config
+
+    app = create_app(
+        server_config(
+            fake,
+            f"sqlite:///{tmp_path}/threads.db",
+            CHATKIT_RATELIMIT_PER_USER="1 per minute",
+        ),
+        environ={},
+    )
+    try:
+        client = app.test_client()
+        client.get("/api/chatkit/config")
+        bad = {
+            "type": "threads.add_user_message",
+            "params": {"thread_id": "x:items", "input": user_input("hi")},
+        }
+        refused = client.post("/api/chatkit", json=bad)
+        # the one message of the minute is still there
+        created = client.post(
+            "/api/chatkit", json={"type": "threads.create", "params": {"input": user_input("hi")}}
+        )
+
+        assert refused.status_code == 404
+        assert refused.get_json()["error"] == "not_found"
+        assert created.status_code == 200
+        assert sse_events(created.data)[0]["type"] == "thread.created"
+    finally:
+        close_app(app)
