@@ -27,7 +27,10 @@ from collections.abc import Callable
 
 from chatkit.types import Page, ThreadItem, ThreadMetadata
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ConstantBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from chatkit_flask.server.context import RequestContext
 from chatkit_flask.server.store import (
@@ -175,6 +178,14 @@ _SCRIPTS = {
 # (redis://host/0?socket_timeout=1.5): well inside a request's own deadlines (30 s for a read,
 # CHATKIT_MODEL_TIMEOUT for a reply), so a hung Redis is a quick 503, not a hung worker thread.
 DEFAULT_TIMEOUT = 3.0
+
+
+def _reconnect_once() -> Retry:
+    """One retry on a new connection when a pooled one turns out dead (a Redis restart closes
+    every pooled connection; without this each one failed one request with a 503). Only
+    connection errors: a timeout is not retried, so a hung Redis still fails within
+    ``DEFAULT_TIMEOUT``. The scripts are upserts and deletes, safe to run again."""
+    return Retry(ConstantBackoff(0.05), 1, supported_errors=(RedisConnectionError,))
 
 
 class RedisStore(OwnerScopedStore):
@@ -338,6 +349,7 @@ class RedisStore(OwnerScopedStore):
                     self._url,
                     socket_connect_timeout=DEFAULT_TIMEOUT,
                     socket_timeout=DEFAULT_TIMEOUT,
+                    retry=_reconnect_once(),
                 )
             self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
             self._client, self._client_loop, self._client_pid = client, loop, os.getpid()
