@@ -135,6 +135,11 @@ def check_command(live: bool) -> None:
         _fail(f"cannot reach the limiter storage at {uri} (RATELIMIT_STORAGE_URI)")
         failures += 1
 
+    if state.server is not None:
+        _echo("Thread store:")
+        for finding in state.server.store_findings:
+            _echo(f"  warn  {finding}")
+
     if live:
         _echo(f"Upstream ({settings.api_base}):")
         failures += _check_live(state)

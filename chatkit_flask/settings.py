@@ -521,6 +521,13 @@ _OPTION_LIST = [
         "(several hosts; keys must not be evicted).",
     ),
     Option(
+        "CHATKIT_STORE_REQUIRE_PERSISTENCE",
+        False,
+        _bool,
+        "Server mode, Redis store: refuse to start when its Redis would lose threads (no AOF or "
+        "RDB, or a maxmemory-policy that evicts); false: a warning at start-up.",
+    ),
+    Option(
         "CHATKIT_THREAD_TTL",
         2592000,
         _int_range(60, None),
@@ -649,6 +656,7 @@ class Settings:
     agent_tracing: bool
     model_timeout: float
     store_url: str
+    store_require_persistence: bool
     thread_ttl: int
     limit_requests_per_ip: str
     tokens_per_user: str
@@ -731,6 +739,7 @@ class Settings:
             agent_tracing=v["CHATKIT_AGENT_TRACING"],
             model_timeout=v["CHATKIT_MODEL_TIMEOUT"],
             store_url=v["CHATKIT_STORE_URL"],
+            store_require_persistence=v["CHATKIT_STORE_REQUIRE_PERSISTENCE"],
             thread_ttl=v["CHATKIT_THREAD_TTL"],
             limit_requests_per_ip=v["CHATKIT_RATELIMIT_REQUESTS_PER_IP"] or "",
             tokens_per_user=v["CHATKIT_TOKENS_PER_USER"] or "",

@@ -7,6 +7,7 @@ Each test runs its own ``redis-server`` (a free port, a temporary directory): ne
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import subprocess
 import time
@@ -19,10 +20,14 @@ import redis
 
 pytest.importorskip("chatkit")
 from chatkit.types import ThreadMetadata
+from flask import Flask
 
 from chatkit_flask.server.context import RequestContext
 from chatkit_flask.server.store import open_store
+from chatkit_flask.settings import ConfigError
+from chatkit_flask.testing.fake_responses import FakeResponses
 from tests.test_multiprocess import free_port
+from tests.test_server_mode import close_app
 
 CONTEXT = RequestContext(owner="visitor:alice", request_id="req-test")
 
@@ -124,3 +129,74 @@ def test_a_hung_store_is_still_not_retried(persistent_redis: PersistentRedis) ->
         return time.monotonic() - started
 
     assert asyncio.run(scenario()) < 0.9
+
+
+# ------------------------------------------- item 7: persistence at start-up
+def store_app(url: str, tmp_path: Path, **overrides: object) -> Flask:
+    from chatkit_flask.service import create_app
+    from tests.test_server_mode import server_config
+
+    with FakeResponses(api_key="k") as fake:
+        return create_app(server_config(fake, url, **overrides), environ={})
+
+
+@pytest.fixture
+def volatile_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
+    """A Redis as tests and caches run it: nothing on disk, evicting when full."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server)")
+    server = PersistentRedis(
+        tmp_path, "--appendonly", "no", "--save", "", "--maxmemory-policy", "allkeys-lru"
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_redis_store_that_would_lose_threads_is_reported_at_start_up(
+    volatile_redis: PersistentRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    logging.getLogger("chatkit_flask").addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="chatkit_flask"):
+            app = store_app(volatile_redis.url, tmp_path)
+    finally:
+        logging.getLogger("chatkit_flask").removeHandler(caplog.handler)
+    close_app(app)
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("keeps nothing on disk" in w and "loses every thread" in w for w in warnings)
+    assert any("maxmemory-policy allkeys-lru" in w and "noeviction" in w for w in warnings)
+
+
+def test_the_setting_refuses_such_a_store(volatile_redis: PersistentRedis, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        store_app(volatile_redis.url, tmp_path, CHATKIT_STORE_REQUIRE_PERSISTENCE=True)
+
+    assert refused.value.key == "CHATKIT_STORE_REQUIRE_PERSISTENCE"
+    assert "keeps nothing on disk" in str(refused.value)
+
+
+def test_a_durable_store_starts_with_the_setting_and_check_says_nothing(
+    persistent_redis: PersistentRedis, tmp_path: Path
+) -> None:
+    redis.Redis(port=persistent_redis.port).config_set("maxmemory-policy", "noeviction")
+    app = store_app(persistent_redis.url, tmp_path, CHATKIT_STORE_REQUIRE_PERSISTENCE=True)
+    try:
+        output = app.test_cli_runner().invoke(args=["chatkit", "check"]).output
+    finally:
+        close_app(app)
+
+    assert "Thread store:" in output
+    assert "keeps nothing on disk" not in output and "maxmemory-policy" not in output
+
+
+def test_check_names_what_would_be_lost(volatile_redis: PersistentRedis, tmp_path: Path) -> None:
+    app = store_app(volatile_redis.url, tmp_path)
+    try:
+        output = app.test_cli_runner().invoke(args=["chatkit", "check"]).output
+    finally:
+        close_app(app)
+
+    assert "warn  the thread store's Redis" in output
+    assert "loses every thread" in output

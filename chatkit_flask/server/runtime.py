@@ -8,15 +8,16 @@ import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
-from ..settings import Settings
+from ..settings import ConfigError, Settings
 from .agent import ModelClient, build_plain_agent, load_agent_spec
 from .bridge import AsyncBridge
 from .budget import TokenBudget
 from .context import RequestContext
 from .protocol import FlaskChatKitServer, TokenUsage
 from .slots import StreamSlots
-from .store import OwnerScopedStore, open_store
+from .store import REDIS_SCHEMES, OwnerScopedStore, open_store
 
 __all__ = ["ServerRuntime"]
 
@@ -33,6 +34,7 @@ class ServerRuntime:
         self.store: OwnerScopedStore = open_store(
             settings.store_url, thread_ttl=settings.thread_ttl
         )
+        self.store_findings = store_findings(settings)
         agent = (
             load_agent_spec(settings.agent)
             if settings.agent
@@ -77,3 +79,18 @@ class ServerRuntime:
                 hook(context, usage)
             except Exception:  # a hook must never break the answer
                 log.exception("chatkit_flask: usage hook failed")
+
+
+def store_findings(settings: Settings) -> list[str]:
+    """Warn at start-up (and refuse, when ``CHATKIT_STORE_REQUIRE_PERSISTENCE`` asks) about a
+    store that would lose threads; returns the findings for ``flask chatkit check``."""
+    if urlsplit(settings.store_url).scheme.lower() not in REDIS_SCHEMES:
+        return []
+    from .store_redis import persistence_findings
+
+    findings = persistence_findings(settings.store_url)
+    if findings and settings.store_require_persistence:
+        raise ConfigError("CHATKIT_STORE_REQUIRE_PERSISTENCE", "is true, but " + " ".join(findings))
+    for finding in findings:
+        log.warning("chatkit_flask: %s", finding)
+    return findings

@@ -38,6 +38,7 @@ from chatkit_flask.server.store import (
     OwnerScopedStore,
     check_page_args,
     make_page,
+    mask_url,
     not_found,
     sort_key,
     thread_json,
@@ -178,6 +179,51 @@ _SCRIPTS = {
 # (redis://host/0?socket_timeout=1.5): well inside a request's own deadlines (30 s for a read,
 # CHATKIT_MODEL_TIMEOUT for a reply), so a hung Redis is a quick 503, not a hung worker thread.
 DEFAULT_TIMEOUT = 3.0
+
+
+def persistence_findings(url: str, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
+    """What would make the store's Redis lose threads, in words an operator can act on: no
+    persistence (a restart loses every thread) or an eviction policy (Redis drops threads when
+    full). Empty when both are safe, or when Redis cannot be reached (start-up's store probe
+    reports that). ``CONFIG GET`` first; a managed Redis that disables it is read from ``INFO``.
+    """
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        try:
+            config = {**client.config_get("appendonly"), **client.config_get("save")}
+            config.update(client.config_get("maxmemory-policy"))
+            aof = config.get("appendonly") == "yes"
+            rdb: bool | None = bool((config.get("save") or "").strip())
+            policy = config.get("maxmemory-policy", "")
+        except redis.ResponseError:  # CONFIG renamed or refused (managed Redis)
+            info = {**client.info("persistence"), **client.info("memory")}
+            aof = bool(info.get("aof_enabled"))
+            rdb = None  # INFO does not say whether snapshots are scheduled
+            policy = str(info.get("maxmemory_policy", ""))
+    except redis.RedisError:
+        return []
+    finally:
+        client.close()
+    where = f"the thread store's Redis ({mask_url(url)})"
+    findings = []
+    if not aof and rdb is False:
+        findings.append(
+            f"{where} keeps nothing on disk (appendonly no, no save points): a restart of that "
+            "Redis loses every thread. Turn on AOF (appendonly yes) or RDB snapshots (save)."
+        )
+    elif not aof and rdb is None:
+        findings.append(
+            f"{where} has AOF off and its snapshot schedule cannot be read: a restart may lose "
+            "threads. Turn on AOF (appendonly yes)."
+        )
+    if policy != "noeviction":
+        findings.append(
+            f"{where} has maxmemory-policy {policy or 'unknown'}: when full it evicts threads "
+            "silently. Set maxmemory-policy noeviction (or give the store its own Redis)."
+        )
+    return findings
 
 
 def _reconnect_once() -> Retry:
