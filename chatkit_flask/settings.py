@@ -559,6 +559,13 @@ _OPTION_LIST = [
         "Server mode: replies one visitor or user may have streaming at once.",
     ),
     Option(
+        "CHATKIT_STREAM_SLOT_LEASE",
+        30,
+        _float_range(3, 600),
+        "Server mode: seconds a reply's stream slot outlives its last renewal (a streaming reply "
+        "renews it every third of this); after a worker dies its visitors wait at most this long.",
+    ),
+    Option(
         "CHATKIT_MAX_INPUT_CHARS",
         4000,
         _int_range(1, 100_000),
@@ -657,6 +664,7 @@ class Settings:
     model_timeout: float
     store_url: str
     store_require_persistence: bool
+    stream_slot_lease: float
     thread_ttl: int
     limit_requests_per_ip: str
     tokens_per_user: str
@@ -740,6 +748,7 @@ class Settings:
             model_timeout=v["CHATKIT_MODEL_TIMEOUT"],
             store_url=v["CHATKIT_STORE_URL"],
             store_require_persistence=v["CHATKIT_STORE_REQUIRE_PERSISTENCE"],
+            stream_slot_lease=v["CHATKIT_STREAM_SLOT_LEASE"],
             thread_ttl=v["CHATKIT_THREAD_TTL"],
             limit_requests_per_ip=v["CHATKIT_RATELIMIT_REQUESTS_PER_IP"] or "",
             tokens_per_user=v["CHATKIT_TOKENS_PER_USER"] or "",

@@ -63,7 +63,7 @@ class ServerRuntime:
             limiter_storage, settings.tokens_per_user, settings.tokens_global
         )
         self.slots = StreamSlots(
-            limiter_storage, settings.max_streams_per_user, lease=settings.model_timeout + 60
+            limiter_storage, settings.max_streams_per_user, lease=settings.stream_slot_lease
         )
 
     def _on_usage(self, context: RequestContext, usage: TokenUsage) -> None:

@@ -155,7 +155,8 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                     extra={"retry_after": wait, "scope": scope},
                 )
             )
-        if slot and not runtime.slots.acquire(owner):
+        held = runtime.slots.acquire(owner) if slot else None
+        if slot and held is None:
             g.chatkit_limit_scope = "streams"
             return refused_in_stream(
                 ApiError(
@@ -176,13 +177,16 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                 heartbeat=HEARTBEAT_SECONDS,
             )
         except BaseException:
-            if slot:
-                runtime.slots.release(owner)
+            if held is not None:
+                held.release()
             raise
         started = g.chatkit_started
         fields = _log_fields(response)
-        if slot:
-            response.call_on_close(lambda: runtime.slots.release(owner))
+        if held is not None:
+            if response.is_streamed:
+                response.response = held.hold(response.response)
+            else:  # a JSON refusal or a 404 decided before the stream: nothing to hold
+                held.release()
         if response.mimetype == "text/event-stream":
             g.chatkit_outcome = "streamed"
             # The line is written when the stream ends, however it ends.
