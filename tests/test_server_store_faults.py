@@ -26,6 +26,7 @@ from chatkit_flask.server.context import RequestContext
 from chatkit_flask.server.store import open_store
 from chatkit_flask.settings import ConfigError
 from chatkit_flask.testing.fake_responses import FakeResponses
+from tests.conftest import TEST_API_KEY
 from tests.test_multiprocess import free_port
 from tests.test_server_mode import close_app
 
@@ -136,7 +137,7 @@ def store_app(url: str, tmp_path: Path, **overrides: object) -> Flask:
     from chatkit_flask.service import create_app
     from tests.test_server_mode import server_config
 
-    with FakeResponses(api_key="k") as fake:
+    with FakeResponses(api_key=TEST_API_KEY) as fake:
         return create_app(server_config(fake, url, **overrides), environ={})
 
 

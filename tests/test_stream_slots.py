@@ -19,7 +19,7 @@ from limits.storage import storage_from_string
 
 from chatkit_flask.server.slots import StreamSlots
 from chatkit_flask.testing.fake_responses import FakeResponses, Reply
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, TEST_API_KEY
 from tests.server_support import sse_events, user_input
 
 OWNER = "visitor:alice"
@@ -32,7 +32,7 @@ def slots_on_redis(real_redis: Any) -> Any:
 
 
 def snapshot(real_redis: Any) -> tuple[list[Any], int]:
-    key = StreamSlots.key(OWNER)
+    key = f"chatkit:streams:{OWNER}"
     return real_redis.zrange(key, 0, -1, withscores=True), real_redis.pttl(key)
 
 
@@ -185,3 +185,62 @@ def _worker_pid(service: Any) -> int:
     pids = [int(p) for p in children.read_text().split()]
     assert len(pids) == 1
     return pids[0]
+
+
+# ------------------------------------------ issue 22 item 8: one reply per thread
+@pytest.mark.parametrize("storage", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def test_a_second_message_to_a_thread_waits_for_the_first_reply(
+    storage: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    from chatkit_flask.service import create_app
+    from tests.test_server_mode import (
+        answer,
+        assert_refused_in_stream,
+        close_app,
+        item_list,
+        message_body,
+        post,
+        server_config,
+    )
+
+    if storage == "redis":
+        request.getfixturevalue("real_redis")
+    with FakeResponses(api_key=TEST_API_KEY) as fake:
+        app = create_app(
+            server_config(
+                fake,
+                f"sqlite:///{tmp_path}/threads.db",
+                RATELIMIT_STORAGE_URI="memory://" if storage == "memory" else REDIS_URL,
+            ),
+            environ={},
+        )
+        try:
+            client = app.test_client()
+            created = post(client, {"type": "threads.create", "params": {"input": user_input("a")}})
+            thread_id = sse_events(created.data)[0]["thread"]["id"]
+            other = sse_events(
+                post(client, {"type": "threads.create", "params": {"input": user_input("b")}}).data
+            )[0]["thread"]["id"]
+            slow_text = " ".join(f"w{i}" for i in range(15))
+            fake.enqueue(Reply(text=slow_text, token_delay=0.1))
+            results: dict[str, Any] = {}
+            first = threading.Thread(
+                target=lambda: results.update(first=post(client, message_body(thread_id, "one")))
+            )
+            first.start()
+            fake.wait_for(3)  # the first reply in that thread is streaming
+
+            second = post(client, message_body(thread_id, "two"))
+            elsewhere = post(client, message_body(other, "in another thread"))
+            first.join(20)
+            after = post(client, message_body(thread_id, "three"))
+            items = item_list(client, thread_id)
+        finally:
+            close_app(app)
+
+    assert_refused_in_stream(second, "A reply is still being written in this conversation")
+    assert answer(sse_events(elsewhere.data)) == "You said: in another thread"
+    assert answer(sse_events(results["first"].data)) == slow_text
+    assert answer(sse_events(after.data)) == "You said: three"
+    user_texts = [i["content"][0]["text"] for i in items if i["type"] == "user_message"]
+    assert user_texts == ["a", "one", "three"]  # the refused message was never stored

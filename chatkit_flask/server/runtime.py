@@ -65,6 +65,11 @@ class ServerRuntime:
         self.slots = StreamSlots(
             limiter_storage, settings.max_streams_per_user, lease=settings.stream_slot_lease
         )
+        # One reply at a time per thread (the widget never sends two; a second one could answer
+        # the wrong message): a slot of one per thread, held like the visitor's.
+        self.thread_replies = StreamSlots(
+            limiter_storage, 1, lease=settings.stream_slot_lease, prefix="chatkit:replying"
+        )
 
     def _on_usage(self, context: RequestContext, usage: TokenUsage) -> None:
         """On the loop after every answer: keep it for the log line, tell the hooks."""

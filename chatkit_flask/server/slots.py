@@ -107,11 +107,16 @@ class _HeldBody:
 class StreamSlots:
     """At most ``cap`` concurrent streams per owner. ``storage`` returns the limiter's storage
     (or None while limits are off: then nothing is counted). A slot lapses ``lease`` seconds
-    after its last renewal; a streaming reply renews it every ``lease / 3`` seconds."""
+    after its last renewal; a streaming reply renews it every ``lease / 3`` seconds. ``prefix``
+    names the Redis keys: the same mechanism with ``cap=1`` and a thread as the owner
+    serialises the replies of one thread."""
 
-    def __init__(self, storage: Callable[[], Any], cap: int, lease: float) -> None:
+    def __init__(
+        self, storage: Callable[[], Any], cap: int, lease: float, prefix: str = "chatkit:streams"
+    ) -> None:
         self._storage = storage
         self.cap = cap
+        self.prefix = prefix
         self.lease_ms = max(1000, int(lease * 1000))
         self.renew_every = lease / 3
         self._local: defaultdict[str, set[str]] = defaultdict(set)
@@ -129,9 +134,8 @@ class StreamSlots:
             self._scripts[id(storage)] = scripts  # type: ignore[assignment]
         return scripts
 
-    @staticmethod
-    def key(owner: str) -> str:
-        return f"chatkit:streams:{owner}"
+    def key(self, owner: str) -> str:
+        return f"{self.prefix}:{owner}"
 
     def acquire(self, owner: str) -> Slot | None:
         """A slot for one reply of ``owner``, or None when they already stream ``cap``."""

@@ -54,6 +54,7 @@ _LIMIT_MESSAGES = {
     "global": "The chat is very busy right now",
     "requests": "Too many requests came from your network",
     "streams": "You already have replies on the way",
+    "thread_busy": "A reply is still being written in this conversation",
     "tokens": "You have used up your share of the assistant for now",
     "tokens_global": "The assistant has used up the site's budget for now",
 }
@@ -126,6 +127,10 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
         # with a 400 (too long, malformed, attachments) falls under the requests limit alone.
         g.chatkit_is_message = calls_model(g.chatkit_request_type) and acceptable(raw)
         g.chatkit_body = raw
+        # The thread a message answers in (threads.create makes a new one): one reply at a time.
+        params = body.get("params")
+        thread_id = params.get("thread_id") if isinstance(params, dict) else None
+        g.chatkit_thread_id = thread_id if isinstance(thread_id, str) else None
 
     def chatkit() -> Response:
         """One ChatKit request for the caller."""
@@ -167,6 +172,23 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                     extra={"retry_after": 5, "scope": "streams"},
                 )
             )
+        thread_id = g.chatkit_thread_id if held is not None else None
+        thread_held = (
+            runtime.thread_replies.acquire(f"{owner}:{thread_id}") if thread_id else None
+        )
+        if thread_id and thread_held is None:
+            held.release()  # type: ignore[union-attr]
+            g.chatkit_limit_scope = "thread_busy"
+            return refused_in_stream(
+                ApiError(
+                    409,
+                    "thread_busy",
+                    f"{_LIMIT_MESSAGES['thread_busy']}. Send again when it is done.",
+                    headers={"Retry-After": "2"},
+                    extra={"retry_after": 2, "scope": "thread_busy"},
+                )
+            )
+        holds = [h for h in (held, thread_held) if h is not None]
         try:
             response = handle(
                 runtime.server,
@@ -177,16 +199,16 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                 heartbeat=HEARTBEAT_SECONDS,
             )
         except BaseException:
-            if held is not None:
-                held.release()
+            for hold in holds:
+                hold.release()
             raise
         started = g.chatkit_started
         fields = _log_fields(response)
-        if held is not None:
+        for hold in holds:
             if response.is_streamed:
-                response.response = held.hold(response.response)
-            else:  # a JSON refusal or a 404 decided before the stream: nothing to hold
-                held.release()
+                response.response = hold.hold(response.response)
+            else:  # an answer decided before any stream: nothing to hold
+                hold.release()
         if response.mimetype == "text/event-stream":
             g.chatkit_outcome = "streamed"
             # The line is written when the stream ends, however it ends.
