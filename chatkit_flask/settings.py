@@ -566,6 +566,13 @@ _OPTION_LIST = [
         "renews it every third of this); after a worker dies its visitors wait at most this long.",
     ),
     Option(
+        "CHATKIT_STREAM_WRITE_TIMEOUT",
+        20,
+        _float_range(1, 600),
+        "Server mode: seconds a reply may wait on a client that does not read before it is "
+        "dropped (the model call aborted, the thread and the slot freed).",
+    ),
+    Option(
         "CHATKIT_MAX_INPUT_CHARS",
         4000,
         _int_range(1, 100_000),
@@ -665,6 +672,7 @@ class Settings:
     store_url: str
     store_require_persistence: bool
     stream_slot_lease: float
+    stream_write_timeout: float
     thread_ttl: int
     limit_requests_per_ip: str
     tokens_per_user: str
@@ -749,6 +757,7 @@ class Settings:
             store_url=v["CHATKIT_STORE_URL"],
             store_require_persistence=v["CHATKIT_STORE_REQUIRE_PERSISTENCE"],
             stream_slot_lease=v["CHATKIT_STREAM_SLOT_LEASE"],
+            stream_write_timeout=v["CHATKIT_STREAM_WRITE_TIMEOUT"],
             thread_ttl=v["CHATKIT_THREAD_TTL"],
             limit_requests_per_ip=v["CHATKIT_RATELIMIT_REQUESTS_PER_IP"] or "",
             tokens_per_user=v["CHATKIT_TOKENS_PER_USER"] or "",

@@ -10,7 +10,9 @@ time (and a ``Retry-After`` header); refusals of a read are a 429 JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -58,6 +60,21 @@ _LIMIT_MESSAGES = {
     "tokens": "You have used up your share of the assistant for now",
     "tokens_global": "The assistant has used up the site's budget for now",
 }
+
+
+def _socket_shutdown(environ: dict[str, Any]) -> Callable[[], None] | None:
+    """What drops a client that stopped reading: shutting its socket down makes the server's
+    blocked write fail at once (gunicorn puts the socket in the environ; other servers: None,
+    and only the answer is cancelled)."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def shutdown() -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    return shutdown
 
 
 def create_runtime(settings: Settings, limiter: Callable[[], Limiter]) -> ServerRuntime:
@@ -197,6 +214,8 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                 context,
                 timeout=settings.model_timeout,
                 heartbeat=HEARTBEAT_SECONDS,
+                write_timeout=settings.stream_write_timeout,
+                on_stall=_socket_shutdown(request.environ),
             )
         except BaseException:
             for hold in holds:
