@@ -40,16 +40,27 @@ def test_the_suite_redis_is_a_process_the_suite_started(
     assert real_redis.config_get("appendonly")["appendonly"] == "no"
 
 
-def test_a_private_server_never_takes_over_a_port_another_server_holds() -> None:
+def test_a_private_server_never_takes_over_a_port_another_server_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The check that makes the suite safe: a server already on the port is not ours, so start
     fails instead of handing out (and later flushing) somebody else's Redis."""
     other = start_redis_or_skip(RedisServer())
     try:
         other.client().set("their-data", "keep")
         intruder = RedisServer(port=other.port)
+        made: list[str] = []
+        mkdtemp = tempfile.mkdtemp
+
+        def recorded_mkdtemp(**options: str) -> str:
+            made.append(mkdtemp(**options))
+            return made[-1]
+
+        monkeypatch.setattr(tempfile, "mkdtemp", recorded_mkdtemp)
         with pytest.raises(RuntimeError, match=f"did not start on 127.0.0.1:{other.port}"):
             intruder.start()
         assert intruder.process is None
+        assert len(made) == 1 and not Path(made[0]).exists()  # its directory is gone too
         assert other.client().get("their-data") == b"keep"
     finally:
         other.stop()

@@ -129,6 +129,7 @@ class RedisServer:
             client.close()
         tail = log.read_text(errors="replace")[-600:] if log.exists() else ""
         self._end(signal.SIGKILL)
+        self.stop()  # removes the directory it made
         raise RuntimeError(f"redis-server did not start on {self.host}:{self.port}: {tail}")
 
     def stop(self) -> None:
