@@ -58,6 +58,7 @@ def redis_server() -> Iterator[RedisServer]:
     yield start_redis_or_skip(SUITE_REDIS)
     SUITE_REDIS.stop()
 
+
 @pytest.fixture
 def real_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
     """The suite's Redis, database 15 (``REDIS_URL``), emptied before and after the test."""
