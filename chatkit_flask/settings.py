@@ -559,6 +559,21 @@ _OPTION_LIST = [
         "Server mode: replies one visitor or user may have streaming at once.",
     ),
     Option(
+        "CHATKIT_MAX_STREAMS_PER_IP",
+        10,
+        _int_range(1, 100_000),
+        "Server mode: replies streaming at once to one client network (IPv4 address, IPv6 "
+        "network of CHATKIT_IPV6_PREFIX bits), across workers and hosts.",
+    ),
+    Option(
+        "CHATKIT_MAX_STREAMS_PER_WORKER",
+        0,
+        _int_range(0, 100_000),
+        "Server mode: replies one worker process streams at once (each holds a thread); 0 = no "
+        "cap. config/gunicorn.conf.py sets GUNICORN_THREADS - 8 when unset: the instance holds "
+        "workers x that many.",
+    ),
+    Option(
         "CHATKIT_STREAM_SLOT_LEASE",
         30,
         _float_range(3, 600),
@@ -672,6 +687,8 @@ class Settings:
     store_url: str
     store_require_persistence: bool
     stream_slot_lease: float
+    max_streams_per_ip: int
+    max_streams_per_worker: int
     stream_write_timeout: float
     thread_ttl: int
     limit_requests_per_ip: str
@@ -757,6 +774,8 @@ class Settings:
             store_url=v["CHATKIT_STORE_URL"],
             store_require_persistence=v["CHATKIT_STORE_REQUIRE_PERSISTENCE"],
             stream_slot_lease=v["CHATKIT_STREAM_SLOT_LEASE"],
+            max_streams_per_ip=v["CHATKIT_MAX_STREAMS_PER_IP"],
+            max_streams_per_worker=v["CHATKIT_MAX_STREAMS_PER_WORKER"],
             stream_write_timeout=v["CHATKIT_STREAM_WRITE_TIMEOUT"],
             thread_ttl=v["CHATKIT_THREAD_TTL"],
             limit_requests_per_ip=v["CHATKIT_RATELIMIT_REQUESTS_PER_IP"] or "",

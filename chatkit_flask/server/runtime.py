@@ -65,6 +65,21 @@ class ServerRuntime:
         self.slots = StreamSlots(
             limiter_storage, settings.max_streams_per_user, lease=settings.stream_slot_lease
         )
+        # Open replies per client network (IPv4 address, IPv6 /64) across workers and hosts, and
+        # per worker process (each open reply holds one of its threads: keep some for reads).
+        self.network_streams = StreamSlots(
+            limiter_storage,
+            settings.max_streams_per_ip,
+            lease=settings.stream_slot_lease,
+            prefix="chatkit:streams-ip",
+        )
+        self.worker_streams = StreamSlots(
+            lambda: "this process",
+            settings.max_streams_per_worker or 1_000_000,
+            lease=settings.stream_slot_lease,
+            prefix="chatkit:streams-worker",
+            in_process=True,
+        )
         # One reply at a time per thread (the widget never sends two; a second one could answer
         # the wrong message): a slot of one per thread, held like the visitor's.
         self.thread_replies = StreamSlots(
