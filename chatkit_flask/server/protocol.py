@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 from agents import Runner
@@ -26,10 +27,17 @@ from chatkit.errors import CustomStreamError
 from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
 from chatkit.store import NotFoundError, Store
 from chatkit.types import (
+    AssistantMessageContentPartTextDelta,
+    AssistantMessageItem,
     ChatKitReq,
     FeedbackKind,
     ItemsFeedbackReq,
     ItemsListReq,
+    SDKHiddenContextItem,
+    ThreadItem,
+    ThreadItemAddedEvent,
+    ThreadItemDoneEvent,
+    ThreadItemUpdatedEvent,
     ThreadMetadata,
     ThreadsAddUserMessageReq,
     ThreadsCreateReq,
@@ -102,6 +110,8 @@ MAX_FEEDBACK_ITEMS = 100
 
 BUSY_MESSAGE = "The assistant is busy right now. Please try again in a moment."
 FAILED_MESSAGE = "The assistant could not answer just now. Please try again."
+# Stored (hidden from the visitor) after an answer a model failure cut short.
+CUT_NOTE = "The previous answer was cut off by an error before it was finished."
 
 # Built once: building it per request is a quarter of the server's CPU per message.
 _REQUEST_ADAPTER: TypeAdapter[ChatKitReq] = TypeAdapter(ChatKitReq)
@@ -345,11 +355,13 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
             run_config=self.model.run_config() if self.model is not None else None,
         )
         outcome: Literal["completed", "failed", "cancelled"] = "cancelled"
+        unfinished: dict[str, ThreadItem] = {}  # what the visitor has seen of unfinished items
         try:
             async for event in stream_agent_response(agent_context, result):
                 # The model's first output: what a visitor waits for (the frames before it,
                 # thread and user item, leave before the model is called).
                 context.report.setdefault("first_answer_at", time.perf_counter())
+                self._follow(unfinished, event)
                 yield event
             outcome = "completed"
         except Exception as exc:
@@ -361,6 +373,8 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
                 getattr(exc, "status_code", "-"),
                 context.request_id,
             )
+            for event in self._keep_cut_answer(thread, unfinished, context):
+                yield event
             message = BUSY_MESSAGE if isinstance(exc, RateLimitError) else FAILED_MESSAGE
             raise CustomStreamError(message, allow_retry=True) from None
         finally:
@@ -370,6 +384,41 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
             if outcome != "completed":
                 _release_event_reader(agent_context)
             self._report_usage(context, result.context_wrapper.usage, outcome)
+
+    def _follow(self, unfinished: dict[str, ThreadItem], event: ThreadStreamEvent) -> None:
+        """Keep the assistant messages being streamed up to date (as the SDK does for a
+        cancelled stream), so a cut answer can be stored as the visitor saw it."""
+        match event:
+            case ThreadItemAddedEvent(item=AssistantMessageItem() as item):
+                unfinished[item.id] = item.model_copy(deep=True)
+            case ThreadItemUpdatedEvent():
+                if not isinstance(event.update, AssistantMessageContentPartTextDelta):
+                    # Parts are assigned, not copied: the SDK's own copy must not share them.
+                    event = event.model_copy(deep=True)
+                self._update_pending_items(unfinished, event)
+            case ThreadItemDoneEvent():
+                unfinished.pop(event.item.id, None)
+
+    def _keep_cut_answer(
+        self, thread: ThreadMetadata, unfinished: dict[str, ThreadItem], context: RequestContext
+    ) -> list[ThreadStreamEvent]:
+        """The events that store an answer cut by a model failure the way ChatKit stores a
+        cancelled one: the text the visitor read, then a hidden note for the next turn."""
+        kept: list[ThreadStreamEvent] = [
+            ThreadItemDoneEvent(item=item)
+            for item in unfinished.values()
+            if isinstance(item, AssistantMessageItem)
+            and any(part.text.strip() for part in item.content)
+        ]
+        if kept:
+            note = SDKHiddenContextItem(
+                thread_id=thread.id,
+                created_at=datetime.now(),
+                id=self.store.generate_item_id("sdk_hidden_context", thread, context),
+                content=CUT_NOTE,
+            )
+            kept.append(ThreadItemDoneEvent(item=note))
+        return kept
 
     def _report_usage(
         self,
