@@ -417,10 +417,9 @@ def purge_command(visitor: str | None, user: str | None, yes: bool) -> None:
 
 @chatkit_cli.command("prune")
 def prune_command() -> None:
-    """Delete expired threads from a store without native expiry (SQLite)."""
+    """Apply CHATKIT_THREAD_TTL to every stored thread: delete those inactive for longer (Redis:
+    re-expire the others from their last activity). Run it after shortening the TTL."""
     server = _server(_state())
-    prune = getattr(server.store, "prune", None)
-    if prune is None:
-        _echo("Nothing to prune: this store expires threads itself (Redis TTL).")
-        return
-    _echo(f"Pruned {prune()} expired thread(s) (CHATKIT_THREAD_TTL={server.settings.thread_ttl}s).")
+    pruned = server.bridge.run(lambda: server.store.prune(), 600)
+    ttl = server.settings.thread_ttl
+    _echo(f"Pruned {pruned} thread(s) inactive for CHATKIT_THREAD_TTL={ttl}s or more.")
