@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Flask
 from flask_cors import CORS
-from flask_limiter import Limiter
+from flask_limiter import ExemptionScope, Limiter
 
 from .cli import chatkit_cli
 from .hosted import make_hosted_blueprint
@@ -97,10 +97,14 @@ class ChatKit:
             server=server,
         )
         app.extensions["chatkit"] = state
-        if server is not None:
-            app.register_blueprint(make_server_blueprint(state))
-        else:
-            app.register_blueprint(make_hosted_blueprint(state))
+        blueprint = (
+            make_server_blueprint(state) if server is not None else make_hosted_blueprint(state)
+        )
+        app.register_blueprint(blueprint)
+        if not settings.host_default_limits:
+            # The chat's routes (its config and static helper too) answer to the chat's own
+            # limits: a visitor who browses past the site's default limits keeps the chat.
+            limiter.exempt(blueprint, flags=ExemptionScope.DEFAULT)
         app.cli.add_command(chatkit_cli)
         guard_header_hook(app, limiter)
         if settings.metrics_enabled:

@@ -557,6 +557,13 @@ _OPTION_LIST = [
         _int_range(1, 100_000),
         "Server mode: longest user message in characters (longer: 400 before the model).",
     ),
+    Option(
+        "CHATKIT_HOST_DEFAULT_LIMITS",
+        False,
+        _bool,
+        "true: a handed-over limiter's default limits count the chat's routes too (by default "
+        "only the chat's own limits and the host's application limits do).",
+    ),
     # Flask-Limiter's own keys, with its defaults; validated here, read by Flask-Limiter.
     Option("RATELIMIT_ENABLED", True, _bool, "Flask-Limiter: false turns every limit off."),
     Option(
@@ -655,6 +662,7 @@ class Settings:
     tokens_global: str
     max_streams_per_user: int
     max_input_chars: int
+    host_default_limits: bool
     ratelimit_enabled: bool
     storage_uri: str
     strategy: str
@@ -737,6 +745,7 @@ class Settings:
             tokens_global=v["CHATKIT_TOKENS_GLOBAL"] or "",
             max_streams_per_user=v["CHATKIT_MAX_STREAMS_PER_USER"],
             max_input_chars=v["CHATKIT_MAX_INPUT_CHARS"],
+            host_default_limits=v["CHATKIT_HOST_DEFAULT_LIMITS"],
             ratelimit_enabled=v["RATELIMIT_ENABLED"],
             storage_uri=v["RATELIMIT_STORAGE_URI"],
             strategy=v["RATELIMIT_STRATEGY"],

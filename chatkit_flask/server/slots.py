@@ -64,6 +64,20 @@ class StreamSlots:
     def _key(owner: str) -> str:
         return f"chatkit:streams:{owner}"
 
+    def open_streams(self, owner: str) -> int | None:
+        """How many slots ``owner`` holds now across every worker; None when they are counted
+        per process (no Redis: each worker knows only its own). Storage errors propagate."""
+        if self._storage() is None or self._redis() is None:
+            return None
+        client = self._storage().get_connection()
+        return int(client.get(self._key(owner)) or 0)
+
+    def clear(self, owner: str) -> None:
+        """Free every slot of ``owner`` (a support case: streams a crashed worker left behind
+        expire with their lease anyway). Storage errors propagate."""
+        if self._storage() is not None and self._redis() is not None:
+            self._storage().get_connection().delete(self._key(owner))
+
     def acquire(self, owner: str) -> bool:
         """Take a slot for ``owner``; False when they already stream ``cap`` replies."""
         if self._storage() is None:
