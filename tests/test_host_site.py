@@ -8,6 +8,7 @@ loopback socket (FakeResponses), limits in the real Redis and threads in SQLite 
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -306,3 +307,129 @@ def test_the_sites_default_limits_do_not_throttle_the_chat(
     assert "Exempt" in chat and "3 per 1 hour" not in chat
     assert "4 per 1 minute" in shown.split("chatkit.chatkit", 1)[1].split("chatkit.config", 1)[0]
     assert "3 per 1 hour" in shown.split("page: /page", 1)[1]
+
+
+# -- 7. log-out forgets the anonymous visitor; log-in may adopt their threads --------------------
+
+
+@pytest.mark.parametrize("forget", [True, False])
+def test_log_out_forgets_the_anonymous_visitor(
+    fake: FakeResponses, tmp_path: Path, forget: bool
+) -> None:
+    app = login_host(
+        server_config(
+            fake, f"sqlite:///{tmp_path}/threads.db", CHATKIT_FORGET_VISITOR_ON_LOGOUT=forget
+        )
+    )
+    client = app.test_client()  # a shared computer's browser
+    send(client, "asked before logging in")
+    before = client.get_cookie(COOKIE).value
+    assert len(thread_ids(client)) == 1
+    client.post("/login", data={"user": "ada"})
+    assert thread_ids(client) == []  # the account's own threads (adoption is off)
+    logout = client.post("/logout")
+    if not forget:  # the site chose to keep the visitor: the old threads come back
+        assert len(thread_ids(client)) == 1
+        return
+    dropped = [h for h in logout.headers.getlist("Set-Cookie") if h.startswith(f"{COOKIE}=")]
+    assert dropped and "Max-Age=0" in dropped[0] and "Path=/" in dropped[0]
+    assert client.get_cookie(COOKIE) is None
+    assert thread_ids(client) == []  # the next person is a new visitor
+    assert client.get_cookie(COOKIE).value != before
+
+
+def test_log_in_adopts_the_visitors_threads_when_the_site_chooses(
+    fake: FakeResponses, store_url: str
+) -> None:
+    app = login_host(server_config(fake, store_url, CHATKIT_ADOPT_VISITOR_THREADS=True))
+    client = app.test_client()
+    mine = sorted(send(client, text)[0]["thread"]["id"] for text in ("one", "two"))
+    other = app.test_client()
+    send(other, "someone else's")
+    other.post("/login", data={"user": "bob"})
+
+    client.post("/login", data={"user": "ada"})
+    assert sorted(thread_ids(client)) == mine
+    assert send(client, "and now signed in", mine[0])[0]["type"] != "error"
+    assert "2 thread(s)" in run(app, "threads", "--user", "ada").output
+    bobs = thread_ids(other)  # bob adopted his own anonymous thread, nobody else's
+    assert len(bobs) == 1 and bobs[0] not in mine
+    client.post("/logout")
+    assert thread_ids(client) == []  # adopted threads are the account's, not the browser's
+    client.post("/login", data={"user": "ada"})
+    assert sorted(thread_ids(client)) == mine
+
+
+def test_a_site_without_flask_login_calls_the_one_liners(
+    fake: FakeResponses, tmp_path: Path
+) -> None:
+    from flask import session
+
+    app = Flask("host")
+    app.config.update(server_config(fake, f"sqlite:///{tmp_path}/threads.db"))
+    chatkit = ChatKit(app)
+    chatkit.user_loader(lambda: session.get("user"))
+    adopted: list[int] = []
+
+    @app.post("/sign-in")
+    def sign_in() -> Any:
+        session["user"] = request.form["user"]
+        adopted.append(chatkit.adopt_visitor_threads())
+        return jsonify(ok=True)
+
+    @app.post("/sign-out")
+    def sign_out() -> Any:
+        session.pop("user", None)
+        chatkit.forget_visitor()
+        return jsonify(ok=True)
+
+    client = app.test_client()
+    thread = send(client, "anonymous question")[0]["thread"]["id"]
+    client.post("/sign-in", data={"user": "ada"})
+    assert adopted == [1]
+    assert thread_ids(client) == [thread]
+    client.post("/sign-out")
+    assert thread_ids(client) == []
+    client.post("/sign-in", data={"user": "ada"})
+    assert adopted == [1, 0]  # a fresh visitor has nothing to give
+    assert thread_ids(client) == [thread]
+
+
+# -- 8. a shortened retention reaches the threads already stored ---------------------------------
+
+
+def age(store_url: str, thread_id: str, seconds: int) -> None:
+    """Make a stored thread's last activity ``seconds`` older, as if written that long ago."""
+    if store_url.startswith("sqlite:///"):
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as db:
+            db.execute(
+                "UPDATE chatkit_threads SET updated_at = updated_at - ? WHERE id = ?",
+                (seconds, thread_id),
+            )
+        return
+    client = redis.Redis.from_url(store_url)
+    assert client.hincrby(f"chatkit:store:thread:{thread_id}", "active", -seconds * 1000)
+    client.close()
+
+
+def test_a_shortened_ttl_prunes_older_threads(fake: FakeResponses, store_url: str) -> None:
+    app = login_host(server_config(fake, store_url))  # the default: 30 days
+    client = app.test_client()
+    old = send(client, "ten minutes ago")[0]["thread"]["id"]
+    age(store_url, old, 600)
+    new = send(client, "just now")[0]["thread"]["id"]
+
+    shortened = login_host(server_config(fake, store_url, CHATKIT_THREAD_TTL=60))
+    result = run(shortened, "prune")
+    assert result.exit_code == 0, result.output
+    assert "Pruned 1 thread(s) inactive for CHATKIT_THREAD_TTL=60s or more." in result.output
+    assert thread_ids(client) == [new]  # gone for every worker, whatever TTL it runs with
+    assert (
+        "1 thread(s)"
+        in run(shortened, "threads", "--visitor", client.get_cookie(COOKIE).value).output
+    )
+    if store_url.startswith("redis"):
+        raw = redis.Redis.from_url(store_url)
+        keys = raw.keys("chatkit:store:*")
+        assert keys and all(0 < raw.pttl(key) <= 60_000 for key in keys)
+        raw.close()
