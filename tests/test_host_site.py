@@ -7,6 +7,7 @@ loopback socket (FakeResponses), limits in the real Redis and threads in SQLite 
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
@@ -358,6 +359,28 @@ def test_log_in_adopts_the_visitors_threads_when_the_site_chooses(
     assert thread_ids(client) == []  # adopted threads are the account's, not the browser's
     client.post("/login", data={"user": "ada"})
     assert sorted(thread_ids(client)) == mine
+
+
+def test_a_store_down_at_log_in_leaves_the_threads_and_the_log_in_alone(
+    fake: FakeResponses, store_redis: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = login_host(server_config(fake, store_redis, CHATKIT_ADOPT_VISITOR_THREADS=True))
+    client = app.test_client()
+    send(client, "before the outage")
+    cookie = client.get_cookie(COOKIE).value
+    store = app.extensions["chatkit"].server.store
+    store._url, store._client = "redis://127.0.0.1:1/0", None  # nothing listens there
+    logger = logging.getLogger("chatkit_flask")
+    logger.addHandler(caplog.handler)
+    try:
+        assert client.post("/login", data={"user": "ada"}).status_code == 200
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "threads not adopted at log-in (ConnectionError)" in caplog.text
+    assert client.get_cookie(COOKIE).value == cookie  # kept: the threads are still the visitor's
+    store._url, store._client = store_redis, None  # the store is back
+    assert "1 thread(s)" in run(app, "threads", "--visitor", cookie).output
+    assert "0 thread(s)" in run(app, "threads", "--user", "ada").output
 
 
 def test_a_site_without_flask_login_calls_the_one_liners(
