@@ -593,6 +593,27 @@ _OPTION_LIST = [
         _int_range(1, 100_000),
         "Server mode: longest user message in characters (longer: 400 before the model).",
     ),
+    Option(
+        "CHATKIT_HOST_DEFAULT_LIMITS",
+        False,
+        _bool,
+        "true: a handed-over limiter's default limits count the chat's routes too (by default "
+        "only the chat's own limits and the host's application limits do).",
+    ),
+    Option(
+        "CHATKIT_FORGET_VISITOR_ON_LOGOUT",
+        True,
+        _bool,
+        "With Flask-Login: log-out drops the anonymous visitor cookie, so the next person at "
+        "the computer does not see that visitor's threads.",
+    ),
+    Option(
+        "CHATKIT_ADOPT_VISITOR_THREADS",
+        False,
+        _bool,
+        "Server mode: at log-in the anonymous visitor's threads move to the account (with "
+        "Flask-Login automatically, else chatkit.adopt_visitor_threads()).",
+    ),
     # Flask-Limiter's own keys, with its defaults; validated here, read by Flask-Limiter.
     Option("RATELIMIT_ENABLED", True, _bool, "Flask-Limiter: false turns every limit off."),
     Option(
@@ -696,6 +717,9 @@ class Settings:
     tokens_global: str
     max_streams_per_user: int
     max_input_chars: int
+    host_default_limits: bool
+    forget_visitor_on_logout: bool
+    adopt_visitor_threads: bool
     ratelimit_enabled: bool
     storage_uri: str
     strategy: str
@@ -783,6 +807,9 @@ class Settings:
             tokens_global=v["CHATKIT_TOKENS_GLOBAL"] or "",
             max_streams_per_user=v["CHATKIT_MAX_STREAMS_PER_USER"],
             max_input_chars=v["CHATKIT_MAX_INPUT_CHARS"],
+            host_default_limits=v["CHATKIT_HOST_DEFAULT_LIMITS"],
+            forget_visitor_on_logout=v["CHATKIT_FORGET_VISITOR_ON_LOGOUT"],
+            adopt_visitor_threads=v["CHATKIT_ADOPT_VISITOR_THREADS"],
             ratelimit_enabled=v["RATELIMIT_ENABLED"],
             storage_uri=v["RATELIMIT_STORAGE_URI"],
             strategy=v["RATELIMIT_STRATEGY"],

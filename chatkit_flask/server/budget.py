@@ -42,6 +42,38 @@ class TokenBudget:
             ("tokens_global", item, item.key_for("tokens", "global")) for item in self._site
         ]
 
+    def counters(self, owner: str | None) -> list[tuple[str, RateLimitItem, str]]:
+        """``(scope, limit, storage key)`` of ``owner``'s budgets, or of the site's (None)."""
+        if owner is None:
+            return [c for c in self._counters("") if c[0] == "tokens_global"]
+        return [c for c in self._counters(owner) if c[0] == "tokens"]
+
+    def usage(self, owner: str | None) -> list[tuple[str, RateLimitItem, int, int]]:
+        """``(scope, limit, tokens used, seconds until the window resets)`` of ``owner``'s
+        budgets or the site's (None), for operators. Storage errors propagate."""
+        storage = self._storage()
+        if storage is None:
+            return []
+        now = time.time()
+        rows = []
+        for scope, item, key in self.counters(owner):
+            used = int(storage.get(key))
+            resets = max(0, math.ceil(storage.get_expiry(key) - now)) if used else 0
+            rows.append((scope, item, used, resets))
+        return rows
+
+    def clear(self, owner: str | None) -> int:
+        """Forget what ``owner`` (None: the site) has spent; returns how many budgets had been
+        used. Storage errors propagate."""
+        storage = self._storage()
+        if storage is None:
+            return 0
+        used = 0
+        for _, _, key in self.counters(owner):
+            used += storage.get(key) > 0
+            storage.clear(key)
+        return used
+
     def exceeded(self, owner: str) -> tuple[str, int] | None:
         """``(scope, seconds until it resets)`` of a spent budget of ``owner``'s, or None."""
         storage = self._storage()

@@ -147,6 +147,22 @@ class StreamSlots:
     def key(self, owner: str) -> str:
         return f"{self.prefix}:{owner}"
 
+    def open_streams(self, owner: str) -> int | None:
+        """How many live slots ``owner`` holds now across every worker; None when they are
+        counted per process (no Redis: each worker knows only its own). Storage errors
+        propagate."""
+        if self._storage() is None or self._redis() is None:
+            return None
+        client = self._storage().get_connection()
+        now_ms = int(time.time() * 1000)
+        return int(client.zcount(self.key(owner), now_ms, "+inf"))
+
+    def clear(self, owner: str) -> None:
+        """Free every slot of ``owner`` (a support case: slots a killed worker left behind
+        lapse with their lease anyway). Storage errors propagate."""
+        if self._storage() is not None and self._redis() is not None:
+            self._storage().get_connection().delete(self.key(owner))
+
     def acquire(self, owner: str) -> Slot | None:
         """A slot for one reply of ``owner``, or None when they already stream ``cap``."""
         if self._storage() is None:

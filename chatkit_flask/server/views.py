@@ -252,8 +252,9 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
             g.chatkit_outcome = "answered"
         return response
 
+    state.limit_endpoint, state.limit_rules = ENDPOINT, _rules(state)
     bp.add_url_rule(
-        "", "chatkit", limited(chatkit, state.limiter, _rules(state)), methods=["GET", "POST"]
+        "", "chatkit", limited(chatkit, state.limiter, state.limit_rules), methods=["GET", "POST"]
     )
 
     @bp.get("/config")
