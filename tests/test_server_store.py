@@ -624,7 +624,7 @@ def test_move_owner_gives_a_visitors_threads_to_an_account(backend: Backend) -> 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def shared_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """A store other threads can open too (fakeredis lives in one client's server)."""
-    yield from _backend(request.param, tmp_path)
+    yield from _backend(request, request.param, tmp_path)
 
 
 def test_a_concurrent_reader_sees_all_threads_moved_or_none(shared_backend: Backend) -> None:
