@@ -34,7 +34,7 @@ from ..web import (
 from .context import RequestContext
 from .endpoint import STREAM_HEADERS, handle, stream_outcome
 from .protocol import RequestRefused, calls_model, streams
-from .runtime import ServerRuntime
+from .runtime import BUDGET_MESSAGES, ServerRuntime
 
 if TYPE_CHECKING:
     from ..state import ChatKitState
@@ -54,8 +54,7 @@ _LIMIT_MESSAGES = {
     "global": "The chat is very busy right now",
     "requests": "Too many requests came from your network",
     "streams": "You already have replies on the way",
-    "tokens": "You have used up your share of the assistant for now",
-    "tokens_global": "The assistant has used up the site's budget for now",
+    **BUDGET_MESSAGES,
 }
 
 
