@@ -170,6 +170,35 @@ def test_a_completed_reply_is_charged_the_providers_usage_exactly(
     assert list(counters.values()) == [expected]
 
 
+def test_the_meter_charges_what_a_cut_off_reply_cost() -> None:
+    """Provider usage where it came; for the call under way, input estimate + deltas / 4."""
+    from types import SimpleNamespace as Event
+
+    from chatkit_flask.server.costs import ReplyMeter
+
+    def completed(kind: str, input_tokens: int, output_tokens: int) -> Event:
+        usage = Event(input_tokens=input_tokens, output_tokens=output_tokens)
+        return Event(type=kind, response=Event(usage=usage, incomplete_details=None))
+
+    # A visitor leaves after 40 characters of a reply: 200 estimated input + 10 output.
+    meter = ReplyMeter(input_estimate=200)
+    meter.observe(Event(type="response.created"))
+    for delta in ("Once upon a time, ", "there was a small ", "fox."):
+        meter.observe(Event(type="response.output_text.delta", delta=delta))
+    assert meter.charge("cancelled").total == 200 + 10
+    # The same reply had finished its call first: the provider's figures, nothing estimated.
+    meter.observe(completed("response.completed", 180, 12))
+    assert meter.charge("cancelled").total == 192
+    # A second call (a tool loop) cut off after its first delta: both counted.
+    meter.observe(Event(type="response.created"))
+    meter.observe(Event(type="response.function_call_arguments.delta", delta='{"q": "fox"}'))
+    assert meter.charge("cancelled").total == 192 + 200 + 3
+    # A call refused before any event (an HTTP error) is not billed.
+    assert ReplyMeter(input_estimate=200).charge("failed").total == 0
+    # A visitor who leaves before the first event: the request was sent, its input is charged.
+    assert ReplyMeter(input_estimate=200).charge("cancelled").total == 200
+
+
 # ------------------------------------------------------------ 3. concurrency
 @pytest.mark.parametrize("backend", ["redis", "memory"])
 def test_concurrent_reservations_overspend_by_at_most_one(
@@ -328,6 +357,46 @@ def test_history_is_bounded_by_size_as_well_as_by_items(
     assert "message 3" in texts  # the newest items are the ones kept
 
 
+def test_an_agent_with_tools_makes_at_most_max_turns_model_calls_and_reserves_for_them() -> None:
+    """Before: the Agents SDK's default of 10 model calls per message, none of it reserved."""
+    from agents import Agent, function_tool
+    from agents.testing import ScriptedModel, function_call
+
+    from chatkit_flask.server.bridge import AsyncBridge
+    from chatkit_flask.server.protocol import FAILED_MESSAGE, FlaskChatKitServer
+    from tests.server_support import MemoryStore, make_app
+
+    @function_tool
+    def lookup(q: str) -> str:
+        """Look something up."""
+        return "nothing found, try again"
+
+    looping = ScriptedModel(
+        [[function_call("lookup", {"q": "x"}, call_id=f"call_{n}")] for n in range(10)]
+    )
+    agent = Agent(name="Looper", instructions="Use the tool.", model=looping, tools=[lookup])
+    reserved: list[int] = []
+
+    async def admit(context: Any, tokens: int) -> None:
+        reserved.append(tokens)
+
+    server = FlaskChatKitServer(
+        MemoryStore(), agent, max_turns=3, max_output_tokens=100, admit=admit
+    )
+    bridge = AsyncBridge(name="test-max-turns")
+    try:
+        client = make_app(server, bridge).test_client()
+        response = client.post("/chat", json=create("loop for ever"))
+        events = sse_events(response.data)
+    finally:
+        bridge.close()
+    assert len(looping.calls) == 3
+    assert events[-1]["type"] == "error" and events[-1]["message"] == FAILED_MESSAGE
+    # Three calls' worth: 3 x (the estimated input + max_output_tokens).
+    (tokens,) = reserved
+    assert tokens % 3 == 0 and tokens // 3 > 100
+
+
 def test_the_history_bound_must_hold_the_longest_message() -> None:
     base = {"OPENAI_API_KEY": "k", "SECRET_KEY": TEST_SECRET_KEY, "CHATKIT_BACKEND": "server"}
     with pytest.raises(ConfigError) as refused:
@@ -354,3 +423,52 @@ def test_no_single_network_can_spend_more_than_a_tenth_of_the_global_cap() -> No
         assert share <= 0.10, (key, share)
     # A visitor's own day is a twentieth of the site's.
     assert _most_in(OPTIONS["CHATKIT_RATELIMIT_PER_USER"].default, day) / cap <= 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_two_gunicorn_workers_overspend_a_visitors_budget_by_at_most_one_reservation(
+    real_redis: Any, fake: FakeResponses, tmp_path: Path
+) -> None:
+    """The same 20 concurrent messages through gunicorn with 2 workers, each with its own
+    event loop and Redis connections: the reservation is taken in Redis, not in a process."""
+    from tests.test_server_gunicorn import Service
+
+    fake.clear()
+    fake.token_delay = 0.02
+    svc = Service(
+        tmp_path,
+        fake,
+        f"sqlite:///{tmp_path}/threads.db",
+        GUNICORN_WORKERS="2",
+        GUNICORN_THREADS="16",
+        CHATKIT_TOKENS_PER_USER="100 per day",
+        CHATKIT_MAX_OUTPUT_TOKENS="64",
+    )
+    try:
+        cookie = svc.post({"type": "threads.list", "params": {}}).cookies["chatkit_session_id"]
+        with ThreadPoolExecutor(20) as pool:
+            replies = list(
+                pool.map(lambda n: svc.post(create(f"message {n} of twenty"), cookie), range(20))
+            )
+        streams = [sse_events(r.content) for r in replies]
+        answered = [s for s in streams if text_of(s)]
+        refused = [s for s in streams if not text_of(s)]
+        assert all("share of the assistant" in s[-1]["message"] for s in refused)
+        assert 1 <= len(answered) < 20 and fake.count == len(answered)
+        billed = sum(
+            words_in(req.json) + len(_echo_of(req.json).split()) for req in fake.requests
+        )
+        reservation = max(
+            (len(req.json["instructions"]) + len(json.dumps(req.json["input"]))) // 4 + 1 + 64
+            for req in fake.requests
+        )
+        print(f"\n2 workers: {len(answered)} of 20 answered, {billed} tokens billed, "
+              f"limit 100 + one reservation of {reservation}")
+        assert billed <= 100 + reservation
+        counters = wait_settled(real_redis, lambda c: list(c.values()) == [billed])
+        assert list(counters.values()) == [billed]
+    finally:
+        fake.token_delay = 0.0
+        svc.stop()
+    assert not svc.tracebacks(), svc.log_path.read_text()[-3000:]
