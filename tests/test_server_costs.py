@@ -244,7 +244,10 @@ def budget_reservation(owner: str, tokens: int) -> Any:
 
 
 def test_twenty_concurrent_messages_of_one_visitor_stay_within_one_reservation(
-    make_server_app: Callable[..., Flask], fake: FakeResponses, real_redis: Any
+    make_server_app: Callable[..., Flask],
+    fake: FakeResponses,
+    real_redis: Any,
+    mint_logs: pytest.LogCaptureFixture,
 ) -> None:
     """Before: 20 concurrent messages with a budget of 100 tokens were all admitted (1,405
     tokens). Two apps on one Redis stand in for two workers (or hosts)."""
@@ -271,6 +274,13 @@ def test_twenty_concurrent_messages_of_one_visitor_stay_within_one_reservation(
     assert not others
     assert 1 <= len(answered) < 20
     assert fake.count == len(answered)  # a refused message never reached the model
+    # Refused before the stream (a spent budget) or inside it (lost the race to reserve):
+    # logged as refusals, never as answers that did not come.
+    outcomes = [r.chatkit["outcome"] for r in mint_logs.records
+                if r.name == "chatkit_flask.message" and r.chatkit["type"] == "threads.create"]
+    assert sorted(outcomes) == sorted(
+        ["completed"] * len(answered) + [o for o in outcomes if o in ("token_budget", "refused")]
+    )
 
     # What the provider billed, by its own count, against 100 + one reservation.
     billed = sum(

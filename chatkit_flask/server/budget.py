@@ -7,7 +7,7 @@ Every reply **reserves** its worst case before the model is called (the estimate
 cost once it ends: ``settle`` adds ``actual - reserved``. A reservation is admitted while every
 budget's count is below its limit, checked and taken in one step (one Lua script in Redis), so
 under any concurrency, across workers and hosts, a budget is overspent by at most one
-reservation. A cancelled or failed reply is charged too (see ``protocol.ReplyMeter``).
+reservation. A cancelled or failed reply is charged too (see ``costs.ReplyMeter``).
 
 Windows are ``limits``' fixed windows: a day starts at the first charge. A storage failure lets
 messages through (logged); the message limits still apply.
