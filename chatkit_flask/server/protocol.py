@@ -416,9 +416,12 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         elif isinstance(event, ThreadItemDoneEvent):
             pending.pop(event.item.id, None)
         elif isinstance(event, ThreadItemUpdatedEvent):
-            # A copy: the SDK's own tracking keeps the same content parts and would see each
-            # delta twice.
-            self._update_pending_items(pending, event.model_copy(deep=True))
+            # A part that is added or done is copied: the SDK's own tracking stores the same
+            # part object, and each text delta would then be appended to it twice. (Deltas
+            # themselves are strings: no copy per delta.)
+            if hasattr(event.update, "content"):
+                event = event.model_copy(deep=True)
+            self._update_pending_items(pending, event)
 
     def _report_usage(
         self,
