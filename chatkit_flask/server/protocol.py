@@ -200,6 +200,8 @@ def _release_event_reader(agent_context: AgentContext[RequestContext]) -> None:
 def _stop_at_deadline(result: Any, meter: ReplyMeter) -> None:
     """The reply's deadline: abort the model call; its stream then ends and ``respond`` tells
     the visitor (a trickling reply never trips the per-read timeout)."""
+    if result.is_complete:  # the answer is whole; only its last frames are still going out
+        return
     meter.timed_out = True
     result.cancel()
 
