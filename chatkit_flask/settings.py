@@ -410,13 +410,13 @@ _OPTION_LIST = [
     ),
     Option(
         "CHATKIT_RATELIMIT_PER_IP",
-        "30 per minute;500 per day",
+        "30 per minute;200 per day",
         _limit,
         "Mints per client IP (IPv6: per prefix, see CHATKIT_IPV6_PREFIX); 'off' turns it off.",
     ),
     Option(
         "CHATKIT_RATELIMIT_PER_IPV6_48",
-        "60 per minute;2000 per day",
+        "60 per minute;200 per day",
         _limit,
         "Mints per IPv6 /48 (all its /64s together; IPv4 clients are not counted); 'off' turns "
         "it off.",
@@ -496,6 +496,27 @@ _OPTION_LIST = [
         "Server mode: thread items (newest) sent to the model with each message.",
     ),
     Option(
+        "CHATKIT_HISTORY_MAX_CHARS",
+        32000,
+        _int_range(1000, 1_000_000),
+        "Server mode: most characters of thread items (their JSON, newest first, the new "
+        "message included) sent to the model; older items beyond it are left out.",
+    ),
+    Option(
+        "CHATKIT_MAX_OUTPUT_TOKENS",
+        1024,
+        _int_range(16, 128_000),
+        "Server mode: max_output_tokens sent with every model call (an agent's own lower "
+        "max_tokens is kept); a reply that reaches it ends with a note.",
+    ),
+    Option(
+        "CHATKIT_AGENT_MAX_TURNS",
+        4,
+        _int_range(1, 50),
+        "Server mode: most model calls one message may make (an agent with tools loops); "
+        "more ends the reply with an error.",
+    ),
+    Option(
         "OPENAI_BASE_URL",
         None,
         _openai_base_url,
@@ -511,7 +532,15 @@ _OPTION_LIST = [
         "CHATKIT_MODEL_TIMEOUT",
         120,
         _float_range(0, 3600),
-        "Server mode: seconds a model request may take before the reply ends with an error.",
+        "Server mode: longest silence in seconds while waiting for the model (connect and "
+        "each read) before the reply ends with an error.",
+    ),
+    Option(
+        "CHATKIT_REPLY_TIMEOUT",
+        180,
+        _float_range(1, 3600),
+        "Server mode: total seconds one reply may take; then the model call is aborted, the "
+        "partial answer kept and the visitor told.",
     ),
     Option(
         "CHATKIT_STORE_URL",
@@ -702,9 +731,13 @@ class Settings:
     agent_model: str
     agent_instructions: str
     history_items: int
+    history_max_chars: int
+    max_output_tokens: int
+    agent_max_turns: int
     openai_base_url: str | None
     agent_tracing: bool
     model_timeout: float
+    reply_timeout: float
     store_url: str
     store_require_persistence: bool
     stream_slot_lease: float
@@ -750,6 +783,12 @@ class Settings:
             raise ConfigError(
                 "CHATKIT_WORKFLOW_ID", "is required but not set (or set CHATKIT_BACKEND=server)"
             )
+        if v["CHATKIT_HISTORY_MAX_CHARS"] < v["CHATKIT_MAX_INPUT_CHARS"] + 1000:
+            raise ConfigError(
+                "CHATKIT_HISTORY_MAX_CHARS",
+                "must hold the longest message: at least CHATKIT_MAX_INPUT_CHARS + 1000 "
+                f"({v['CHATKIT_MAX_INPUT_CHARS'] + 1000})",
+            )
         fallbacks = config.get("SECRET_KEY_FALLBACKS") or ()
         if isinstance(fallbacks, str):
             fallbacks = _list("SECRET_KEY_FALLBACKS", fallbacks)
@@ -792,9 +831,13 @@ class Settings:
             agent_model=v["CHATKIT_AGENT_MODEL"],
             agent_instructions=v["CHATKIT_AGENT_INSTRUCTIONS"],
             history_items=v["CHATKIT_HISTORY_ITEMS"],
+            history_max_chars=v["CHATKIT_HISTORY_MAX_CHARS"],
+            max_output_tokens=v["CHATKIT_MAX_OUTPUT_TOKENS"],
+            agent_max_turns=v["CHATKIT_AGENT_MAX_TURNS"],
             openai_base_url=v["OPENAI_BASE_URL"],
             agent_tracing=v["CHATKIT_AGENT_TRACING"],
             model_timeout=v["CHATKIT_MODEL_TIMEOUT"],
+            reply_timeout=v["CHATKIT_REPLY_TIMEOUT"],
             store_url=v["CHATKIT_STORE_URL"],
             store_require_persistence=v["CHATKIT_STORE_REQUIRE_PERSISTENCE"],
             stream_slot_lease=v["CHATKIT_STREAM_SLOT_LEASE"],

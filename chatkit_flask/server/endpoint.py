@@ -145,8 +145,11 @@ class _SseBody:
 
 def stream_outcome(report: dict[str, Any]) -> str:
     """How a stream ended, once closed: the answer's ``completed``, ``failed`` or ``cancelled``;
-    without an answer, ``cancelled`` if the stream was cut short, else ``no_answer`` (e.g. a
-    retry of an item that is not in the thread)."""
+    ``refused`` when a token budget refused it inside the stream; without an answer,
+    ``cancelled`` if the stream was cut short, else ``no_answer`` (e.g. a retry of an item that
+    is not in the thread)."""
+    if report.get("refused_scope"):
+        return "refused"
     usage = report.get("usage")
     if usage is not None:
         return str(usage.outcome)

@@ -36,7 +36,7 @@ from ..web import (
 from .context import RequestContext
 from .endpoint import STREAM_HEADERS, handle, stream_outcome
 from .protocol import NotFoundError, RequestRefused, calls_model, streams
-from .runtime import ServerRuntime
+from .runtime import BUDGET_MESSAGES, ServerRuntime
 from .slots import Slot
 
 if TYPE_CHECKING:
@@ -57,8 +57,7 @@ _LIMIT_MESSAGES = {
     "global": "The chat is very busy right now",
     "requests": "Too many requests came from your network",
     "streams": "You already have replies on the way",
-    "tokens": "You have used up your share of the assistant for now",
-    "tokens_global": "The assistant has used up the site's budget for now",
+    **BUDGET_MESSAGES,
 }
 
 
@@ -316,6 +315,8 @@ def _log_fields(response: Response) -> dict[str, Any]:
 def _log_stream(fields: dict[str, Any], context: RequestContext, started: float) -> None:
     report = context.report
     fields["outcome"] = stream_outcome(report)
+    if report.get("refused_scope"):
+        fields["scope"] = report["refused_scope"]
     usage = report.get("usage")
     if usage is not None:
         fields["tokens_in"] = usage.input_tokens
