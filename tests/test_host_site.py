@@ -258,7 +258,7 @@ def test_limits_lists_every_limit_of_server_mode(fake: FakeResponses, tmp_path: 
     lines = result.output.splitlines()
     for line in (
         "per user:     10 per minute; 100 per day (messages)",
-        "per IP:       30 per minute; 500 per day (messages) (IPv6 per /64)",
+        "per IP:       30 per minute; 200 per day (messages) (IPv6 per /64)",
         "requests/IP:  300 per minute (every request)",
         "streams:      2 at once per visitor or user",
         "tokens/user:  200000 per day",

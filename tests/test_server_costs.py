@@ -58,6 +58,7 @@ def make_server_app(
             "CHATKIT_COOKIE_SECURE": False,
             "CHATKIT_STORE_URL": f"sqlite:///{tmp_path}/threads.db",
             "CHATKIT_MAX_STREAMS_PER_USER": 50,
+            "CHATKIT_MAX_STREAMS_PER_IP": 50,
             "CHATKIT_RATELIMIT_PER_USER": "1000 per minute",
             "CHATKIT_RATELIMIT_PER_IP": "1000 per minute",
             "RATELIMIT_STORAGE_URI": REDIS_URL,
@@ -452,6 +453,7 @@ def test_two_gunicorn_workers_overspend_a_visitors_budget_by_at_most_one_reserva
         f"sqlite:///{tmp_path}/threads.db",
         GUNICORN_WORKERS="2",
         GUNICORN_THREADS="16",
+        CHATKIT_MAX_STREAMS_PER_WORKER="16",  # not the threads - 8 default: 20 streams at once
         CHATKIT_TOKENS_PER_USER="100 per day",
         CHATKIT_MAX_OUTPUT_TOKENS="64",
     )
