@@ -307,6 +307,26 @@ def when_ready(server):
         sys.exit(4)
 
 
+def post_worker_init(worker):
+    """Server mode drains on SIGTERM (a deploy's `docker stop`): gunicorn stops accepting and
+    lets open requests run for graceful_timeout; open replies get graceful_timeout - 3 s, then
+    end with an error event asking the visitor to send again (their partial answers kept, slots
+    freed), so none is cut silently when gunicorn exits. New messages meanwhile are refused the
+    same way at once."""
+    import signal
+
+    stop = worker.handle_exit
+
+    def handle_exit(sig, frame):
+        stop(sig, frame)
+        from chatkit_flask.server.bridge import drain_all
+
+        drain_all(max(1.0, worker.cfg.graceful_timeout - 3))
+
+    signal.signal(signal.SIGTERM, handle_exit)
+    signal.siginterrupt(signal.SIGTERM, False)
+
+
 def child_exit(server, worker):
     """Drop a dead worker's live gauges (its files in PROMETHEUS_MULTIPROC_DIR stay for the
     counters, which must not go backwards)."""

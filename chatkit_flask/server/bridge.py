@@ -20,7 +20,7 @@ import weakref
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterator
 from typing import Generic, TypeVar
 
-__all__ = ["AsyncBridge", "LoopLocal"]
+__all__ = ["AsyncBridge", "LoopLocal", "drain_all"]
 
 T = TypeVar("T")
 
@@ -54,6 +54,10 @@ class AsyncBridge:
         self._pid: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._streams: set[_OpenStream] = set()  # guarded by _lock
+        self.draining = False
+        self._ending: set[asyncio.Future[None]] = set()
+        _BRIDGES.add(self)
 
     # ----------------------------------------------------------------- the loop
     @property
@@ -110,6 +114,26 @@ class AsyncBridge:
         if not thread.is_alive():
             loop.close()
 
+    def drain(self, after: float) -> None:
+        """Shutting down: from now on :attr:`draining` is true (callers refuse new work), and
+        ``after`` seconds from now every stream still open is ended: its producer is cancelled
+        inside its await (so its own cancellation handling runs: ChatKit keeps the partial
+        answer), then its ``drain_item`` goes out and the stream ends. Safe from a signal
+        handler."""
+        self.draining = True
+        with self._lock:
+            loop = self._loop if self._pid == os.getpid() else None
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(loop.call_later, after, self._end_streams)
+
+    def _end_streams(self) -> None:
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            ending = asyncio.ensure_future(stream.end())
+            self._ending.add(ending)  # held until done (the loop keeps only weak references)
+            ending.add_done_callback(self._ending.discard)
+
     # --------------------------------------------------------------- requests
     def run(self, coro_factory: Callable[[], Awaitable[T]], timeout: float | None) -> T:
         """Run ``coro_factory()`` on the loop and return its result (or raise its exception).
@@ -138,6 +162,7 @@ class AsyncBridge:
         heartbeat_item: T | None = None,
         write_timeout: float | None = None,
         on_stall: Callable[[], None] | None = None,
+        drain_item: Callable[[], T] | None = None,
     ) -> Iterator[T]:
         """Relay ``agen_factory()`` (run on the loop) to the calling thread, item by item.
 
@@ -152,14 +177,15 @@ class AsyncBridge:
         has not come back for the next item that long after taking one (the server is stuck
         writing to a client that does not read) is given up on: ``on_stall`` runs on the loop
         (it should unblock the write, e.g. shut the socket down) and the producer is cancelled,
-        so a reader that stalls holds neither the model call nor more memory.
+        so a reader that stalls holds neither the model call nor more memory. When the bridge
+        is drained (:meth:`drain`), an open stream ends with ``drain_item()`` (made on the loop).
         """
         self._refuse_loop_thread()
         if heartbeat is not None and heartbeat_item is None:
             raise ValueError("heartbeat needs a heartbeat_item")
         watch = None if write_timeout is None else _WriteWatch(write_timeout, on_stall)
         return self._stream(
-            agen_factory, queue_size, idle_timeout, heartbeat, heartbeat_item, watch
+            agen_factory, queue_size, idle_timeout, heartbeat, heartbeat_item, watch, drain_item
         )
 
     def _stream(
@@ -170,12 +196,16 @@ class AsyncBridge:
         heartbeat: float | None,
         heartbeat_item: T | None,
         watch: _WriteWatch | None,
+        drain_item: Callable[[], T] | None,
     ) -> Iterator[T]:
         loop = self.loop
         channel = _Channel(loop, queue_size)
         finished = threading.Event()
+        open_stream = _OpenStream(channel, drain_item)
+        with self._lock:
+            self._streams.add(open_stream)
         task_future = asyncio.run_coroutine_threadsafe(
-            _pump(agen_factory, channel, finished), loop
+            _pump(agen_factory, channel, finished, open_stream), loop
         )
         if watch is not None:
             watch.start(loop, task_future)
@@ -203,6 +233,8 @@ class AsyncBridge:
                     raise item.error
                 yield from _watched(item, watch)  # type: ignore[arg-type]
         finally:
+            with self._lock:
+                self._streams.discard(open_stream)
             if watch is not None:
                 watch.done = True
             if not completed:
@@ -211,6 +243,38 @@ class AsyncBridge:
                 task_future.cancel()
                 if not finished.wait(self.cancel_grace):
                     log.warning("stream producer still cleaning up after %ss", self.cancel_grace)
+
+
+class _OpenStream:
+    """What :meth:`AsyncBridge.drain` needs of one open stream."""
+
+    def __init__(self, channel: _Channel, drain_item: Callable[[], object] | None) -> None:
+        self.channel = channel
+        self.drain_item = drain_item
+        self.task: asyncio.Task[None] | None = None  # the pump, once it runs
+
+    async def end(self) -> None:
+        """On the loop: cancel the producer, wait for its cleanup, send the last item, end."""
+        task = self.task
+        if task is None or task.done():
+            return
+        task.cancel()
+        await asyncio.wait({task})
+        if self.drain_item is not None:
+            try:
+                self.channel.put_final(self.drain_item())
+            except Exception as exc:  # the stream still ends
+                log.debug("drain_item failed: %r", exc)
+        self.channel.put_final(_END)
+
+
+_BRIDGES: weakref.WeakSet[AsyncBridge] = weakref.WeakSet()
+
+
+def drain_all(after: float) -> None:
+    """:meth:`AsyncBridge.drain` on every bridge of this process (a server's shutdown hook)."""
+    for bridge in list(_BRIDGES):
+        bridge.drain(after)
 
 
 class _WriteWatch:
@@ -306,7 +370,9 @@ async def _pump(
     agen_factory: Callable[[], AsyncIterable[T]],
     channel: _Channel,
     finished: threading.Event,
+    open_stream: _OpenStream,
 ) -> None:
+    open_stream.task = asyncio.current_task()
     agen = None
     try:
         agen = aiter(agen_factory())

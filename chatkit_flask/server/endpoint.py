@@ -8,6 +8,7 @@ when the client goes away) cancels the answer on the event loop, and with it the
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ STREAM_HEADERS = {
 HEARTBEAT_FRAME = b": keep-alive\n\n"  # an SSE comment: EventSource-style parsers skip it
 NOT_FOUND_MESSAGE = "No such conversation."
 MISFIT_MESSAGE = "The request does not fit this conversation."
+RESTART_MESSAGE = "The chat is restarting. Please send your message again in a moment."
 STORE_DOWN_MESSAGE = "The chat cannot reach its conversations right now. Please try again shortly."
 
 
@@ -88,6 +90,7 @@ def handle(
         heartbeat_item=HEARTBEAT_FRAME,
         write_timeout=write_timeout,
         on_stall=on_stall,
+        drain_item=lambda: _interrupted(context.report),
     )
     try:
         first = next(frames)
@@ -104,6 +107,13 @@ def handle(
     response = Response(_SseBody(first, frames, context.report), mimetype="text/event-stream")
     response.headers.update(STREAM_HEADERS)
     return response
+
+
+def _interrupted(report: dict[str, Any]) -> bytes:
+    """The last frame of a reply the server's shutdown ended (its partial answer is kept)."""
+    report["interrupted"] = True
+    event = {"type": "error", "code": "custom", "message": RESTART_MESSAGE, "allow_retry": True}
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
 def _store_unavailable(exc: Exception, context: RequestContext) -> ApiError:
@@ -144,10 +154,13 @@ class _SseBody:
 
 
 def stream_outcome(report: dict[str, Any]) -> str:
-    """How a stream ended, once closed: the answer's ``completed``, ``failed`` or ``cancelled``;
+    """How a stream ended, once closed: ``interrupted`` when the server's shutdown ended it;
+    the answer's ``completed``, ``failed`` or ``cancelled``;
     ``refused`` when a token budget refused it inside the stream; without an answer,
     ``cancelled`` if the stream was cut short, else ``no_answer`` (e.g. a retry of an item that
     is not in the thread)."""
+    if report.get("interrupted"):
+        return "interrupted"
     if report.get("refused_scope"):
         return "refused"
     usage = report.get("usage")

@@ -34,7 +34,7 @@ from ..web import (
     set_visitor_cookie,
 )
 from .context import RequestContext
-from .endpoint import STREAM_HEADERS, handle, stream_outcome
+from .endpoint import RESTART_MESSAGE, STREAM_HEADERS, handle, stream_outcome
 from .protocol import NotFoundError, RequestRefused, calls_model, streams
 from .runtime import BUDGET_MESSAGES, ServerRuntime
 from .slots import Slot
@@ -212,6 +212,11 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                     headers={"Retry-After": str(wait)},
                     extra={"retry_after": wait, "scope": scope},
                 )
+            )
+        if g.chatkit_is_message and runtime.bridge.draining:
+            # Shutting down: open replies get the drain time; a new one would be cut short.
+            return refused_in_stream(
+                ApiError(503, "shutting_down", RESTART_MESSAGE, headers={"Retry-After": "5"})
             )
         holds: list[Slot] = []
         if slot:
