@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,7 @@ class ChatKit:
         self._limiter = limiter
         self._client = client
         self._user_loader: UserLoader | None = None
+        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
         if app is not None:
             self.init_app(app)
 
@@ -71,7 +73,7 @@ class ChatKit:
         if settings.backend == "server":  # imports the ChatKit and Agents SDKs
             from .server.views import create_runtime, make_server_blueprint
 
-            server = create_runtime(settings, lambda: limiter_cell[0])
+            server = create_runtime(settings, lambda: limiter_cell[0], app)
         else:
             client = self._client or ChatKitClient(
                 settings.api_key,
@@ -97,6 +99,7 @@ class ChatKit:
             server=server,
         )
         app.extensions["chatkit"] = state
+        self._apps.add(app)
         if server is not None:
             app.register_blueprint(make_server_blueprint(state))
         else:
@@ -133,6 +136,16 @@ class ChatKit:
                 ],
                 max_age=600,
             )
+
+    def close(self, app: Flask | None = None) -> None:
+        """Release what server mode holds for ``app`` (default: every app this object was
+        initialised on): its event loop thread, worker threads, store and model connections.
+        Also done at interpreter exit. Safe to call twice; a later request starts afresh.
+        Hosted mode holds nothing of the kind."""
+        for target in [app] if app is not None else list(self._apps):
+            runtime = self.state(target).server
+            if runtime is not None:
+                runtime.close()
 
     @staticmethod
     def state(app: Flask) -> ChatKitState:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Response
@@ -44,6 +44,7 @@ def handle(
     timeout: float = 30.0,
     stream_idle_timeout: float | None = None,
     heartbeat: float | None = None,
+    on_end: Callable[[], None] | None = None,
 ) -> Response:
     """Answer one ChatKit request body for ``context.owner``.
 
@@ -54,7 +55,9 @@ def handle(
     ``stream_idle_timeout`` (None: the model client's own timeout applies) bounds each wait for
     the next frame. ``heartbeat`` (seconds; off by default) sends an SSE comment line during
     silences, so proxies keep the connection and a visitor who left is noticed (and the model
-    request cancelled) even while the model is silent.
+    request cancelled) even while the model is silent. ``on_end()`` runs once a stream's body
+    has been read to its end (a client that reads everything but never closes, like the Flask
+    test client, is done by then).
     """
     try:
         request = server.parse(body)
@@ -94,7 +97,8 @@ def handle(
         raise ApiError(400, "invalid_request", MISFIT_MESSAGE) from None
     except STORE_ERRORS as exc:
         raise _store_unavailable(exc, context) from None
-    response = Response(_SseBody(first, frames, context.report), mimetype="text/event-stream")
+    body = _SseBody(first, frames, context.report, on_end)
+    response = Response(body, mimetype="text/event-stream")
     response.headers.update(STREAM_HEADERS)
     return response
 
@@ -118,10 +122,17 @@ class _SseBody:
     log line and the metrics.
     """
 
-    def __init__(self, first: bytes, rest: Iterator[bytes], report: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        first: bytes,
+        rest: Iterator[bytes],
+        report: dict[str, Any],
+        on_end: Callable[[], None] | None = None,
+    ) -> None:
         self._first = first
         self._rest = rest
         self._report = report
+        self._on_end = on_end
 
     def __iter__(self) -> Iterator[bytes]:
         if self._first:
@@ -129,6 +140,8 @@ class _SseBody:
             yield self._first
         yield from self._rest
         self._report["exhausted"] = True
+        if self._on_end is not None:
+            self._on_end()
 
     def close(self) -> None:
         close = getattr(self._rest, "close", None)

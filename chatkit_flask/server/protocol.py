@@ -17,9 +17,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from agents import Runner
+from agents import Agent, Runner
 from chatkit.agents import AgentContext, ThreadItemConverter, stream_agent_response
 from chatkit.errors import CustomStreamError
 from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
@@ -46,6 +46,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from .agent import AgentSource, ModelClient, resolve_agent
 from .context import RequestContext
+from .sitecode import SiteCode
 
 __all__ = [
     "MODEL_TYPES",
@@ -194,7 +195,9 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
     ``on_usage(context, usage)`` runs on the event loop after every answer (must not block;
     its errors are logged, never raised). ``history_items`` is the number of newest thread items
     sent to the model; each costs CPU in the openai client's request transform (measured: about
-    16-21 ms per message with 1 item, 30 ms with 30).
+    16-21 ms per message with 1 item, 30 ms with 30). With ``site``, the agent factory and
+    every function tool run inside a fresh app context of the host app (see
+    :class:`~chatkit_flask.server.sitecode.SiteCode`).
     """
 
     def __init__(
@@ -206,9 +209,12 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         history_items: int = 20,
         max_input_chars: int = 4000,
         on_usage: UsageCallback | None = None,
+        site: SiteCode | None = None,
     ) -> None:
         super().__init__(store)
-        self.agent = agent
+        self.site = site
+        # A fixed agent is wrapped once; a factory's agent on every request.
+        self.agent = site.agent(agent) if site is not None and isinstance(agent, Agent) else agent
         self.model = model
         self.history_items = history_items
         self.max_input_chars = max_input_chars
@@ -298,7 +304,7 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         input_user_message: UserMessageItem | None,
         context: RequestContext,
     ) -> AsyncIterator[ThreadStreamEvent]:
-        agent = resolve_agent(self.agent, context)
+        agent = self._agent_for(context)
         # The NEWEST items, oldest first (the quickstart's order="asc" sends the oldest ones).
         page = await self.store.load_thread_items(
             thread.id, None, self.history_items, "desc", context
@@ -337,6 +343,11 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
             if outcome != "completed":
                 _release_event_reader(agent_context)
             self._report_usage(context, result.context_wrapper.usage, outcome)
+
+    def _agent_for(self, context: RequestContext) -> Agent[Any]:
+        if self.site is None or isinstance(self.agent, Agent):
+            return resolve_agent(self.agent, context)
+        return self.site.agent(self.site.call(resolve_agent, self.agent, context))
 
     def _report_usage(
         self,

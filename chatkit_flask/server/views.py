@@ -11,11 +11,12 @@ time (and a ``Retry-After`` header); refusals of a read are a 429 JSON.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, Response, g, jsonify, request, url_for
+from flask import Blueprint, Flask, Response, g, jsonify, request, url_for
 from flask_limiter import Limiter
 
 from ..errors import ApiError, error_response
@@ -59,10 +60,13 @@ _LIMIT_MESSAGES = {
 }
 
 
-def create_runtime(settings: Settings, limiter: Callable[[], Limiter]) -> ServerRuntime:
+def create_runtime(
+    settings: Settings, limiter: Callable[[], Limiter], app: Flask
+) -> ServerRuntime:
     """Build server mode's parts (raises ``ConfigError`` naming the key); ``limiter`` gives
-    the limiter once it exists (the stream slots count in its storage)."""
-    return ServerRuntime(settings, lambda: active_storage(limiter()))
+    the limiter once it exists (the stream slots count in its storage); the site's agent code
+    runs inside app contexts of ``app``."""
+    return ServerRuntime(settings, lambda: active_storage(limiter()), app)
 
 
 def _is_read() -> bool:
@@ -136,7 +140,7 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
             owner=identity.limit_key,
             request_id=g.chatkit_request_id,
             client_network=g.get("chatkit_client_network", "-"),
-            user_id=identity.user if identity.user.startswith("user_") else None,
+            user_id=identity.user_id,
             locale=request.accept_languages.best,
         )
         g.chatkit_context = context
@@ -166,6 +170,7 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                     extra={"retry_after": 5, "scope": "streams"},
                 )
             )
+        release = _once(lambda: runtime.slots.release(owner)) if slot else None
         try:
             response = handle(
                 runtime.server,
@@ -174,15 +179,17 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                 context,
                 timeout=settings.model_timeout,
                 heartbeat=HEARTBEAT_SECONDS,
+                on_end=release,
             )
         except BaseException:
-            if slot:
-                runtime.slots.release(owner)
+            if release is not None:
+                release()
             raise
         started = g.chatkit_started
         fields = _log_fields(response)
-        if slot:
-            response.call_on_close(lambda: runtime.slots.release(owner))
+        if release is not None:
+            # Freed when the body has been read to its end, or else when it is closed.
+            response.call_on_close(release)
         if response.mimetype == "text/event-stream":
             g.chatkit_outcome = "streamed"
             # The line is written when the stream ends, however it ends.
@@ -222,6 +229,20 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
 
     register_error_handlers(bp, state, _LIMIT_MESSAGES, refused_in_stream)
     return bp
+
+
+def _once(func: Callable[[], None]) -> Callable[[], None]:
+    """``func`` that runs at most once, however many times it is called."""
+    lock = threading.Lock()
+    pending = [True]
+
+    def call() -> None:
+        with lock:
+            first, pending[0] = pending[0], False
+        if first:
+            func()
+
+    return call
 
 
 def _log_fields(response: Response) -> dict[str, Any]:

@@ -1,0 +1,106 @@
+"""The site's own code, run by the extension on the bridge's event loop, inside the host app.
+
+Agent tools and a per-request agent factory run on the loop thread, where no Flask context
+exists. Each call gets a FRESH app context of the host app, pushed before it and popped after
+it, so ``current_app``, ``g`` and ``db.session`` work as they do in a CLI command and the host's
+``teardown_appcontext`` handlers run: Flask-SQLAlchemy gives its pooled connection back there.
+There is no request (``request`` and ``current_user`` are not available): site code reads the
+signed-in user's id from :attr:`RequestContext.user_id`.
+
+Built against openai-agents 0.24.x: a ``@function_tool``'s invoker keeps the SDK's failure
+handling outside its ``_invoke_tool_impl``; the app context goes inside it, so a tool that fails
+is seen (and logged) before the SDK turns the error into text for the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from agents import Agent, FunctionTool
+from flask import Flask
+
+__all__ = ["SiteCode"]
+
+T = TypeVar("T")
+
+log = logging.getLogger("chatkit_flask")
+
+ToolInvoker = Callable[[Any, str], Awaitable[Any]]
+
+
+class SiteCode:
+    """Runs site code inside a fresh app context of ``app`` (torn down after every call)."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+
+    def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``func(*args, **kwargs)`` inside a fresh app context."""
+        with self.app.app_context():
+            return func(*args, **kwargs)
+
+    async def call_async(
+        self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+    ) -> T:
+        """``await func(*args, **kwargs)`` inside a fresh app context, pushed and popped in the
+        calling task (app contexts live in context variables: a sync tool the Agents SDK runs
+        in a worker thread sees a copy of this context, and so the same app context)."""
+        with self.app.app_context():
+            return await func(*args, **kwargs)
+
+    def agent(self, agent: Agent[Any]) -> Agent[Any]:
+        """A copy of ``agent`` whose function tools run through :meth:`call_async`; agents it
+        hands off to are copied the same way. The site's objects are left as they are."""
+        return self._agent(agent, {})
+
+    def _agent(self, agent: Agent[Any], done: dict[int, Agent[Any]]) -> Agent[Any]:
+        if id(agent) in done:  # handoffs may form a cycle
+            return done[id(agent)]
+        clone = agent.clone()
+        done[id(agent)] = clone
+        clone.tools = [self._tool(tool) for tool in agent.tools]
+        clone.handoffs = [
+            self._agent(target, done) if isinstance(target, Agent) else target
+            for target in agent.handoffs
+        ]
+        return clone
+
+    def _tool(self, tool: Any) -> Any:
+        if not isinstance(tool, FunctionTool):
+            return tool  # hosted tools (web search, ...) run at OpenAI, not here
+        wrapped = copy.copy(tool)  # the SDK rebinds a fresh invoker to the copy
+        invoker = wrapped.on_invoke_tool
+        inner = getattr(invoker, "_invoke_tool_impl", None)
+        if inner is not None:
+            invoker._invoke_tool_impl = self._guard(tool.name, inner)  # type: ignore[attr-defined]
+        else:  # a FunctionTool built by hand: its own invoker is the site's code
+            wrapped.on_invoke_tool = self._guard(tool.name, invoker)
+        return wrapped
+
+    def _guard(self, name: str, invoke: ToolInvoker) -> ToolInvoker:
+        async def guarded(ctx: Any, arguments: str) -> Any:
+            try:
+                return await self.call_async(invoke, ctx, arguments)
+            except Exception as exc:
+                # The tool's name and the exception's type only: arguments and messages can
+                # hold what the visitor typed.
+                log.warning(
+                    "chatkit_flask: agent tool %s failed: %s [%s]",
+                    name,
+                    type(exc).__name__,
+                    _request_id(ctx),
+                )
+                raise
+
+        # Keeps the SDK's own markers on the implementation (argument preparation for approvals).
+        return functools.update_wrapper(guarded, invoke)
+
+
+def _request_id(ctx: Any) -> str:
+    """The request id from a tool's context (``AgentContext.request_context``), if any."""
+    request_context = getattr(getattr(ctx, "context", None), "request_context", None)
+    return str(getattr(request_context, "request_id", "-"))
