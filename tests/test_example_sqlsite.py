@@ -236,3 +236,54 @@ def test_installed_from_the_checkout_into_a_fresh_virtualenv(tmp_path: Path) -> 
     assert report["package"].startswith(purelib)  # the installed copy, not the checkout
     assert report["start"] == report["end"] == 0
     assert report["outputs"] == [ADA] * 20
+
+
+# ------------------------------------------------------------ README as written
+README_POOL_CHECK = '''
+from chatkit_flask.testing.fake_responses import Reply
+from myshop.extensions import db
+
+def test_no_pooled_connection_outlives_a_message(app, chatkit_model):
+    client = app.test_client()
+    client.post("/login", data={"email": "ada@example.com"})
+    with app.app_context():
+        pool = db.engine.pool
+    start = pool.checkedout()
+    for _ in range(20):
+        chatkit_model.enqueue(Reply.call_tool("my_account"), "Pro.")
+        client.post("/api/chatkit", json={"type": "threads.create", "params": {"input": {
+            "content": [{"type": "input_text", "text": "plan?"}], "attachments": [],
+            "inference_options": {}}}}).get_data()
+        assert pool.checkedout() == start
+'''
+
+
+def readme_block(after_heading: str, index: int = 0) -> str:
+    """The ``index``-th python block of the README section under ``after_heading``."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split(after_heading, 1)[1].split("\n### ", 1)[0]
+    return section.split("```python\n")[index + 1].split("```", 1)[0]
+
+
+@pytest.mark.timeout(120)
+def test_the_readme_site_code_and_testing_sections_run_as_written(tmp_path: Path) -> None:
+    """The README's tool (as myshop/agent.py of a site like sqlsite) and its server-mode test
+    suite, run by pytest in a directory of their own."""
+    shop = tmp_path / "myshop"
+    shutil.copytree(SITE, shop, ignore=shutil.ignore_patterns("__pycache__"))
+    agent = readme_block("### Site code in server mode")
+    assert "CHATKIT_AGENT" in agent and "@function_tool" in agent
+    (shop / "agent.py").write_text(agent)
+    conftest, test_chat = readme_block("### Testing your site's chat").split("# test_chat.py\n")
+    (tmp_path / "conftest.py").write_text(conftest)
+    (tmp_path / "test_chat.py").write_text(test_chat)
+    (tmp_path / "test_pool.py").write_text(README_POOL_CHECK)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "CHATKIT_"))}
+    env.update(PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}", OPENAI_AGENTS_DISABLE_TRACING="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+         "--rootdir", str(tmp_path), str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "2 passed" in result.stdout
