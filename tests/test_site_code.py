@@ -57,6 +57,8 @@ class Site:
     def __init__(self) -> None:
         self.seen: list[dict[str, Any]] = []
         self.teardowns: list[int] = []
+        self.order: list[str] = []  # what happened, in order (slow_lookup and teardowns)
+        self.started = threading.Event()
 
     def observe(self, user_id: str | None) -> str:
         self.seen.append(
@@ -94,7 +96,16 @@ def site() -> Iterator[Site]:
         """Always fails, quoting its argument."""
         raise ValueError(f"cannot look up {query}")
 
-    tools = [whoami, whoami_async, lookup]
+    @function_tool
+    def slow_lookup() -> str:
+        """Takes half a second in its worker thread."""
+        observed.order.append("tool started")
+        observed.started.set()
+        time.sleep(0.5)
+        observed.order.append("tool ended")
+        return "slow"
+
+    tools = [whoami, whoami_async, lookup, slow_lookup]
     module.agent = Agent(name="Site", model="gpt-test", tools=tools)  # type: ignore[attr-defined]
 
     def per_request(context: Any) -> Agent:
@@ -120,7 +131,11 @@ def make_site_app(
                 chatkit_model, CHATKIT_AGENT=f"{AGENTS_MODULE}:{agent}", **overrides
             )
         )
-        app.teardown_appcontext(lambda exc: site.teardowns.append(1))
+        @app.teardown_appcontext
+        def teardown(exc: BaseException | None) -> None:
+            site.teardowns.append(1)
+            site.order.append("teardown")
+
         chatkit = ChatKit(app)
         chatkit.user_loader(lambda: user)
         made.append((app, chatkit))
@@ -151,6 +166,25 @@ def test_each_tool_call_runs_in_a_fresh_app_context_that_is_torn_down(
     assert all(s["fresh_g"] for s in site.seen)
     # Every context pushed for a call was popped: one teardown per tool call, one per request.
     assert len(site.teardowns) == 3 + 3
+
+
+def test_a_visitor_leaving_mid_tool_is_not_torn_down_under_a_sync_tool(
+    make_site_app: Callable[..., tuple[Flask, ChatKit]],
+    chatkit_model: FakeResponses,
+    site: Site,
+) -> None:
+    app, _ = make_site_app(user=1)
+    chatkit_model.enqueue(Reply.call_tool("slow_lookup"), "Done.")
+    response = app.test_client().post(URL, json=new_thread())
+    assert site.started.wait(5)
+    response.close()  # the visitor leaves while the tool's worker thread runs
+    deadline = time.monotonic() + 5
+    while site.order[-1] != "teardown" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    during = site.order[site.order.index("tool started") :]
+    # The thread's session is given back after the thread is done with it, not under it.
+    assert during == ["tool started", "tool ended", "teardown"]
+    assert chatkit_model.count == 1  # the model was not asked again
 
 
 def test_the_agent_factory_runs_in_an_app_context_with_the_loaders_id(

@@ -14,6 +14,8 @@ is seen (and logged) before the SDK turns the error into text for the model.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import functools
 import logging
@@ -30,6 +32,8 @@ T = TypeVar("T")
 log = logging.getLogger("chatkit_flask")
 
 ToolInvoker = Callable[[Any, str], Awaitable[Any]]
+# Set by the Agents SDK on the invoker of a sync @function_tool (run in a worker thread).
+_SYNC_TOOL_MARKER = "__agents_sync_function_tool__"
 
 
 class SiteCode:
@@ -74,16 +78,21 @@ class SiteCode:
             return tool  # hosted tools (web search, ...) run at OpenAI, not here
         wrapped = copy.copy(tool)  # the SDK rebinds a fresh invoker to the copy
         invoker = wrapped.on_invoke_tool
+        in_thread = bool(getattr(invoker, _SYNC_TOOL_MARKER, False))
         inner = getattr(invoker, "_invoke_tool_impl", None)
         if inner is not None:
-            invoker._invoke_tool_impl = self._guard(tool.name, inner)  # type: ignore[attr-defined]
+            invoker._invoke_tool_impl = self._guard(  # type: ignore[attr-defined]
+                tool.name, inner, in_thread
+            )
         else:  # a FunctionTool built by hand: its own invoker is the site's code
-            wrapped.on_invoke_tool = self._guard(tool.name, invoker)
+            wrapped.on_invoke_tool = self._guard(tool.name, invoker, in_thread)
         return wrapped
 
-    def _guard(self, name: str, invoke: ToolInvoker) -> ToolInvoker:
+    def _guard(self, name: str, invoke: ToolInvoker, in_thread: bool) -> ToolInvoker:
         async def guarded(ctx: Any, arguments: str) -> Any:
             try:
+                if in_thread:
+                    return await self.call_async(_to_the_end, invoke, ctx, arguments)
                 return await self.call_async(invoke, ctx, arguments)
             except Exception as exc:
                 # The tool's name and the exception's type only: arguments and messages can
@@ -98,6 +107,25 @@ class SiteCode:
 
         # Keeps the SDK's own markers on the implementation (argument preparation for approvals).
         return functools.update_wrapper(guarded, invoke)
+
+
+async def _to_the_end(func: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``await func(*args)``; when cancelled, first wait for it to finish, then re-raise.
+
+    For sync tools: the Agents SDK runs them in a worker thread, which a cancellation (the
+    visitor left) cannot stop. The app context, and the database session the thread is using,
+    must not be torn down under it; the thread's result is dropped.
+    """
+    task = asyncio.ensure_future(func(*args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still wait
+                await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # retrieved: no "exception was never retrieved" at collection
+        raise
 
 
 def _request_id(ctx: Any) -> str:
