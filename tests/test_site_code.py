@@ -24,7 +24,7 @@ import pytest
 
 pytest.importorskip("chatkit")
 
-from agents import Agent, RunContextWrapper, function_tool
+from agents import Agent, RunContextWrapper, function_tool, handoff
 from flask import Flask, current_app, g, has_request_context
 
 from chatkit_flask import ChatKit
@@ -113,6 +113,13 @@ def site() -> Iterator[Site]:
         return Agent(name="Site", model="gpt-test", tools=tools)
 
     module.per_request = per_request  # type: ignore[attr-defined]
+    billing = Agent(name="Billing", model="gpt-test", tools=[whoami])
+    module.front = Agent(name="Front", model="gpt-test", handoffs=[billing])  # type: ignore[attr-defined]
+    module.front_via_handoff = Agent(  # type: ignore[attr-defined]
+        name="Front",
+        model="gpt-test",
+        handoffs=[handoff(billing, on_handoff=lambda ctx: observed.observe("handing off"))],
+    )
     sys.modules[AGENTS_MODULE] = module
     yield observed
     del sys.modules[AGENTS_MODULE]
@@ -200,6 +207,21 @@ def test_the_agent_factory_runs_in_an_app_context_with_the_loaders_id(
     assert factory_call["user_id"] == tool_call["user_id"] == "42"  # not "user_42"
     assert factory_call["context"] != tool_call["context"]  # one context per call
     assert tool_outputs(chatkit_model) == ["user=42"]
+
+
+@pytest.mark.parametrize("agent", ["front", "front_via_handoff"])
+def test_tools_of_an_agent_handed_off_to_run_in_an_app_context_too(
+    make_site_app: Callable[..., tuple[Flask, ChatKit]],
+    chatkit_model: FakeResponses,
+    site: Site,
+    agent: str,
+) -> None:
+    app, _ = make_site_app(agent=agent, user=5)
+    chatkit_model.enqueue(Reply.call_tool("transfer_to_billing"), Reply.call_tool("whoami"), "Ok.")
+    app.test_client().post(URL, json=new_thread()).get_data()
+    assert tool_outputs(chatkit_model)[-1] == "user=5"
+    assert all(s["app"] == "the_site" and s["fresh_g"] for s in site.seen)
+    assert len(site.seen) == (2 if agent == "front_via_handoff" else 1)
 
 
 def test_a_visitor_has_no_user_id(

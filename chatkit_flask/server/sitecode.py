@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from agents import Agent, FunctionTool
+from agents import Agent, FunctionTool, Handoff
 from flask import Flask
 
 __all__ = ["SiteCode"]
@@ -58,7 +59,9 @@ class SiteCode:
 
     def agent(self, agent: Agent[Any]) -> Agent[Any]:
         """A copy of ``agent`` whose function tools run through :meth:`call_async`; agents it
-        hands off to are copied the same way. The site's objects are left as they are."""
+        hands off to (``Agent`` or ``handoff(...)``) are copied the same way, and a handoff's
+        ``on_handoff`` callback runs in an app context too. The site's objects are left as
+        they are."""
         return self._agent(agent, {})
 
     def _agent(self, agent: Agent[Any], done: dict[int, Agent[Any]]) -> Agent[Any]:
@@ -67,11 +70,21 @@ class SiteCode:
         clone = agent.clone()
         done[id(agent)] = clone
         clone.tools = [self._tool(tool) for tool in agent.tools]
-        clone.handoffs = [
-            self._agent(target, done) if isinstance(target, Agent) else target
-            for target in agent.handoffs
-        ]
+        clone.handoffs = [self._handoff(target, done) for target in agent.handoffs]
         return clone
+
+    def _handoff(self, target: Any, done: dict[int, Agent[Any]]) -> Any:
+        if isinstance(target, Agent):
+            return self._agent(target, done)
+        if not isinstance(target, Handoff):
+            return target
+        invoke = target.on_invoke_handoff
+
+        async def on_invoke_handoff(ctx: Any, arguments: str) -> Agent[Any]:
+            # The site's on_handoff callback runs here; the agent it hands to is wrapped too.
+            return self._agent(await self.call_async(invoke, ctx, arguments), done)
+
+        return dataclasses.replace(target, on_invoke_handoff=on_invoke_handoff)
 
     def _tool(self, tool: Any) -> Any:
         if not isinstance(tool, FunctionTool):
