@@ -297,12 +297,14 @@ def test_twenty_apps_created_and_closed_leave_no_threads(
 def test_close_twice_is_harmless_and_a_closed_app_answers_again(
     make_site_app: Callable[..., tuple[Flask, ChatKit]], chatkit_model: FakeResponses
 ) -> None:
+    before = set(threading.enumerate())
     app, chatkit = make_site_app(user=1)
     client = app.test_client()
     assert "You said: hello" in client.post(URL, json=new_thread()).get_data(as_text=True)
+    assert set(loop_threads()) - before
     chatkit.close(app)
     chatkit.close(app)
-    assert not loop_threads()
+    assert set(threading.enumerate()) - before == set()
     response = client.post(URL, json=new_thread("again"))
     assert sse_events(response.data)[-1]["type"] == "thread.item.done"
     assert chatkit_model.count == 2

@@ -2,9 +2,9 @@
 
 - :class:`FakeChatKit`: a fake ChatKit sessions API on a real loopback socket (a context
   manager); point ``CHATKIT_API_BASE`` at its ``base_url``.
-- :class:`FakeResponses` (server mode; needs ``chatkit-flask[server]``): a fake OpenAI
-  Responses API on a loopback socket that streams replies with token usage, and can call the
-  site's tools (``Reply.call_tool``). Import it from ``chatkit_flask.testing.fake_responses``.
+- :class:`FakeResponses` (server mode): a fake OpenAI Responses API on a loopback socket that
+  streams replies with token usage, and can call the site's tools (``Reply.call_tool``, from
+  ``chatkit_flask.testing.fake_responses``).
 - :func:`chatkit_test_config`: the settings a test app needs against either fake, limits off.
 - :func:`reset_limits`: clear every counter of the app's limiter between tests that keep
   limits on.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,14 @@ from typing import Any
 from flask import Flask
 
 from .fake_chatkit import Behaviour, FakeChatKit
+from .fake_responses import FakeResponses  # stdlib only: a hosted site can import it too
 
 __all__ = [
     "TEST_API_KEY",
     "TEST_WORKFLOW_ID",
     "Behaviour",
     "FakeChatKit",
+    "FakeResponses",
     "chatkit_test_config",
     "reset_limits",
 ]
@@ -39,7 +40,9 @@ TEST_API_KEY = "chatkit-flask-test-key-not-a-real-key"
 TEST_WORKFLOW_ID = "wf_chatkit_flask_test"
 
 
-def chatkit_test_config(fake: Any = None, **overrides: Any) -> dict[str, Any]:
+def chatkit_test_config(
+    fake: FakeChatKit | FakeResponses | None = None, **overrides: Any
+) -> dict[str, Any]:
     """Settings for a test app, with every limit off (``RATELIMIT_ENABLED=False``,
     Flask-Limiter's own switch, which also turns off a host limiter handed to the extension;
     pass ``RATELIMIT_ENABLED=True`` to test limits) and a plain-HTTP cookie.
@@ -55,7 +58,7 @@ def chatkit_test_config(fake: Any = None, **overrides: Any) -> dict[str, Any]:
         "RATELIMIT_ENABLED": False,
         "RATELIMIT_STORAGE_URI": "memory://",
     }
-    if _is_fake_model(fake):
+    if isinstance(fake, FakeResponses):
         config["CHATKIT_BACKEND"] = "server"
         config["OPENAI_BASE_URL"] = fake.base_url
         config["CHATKIT_STORE_URL"] = f"sqlite:///{_temporary_dir() / 'chatkit-threads.db'}"
@@ -68,12 +71,6 @@ def chatkit_test_config(fake: Any = None, **overrides: Any) -> dict[str, Any]:
         config["OPENAI_API_KEY"] = fake.api_key
     config.update(overrides)
     return config
-
-
-def _is_fake_model(fake: Any) -> bool:
-    # Looked up, not imported: importing it needs the server extra, which a hosted site lacks.
-    module = sys.modules.get("chatkit_flask.testing.fake_responses")
-    return module is not None and isinstance(fake, module.FakeResponses)
 
 
 def _temporary_dir() -> Path:
