@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,6 +95,28 @@ def test_the_tool_sees_the_user_the_site_signed_in(
     chatkit_model.enqueue(Reply.call_tool("my_account"), "Noted.")
     client.post(URL, json=MESSAGE).get_data()
     assert tool_outputs(chatkit_model) == [GRACE, "The visitor is not signed in."]
+
+
+def test_twenty_sites_created_and_closed_leave_no_threads(
+    chatkit_model: FakeResponses, tmp_path: Path
+) -> None:
+    before = set(threading.enumerate())
+    for n in range(20):
+        site = create_app(
+            chatkit_test_config(
+                chatkit_model, SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path}/site{n}.db"
+            )
+        )
+        client = site.test_client()
+        client.post("/login", data={"email": "ada@example.com"})
+        chatkit_model.enqueue(Reply.call_tool("my_account"), "Pro.")
+        client.post(URL, json=MESSAGE).get_data()
+        chatkit.close(site)
+    deadline = time.monotonic() + 5
+    while set(threading.enumerate()) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert set(threading.enumerate()) - before == set()
+    assert tool_outputs(chatkit_model) == [ADA] * 20
 
 
 # ---------------------------------------------------------------- gunicorn
