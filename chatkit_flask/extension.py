@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,7 @@ class ChatKit:
         self._limiter = limiter
         self._client = client
         self._user_loader: UserLoader | None = None
+        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
         if app is not None:
             self.init_app(app)
 
@@ -86,7 +88,7 @@ class ChatKit:
         if settings.backend == "server":  # imports the ChatKit and Agents SDKs
             from .server.views import create_runtime, make_server_blueprint
 
-            server = create_runtime(settings, lambda: limiter_cell[0])
+            server = create_runtime(settings, lambda: limiter_cell[0], app)
         else:
             client = self._client or ChatKitClient(
                 settings.api_key,
@@ -120,6 +122,7 @@ class ChatKit:
             # The chat's routes (its config and static helper too) answer to the chat's own
             # limits: a visitor who browses past the site's default limits keeps the chat.
             limiter.exempt(blueprint, flags=ExemptionScope.DEFAULT)
+        self._apps.add(app)
         app.cli.add_command(chatkit_cli)
         connect_flask_login(app, state)
         guard_header_hook(app, limiter)
@@ -153,6 +156,16 @@ class ChatKit:
                 ],
                 max_age=600,
             )
+
+    def close(self, app: Flask | None = None) -> None:
+        """Release what server mode holds for ``app`` (default: every app this object was
+        initialised on): its event loop thread, worker threads, store and model connections.
+        Also done at interpreter exit. Safe to call twice; a later request starts afresh.
+        Hosted mode holds nothing of the kind."""
+        for target in [app] if app is not None else list(self._apps):
+            runtime = self.state(target).server
+            if runtime is not None:
+                runtime.close()
 
     @staticmethod
     def state(app: Flask) -> ChatKitState:

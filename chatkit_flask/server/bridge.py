@@ -4,21 +4,23 @@ The ChatKit and Agents SDKs are async only, and the clients they use (``AsyncOpe
 ``redis.asyncio``) are bound to the event loop they were first used on. Flask ``async def`` views
 get a new loop per request, so those clients break on the second request. Instead each worker
 process runs ONE event loop in a daemon thread, started on first use and started again after a
-fork; views hand it work through :class:`AsyncBridge` and stay synchronous.
+fork; views hand it work through :class:`AsyncBridge` and stay synchronous. Work reaches the
+loop without the calling thread's context variables (no Flask context leaks onto the loop).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import os
 import queue
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterator
-from typing import Generic, TypeVar
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterator
+from typing import Any, Generic, TypeVar
 
 __all__ = ["AsyncBridge", "LoopLocal", "drain_all"]
 
@@ -102,13 +104,30 @@ class AsyncBridge:
                 "Await the coroutine directly instead."
             )
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop this process's loop (tests and clean shutdown); the next call starts a new one."""
+    def close(
+        self, timeout: float = 5.0, *, cleanup: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Stop this process's loop and its worker threads (``asyncio.to_thread``); the next
+        call starts a new loop. ``cleanup()`` runs on the loop first (closing loop-bound
+        clients); its errors are logged, never raised. Does nothing when no loop runs."""
+        self._refuse_loop_thread()
         with self._lock:
             loop, thread = self._loop, self._thread
             self._pid = self._loop = self._thread = None
         if loop is None or thread is None or not thread.is_alive():
             return
+
+        async def finish() -> None:
+            try:
+                if cleanup is not None:
+                    await cleanup()
+            finally:
+                await loop.shutdown_default_executor()
+
+        try:
+            asyncio.run_coroutine_threadsafe(finish(), loop).result(timeout)
+        except Exception as exc:  # closing must go on: the loop is stopped below regardless
+            log.warning("event loop cleanup failed: %s", type(exc).__name__)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout)
         if not thread.is_alive():
@@ -145,7 +164,7 @@ class AsyncBridge:
         async def call() -> T:
             return await coro_factory()
 
-        future = asyncio.run_coroutine_threadsafe(call(), self.loop)
+        future = _submit(call(), self.loop)
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -204,9 +223,7 @@ class AsyncBridge:
         open_stream = _OpenStream(channel, drain_item)
         with self._lock:
             self._streams.add(open_stream)
-        task_future = asyncio.run_coroutine_threadsafe(
-            _pump(agen_factory, channel, finished, open_stream), loop
-        )
+        task_future = _submit(_pump(agen_factory, channel, finished, open_stream), loop)
         if watch is not None:
             watch.start(loop, task_future)
         completed = False
@@ -326,6 +343,14 @@ def _watched(item: T, watch: _WriteWatch | None) -> Iterator[T]:
         yield item
     finally:
         watch.since = None
+def _submit(
+    coro: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop
+) -> concurrent.futures.Future[T]:
+    """Schedule ``coro`` on ``loop`` in an EMPTY context. ``run_coroutine_threadsafe`` would
+    copy the calling thread's context variables into the task: Flask's request and app
+    contexts, which the view pops while the task still runs (site code would see a stale
+    ``request`` and an app context whose teardown never runs for it)."""
+    return contextvars.Context().run(asyncio.run_coroutine_threadsafe, coro, loop)
 
 
 class _Channel:
@@ -430,6 +455,10 @@ class LoopLocal(Generic[T]):
         self._values: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = (
             weakref.WeakKeyDictionary()
         )
+
+    def peek(self) -> T | None:
+        """The running loop's value, or None when none was made (makes nothing)."""
+        return self._values.get(asyncio.get_running_loop())
 
     def get(self) -> T:
         loop = asyncio.get_running_loop()

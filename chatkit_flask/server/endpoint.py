@@ -104,7 +104,8 @@ def handle(
         raise ApiError(400, "invalid_request", MISFIT_MESSAGE) from None
     except STORE_ERRORS as exc:
         raise _store_unavailable(exc, context) from None
-    response = Response(_SseBody(first, frames, context.report), mimetype="text/event-stream")
+    body = _SseBody(first, frames, context.report)
+    response = Response(body, mimetype="text/event-stream")
     response.headers.update(STREAM_HEADERS)
     return response
 
@@ -135,7 +136,12 @@ class _SseBody:
     log line and the metrics.
     """
 
-    def __init__(self, first: bytes, rest: Iterator[bytes], report: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        first: bytes,
+        rest: Iterator[bytes],
+        report: dict[str, Any],
+    ) -> None:
         self._first = first
         self._rest = rest
         self._report = report

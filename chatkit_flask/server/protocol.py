@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from agents import ModelSettings, RunConfig, Runner
+from agents import Agent, ModelSettings, RunConfig, Runner
 from chatkit.agents import AgentContext, ThreadItemConverter, stream_agent_response
 from chatkit.errors import CustomStreamError
 from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
@@ -59,6 +59,7 @@ from pydantic import TypeAdapter, ValidationError
 from .agent import AgentSource, ModelClient, resolve_agent
 from .context import RequestContext
 from .costs import ReplyMeter, estimate_input_tokens, model_calls, newest_within
+from .sitecode import SiteCode
 
 __all__ = [
     "MODEL_TYPES",
@@ -263,6 +264,9 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
     16-21 ms per message with 1 item, 30 ms with 30); ``history_max_chars`` bounds their JSON.
     ``max_output_tokens`` and ``max_turns`` bound every run; ``reply_timeout`` (seconds) bounds
     a whole reply. ``admit(context, tokens)`` is awaited before the model is called.
+    16-21 ms per message with 1 item, 30 ms with 30). With ``site``, the agent factory and
+    every function tool run inside a fresh app context of the host app (see
+    :class:`~chatkit_flask.server.sitecode.SiteCode`).
     """
 
     def __init__(
@@ -279,9 +283,12 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         max_turns: int = 4,
         reply_timeout: float = 180.0,
         admit: AdmitCallback | None = None,
+        site: SiteCode | None = None,
     ) -> None:
         super().__init__(store)
-        self.agent = agent
+        self.site = site
+        # A fixed agent is wrapped once; a factory's agent on every request.
+        self.agent = site.agent(agent) if site is not None and isinstance(agent, Agent) else agent
         self.model = model
         self.history_items = history_items
         self.max_input_chars = max_input_chars
@@ -376,7 +383,7 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         input_user_message: UserMessageItem | None,
         context: RequestContext,
     ) -> AsyncIterator[ThreadStreamEvent]:
-        agent = resolve_agent(self.agent, context)
+        agent = self._agent_for(context)
         # The NEWEST items, oldest first (the quickstart's order="asc" sends the oldest ones).
         page = await self.store.load_thread_items(
             thread.id, None, self.history_items, "desc", context
@@ -483,6 +490,11 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
             )
             kept.append(ThreadItemDoneEvent(item=note))
         return kept
+
+    def _agent_for(self, context: RequestContext) -> Agent[Any]:
+        if self.site is None or isinstance(self.agent, Agent):
+            return resolve_agent(self.agent, context)
+        return self.site.agent(self.site.call(resolve_agent, self.agent, context))
 
     def _report_usage(
         self,

@@ -6,12 +6,15 @@ settles after it ends) and the stream slots."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from chatkit.errors import CustomStreamError
+from flask import Flask
 
 from ..settings import ConfigError, Settings
 from .agent import ModelClient, build_plain_agent, load_agent_spec
@@ -19,6 +22,7 @@ from .bridge import AsyncBridge
 from .budget import BudgetSpent, TokenBudget
 from .context import RequestContext
 from .protocol import FlaskChatKitServer, TokenUsage
+from .sitecode import SiteCode
 from .slots import StreamSlots
 from .store import REDIS_SCHEMES, OwnerScopedStore, open_store
 
@@ -31,13 +35,17 @@ BUDGET_MESSAGES = {
     "tokens": "You have used up your share of the assistant for now",
     "tokens_global": "The assistant has used up the site's budget for now",
 }
+# Every runtime of this process, closed at exit (weakly held: a test's app may go away).
+_RUNTIMES: weakref.WeakSet[ServerRuntime] = weakref.WeakSet()
 
 
 class ServerRuntime:
     """Server mode's long-lived parts. Loop-bound clients (the model client, the Redis store's
     client) are made on the bridge's loop, once per worker process."""
 
-    def __init__(self, settings: Settings, limiter_storage: Callable[[], Any]) -> None:
+    def __init__(
+        self, settings: Settings, limiter_storage: Callable[[], Any], app: Flask | None = None
+    ) -> None:
         self.settings = settings
         self.bridge = AsyncBridge()
         self.store: OwnerScopedStore = open_store(
@@ -72,6 +80,7 @@ class ServerRuntime:
             max_turns=settings.agent_max_turns,
             reply_timeout=settings.reply_timeout,
             admit=self._admit,
+            site=SiteCode(app) if app is not None else None,
         )
         self.budget = TokenBudget(
             limiter_storage, settings.tokens_per_user, settings.tokens_global
@@ -99,6 +108,21 @@ class ServerRuntime:
         self.thread_replies = StreamSlots(
             limiter_storage, 1, lease=settings.stream_slot_lease, prefix="chatkit:replying"
         )
+        _RUNTIMES.add(self)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close this process's loop-bound clients (store, model), then stop the event loop
+        thread and its worker threads. Safe to call twice; a later request starts afresh."""
+
+        async def close_clients() -> None:
+            aclose = getattr(self.store, "aclose", None)
+            try:
+                if aclose is not None:
+                    await aclose()
+            finally:
+                await self.model.aclose()
+
+        self.bridge.close(timeout, cleanup=close_clients)
 
     async def _admit(self, context: RequestContext, tokens: int) -> None:
         """On the loop before the model is called: reserve the reply's worst case, or refuse
@@ -148,3 +172,12 @@ def store_findings(settings: Settings) -> list[str]:
     for finding in findings:
         log.warning("chatkit_flask: %s", finding)
     return findings
+
+
+@atexit.register
+def _close_all() -> None:
+    for runtime in list(_RUNTIMES):
+        try:
+            runtime.close(timeout=2.0)
+        except Exception:  # exiting anyway: one failure must not keep the others open
+            log.debug("chatkit_flask: closing a runtime at exit failed", exc_info=True)

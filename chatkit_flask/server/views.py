@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, Response, g, jsonify, request, url_for
+from flask import Blueprint, Flask, Response, g, jsonify, request, url_for
 from flask_limiter import Limiter
 
 from ..errors import ApiError, error_response
@@ -113,10 +113,13 @@ def _socket_shutdown(environ: dict[str, Any]) -> Callable[[], None] | None:
     return shutdown
 
 
-def create_runtime(settings: Settings, limiter: Callable[[], Limiter]) -> ServerRuntime:
+def create_runtime(
+    settings: Settings, limiter: Callable[[], Limiter], app: Flask
+) -> ServerRuntime:
     """Build server mode's parts (raises ``ConfigError`` naming the key); ``limiter`` gives
-    the limiter once it exists (the stream slots count in its storage)."""
-    return ServerRuntime(settings, lambda: active_storage(limiter()))
+    the limiter once it exists (the stream slots count in its storage); the site's agent code
+    runs inside app contexts of ``app``."""
+    return ServerRuntime(settings, lambda: active_storage(limiter()), app)
 
 
 def _is_read() -> bool:
@@ -194,7 +197,7 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
             owner=identity.limit_key,
             request_id=g.chatkit_request_id,
             client_network=g.get("chatkit_client_network", "-"),
-            user_id=identity.user if identity.user.startswith("user_") else None,
+            user_id=identity.user_id,
             locale=request.accept_languages.best,
         )
         g.chatkit_context = context
