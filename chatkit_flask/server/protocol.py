@@ -12,6 +12,7 @@ Built against openai-chatkit 1.6.x: :meth:`stream` and :meth:`call` use the SDK'
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from agents import Runner
+from agents import Runner, RunResultStreaming
 from chatkit.agents import AgentContext, ThreadItemConverter, stream_agent_response
 from chatkit.errors import CustomStreamError
 from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
@@ -177,6 +178,49 @@ def _release_event_reader(agent_context: AgentContext[RequestContext]) -> None:
         waiter.cancel()
 
 
+class _WatchedRun:
+    """The run as ``stream_agent_response`` sees it: ``stream_events()`` remembers the task that
+    waits for the run's next event.
+
+    The SDK's ``_merge_generators`` awaits each ``__anext__`` in a task of its own and abandons
+    the pending one when its consumer stops (a visitor hangs up). ``result.cancel()`` then ends
+    the run's event stream, that task finishes with ``StopAsyncIteration`` nobody reads, and
+    asyncio logs "Task exception was never retrieved" with a traceback for every hang-up.
+    :meth:`collect_abandoned` reads that outcome instead.
+    """
+
+    def __init__(self, result: RunResultStreaming) -> None:
+        self._result = result
+        self._waiter: asyncio.Task[object] | None = None
+
+    def stream_events(self) -> AsyncIterator[object]:
+        return _WatchedEvents(self._result.stream_events(), self)
+
+    def collect_abandoned(self) -> None:
+        """Read the outcome of the last pending wait for an event, whenever it ends."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.add_done_callback(_read_outcome)
+
+
+class _WatchedEvents:
+    def __init__(self, events: AsyncIterator[object], run: _WatchedRun) -> None:
+        self._events = events
+        self._run = run
+
+    def __aiter__(self) -> _WatchedEvents:
+        return self
+
+    async def __anext__(self) -> object:
+        self._run._waiter = asyncio.current_task()
+        return await self._events.__anext__()
+
+
+def _read_outcome(task: asyncio.Task[object]) -> None:
+    if not task.cancelled():
+        task.exception()  # marks it retrieved: the end of an abandoned wait, not an error
+
+
 class _Converter(ThreadItemConverter):
     """History to model input. An @-mention tag is sent as its text (the SDK refuses tags)."""
 
@@ -312,8 +356,9 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
             run_config=self.model.run_config() if self.model is not None else None,
         )
         outcome: Literal["completed", "failed", "cancelled"] = "cancelled"
+        run = _WatchedRun(result)
         try:
-            async for event in stream_agent_response(agent_context, result):
+            async for event in stream_agent_response(agent_context, run):  # type: ignore[arg-type]
                 # The model's first output: what a visitor waits for (the frames before it,
                 # thread and user item, leave before the model is called).
                 context.report.setdefault("first_answer_at", time.perf_counter())
@@ -334,6 +379,7 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
             # Without this the model request runs to its end after a disconnect (and is paid
             # for): stream_agent_response waits on tasks that cancelling us does not cancel.
             result.cancel()
+            run.collect_abandoned()
             if outcome != "completed":
                 _release_event_reader(agent_context)
             self._report_usage(context, result.context_wrapper.usage, outcome)
