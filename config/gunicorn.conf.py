@@ -14,6 +14,7 @@ gunicorn write outside those two directories.
 """
 
 import os
+from logging import Formatter as _Formatter
 
 from gunicorn.glogging import Logger as _GunicornLogger
 from gunicorn.glogging import SafeAtoms as _GunicornAtoms
@@ -150,6 +151,11 @@ accesslog = "-" if _env_bool("GUNICORN_ACCESS_LOG", True) else None
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms request_id=%({x-request-id}o)s'
 
 
+# CHATKIT_LOG_FORMAT=json: gunicorn's own lines (start, stop, workers, access) are JSON objects
+# too, so that every line of the service's output parses; text keeps gunicorn's formats.
+LOG_FORMAT = _env_choice("CHATKIT_LOG_FORMAT", "text", ("text", "json"))
+
+
 class _EscapingLogger(_GunicornLogger):
     """gunicorn's logger, with every access log field escaped by the app's one escaping function
     (chatkit_flask.sanitize.escape_control): %(U)s is the percent-decoded path, so /%0a would
@@ -162,6 +168,13 @@ class _EscapingLogger(_GunicornLogger):
         # quoted field; escape_control(quoted=True) escapes both, and nothing else may add to it.
         self.atoms_wrapper_class = _EscapedAtoms
 
+    def setup(self, cfg):
+        super().setup(cfg)
+        if LOG_FORMAT == "json":
+            for log in (self.error_log, self.access_log):
+                for handler in log.handlers:
+                    handler.setFormatter(_JsonLines())
+
     def atoms(self, resp, req, environ, request_time):
         atoms = super().atoms(resp, req, environ, request_time)
         # Imported here, in a worker (which has loaded the app): the master imports nothing of
@@ -173,6 +186,37 @@ class _EscapingLogger(_GunicornLogger):
             if isinstance(value, str):
                 atoms[name] = escape_control(value, quoted=True)
         return atoms
+
+
+class _JsonLines(_Formatter):
+    """One JSON object per gunicorn record, in the shape of the app's lines (time, level, logger,
+    message: chatkit_flask.logs.JsonFormatter; written out here because the master imports
+    nothing of the app). An access line adds the request's fields, ``"event": "access"``."""
+
+    _ACCESS = (("request_id", "{x-request-id}o"), ("method", "m"), ("path", "U"),
+               ("status", "s"), ("bytes", "b"), ("duration_ms", "M"), ("remote", "h"))  # fmt: skip
+
+    def format(self, record):
+        import json
+        import time
+
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        atoms = record.args
+        if record.name == "gunicorn.access" and isinstance(atoms, _GunicornAtoms):
+            entry["event"] = "access"
+            for key, atom in self._ACCESS:
+                value = atoms[atom]
+                if value != "-":
+                    entry[key] = int(value) if key in ("status", "bytes", "duration_ms") else value
+        entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, separators=(",", ":"))
 
 
 class _EscapedAtoms(_GunicornAtoms):
