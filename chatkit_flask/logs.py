@@ -30,6 +30,7 @@ from .sanitize import escape_control
 
 __all__ = [
     "LOGGER_NAME",
+    "SERVICE_ONLY_SETTINGS",
     "JsonFormatter",
     "TextFormatter",
     "configure_logging",
@@ -41,6 +42,9 @@ __all__ = [
 ]
 
 LOGGER_NAME = "chatkit_flask"
+# Read by the standalone service's configure_logging alone: a host app configures the
+# chatkit_flask logger itself (``flask chatkit check`` says so next to them).
+SERVICE_ONLY_SETTINGS = ("CHATKIT_LOG_LEVEL", "CHATKIT_LOG_FORMAT")
 mint_log = logging.getLogger(f"{LOGGER_NAME}.mint")
 message_log = logging.getLogger(f"{LOGGER_NAME}.message")
 
