@@ -192,7 +192,7 @@ def configure_logging(level: str, fmt: str) -> None:
     each, the package's loggers at ``level`` and all others at WARNING or above (``level`` if
     higher), Python's warnings included. Calling it again replaces what the last call set.
     For the standalone service only: a host app keeps its own logging set-up."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_CurrentStderr())  # type: ignore[arg-type]
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -208,6 +208,17 @@ def configure_logging(level: str, fmt: str) -> None:
     root.setLevel(max(logging.WARNING, logging.getLevelName(level)))
     # warnings.warn() as a "py.warnings" record (through the handler above), not raw text.
     logging.captureWarnings(True)
+
+
+class _CurrentStderr:
+    """``sys.stderr`` as it is when a record is written, not as it was at set-up: the root
+    logger's handler outlives a replaced stream (a test's capture)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def _replace_handler(logger: logging.Logger, handler: logging.Handler) -> None:
