@@ -151,9 +151,30 @@ accesslog = "-" if _env_bool("GUNICORN_ACCESS_LOG", True) else None
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms request_id=%({x-request-id}o)s'
 
 
+def _log_format():
+    """CHATKIT_LOG_FORMAT as the app resolves it: the environment, else .env, else the config
+    file (CHATKIT_CONFIG_FILE or config/chatkit.toml). An unreadable config file counts as
+    unset here: the app names its error at start-up (when_ready)."""
+    value = _env("CHATKIT_LOG_FORMAT", None)
+    if value is None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = _env("CHATKIT_CONFIG_FILE", None) or os.path.join(root, "config", "chatkit.toml")
+        try:
+            import tomllib
+
+            with open(path, "rb") as file:
+                value = str(tomllib.load(file).get("CHATKIT_LOG_FORMAT", "text"))
+        except (OSError, ValueError):
+            value = "text"
+    value = value.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError(f"CHATKIT_LOG_FORMAT must be one of text, json, got {value!r}")
+    return value
+
+
 # CHATKIT_LOG_FORMAT=json: gunicorn's own lines (start, stop, workers, access) are JSON objects
 # too, so that every line of the service's output parses; text keeps gunicorn's formats.
-LOG_FORMAT = _env_choice("CHATKIT_LOG_FORMAT", "text", ("text", "json"))
+LOG_FORMAT = _log_format()
 
 
 class _EscapingLogger(_GunicornLogger):
