@@ -61,7 +61,8 @@ def _without_flask_cli_dotenv() -> dict[str, str]:
     directory upward into ``os.environ`` (unless FLASK_SKIP_DOTENV), expanding ``${...}``. Taken
     as environment, those would beat CHATKIT_ENV_FILE and differ from what gunicorn reads; the
     service reads one file with one parser instead. A variable whose value is exactly what
-    Flask's files hold is dropped (it is that file's value, or the same value anyway).
+    Flask's files hold is dropped: one the real environment also held with that very value
+    cannot be told apart (the only case where the CLI may still differ from gunicorn).
     """
     environ = dict(os.environ)
     if environ.get("FLASK_RUN_FROM_CLI") != "true" or not get_load_dotenv():
