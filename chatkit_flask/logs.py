@@ -21,6 +21,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flask import g, has_request_context
@@ -35,10 +37,12 @@ __all__ = [
     "TextFormatter",
     "configure_logging",
     "default_handler",
+    "held_records",
     "init_app_logging",
     "log_message",
     "log_mint",
     "mint_log",
+    "replay",
 ]
 
 LOGGER_NAME = "chatkit_flask"
@@ -225,3 +229,32 @@ def _replace_handler(logger: logging.Logger, handler: logging.Handler) -> None:
     # Only the handler an earlier call installed (an app factory may run twice); others stay.
     logger.handlers[:] = [h for h in logger.handlers if not getattr(h, "_chatkit_flask", 0)]
     logger.addHandler(handler)
+
+
+@contextmanager
+def held_records() -> Iterator[list[logging.LogRecord]]:
+    """Hold the package's records (e.g. "X is not a setting of this service") while the service
+    reads the settings that say how to log; :func:`replay` them once logging is configured, so
+    they come out in that format too. On an exception they are replayed at once, through
+    whatever handlers there are, and nothing is lost."""
+    logger = logging.getLogger(LOGGER_NAME)
+    saved = logger.handlers[:], logger.propagate
+    held: list[logging.LogRecord] = []
+    collector = logging.Handler()
+    collector.emit = held.append  # type: ignore[method-assign]
+    logger.handlers[:], logger.propagate = [collector], False
+    try:
+        yield held
+    except BaseException:
+        logger.handlers[:], logger.propagate = saved
+        replay(held)
+        raise
+    logger.handlers[:], logger.propagate = saved
+
+
+def replay(records: list[logging.LogRecord]) -> None:
+    """Log held records again, through the handlers and levels configured now."""
+    for record in records:
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)

@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from .errors import http_error_response
 from .extension import ChatKit
-from .logs import configure_logging
+from .logs import configure_logging, held_records, replay
 from .settings import Settings, load_config, read_env_file
 from .web import health_blueprint
 
@@ -82,9 +82,11 @@ def create_app(
 ) -> Flask:
     """Build the service app from ``service_config(overrides, environ)``. Raises
     ``ConfigError`` naming the bad key."""
-    config = service_config(overrides, environ)
-    settings = Settings.from_mapping(config)  # fail fast, before anything is wired
+    with held_records() as held:  # warnings about the settings, in the format they choose
+        config = service_config(overrides, environ)
+        settings = Settings.from_mapping(config)  # fail fast, before anything is wired
     configure_logging(settings.log_level, settings.log_format)
+    replay(held)
 
     app = Flask("chatkit_flask")
     app.config.update(config)

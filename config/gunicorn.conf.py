@@ -194,7 +194,8 @@ class _EscapingLogger(_GunicornLogger):
         if LOG_FORMAT == "json":
             for log in (self.error_log, self.access_log):
                 for handler in log.handlers:
-                    handler.setFormatter(_JsonLines())
+                    if getattr(handler, "_gunicorn", False):  # not a logconfig's own
+                        handler.setFormatter(_JsonLines())
 
     def atoms(self, resp, req, environ, request_time):
         atoms = super().atoms(resp, req, environ, request_time)
@@ -343,17 +344,17 @@ def when_ready(server):
     if pid == 0:  # pragma: no cover - the child
         code = 0
         try:
+            from chatkit_flask.logs import configure_logging
             from chatkit_flask.service import service_config
             from chatkit_flask.settings import ConfigError, Settings
 
+            configure_logging("INFO", LOG_FORMAT)  # its warnings in the service's format
             Settings.from_mapping(service_config())
         except ConfigError as error:
-            sys.stderr.write(f"chatkit-flask: configuration error: {error}\n")
+            server.log.error("chatkit-flask: configuration error: %s", error)
             code = 4
         except BaseException:
-            import traceback
-
-            traceback.print_exc()
+            server.log.exception("chatkit-flask: configuration check failed")
             code = 1
         finally:
             sys.stderr.flush()

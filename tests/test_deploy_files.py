@@ -873,8 +873,8 @@ def test_gunicorn_logs_in_the_apps_log_format(monkeypatch, tmp_path):
 
     logger = conf["logger_class"](Config())
     out = io.StringIO()
-    for handler in logger.error_log.handlers:
-        handler.setStream(out)
+    (own,) = [h for h in logger.error_log.handlers if getattr(h, "_gunicorn", False)]
+    own.setStream(out)
     logger.error_log.info("Booting worker with pid: %s", 7)
     entry = json.loads(out.getvalue())
     assert (entry["logger"], entry["level"]) == ("gunicorn.error", "info")

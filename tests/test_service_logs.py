@@ -221,3 +221,31 @@ def test_a_conversation_logs_one_access_and_one_conversation_line_per_message(
         assert messages[request_id] == ["completed"], text
     (hung_up,) = set(messages) - set(completed)
     assert messages[hung_up] == ["cancelled"]
+
+
+def test_a_configuration_error_is_logged_as_json_too(tmp_path: Path) -> None:
+    # Start-up's own lines (an unknown variable's warning, the error that stops gunicorn) are
+    # written by gunicorn's master check before any app logging exists: JSON all the same.
+    (tmp_path / "empty.env").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATKIT_", "GUNICORN_"))}
+    env.pop("OPENAI_API_KEY", None)
+    env.update(
+        CHATKIT_BACKEND="server",
+        CHATKIT_LOG_FORMAT="json",
+        CHATKIT_ENV_FILE=str(tmp_path / "empty.env"),
+        CHATKIT_RATELIMIT_PER_USR="1 per day",  # a typo: warned about, by name
+        SECRET_KEY=TEST_SECRET_KEY,
+        RATELIMIT_STORAGE_URI="memory://",
+        GUNICORN_BIND=f"127.0.0.1:{free_port()}",
+        GUNICORN_WORKERS="1",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line is one JSON object
+    messages = [entry.get("message", "") for entry in entries]
+    assert any("configuration error: OPENAI_API_KEY" in m for m in messages), lines
+    assert any("CHATKIT_RATELIMIT_PER_USR" in m for m in messages), lines
