@@ -28,6 +28,7 @@ from limits import RateLimitItem, parse_many
 
 from .identity import client_network, hash_id
 from .limits import STORAGE_ERRORS, counter_args, describe, storage_of
+from .logs import SERVICE_ONLY_SETTINGS
 from .sanitize import escape_control, mask_url, redact_credentials
 from .settings import OPTIONS, ConfigError, _read
 from .upstream import (
@@ -123,7 +124,8 @@ def check_command(live: bool) -> None:
             _fail(str(exc))
             failures += 1
             continue
-        _echo(f"  {name} = {_shown(name, value)}")
+        note = "  (service only: a host app configures the chatkit_flask logger)"
+        _echo(f"  {name} = {_shown(name, value)}{note if name in SERVICE_ONLY_SETTINGS else ''}")
 
     _echo("Limiter storage (Flask-Limiter's):")
     real = describe(state.limiter, current_app)

@@ -15,6 +15,7 @@ from .cli import chatkit_cli
 from .hosted import make_hosted_blueprint
 from .identity import VisitorCookie
 from .limits import guard_header_hook, prepare_limiter
+from .logs import init_app_logging
 from .settings import OPTIONS, ConfigError, Settings, _read
 from .state import ChatKitState
 from .upstream import ChatKitClient
@@ -126,6 +127,7 @@ class ChatKit:
         app.cli.add_command(chatkit_cli)
         connect_flask_login(app, state)
         guard_header_hook(app, limiter)
+        init_app_logging()
         if settings.metrics_enabled:
             from .metrics import init_metrics, set_circuit_state
 

@@ -55,6 +55,17 @@ def test_check_prints_settings_without_secrets(redis_app: Callable[..., Flask]) 
     assert_no_secrets(result.output)
 
 
+def test_check_says_the_log_settings_are_the_services_only(
+    redis_app: Callable[..., Flask],
+) -> None:
+    # A host app configures the chatkit_flask logger; these two would silently do nothing there.
+    output = run(redis_app(CHATKIT_LOG_FORMAT="json"), "check").output
+    only = "(service only: a host app configures the chatkit_flask logger)"
+    assert f"CHATKIT_LOG_FORMAT = json  {only}" in output
+    assert f"CHATKIT_LOG_LEVEL = info  {only}" in output
+    assert only not in output.split("CHATKIT_LOG_LEVEL")[0].split("CHATKIT_LOG_FORMAT")[0]
+
+
 def test_masking() -> None:
     key_shaped = "sk-proj-" + "abcdefghijklmnopqrstuvwxyz1234"  # split: not a real key
     assert mask_api_key(key_shaped) == "sk-...1234"
