@@ -96,6 +96,8 @@ class ChatKit:
             client=client,
             server=server,
         )
+        if server is not None:
+            state.ready_checks["store"] = server.ready_problem
         app.extensions["chatkit"] = state
         if server is not None:
             app.register_blueprint(make_server_blueprint(state))

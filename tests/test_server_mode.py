@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -937,24 +937,41 @@ def test_a_model_that_goes_silent_ends_the_stream_with_an_error_event(
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-def broken_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A store that fails on use: a SQLite "file" that is a directory, a Redis nobody runs."""
+def breakable_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[str, Callable[[], None]]]:
+    """A store that works at start-up (which refuses a broken one) and a function that breaks
+    it: the SQLite file replaced by a directory, the private redis-server killed."""
     if request.param == "sqlite":
-        (tmp_path / "threads.db").mkdir()
-        return f"sqlite:///{tmp_path}/threads.db"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"redis://127.0.0.1:{port}/0"
+        path = tmp_path / "threads.db"
+
+        def replace_by_directory() -> None:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            path.mkdir()
+
+        yield f"sqlite:///{path}", replace_by_directory
+        return
+    from tests.test_faults import OwnRedis
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    own = OwnRedis()
+    own.start()
+    yield own.url, own.kill
+    if own.process is not None:
+        own.kill()
 
 
 def test_a_store_outage_is_a_503_that_names_the_store(
     make_app: Callable[..., Flask],
     fake: FakeResponses,
-    broken_store_url: str,
+    breakable_store: tuple[str, Callable[[], None]],
     mint_logs: pytest.LogCaptureFixture,
 ) -> None:
-    client = make_app(broken_store_url).test_client()
+    url, break_store = breakable_store
+    client = make_app(url).test_client()
+    break_store()
     for body in ({"type": "threads.list", "params": {}}, create_body("hi")):
         response = post(client, body)
         error = assert_json_error(response, 503, "store_unavailable")  # before any stream byte
@@ -962,7 +979,7 @@ def test_a_store_outage_is_a_503_that_names_the_store(
     assert fake.count == 0
     failures = [r.getMessage() for r in mint_logs.records
                 if r.name.startswith("chatkit_flask") and r.levelno >= logging.ERROR]
-    assert failures and all("thread store failed" in line for line in failures), failures
+    assert len(failures) == 2 and all("thread store" in line for line in failures), failures
     assert not any("rate limit storage" in r.getMessage() for r in mint_logs.records)
 
 

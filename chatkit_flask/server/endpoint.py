@@ -18,8 +18,9 @@ from flask import Response
 from ..errors import ApiError
 from .bridge import AsyncBridge
 from .context import RequestContext
-from .protocol import FlaskChatKitServer, NotFoundError, RequestRefused
+from .protocol import FlaskChatKitServer, NotFoundError, RequestRefused, StoreFailed
 from .store import STORE_ERRORS
+from .store_guard import STORE_DOWN_MESSAGE
 
 log = logging.getLogger("chatkit_flask")
 
@@ -32,7 +33,6 @@ STREAM_HEADERS = {
 HEARTBEAT_FRAME = b": keep-alive\n\n"  # an SSE comment: EventSource-style parsers skip it
 NOT_FOUND_MESSAGE = "No such conversation."
 MISFIT_MESSAGE = "The request does not fit this conversation."
-STORE_DOWN_MESSAGE = "The chat cannot reach its conversations right now. Please try again shortly."
 
 
 def handle(
@@ -70,7 +70,7 @@ def handle(
             raise ApiError(400, "invalid_request", MISFIT_MESSAGE) from None
         except TimeoutError:
             raise ApiError(503, "timeout", "The request took too long. Please try again.") from None
-        except STORE_ERRORS as exc:
+        except (StoreFailed, *STORE_ERRORS) as exc:
             raise _store_unavailable(exc, context) from None
         response = Response(payload, mimetype="application/json")
         response.headers["Cache-Control"] = "no-store"
@@ -92,7 +92,7 @@ def handle(
         raise ApiError(404, "not_found", NOT_FOUND_MESSAGE) from None
     except ValueError:
         raise ApiError(400, "invalid_request", MISFIT_MESSAGE) from None
-    except STORE_ERRORS as exc:
+    except (StoreFailed, *STORE_ERRORS) as exc:
         raise _store_unavailable(exc, context) from None
     response = Response(_SseBody(first, frames, context.report), mimetype="text/event-stream")
     response.headers.update(STREAM_HEADERS)
@@ -102,7 +102,10 @@ def handle(
 def _store_unavailable(exc: Exception, context: RequestContext) -> ApiError:
     # Named here: the blueprint's handler for Redis errors would blame the rate limiter. The
     # class only: a driver's message can quote a host or a key.
-    log.error("chatkit_flask: thread store failed: %s [%s]", type(exc).__name__, context.request_id)
+    if not isinstance(exc, StoreFailed):  # the store guard has logged that one
+        log.error(
+            "chatkit_flask: thread store failed: %s [%s]", type(exc).__name__, context.request_id
+        )
     return ApiError(503, "store_unavailable", STORE_DOWN_MESSAGE, headers={"Retry-After": "5"})
 
 
@@ -137,9 +140,12 @@ class _SseBody:
 
 
 def stream_outcome(report: dict[str, Any]) -> str:
-    """How a stream ended, once closed: the answer's ``completed``, ``failed`` or ``cancelled``;
+    """How a stream ended, once closed: ``failed`` when the store failed, else the answer's
+    ``completed``, ``failed`` or ``cancelled``;
     without an answer, ``cancelled`` if the stream was cut short, else ``no_answer`` (e.g. a
     retry of an item that is not in the thread)."""
+    if report.get("store_failed"):  # even after the model's answer: it was not kept
+        return "failed"
     usage = report.get("usage")
     if usage is not None:
         return str(usage.outcome)

@@ -26,6 +26,7 @@ from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
 from chatkit.store import NotFoundError, Store
 from chatkit.types import (
     ChatKitReq,
+    ErrorEvent,
     FeedbackKind,
     ItemsFeedbackReq,
     ItemsListReq,
@@ -46,6 +47,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from .agent import AgentSource, ModelClient, resolve_agent
 from .context import RequestContext
+from .store_guard import GuardedStore, StoreFailed
 
 __all__ = [
     "MODEL_TYPES",
@@ -57,6 +59,7 @@ __all__ = [
     "InvalidRequest",
     "NotFoundError",
     "RequestRefused",
+    "StoreFailed",
     "TokenUsage",
     "UnsupportedRequest",
     "calls_model",
@@ -207,7 +210,7 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         max_input_chars: int = 4000,
         on_usage: UsageCallback | None = None,
     ) -> None:
-        super().__init__(store)
+        super().__init__(GuardedStore(store))
         self.agent = agent
         self.model = model
         self.history_items = history_items
@@ -268,8 +271,19 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         its ``_process_streaming`` logs every 404 as an ERROR with a traceback.
         """
         events = self._process_streaming_impl(request, context)  # type: ignore[arg-type]
-        async for event in events:
-            yield b"data: " + self._serialize(event) + b"\n\n"
+        last: ThreadStreamEvent | None = None
+        try:
+            async for event in events:
+                last = event
+                yield b"data: " + self._serialize(event) + b"\n\n"
+        except StoreFailed as exc:
+            # Raised between the SDK's steps (saving the visitor's message, the thread's last
+            # update): after the first frame it must end the stream in words, not cut it.
+            if last is None:
+                raise  # nothing sent yet: the endpoint answers 503
+            if not isinstance(last, ErrorEvent):
+                error = ErrorEvent(code="custom", message=exc.message, allow_retry=True)
+                yield b"data: " + self._serialize(error) + b"\n\n"
 
     async def call(self, request: ChatKitReq, context: RequestContext) -> bytes:
         """The JSON answer to a non-streaming request (``NotFoundError`` if not the owner's)."""
@@ -319,6 +333,9 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
                 context.report.setdefault("first_answer_at", time.perf_counter())
                 yield event
             outcome = "completed"
+        except StoreFailed:  # logged by the store guard; the SDK shows its message
+            outcome = "failed"
+            raise
         except Exception as exc:
             outcome = "failed"
             # Class and status only: provider messages can quote parts of keys or inputs.

@@ -9,18 +9,21 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..settings import Settings
+from ..settings import ConfigError, Settings
 from .agent import ModelClient, build_plain_agent, load_agent_spec
 from .bridge import AsyncBridge
 from .budget import TokenBudget
 from .context import RequestContext
 from .protocol import FlaskChatKitServer, TokenUsage
 from .slots import StreamSlots
-from .store import OwnerScopedStore, open_store
+from .store import STORE_URL_KEY, OwnerScopedStore, StoreUnusable, open_store
 
-__all__ = ["ServerRuntime"]
+__all__ = ["READY_PROBE_TIMEOUT", "STARTUP_PROBE_TIMEOUT", "ServerRuntime"]
 
 log = logging.getLogger("chatkit_flask")
+
+STARTUP_PROBE_TIMEOUT = 15.0  # seconds: above SQLite's busy timeout (10 s) and Redis's (5 + 10 s)
+READY_PROBE_TIMEOUT = 2.0  # seconds: /readyz answers within the compose healthcheck's 2 s
 
 
 class ServerRuntime:
@@ -33,6 +36,11 @@ class ServerRuntime:
         self.store: OwnerScopedStore = open_store(
             settings.store_url, thread_ttl=settings.thread_ttl
         )
+        try:
+            self.check_store(write=True, timeout=STARTUP_PROBE_TIMEOUT, key=STORE_URL_KEY)
+        except ConfigError:
+            self.bridge.close()  # the probe started the loop thread: a failed start leaves none
+            raise
         agent = (
             load_agent_spec(settings.agent)
             if settings.agent
@@ -63,6 +71,34 @@ class ServerRuntime:
         self.slots = StreamSlots(
             limiter_storage, settings.max_streams_per_user, lease=settings.model_timeout + 60
         )
+
+    def check_store(
+        self, *, write: bool, timeout: float, key: str | None = None
+    ) -> None:
+        """Probe the store (see ``OwnerScopedStore.probe``). Raises :class:`StoreUnusable`, or
+        with ``key`` a ``ConfigError`` naming that key and the cause (start-up)."""
+        try:
+            try:
+                self.bridge.run(lambda: self.store.probe(write=write), timeout)
+            except TimeoutError:
+                raise StoreUnusable(
+                    f"the {self.store} did not answer within {timeout:g} s", "timeout"
+                ) from None
+        except StoreUnusable as exc:
+            if key is None:
+                raise
+            raise ConfigError(key, f"the {self.store} cannot be used: {exc.cause}") from None
+
+    def ready_problem(self) -> str | None:
+        """For ``/readyz``: None when the store answers a cheap probe within
+        :data:`READY_PROBE_TIMEOUT`, else a short reason (the cause goes to the log)."""
+        try:
+            self.check_store(write=False, timeout=READY_PROBE_TIMEOUT)
+        except StoreUnusable as exc:
+            log.warning("chatkit_flask: not ready: the %s cannot be used: %s", self.store,
+                        exc.cause)
+            return exc.reason
+        return None
 
     def _on_usage(self, context: RequestContext, usage: TokenUsage) -> None:
         """On the loop after every answer: keep it for the log line, tell the hooks."""

@@ -254,6 +254,8 @@ def _log_fields(response: Response) -> dict[str, Any]:
 def _log_stream(fields: dict[str, Any], context: RequestContext, started: float) -> None:
     report = context.report
     fields["outcome"] = stream_outcome(report)
+    if report.get("store_failed"):
+        fields["cause"] = "store"
     usage = report.get("usage")
     if usage is not None:
         fields["tokens_in"] = usage.input_tokens
