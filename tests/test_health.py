@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -28,6 +29,7 @@ pytest.importorskip("chatkit")
 from flask import Flask
 from prometheus_client import REGISTRY
 
+from chatkit_flask.cli import EXIT_MISCONFIGURED, EXIT_OK, EXIT_UNREACHABLE
 from chatkit_flask.server import store_sqlite
 from chatkit_flask.server.store import StoreUnusable, open_store
 from chatkit_flask.server.store_guard import STORE_DOWN_MESSAGE
@@ -384,3 +386,98 @@ def test_sqlite_locked_mid_reply_ends_the_stream_with_an_error_event(
             holder.execute("ROLLBACK")
         holder.close()
     assert_store_failure_reported(events, mint_logs, "sqlite", before)
+
+
+# ------------------------------------------------------------------ flask chatkit check
+
+
+def check(app: Flask, *args: str) -> Any:
+    return app.test_cli_runner().invoke(args=["chatkit", "check", *args])
+
+
+@pytest.fixture
+def known_models(fake: FakeResponses) -> Iterator[FakeResponses]:
+    fake.models = frozenset({"gpt-test"})
+    yield fake
+    fake.models = None
+
+
+def test_check_live_in_server_mode_checks_store_and_model(
+    make_app: Callable[..., Flask], known_models: FakeResponses, tmp_path: Path
+) -> None:
+    result = check(make_app(f"sqlite:///{tmp_path}/threads.db"), "--live")
+    assert result.exit_code == EXIT_OK, result.output
+    assert "ok    the sqlite store wrote, read back and deleted a probe thread in" in result.output
+    assert re.search(r"ok    model gpt-test answered in \d+ ms", result.output), result.output
+    assert "All checks passed." in result.output
+    assert TEST_API_KEY not in result.output
+    [request] = known_models.requests
+    assert request.json["model"] == "gpt-test" and request.json["max_output_tokens"] == 16
+    assert not request.json.get("stream")
+    with sqlite3.connect(tmp_path / "threads.db") as db:  # the probe thread is gone
+        assert db.execute("SELECT COUNT(*) FROM chatkit_threads").fetchone() == (0,)
+
+
+def test_check_without_live_leaves_the_model_alone(
+    make_app: Callable[..., Flask], fake: FakeResponses, own_redis: OwnRedis
+) -> None:
+    result = check(make_app(own_redis.url))
+    assert result.exit_code == EXIT_OK, result.output
+    assert "ok    the redis store wrote, read back and deleted a probe thread" in result.output
+    assert "Model: not contacted (add --live" in result.output
+    assert fake.count == 0
+    assert own_redis.client().dbsize() == 0  # nothing of the probe left behind
+
+
+def test_check_live_names_a_refused_key(
+    make_app: Callable[..., Flask], fake: FakeResponses, tmp_path: Path
+) -> None:
+    wrong = "wrong-model-key-0000000000000000"
+    app = make_app(f"sqlite:///{tmp_path}/threads.db", OPENAI_API_KEY=wrong)
+    result = check(app, "--live")
+    assert result.exit_code == EXIT_MISCONFIGURED, result.output
+    assert "FAIL  key refused: the provider answered 401 (OPENAI_API_KEY)" in result.output
+    assert wrong not in result.output
+
+
+def test_check_live_names_a_model_that_does_not_exist(
+    make_app: Callable[..., Flask], known_models: FakeResponses, tmp_path: Path
+) -> None:
+    app = make_app(f"sqlite:///{tmp_path}/threads.db", CHATKIT_AGENT_MODEL="gpt-nope")
+    result = check(app, "--live")
+    assert result.exit_code == EXIT_MISCONFIGURED, result.output
+    assert "FAIL  model not found: gpt-nope (CHATKIT_AGENT_MODEL" in result.output
+
+
+def test_check_live_names_a_model_nobody_serves(
+    make_app: Callable[..., Flask], fake: FakeResponses, tmp_path: Path
+) -> None:
+    from tests.test_faults import free_port
+
+    port = free_port()
+    app = make_app(
+        f"sqlite:///{tmp_path}/threads.db", OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1"
+    )
+    result = check(app, "--live")
+    assert result.exit_code == EXIT_UNREACHABLE, result.output
+    assert f"FAIL  cannot reach the model at 127.0.0.1:{port} (OPENAI_BASE_URL)" in result.output
+
+
+def test_check_names_a_store_that_stopped(
+    make_app: Callable[..., Flask], fake: FakeResponses, own_redis: OwnRedis
+) -> None:
+    app = make_app(own_redis.url)
+    own_redis.kill()
+    result = check(app, "--live")
+    assert result.exit_code == EXIT_UNREACHABLE, result.output
+    assert "FAIL  the redis store cannot be used: cannot connect to Redis" in result.output
+    assert "(CHATKIT_STORE_URL)" in result.output
+    assert "ok    model gpt-test answered" in result.output  # the other checks still ran
+
+
+def test_misconfigured_wins_over_unreachable(
+    make_app: Callable[..., Flask], known_models: FakeResponses, own_redis: OwnRedis
+) -> None:
+    app = make_app(own_redis.url, CHATKIT_AGENT_MODEL="gpt-nope")
+    own_redis.kill()
+    assert check(app, "--live").exit_code == EXIT_MISCONFIGURED

@@ -9,11 +9,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ..sanitize import mask_url
 from ..settings import ConfigError, Settings
 from .agent import ModelClient, build_plain_agent, load_agent_spec
 from .bridge import AsyncBridge
 from .budget import TokenBudget
 from .context import RequestContext
+from .health import Finding, check_model, check_store, model_name
 from .protocol import FlaskChatKitServer, TokenUsage
 from .slots import StreamSlots
 from .store import STORE_URL_KEY, OwnerScopedStore, StoreUnusable, open_store
@@ -99,6 +101,18 @@ class ServerRuntime:
                         exc.cause)
             return exc.reason
         return None
+
+    def check_sections(self, live: bool) -> list[tuple[str, list[Finding]]]:
+        """For ``flask chatkit check``: (title, findings) of the store round trip and, when
+        ``live``, of one tiny model request."""
+        base = self.settings.openai_base_url or "https://api.openai.com/v1"
+        sections = [(f"Thread store ({mask_url(self.settings.store_url)}):", check_store(self))]
+        if live:
+            sections.append((f"Model ({model_name(self)} at {base}):", check_model(self)))
+        else:
+            sections.append((f"Model: not contacted (add --live to send one tiny request to "
+                             f"{base})", []))  # fmt: skip
+        return sections
 
     def _on_usage(self, context: RequestContext, usage: TokenUsage) -> None:
         """On the loop after every answer: keep it for the log line, tell the hooks."""
