@@ -481,3 +481,34 @@ def test_misconfigured_wins_over_unreachable(
     app = make_app(own_redis.url, CHATKIT_AGENT_MODEL="gpt-nope")
     own_redis.kill()
     assert check(app, "--live").exit_code == EXIT_MISCONFIGURED
+
+
+def test_a_store_failure_between_the_sdks_steps_is_an_error_event_not_a_cut_stream(
+    make_app: Callable[..., Flask],
+    fake: FakeResponses,
+    tmp_path: Path,
+    mint_logs: pytest.LogCaptureFixture,
+) -> None:
+    """threads.create: the thread is saved and announced, then saving the visitor's message
+    fails (the SDK does that outside its own error handling)."""
+    app = make_app(f"sqlite:///{tmp_path}/threads.db")
+    store = app.extensions["chatkit"].server.store  # the runtime's own, under guard and counter
+
+    async def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    store.add_thread_item = disk_full
+    before = counters()
+    response = app.test_client().post(
+        URL, data=json.dumps(create_body("hello")), content_type="application/json",
+        buffered=True,
+    )  # fmt: skip
+    assert response.status_code == 200
+    events = sse_events(response.data)
+    assert [e["type"] for e in events] == ["thread.created", "error"]
+    assert events[-1]["message"] == STORE_DOWN_MESSAGE
+    assert fake.count == 0  # the model was never called
+    lines = [r.getMessage() for r in mint_logs.records if "thread store failed" in r.getMessage()]
+    assert lines == [lines[0]] and ": sqlite in add_thread_item: OperationalError" in lines[0]
+    assert metric("chatkit_store_errors_total") == before["errors"] + 1
+    assert metric("chatkit_messages_total", outcome="failed") == before["failed"] + 1
