@@ -173,7 +173,10 @@ def check_command(live: bool) -> None:
 def _report(findings: list[Any]) -> list[str]:
     """Print server mode's findings; the problems among them."""
     for finding in findings:
-        (_fail if finding.problem else _ok)(finding.text)
+        if finding.warning:
+            _echo(f"  warn  {finding.text}")
+        else:
+            (_fail if finding.problem else _ok)(finding.text)
     return [finding.problem for finding in findings if finding.problem]
 
 

@@ -521,6 +521,13 @@ _OPTION_LIST = [
         "(several hosts; keys must not be evicted).",
     ),
     Option(
+        "CHATKIT_STORE_REQUIRE_PERSISTENCE",
+        False,
+        _bool,
+        "Server mode, Redis store: refuse to start when its Redis would lose threads (no AOF or "
+        "RDB, or a maxmemory-policy that evicts); false: a warning at start-up.",
+    ),
+    Option(
         "CHATKIT_THREAD_TTL",
         2592000,
         _int_range(60, None),
@@ -550,6 +557,20 @@ _OPTION_LIST = [
         2,
         _int_range(1, 100),
         "Server mode: replies one visitor or user may have streaming at once.",
+    ),
+    Option(
+        "CHATKIT_STREAM_SLOT_LEASE",
+        30,
+        _float_range(3, 600),
+        "Server mode: seconds a reply's stream slot outlives its last renewal (a streaming reply "
+        "renews it every third of this); after a worker dies its visitors wait at most this long.",
+    ),
+    Option(
+        "CHATKIT_STREAM_WRITE_TIMEOUT",
+        20,
+        _float_range(1, 600),
+        "Server mode: seconds a reply may wait on a client that does not read before it is "
+        "dropped (the model call aborted, the thread and the slot freed).",
     ),
     Option(
         "CHATKIT_MAX_INPUT_CHARS",
@@ -649,6 +670,9 @@ class Settings:
     agent_tracing: bool
     model_timeout: float
     store_url: str
+    store_require_persistence: bool
+    stream_slot_lease: float
+    stream_write_timeout: float
     thread_ttl: int
     limit_requests_per_ip: str
     tokens_per_user: str
@@ -731,6 +755,9 @@ class Settings:
             agent_tracing=v["CHATKIT_AGENT_TRACING"],
             model_timeout=v["CHATKIT_MODEL_TIMEOUT"],
             store_url=v["CHATKIT_STORE_URL"],
+            store_require_persistence=v["CHATKIT_STORE_REQUIRE_PERSISTENCE"],
+            stream_slot_lease=v["CHATKIT_STREAM_SLOT_LEASE"],
+            stream_write_timeout=v["CHATKIT_STREAM_WRITE_TIMEOUT"],
             thread_ttl=v["CHATKIT_THREAD_TTL"],
             limit_requests_per_ip=v["CHATKIT_RATELIMIT_REQUESTS_PER_IP"] or "",
             tokens_per_user=v["CHATKIT_TOKENS_PER_USER"] or "",

@@ -486,6 +486,7 @@ def test_no_secrets_inline(compose_raw):
         "CHATKIT_TRUSTED_PROXIES",
         "CHATKIT_TRUSTED_PROXY_NETWORKS",
         "CHATKIT_STORE_URL",
+        "CHATKIT_STORE_REQUIRE_PERSISTENCE",
     }, "only what the compose file itself defines is inline"
     for name, service in compose_raw["services"].items():
         for key, value in env_mapping(service).items():

@@ -36,9 +36,10 @@ from chatkit_flask.server.store_guard import STORE_DOWN_MESSAGE
 from chatkit_flask.service import create_app
 from chatkit_flask.settings import ConfigError
 from chatkit_flask.testing.fake_responses import FakeResponses, Reply
+from chatkit_flask.testing.redis_server import RedisServer, free_port
 from tests.conftest import TEST_API_KEY
 from tests.server_support import sse_events
-from tests.test_faults import OwnRedis
+from tests.services import start_redis_or_skip
 from tests.test_server_mode import close_app, create_body, server_config
 
 URL = "/api/chatkit"
@@ -70,15 +71,11 @@ def make_app(fake: FakeResponses) -> Iterator[Callable[..., Flask]]:
 
 
 @pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = OwnRedis()
-    server.start()
+def own_redis() -> Iterator[RedisServer]:
+    """A private redis-server this test may stop (never the suite's)."""
+    server = start_redis_or_skip(RedisServer())
     yield server
-    if server.process is not None:
-        server.resume()
-        server.kill()
+    server.stop()
 
 
 def start_error(fake: FakeResponses, store_url: str) -> str:
@@ -180,16 +177,14 @@ def probe_as_nobody(url: str) -> str:
 
 
 def test_a_redis_nobody_runs_stops_start_up(fake: FakeResponses) -> None:
-    from tests.test_faults import free_port
-
     message = start_error(fake, f"redis://:hunter2-store-pass@127.0.0.1:{free_port()}/0")
     assert "the redis store cannot be used: cannot connect to Redis" in message
     assert "hunter2" not in message
 
 
-def test_a_read_only_redis_stops_start_up(fake: FakeResponses, own_redis: OwnRedis) -> None:
+def test_a_read_only_redis_stops_start_up(fake: FakeResponses, own_redis: RedisServer) -> None:
     own_redis.client().config_set("min-replicas-to-write", 1)  # refuses writes, like a replica
-    message = start_error(fake, own_redis.url)
+    message = start_error(fake, own_redis.url())
     assert "the redis store cannot be used: Redis answered an error (NOREPLICAS)" in message
 
 
@@ -246,9 +241,9 @@ def test_readyz_names_a_locked_sqlite_store_within_its_deadline(
 
 
 def test_readyz_names_a_redis_store_that_stopped(
-    make_app: Callable[..., Flask], own_redis: OwnRedis
+    make_app: Callable[..., Flask], own_redis: RedisServer
 ) -> None:
-    client = make_app(own_redis.url).test_client()
+    client = make_app(own_redis.url()).test_client()
     assert client.get("/readyz").get_json()["store"] == "ok"
     own_redis.kill()
     response = client.get("/readyz")
@@ -258,11 +253,11 @@ def test_readyz_names_a_redis_store_that_stopped(
 
 
 def test_readyz_answers_within_its_deadline_when_redis_hangs(
-    make_app: Callable[..., Flask], own_redis: OwnRedis
+    make_app: Callable[..., Flask], own_redis: RedisServer
 ) -> None:
     import time
 
-    client = make_app(own_redis.url).test_client()
+    client = make_app(own_redis.url()).test_client()
     own_redis.pause()
     started = time.monotonic()
     response = client.get("/readyz")
@@ -273,11 +268,11 @@ def test_readyz_answers_within_its_deadline_when_redis_hangs(
 
 
 def test_readyz_names_the_limiter_storage_apart_from_the_store(
-    make_app: Callable[..., Flask], tmp_path: Path, own_redis: OwnRedis
+    make_app: Callable[..., Flask], tmp_path: Path, own_redis: RedisServer
 ) -> None:
     app = make_app(
         f"sqlite:///{tmp_path}/threads.db",
-        RATELIMIT_STORAGE_URI=own_redis.url,
+        RATELIMIT_STORAGE_URI=own_redis.url(),
         RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=True,
     )
     own_redis.kill()
@@ -353,10 +348,10 @@ def counters() -> dict[str, float]:
 def test_redis_stopped_mid_reply_ends_the_stream_with_an_error_event(
     make_app: Callable[..., Flask],
     fake: FakeResponses,
-    own_redis: OwnRedis,
+    own_redis: RedisServer,
     mint_logs: pytest.LogCaptureFixture,
 ) -> None:
-    app = make_app(own_redis.url)
+    app = make_app(own_redis.url())
     before = counters()
     events, _ = reply_with_store_cut(app, fake, own_redis.kill)
     assert "thread.item.updated" in [e["type"] for e in events]  # the answer had begun
@@ -419,9 +414,9 @@ def test_check_live_in_server_mode_checks_store_and_model(
 
 
 def test_check_without_live_leaves_the_model_alone(
-    make_app: Callable[..., Flask], fake: FakeResponses, own_redis: OwnRedis
+    make_app: Callable[..., Flask], fake: FakeResponses, own_redis: RedisServer
 ) -> None:
-    result = check(make_app(own_redis.url))
+    result = check(make_app(own_redis.url()))
     assert result.exit_code == EXIT_OK, result.output
     assert "ok    the redis store wrote, read back and deleted a probe thread" in result.output
     assert "Model: not contacted (add --live" in result.output
@@ -452,8 +447,6 @@ def test_check_live_names_a_model_that_does_not_exist(
 def test_check_live_names_a_model_nobody_serves(
     make_app: Callable[..., Flask], fake: FakeResponses, tmp_path: Path
 ) -> None:
-    from tests.test_faults import free_port
-
     port = free_port()
     app = make_app(
         f"sqlite:///{tmp_path}/threads.db", OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1"
@@ -464,9 +457,9 @@ def test_check_live_names_a_model_nobody_serves(
 
 
 def test_check_names_a_store_that_stopped(
-    make_app: Callable[..., Flask], fake: FakeResponses, own_redis: OwnRedis
+    make_app: Callable[..., Flask], fake: FakeResponses, own_redis: RedisServer
 ) -> None:
-    app = make_app(own_redis.url)
+    app = make_app(own_redis.url())
     own_redis.kill()
     result = check(app, "--live")
     assert result.exit_code == EXIT_UNREACHABLE, result.output
@@ -476,9 +469,9 @@ def test_check_names_a_store_that_stopped(
 
 
 def test_misconfigured_wins_over_unreachable(
-    make_app: Callable[..., Flask], known_models: FakeResponses, own_redis: OwnRedis
+    make_app: Callable[..., Flask], known_models: FakeResponses, own_redis: RedisServer
 ) -> None:
-    app = make_app(own_redis.url, CHATKIT_AGENT_MODEL="gpt-nope")
+    app = make_app(own_redis.url(), CHATKIT_AGENT_MODEL="gpt-nope")
     own_redis.kill()
     assert check(app, "--live").exit_code == EXIT_MISCONFIGURED
 
@@ -512,3 +505,4 @@ def test_a_store_failure_between_the_sdks_steps_is_an_error_event_not_a_cut_stre
     assert lines == [lines[0]] and ": sqlite in add_thread_item: OperationalError" in lines[0]
     assert metric("chatkit_store_errors_total") == before["errors"] + 1
     assert metric("chatkit_messages_total", outcome="failed") == before["failed"] + 1
+

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,11 +41,12 @@ from chatkit_flask.settings import ConfigError
 from chatkit_flask.testing.fake_responses import FakeResponses, Reply
 from tests.conftest import REDIS_URL, TEST_API_KEY, TEST_SECRET_KEY, WORKFLOW
 from tests.server_support import sse_events, user_input
+from tests.services import SUITE_REDIS
 
 URL = "/api/chatkit"
 CONFIG_URL = "/api/chatkit/config"
 COOKIE = "chatkit_session_id"
-STORE_REDIS_URL = os.environ.get("CHATKIT_TEST_STORE_REDIS_URL", "redis://127.0.0.1:6379/8")
+STORE_REDIS_URL = SUITE_REDIS.url(8)  # the thread store; the limiter uses REDIS_URL (15)
 UPSTREAM_SECRET = "upstream-detail-that-must-stay-private"
 
 
@@ -103,17 +102,12 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def store_url(request: pytest.FixtureRequest, sqlite_url: str) -> Iterator[str]:
-    """Where threads live: a SQLite file, or the real Redis (its own database, emptied)."""
+    """Where threads live: a SQLite file, or the suite's Redis (its own database, emptied)."""
     if request.param == "sqlite":
         yield sqlite_url
         return
+    request.getfixturevalue("redis_server")
     client = redis.Redis.from_url(STORE_REDIS_URL, socket_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError:
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis at {STORE_REDIS_URL} does not answer (CI must start it)")
-        pytest.skip(f"Redis at {STORE_REDIS_URL} does not answer")
     client.flushdb()
     yield STORE_REDIS_URL
     client.flushdb()
@@ -952,15 +946,12 @@ def breakable_store(
 
         yield f"sqlite:///{path}", replace_by_directory
         return
-    from tests.test_faults import OwnRedis
+    from chatkit_flask.testing.redis_server import RedisServer
+    from tests.services import start_redis_or_skip
 
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    own = OwnRedis()
-    own.start()
-    yield own.url, own.kill
-    if own.process is not None:
-        own.kill()
+    own = start_redis_or_skip(RedisServer())
+    yield own.url(), own.kill
+    own.stop()
 
 
 def test_a_store_outage_is_a_503_that_names_the_store(
@@ -997,7 +988,7 @@ def test_a_store_outage_is_a_503_that_names_the_store(
         ({"CHATKIT_STORE_URL": "threads.db"}, "CHATKIT_STORE_URL"),
         ({"CHATKIT_STORE_URL": "sqlite:////no/such/dir/threads.db"}, "CHATKIT_STORE_URL"),
         ({"CHATKIT_STORE_URL": "sqlite:///:memory:"}, "CHATKIT_STORE_URL"),
-        ({"CHATKIT_STORE_URL": "redis://127.0.0.1:6379/typo"}, "CHATKIT_STORE_URL"),
+        ({"CHATKIT_STORE_URL": "redis://cache.example:6379/typo"}, "CHATKIT_STORE_URL"),
         ({"CHATKIT_STORE_URL": "redis://127.0.0.1:port/0"}, "CHATKIT_STORE_URL"),
         ({"CHATKIT_BACKEND": "serverless"}, "CHATKIT_BACKEND"),
     ],
@@ -1022,7 +1013,7 @@ def test_a_bad_key_from_the_environment_is_named_too(fake: FakeResponses, sqlite
 
 
 def test_a_store_password_never_appears_in_the_error(fake: FakeResponses, sqlite_url: str) -> None:
-    url = "redis://user:hunter2-store-password@127.0.0.1:6379/typo"
+    url = "redis://user:hunter2-store-password@cache.example:6379/typo"
     with pytest.raises(ConfigError) as caught:
         create_app(server_config(fake, sqlite_url, CHATKIT_STORE_URL=url), environ={})
     assert caught.value.key == "CHATKIT_STORE_URL"

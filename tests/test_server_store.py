@@ -1,5 +1,5 @@
 """The store contract, checked against every store: SQLite (a temporary file), fakeredis and the
-real Redis (database 13 unless CHATKIT_TEST_STORE_REDIS_URL says otherwise).
+real Redis (database 13 of the suite's own ``redis-server``).
 
 Each test runs its scenario with ``asyncio.run``, as the background loop of a worker would.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
-import os
 import random
 import re
 import sqlite3
@@ -45,8 +44,9 @@ from chatkit_flask.server.store import OwnerScopedStore, open_store
 from chatkit_flask.server.store_redis import RedisStore
 from chatkit_flask.server.store_sqlite import SQLiteStore
 from chatkit_flask.settings import ConfigError
+from tests.services import SUITE_REDIS
 
-REDIS_URL = os.environ.get("CHATKIT_TEST_STORE_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_URL = SUITE_REDIS.url(13)
 PREFIX = "test:store"
 T = TypeVar("T")
 
@@ -149,19 +149,11 @@ class Backend:
         return asyncio.run(main())
 
 
-def _real_redis_answers() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
-def _backend(name: str, tmp_path: Path) -> Iterator[Backend]:
+def _backend(request: pytest.FixtureRequest, name: str, tmp_path: Path) -> Iterator[Backend]:
     if name != "redis":
         yield Backend(name, tmp_path)
         return
-    if not _real_redis_answers():
-        pytest.skip(f"Redis at {REDIS_URL} does not answer")
+    request.getfixturevalue("redis_server")
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
     yield Backend(name, tmp_path)
@@ -171,12 +163,12 @@ def _backend(name: str, tmp_path: Path) -> Iterator[Backend]:
 
 @pytest.fixture(params=["sqlite", "fakeredis", pytest.param("redis", marks=pytest.mark.redis)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    yield from _backend(request.param, tmp_path)
+    yield from _backend(request, request.param, tmp_path)
 
 
 @pytest.fixture(params=["fakeredis", pytest.param("redis", marks=pytest.mark.redis)])
 def redis_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    yield from _backend(request.param, tmp_path)
+    yield from _backend(request, request.param, tmp_path)
 
 
 async def collect_pages(
@@ -751,7 +743,7 @@ def test_open_store_picks_the_store_from_the_url(tmp_path: Path) -> None:
     assert absolute.thread_ttl == 60
 
     for url in (
-        "redis://:s3cret@127.0.0.1:6379/13",
+        "redis://:s3cret@cache.example:6379/13",
         "rediss://cache.example:6380/0",
         "unix:///run/redis.sock?db=2",
         "REDIS://127.0.0.1",

@@ -17,7 +17,7 @@ import openai
 from agents import Agent
 from chatkit.types import ThreadMetadata
 
-from ..sanitize import redact_credentials
+from ..sanitize import mask_url, redact_credentials
 from .context import RequestContext
 from .store import NotFoundError, StoreUnusable
 
@@ -35,10 +35,12 @@ _UNREACHABLE_REASONS = frozenset({"unreachable", "timeout", "locked", "io_error"
 
 @dataclass(frozen=True)
 class Finding:
-    """One line of the report: ``problem`` is None when the check passed."""
+    """One line of the report: ``problem`` is None when the check passed; a ``warning`` (such
+    as a Redis store without persistence) fails nothing."""
 
     text: str
     problem: Problem | None = None
+    warning: bool = False
 
 
 def check_store(runtime: ServerRuntime) -> list[Finding]:
@@ -70,7 +72,11 @@ def check_store(runtime: ServerRuntime) -> list[Finding]:
     if not kept:
         return [Finding(f"the {store} did not give back or delete a thread", "misconfigured")]
     elapsed = (time.perf_counter() - started) * 1000
-    return [Finding(f"the {store} wrote, read back and deleted a probe thread in {elapsed:.0f} ms")]
+    where = mask_url(runtime.settings.store_url)
+    return [
+        Finding(f"the {store} wrote, read back and deleted a probe thread in {elapsed:.0f} ms"),
+        Finding(f"threads live at {where} (CHATKIT_STORE_URL)"),
+    ]
 
 
 def model_name(runtime: ServerRuntime) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -94,6 +95,11 @@ UNSUPPORTED_TYPES = frozenset(
     }
 )
 MAX_PAGE_SIZE = 100
+# Ids as the store issues them (store.py): a thread id is "thr_" + 128 random bits in hex. Item
+# ids are ours or the model's ("msg_..."); both are word characters. Anything else (a key
+# separator, a path) is a 404 before the store is touched.
+THREAD_ID = re.compile(r"thr_[0-9a-f]{32}")
+ITEM_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 MAX_TITLE_CHARS = 200
 MAX_FEEDBACK_ITEMS = 100
 
@@ -155,6 +161,33 @@ def calls_model(kind: str | None) -> bool:
 def _refuse_unsupported(kind: str | None) -> None:
     if kind in UNSUPPORTED_TYPES:
         raise UnsupportedRequest(f"Requests of type {kind!r} are not supported here.")
+
+
+def input_chars(user_input: UserMessageInput) -> int:
+    """Characters of everything in a message that is stored or reaches the model: text parts,
+    tags (their text and their data, as JSON) and the quoted text. The one count the input
+    cap applies to."""
+    length = len(user_input.quoted_text or "")
+    for part in user_input.content:
+        length += len(part.text)
+        if isinstance(part, UserMessageTagContent):
+            length += len(json.dumps(part.data, separators=(",", ":"))) + len(part.id)
+            length += len(part.group or "")
+    return length
+
+
+def _check_ids(request: ChatKitReq) -> None:
+    """A thread or item id the store could not have issued is ``NotFoundError`` (404)."""
+    params = getattr(request, "params", None)
+    thread_ids = [getattr(params, "thread_id", None)]
+    item_ids = [getattr(params, "item_id", None), *getattr(params, "item_ids", ())]
+    # ``after`` is a paging cursor: a thread id in threads.list, an item id in items.list.
+    (thread_ids if isinstance(request, ThreadsListReq) else item_ids).append(
+        getattr(params, "after", None)
+    )
+    for ident, pattern in [(i, THREAD_ID) for i in thread_ids] + [(i, ITEM_ID) for i in item_ids]:
+        if ident is not None and not pattern.fullmatch(ident):
+            raise NotFoundError("no such thread or item")
 
 
 # ---------------------------------------------------------------------- usage
@@ -235,13 +268,15 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         return request
 
     def _check(self, request: ChatKitReq) -> None:
+        _check_ids(request)
         match request:
             case ThreadsCreateReq() | ThreadsAddUserMessageReq():
                 self._check_input(request.params.input)
             case ThreadsListReq() | ItemsListReq():
-                # The client chooses the page size; a huge one would load a whole history.
+                # The client chooses the page size; a huge one would load a whole history. 0 or
+                # none is the SDK's default page (20), as OpenAI's own server answers it.
                 limit = request.params.limit
-                request.params.limit = None if limit is None else max(1, min(limit, MAX_PAGE_SIZE))
+                request.params.limit = max(1, min(limit, MAX_PAGE_SIZE)) if limit else None
             case ThreadsUpdateReq() if len(request.params.title) > MAX_TITLE_CHARS:
                 raise InvalidRequest(f"A title has at most {MAX_TITLE_CHARS} characters.")
             case ItemsFeedbackReq() if len(request.params.item_ids) > MAX_FEEDBACK_ITEMS:
@@ -250,9 +285,7 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
     def _check_input(self, user_input: UserMessageInput) -> None:
         if user_input.attachments:
             raise UnsupportedRequest("Attachments are not supported here.")
-        length = sum(len(part.text) for part in user_input.content)
-        length += len(user_input.quoted_text or "")
-        if length > self.max_input_chars:
+        if input_chars(user_input) > self.max_input_chars:
             raise InputTooLong(f"A message has at most {self.max_input_chars} characters.")
         # inference_options (model, tool_choice) are ignored on purpose: the browser must not
         # pick the model the site pays for.

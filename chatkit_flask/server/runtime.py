@@ -8,8 +8,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
-from ..sanitize import mask_url
 from ..settings import ConfigError, Settings
 from .agent import ModelClient, build_plain_agent, load_agent_spec
 from .bridge import AsyncBridge
@@ -18,7 +18,7 @@ from .context import RequestContext
 from .health import Finding, check_model, check_store, model_name
 from .protocol import FlaskChatKitServer, TokenUsage
 from .slots import StreamSlots
-from .store import STORE_URL_KEY, OwnerScopedStore, StoreUnusable, open_store
+from .store import REDIS_SCHEMES, STORE_URL_KEY, OwnerScopedStore, StoreUnusable, open_store
 
 __all__ = ["READY_PROBE_TIMEOUT", "STARTUP_PROBE_TIMEOUT", "ServerRuntime"]
 
@@ -43,6 +43,7 @@ class ServerRuntime:
         except ConfigError:
             self.bridge.close()  # the probe started the loop thread: a failed start leaves none
             raise
+        self.store_findings = store_findings(settings)
         agent = (
             load_agent_spec(settings.agent)
             if settings.agent
@@ -71,7 +72,12 @@ class ServerRuntime:
             limiter_storage, settings.tokens_per_user, settings.tokens_global
         )
         self.slots = StreamSlots(
-            limiter_storage, settings.max_streams_per_user, lease=settings.model_timeout + 60
+            limiter_storage, settings.max_streams_per_user, lease=settings.stream_slot_lease
+        )
+        # One reply at a time per thread (the widget never sends two; a second one could answer
+        # the wrong message): a slot of one per thread, held like the visitor's.
+        self.thread_replies = StreamSlots(
+            limiter_storage, 1, lease=settings.stream_slot_lease, prefix="chatkit:replying"
         )
 
     def check_store(
@@ -106,7 +112,8 @@ class ServerRuntime:
         """For ``flask chatkit check``: (title, findings) of the store round trip and, when
         ``live``, of one tiny model request."""
         base = self.settings.openai_base_url or "https://api.openai.com/v1"
-        sections = [(f"Thread store ({mask_url(self.settings.store_url)}):", check_store(self))]
+        warnings = [Finding(text, warning=True) for text in self.store_findings]
+        sections = [("Thread store:", check_store(self) + warnings)]
         if live:
             sections.append((f"Model ({model_name(self)} at {base}):", check_model(self)))
         else:
@@ -127,3 +134,18 @@ class ServerRuntime:
                 hook(context, usage)
             except Exception:  # a hook must never break the answer
                 log.exception("chatkit_flask: usage hook failed")
+
+
+def store_findings(settings: Settings) -> list[str]:
+    """Warn at start-up (and refuse, when ``CHATKIT_STORE_REQUIRE_PERSISTENCE`` asks) about a
+    store that would lose threads; returns the findings for ``flask chatkit check``."""
+    if urlsplit(settings.store_url).scheme.lower() not in REDIS_SCHEMES:
+        return []
+    from .store_redis import persistence_findings
+
+    findings = persistence_findings(settings.store_url)
+    if findings and settings.store_require_persistence:
+        raise ConfigError("CHATKIT_STORE_REQUIRE_PERSISTENCE", "is true, but " + " ".join(findings))
+    for finding in findings:
+        log.warning("chatkit_flask: %s", finding)
+    return findings

@@ -28,14 +28,16 @@ from collections.abc import Callable
 
 from chatkit.types import Page, ThreadItem, ThreadMetadata
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ConstantBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     AuthenticationError,
-    ConnectionError,
     RedisError,
     ResponseError,
-    TimeoutError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chatkit_flask.server.context import RequestContext
 from chatkit_flask.server.store import (
@@ -44,6 +46,7 @@ from chatkit_flask.server.store import (
     StoreUnusable,
     check_page_args,
     make_page,
+    mask_url,
     not_found,
     sort_key,
     thread_json,
@@ -178,6 +181,65 @@ _SCRIPTS = {
     "page_threads": _PAGE_THREADS,
     "purge_owner": _PURGE_OWNER,
 }
+
+
+# Seconds a store command may wait for Redis unless the URL says otherwise
+# (redis://host/0?socket_timeout=1.5): well inside a request's own deadlines (30 s for a read,
+# CHATKIT_MODEL_TIMEOUT for a reply), so a hung Redis is a quick 503, not a hung worker thread.
+DEFAULT_TIMEOUT = 3.0
+
+
+def persistence_findings(url: str, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
+    """What would make the store's Redis lose threads, in words an operator can act on: no
+    persistence (a restart loses every thread) or an eviction policy (Redis drops threads when
+    full). Empty when both are safe, or when Redis cannot be reached (start-up's store probe
+    reports that). ``CONFIG GET`` first; a managed Redis that disables it is read from ``INFO``.
+    """
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        try:
+            config = {**client.config_get("appendonly"), **client.config_get("save")}
+            config.update(client.config_get("maxmemory-policy"))
+            aof = config.get("appendonly") == "yes"
+            rdb: bool | None = bool((config.get("save") or "").strip())
+            policy = config.get("maxmemory-policy", "")
+        except redis.ResponseError:  # CONFIG renamed or refused (managed Redis)
+            info = {**client.info("persistence"), **client.info("memory")}
+            aof = bool(info.get("aof_enabled"))
+            rdb = None  # INFO does not say whether snapshots are scheduled
+            policy = str(info.get("maxmemory_policy", ""))
+    except redis.RedisError:
+        return []
+    finally:
+        client.close()
+    where = f"the thread store's Redis ({mask_url(url)})"
+    findings = []
+    if not aof and rdb is False:
+        findings.append(
+            f"{where} keeps nothing on disk (appendonly no, no save points): a restart of that "
+            "Redis loses every thread. Turn on AOF (appendonly yes) or RDB snapshots (save)."
+        )
+    elif not aof and rdb is None:
+        findings.append(
+            f"{where} has AOF off and its snapshot schedule cannot be read: a restart may lose "
+            "threads. Turn on AOF (appendonly yes)."
+        )
+    if policy != "noeviction":
+        findings.append(
+            f"{where} has maxmemory-policy {policy or 'unknown'}: when full it evicts threads "
+            "silently. Set maxmemory-policy noeviction (or give the store its own Redis)."
+        )
+    return findings
+
+
+def _reconnect_once() -> Retry:
+    """One retry on a new connection when a pooled one turns out dead (a Redis restart closes
+    every pooled connection; without this each one failed one request with a 503). Only
+    connection errors: a timeout is not retried, so a hung Redis still fails within
+    ``DEFAULT_TIMEOUT``. The scripts are upserts and deletes, safe to run again."""
+    return Retry(ConstantBackoff(0.05), 1, supported_errors=(RedisConnectionError,))
 
 
 class RedisStore(OwnerScopedStore):
@@ -351,8 +413,13 @@ class RedisStore(OwnerScopedStore):
             if self._client_factory is not None:
                 client = self._client_factory()
             else:
-                # URL query options (socket_timeout=...) take precedence over these defaults.
-                client = Redis.from_url(self._url, socket_connect_timeout=5, socket_timeout=10)
+                # URL query options (?socket_timeout=...) take precedence over these defaults.
+                client = Redis.from_url(
+                    self._url,
+                    socket_connect_timeout=DEFAULT_TIMEOUT,
+                    socket_timeout=DEFAULT_TIMEOUT,
+                    retry=_reconnect_once(),
+                )
             self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
             self._client, self._client_loop, self._client_pid = client, loop, os.getpid()
         return self._client
@@ -362,9 +429,9 @@ def _unusable(exc: RedisError) -> StoreUnusable:
     """Why Redis refused, without its message when that could quote a URL or a key."""
     if isinstance(exc, AuthenticationError):
         return StoreUnusable("Redis refused the credentials (authentication failed)", "refused")
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, RedisTimeoutError):
         return StoreUnusable("Redis did not answer in time (timeout)", "timeout")
-    if isinstance(exc, ConnectionError):
+    if isinstance(exc, RedisConnectionError):
         # redis-py says "Error 111 connecting to host:port. Connection refused.": no password.
         return StoreUnusable(f"cannot connect to Redis: {exc}", "unreachable")
     if isinstance(exc, ResponseError):

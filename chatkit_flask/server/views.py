@@ -10,7 +10,9 @@ time (and a ``Retry-After`` header); refusals of a read are a 429 JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -33,7 +35,7 @@ from ..web import (
 )
 from .context import RequestContext
 from .endpoint import STREAM_HEADERS, handle, stream_outcome
-from .protocol import RequestRefused, calls_model, streams
+from .protocol import NotFoundError, RequestRefused, calls_model, streams
 from .runtime import ServerRuntime
 
 if TYPE_CHECKING:
@@ -54,9 +56,25 @@ _LIMIT_MESSAGES = {
     "global": "The chat is very busy right now",
     "requests": "Too many requests came from your network",
     "streams": "You already have replies on the way",
+    "thread_busy": "A reply is still being written in this conversation",
     "tokens": "You have used up your share of the assistant for now",
     "tokens_global": "The assistant has used up the site's budget for now",
 }
+
+
+def _socket_shutdown(environ: dict[str, Any]) -> Callable[[], None] | None:
+    """What drops a client that stopped reading: shutting its socket down makes the server's
+    blocked write fail at once (gunicorn puts the socket in the environ; other servers: None,
+    and only the answer is cancelled)."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def shutdown() -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    return shutdown
 
 
 def create_runtime(settings: Settings, limiter: Callable[[], Limiter]) -> ServerRuntime:
@@ -107,7 +125,7 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
         """Whether the server will take this body (cheap: one cached pydantic adapter)."""
         try:
             runtime.server.parse(raw)
-        except RequestRefused:
+        except (RequestRefused, NotFoundError):
             return False
         return True
 
@@ -126,6 +144,10 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
         # with a 400 (too long, malformed, attachments) falls under the requests limit alone.
         g.chatkit_is_message = calls_model(g.chatkit_request_type) and acceptable(raw)
         g.chatkit_body = raw
+        # The thread a message answers in (threads.create makes a new one): one reply at a time.
+        params = body.get("params")
+        thread_id = params.get("thread_id") if isinstance(params, dict) else None
+        g.chatkit_thread_id = thread_id if isinstance(thread_id, str) else None
 
     def chatkit() -> Response:
         """One ChatKit request for the caller."""
@@ -155,7 +177,8 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                     extra={"retry_after": wait, "scope": scope},
                 )
             )
-        if slot and not runtime.slots.acquire(owner):
+        held = runtime.slots.acquire(owner) if slot else None
+        if slot and held is None:
             g.chatkit_limit_scope = "streams"
             return refused_in_stream(
                 ApiError(
@@ -166,6 +189,23 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                     extra={"retry_after": 5, "scope": "streams"},
                 )
             )
+        thread_id = g.chatkit_thread_id if held is not None else None
+        thread_held = (
+            runtime.thread_replies.acquire(f"{owner}:{thread_id}") if thread_id else None
+        )
+        if thread_id and thread_held is None:
+            held.release()  # type: ignore[union-attr]
+            g.chatkit_limit_scope = "thread_busy"
+            return refused_in_stream(
+                ApiError(
+                    409,
+                    "thread_busy",
+                    f"{_LIMIT_MESSAGES['thread_busy']}. Send again when it is done.",
+                    headers={"Retry-After": "2"},
+                    extra={"retry_after": 2, "scope": "thread_busy"},
+                )
+            )
+        holds = [h for h in (held, thread_held) if h is not None]
         try:
             response = handle(
                 runtime.server,
@@ -174,15 +214,20 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                 context,
                 timeout=settings.model_timeout,
                 heartbeat=HEARTBEAT_SECONDS,
+                write_timeout=settings.stream_write_timeout,
+                on_stall=_socket_shutdown(request.environ),
             )
         except BaseException:
-            if slot:
-                runtime.slots.release(owner)
+            for hold in holds:
+                hold.release()
             raise
         started = g.chatkit_started
         fields = _log_fields(response)
-        if slot:
-            response.call_on_close(lambda: runtime.slots.release(owner))
+        for hold in holds:
+            if response.is_streamed:
+                response.response = hold.hold(response.response)
+            else:  # an answer decided before any stream: nothing to hold
+                hold.release()
         if response.mimetype == "text/event-stream":
             g.chatkit_outcome = "streamed"
             # The line is written when the stream ends, however it ends.
