@@ -79,7 +79,7 @@ def _shown(name: str, value: Any) -> str:
             return "(not set)"
         count = len(value) if isinstance(value, tuple | list) else 1
         return "(set)" if isinstance(value, str) else f"({count} set)"
-    if name == "RATELIMIT_STORAGE_URI":
+    if name in ("RATELIMIT_STORAGE_URI", "CHATKIT_STORE_URL"):  # may hold a password
         return mask_storage_uri(value)
     if value is None or value == "" or value == ():
         return "(unset)"

@@ -506,3 +506,13 @@ def test_a_store_failure_between_the_sdks_steps_is_an_error_event_not_a_cut_stre
     assert metric("chatkit_store_errors_total") == before["errors"] + 1
     assert metric("chatkit_messages_total", outcome="failed") == before["failed"] + 1
 
+
+def test_check_never_shows_the_store_password(
+    make_app: Callable[..., Flask], fake: FakeResponses, own_redis: RedisServer
+) -> None:
+    own_redis.client().config_set("requirepass", "hunter2-store-pass")
+    url = f"redis://:hunter2-store-pass@127.0.0.1:{own_redis.port}/0"
+    result = check(make_app(url))
+    assert result.exit_code == EXIT_OK, result.output
+    assert "hunter2" not in result.output
+    assert f"threads live at redis://:***@127.0.0.1:{own_redis.port}/0" in result.output
