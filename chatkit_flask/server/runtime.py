@@ -24,7 +24,7 @@ __all__ = ["READY_PROBE_TIMEOUT", "STARTUP_PROBE_TIMEOUT", "ServerRuntime"]
 
 log = logging.getLogger("chatkit_flask")
 
-STARTUP_PROBE_TIMEOUT = 15.0  # seconds: above SQLite's busy timeout (10 s) and Redis's (5 + 10 s)
+STARTUP_PROBE_TIMEOUT = 15.0  # seconds: above SQLite's busy timeout (10 s) and Redis's (3 + 3 s)
 READY_PROBE_TIMEOUT = 2.0  # seconds: /readyz answers within the compose healthcheck's 2 s
 
 
