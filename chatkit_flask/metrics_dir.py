@@ -8,7 +8,8 @@ prometheus-client is imported, and the workers of one gunicorn agree on one dire
 after their master's pid, and emptied by the first worker of a new master (a marker file holds
 the master's start time, so a directory left by an earlier gunicorn with the same pid, such as
 pid 1 in a container, is never added in). Dead workers' live gauges are dropped at scrape time
-(:func:`forget_dead_workers`), the job the config's ``child_exit`` hook does otherwise.
+(:func:`forget_dead_workers`), the job the config's ``child_exit`` hook does otherwise, and
+the directories of gunicorns that have exited are removed when the next one starts.
 
 Nothing here imports prometheus-client: importing it decides the mode.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -81,7 +83,23 @@ def adopt_gunicorn_metrics_dir() -> str | None:
         return None
     os.environ[ENV] = str(directory)
     os.environ[ADOPTED_ENV] = str(directory)
+    _remove_dead_masters(directory.parent, os.getuid())
     return str(directory)
+
+
+def _remove_dead_masters(parent: Path, uid: int) -> None:
+    """Delete the directories of earlier gunicorns of this user that are gone (nothing else
+    removes them: a worker cannot know when its master exits)."""
+    for old in parent.glob(f"chatkit-prometheus-{uid}-*"):
+        pid = old.name.rpartition("-")[2]
+        if not pid.isdigit() or not (old / _MARKER).is_file() or old.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:  # alive
+            continue
 
 
 def forget_dead_workers(mark_process_dead: object) -> None:

@@ -173,3 +173,22 @@ def test_outside_gunicorn_nothing_changes(
     assert metrics_dir.adopt_gunicorn_metrics_dir() is None
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     assert list(as_gunicorn_worker.iterdir()) == []
+
+
+def test_directories_of_masters_that_exited_are_removed(as_gunicorn_worker: Path) -> None:
+    uid = os.getuid()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid nobody has now
+    dead = as_gunicorn_worker / f"chatkit-prometheus-{uid}-{gone.pid}"
+    alive = as_gunicorn_worker / f"chatkit-prometheus-{uid}-{os.getpid()}"
+    unrelated = as_gunicorn_worker / f"chatkit-prometheus-{uid}-{gone.pid}0"  # no marker
+    for directory in (dead, alive, unrelated):
+        directory.mkdir()
+        (directory / "counter_1.db").write_bytes(b"x")
+    for directory in (dead, alive):
+        (directory / "master").write_text("1 1")
+
+    adopted = Path(metrics_dir.adopt_gunicorn_metrics_dir() or "")
+    assert adopted.is_dir()
+    assert not dead.exists()
+    assert alive.exists() and unrelated.exists()
