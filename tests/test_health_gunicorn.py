@@ -64,6 +64,20 @@ def test_an_unusable_store_stops_gunicorn_naming_the_key_and_cause(command: list
     assert "App failed to load." in result.stderr  # the master stopped: no restart loop
 
 
+def test_check_cannot_run_when_start_up_refuses_the_store() -> None:
+    """``flask chatkit check`` loads the app: a store start-up refuses is exit 4, named."""
+    env = server_env(f"redis://127.0.0.1:{free_port()}/0")
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", "chatkit", "check"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert (
+        "configuration error: CHATKIT_STORE_URL: the redis store cannot be used: "
+        "cannot connect to Redis" in result.stderr
+    ), result.stderr
+
+
 def _scrape(base: str) -> str:
     with requests.Session() as session:  # a new connection: any worker may answer
         return session.get(base + "/metrics", timeout=5).text
