@@ -164,7 +164,7 @@ def test_limits(make_app: Callable[..., Flask]) -> None:
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert "per user:     10 per minute; 100 per day" in lines
-    assert "per IP:       30 per minute; 500 per day (IPv6 per /64)" in lines
+    assert "per IP:       30 per minute; 200 per day (IPv6 per /64)" in lines
     assert "global:       1000 per hour" in lines
     assert "strategy:     moving-window" in lines
     assert "storage:      redis://:***@127.0.0.1:1/15" in lines

@@ -930,6 +930,40 @@ def test_a_model_that_goes_silent_ends_the_stream_with_an_error_event(
         "You said: hello")
 
 
+@pytest.mark.parametrize(
+    ("reply", "timeout"),
+    # The cut comes after the deltas have arrived (a reset would discard unread ones).
+    [(Reply(break_after=3, token_delay=0.05), 10), (Reply.hang(after_tokens=3), 1)],
+    ids=["cut-mid-stream", "silent-mid-stream"],
+)
+def test_an_answer_cut_by_the_model_is_stored_as_the_visitor_saw_it(
+    make_app: Callable[..., Flask],
+    store_url: str,
+    fake: FakeResponses,
+    reply: Reply,
+    timeout: int,
+) -> None:
+    client = make_app(store_url, CHATKIT_MODEL_TIMEOUT=timeout).test_client()
+    fake.enqueue(reply)
+
+    events = sse_events(post(client, create_body("one two three four five")).data)
+    thread_id = events[0]["thread"]["id"]
+    seen = "".join(e["update"]["delta"] for e in events
+                   if e["type"] == "thread.item.updated" and "delta" in e["update"])
+    stored = item_list(client, thread_id)
+    post(client, message_body(thread_id, "and then?"))
+    history = json.dumps(fake.requests[-1].json["input"])
+
+    assert seen and events[-1]["type"] == "error"
+    done = [e["item"] for e in events if e["type"] == "thread.item.done"]
+    assert done[-1]["type"] == "assistant_message"  # the widget shows it as finished
+    assert done[-1]["content"][0]["text"] == seen
+    assistant = [i for i in stored if i["type"] == "assistant_message"]
+    assert [a["content"][0]["text"] for a in assistant] == [seen]  # kept on reload
+    assert "cut off before it was finished" in history  # the next turn knows it was cut
+    assert "cut off" not in json.dumps(stored)  # the note is hidden from the visitor
+
+
 @pytest.fixture(params=["sqlite", "redis"])
 def breakable_store(
     request: pytest.FixtureRequest, tmp_path: Path

@@ -244,3 +244,96 @@ def test_a_second_message_to_a_thread_waits_for_the_first_reply(
     assert answer(sse_events(after.data)) == "You said: three"
     user_texts = [i["content"][0]["text"] for i in items if i["type"] == "user_message"]
     assert user_texts == ["a", "one", "three"]  # the refused message was never stored
+
+
+# ------------------------- issue 22 item 1: caps per client network and per worker
+def _slow_replies(fake: FakeResponses, n: int) -> None:
+    for _ in range(n):
+        fake.enqueue(Reply(text=" ".join(f"w{i}" for i in range(15)), token_delay=0.1))
+
+
+@pytest.mark.parametrize(
+    "holders, newcomer, refused_words",
+    [
+        # Fresh cookies from one address: the per-visitor cap does not see them, this does.
+        (["10.0.0.7"] * 2, "10.0.0.7", "Too many replies are on their way to your network"),
+        # IPv6 is counted per /64.
+        (["2001:db8:1:2::a", "2001:db8:1:2::b"], "2001:db8:1:2::c", "your network"),
+    ],
+    ids=["ipv4", "ipv6 /64"],
+)
+def test_open_replies_are_capped_per_client_network(
+    tmp_path: Path, holders: list[str], newcomer: str, refused_words: str
+) -> None:
+    from chatkit_flask.service import create_app
+    from tests.test_server_mode import (
+        answer,
+        assert_refused_in_stream,
+        close_app,
+        post,
+        server_config,
+    )
+
+    with FakeResponses(api_key=TEST_API_KEY) as fake:
+        app = create_app(
+            server_config(fake, f"sqlite:///{tmp_path}/t.db", CHATKIT_MAX_STREAMS_PER_IP=2),
+            environ={},
+        )
+        try:
+            _slow_replies(fake, len(holders))
+            body = {"type": "threads.create", "params": {"input": user_input("hi")}}
+            streams = [
+                threading.Thread(
+                    target=post,
+                    args=(app.test_client(), body),
+                    kwargs={"environ_base": {"REMOTE_ADDR": address}},
+                )
+                for address in holders
+            ]
+            for stream in streams:
+                stream.start()
+            fake.wait_for(len(holders))
+
+            refused = post(app.test_client(), body, environ_base={"REMOTE_ADDR": newcomer})
+            elsewhere = post(app.test_client(), body, environ_base={"REMOTE_ADDR": "192.0.2.9"})
+            for stream in streams:
+                stream.join(20)
+            later = post(app.test_client(), body, environ_base={"REMOTE_ADDR": newcomer})
+        finally:
+            close_app(app)
+
+    assert_refused_in_stream(refused, refused_words)
+    assert answer(sse_events(elsewhere.data)) == "You said: hi"
+    assert answer(sse_events(later.data)) == "You said: hi"  # freed when the replies ended
+
+
+def test_a_worker_keeps_threads_for_reads(tmp_path: Path) -> None:
+    from chatkit_flask.service import create_app
+    from tests.test_server_mode import (
+        assert_refused_in_stream,
+        close_app,
+        post,
+        server_config,
+        thread_ids,
+    )
+
+    with FakeResponses(api_key=TEST_API_KEY) as fake:
+        app = create_app(
+            server_config(fake, f"sqlite:///{tmp_path}/t.db", CHATKIT_MAX_STREAMS_PER_WORKER=1),
+            environ={},
+        )
+        try:
+            _slow_replies(fake, 1)
+            body = {"type": "threads.create", "params": {"input": user_input("hi")}}
+            holder = app.test_client()
+            stream = threading.Thread(target=post, args=(holder, body))
+            stream.start()
+            fake.wait_for(1)
+            refused = post(app.test_client(), body, environ_base={"REMOTE_ADDR": "192.0.2.9"})
+            reads = thread_ids(app.test_client())  # a read is never refused by this cap
+            stream.join(20)
+        finally:
+            close_app(app)
+
+    assert_refused_in_stream(refused, "The chat is very busy right now")
+    assert reads == []

@@ -148,11 +148,13 @@ class _SseBody:
 
 def stream_outcome(report: dict[str, Any]) -> str:
     """How a stream ended, once closed: ``failed`` when the store failed, else the answer's
-    ``completed``, ``failed`` or ``cancelled``;
-    without an answer, ``cancelled`` if the stream was cut short, else ``no_answer`` (e.g. a
-    retry of an item that is not in the thread)."""
+    ``completed``, ``failed`` or ``cancelled``; ``refused`` when a token budget refused it inside
+    the stream; without an answer, ``cancelled`` if the stream was cut short, else ``no_answer``
+    (e.g. a retry of an item that is not in the thread)."""
     if report.get("store_failed"):  # even after the model's answer: it was not kept
         return "failed"
+    if report.get("refused_scope"):
+        return "refused"
     usage = report.get("usage")
     if usage is not None:
         return str(usage.outcome)

@@ -1,6 +1,7 @@
 """What one app's server mode runs with, built once at ``init_app`` (so a bad agent, store URL or
 instructions file stops start-up): the bridge to asyncio, the store, the agent and its model
-client, the ChatKit server and the stream slots."""
+client, the ChatKit server, the token budgets (a reply reserves before the model is called and
+settles after it ends) and the stream slots."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from chatkit.errors import CustomStreamError
+
 from ..settings import ConfigError, Settings
 from .agent import ModelClient, build_plain_agent, load_agent_spec
 from .bridge import AsyncBridge
-from .budget import TokenBudget
+from .budget import BudgetSpent, TokenBudget
 from .context import RequestContext
 from .health import Finding, check_model, check_store, model_name
 from .protocol import FlaskChatKitServer, TokenUsage
@@ -26,6 +29,12 @@ log = logging.getLogger("chatkit_flask")
 
 STARTUP_PROBE_TIMEOUT = 15.0  # seconds: above SQLite's busy timeout (10 s) and Redis's (3 + 3 s)
 READY_PROBE_TIMEOUT = 2.0  # seconds: /readyz answers within the compose healthcheck's 2 s
+
+# The refusals the ChatKit UI shows (the view refuses with the same words before the stream).
+BUDGET_MESSAGES = {
+    "tokens": "You have used up your share of the assistant for now",
+    "tokens_global": "The assistant has used up the site's budget for now",
+}
 
 
 class ServerRuntime:
@@ -67,12 +76,32 @@ class ServerRuntime:
             history_items=settings.history_items,
             max_input_chars=settings.max_input_chars,
             on_usage=self._on_usage,
+            history_max_chars=settings.history_max_chars,
+            max_output_tokens=settings.max_output_tokens,
+            max_turns=settings.agent_max_turns,
+            reply_timeout=settings.reply_timeout,
+            admit=self._admit,
         )
         self.budget = TokenBudget(
             limiter_storage, settings.tokens_per_user, settings.tokens_global
         )
         self.slots = StreamSlots(
             limiter_storage, settings.max_streams_per_user, lease=settings.stream_slot_lease
+        )
+        # Open replies per client network (IPv4 address, IPv6 /64) across workers and hosts, and
+        # per worker process (each open reply holds one of its threads: keep some for reads).
+        self.network_streams = StreamSlots(
+            limiter_storage,
+            settings.max_streams_per_ip,
+            lease=settings.stream_slot_lease,
+            prefix="chatkit:streams-ip",
+        )
+        self.worker_streams = StreamSlots(
+            lambda: "this process",
+            settings.max_streams_per_worker or 1_000_000,
+            lease=settings.stream_slot_lease,
+            prefix="chatkit:streams-worker",
+            in_process=True,
         )
         # One reply at a time per thread (the widget never sends two; a second one could answer
         # the wrong message): a slot of one per thread, held like the visitor's.
@@ -121,13 +150,33 @@ class ServerRuntime:
                              f"{base})", []))  # fmt: skip
         return sections
 
+    async def _admit(self, context: RequestContext, tokens: int) -> None:
+        """On the loop before the model is called: reserve the reply's worst case, or refuse
+        inside the stream when a budget is spent (a race the view's look before did not see)."""
+        if not self.budget.enabled:
+            return
+        try:  # a storage call: off the loop
+            context.report["reservation"] = await asyncio.to_thread(
+                self.budget.reserve, context.owner, tokens
+            )
+        except BudgetSpent as spent:
+            context.report["refused_scope"] = spent.scope
+            raise CustomStreamError(
+                f"{BUDGET_MESSAGES[spent.scope]}. Try again in {spent.retry_after} seconds.",
+                allow_retry=True,
+            ) from None
+
     def _on_usage(self, context: RequestContext, usage: TokenUsage) -> None:
-        """On the loop after every answer: keep it for the log line, tell the hooks."""
+        """On the loop after every answer: keep it for the log line, settle the reservation
+        with what the answer cost, tell the hooks."""
         context.report["usage"] = usage
         if self.budget.enabled:  # a storage call: off the loop
-            tokens = usage.input_tokens + usage.output_tokens
             asyncio.get_running_loop().run_in_executor(
-                None, self.budget.charge, context.owner, tokens
+                None,
+                self.budget.settle,
+                context.report.get("reservation"),
+                context.owner,
+                usage.charged_tokens,
             )
         for hook in self.usage_hooks:
             try:

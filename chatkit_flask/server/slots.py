@@ -109,14 +109,22 @@ class StreamSlots:
     (or None while limits are off: then nothing is counted). A slot lapses ``lease`` seconds
     after its last renewal; a streaming reply renews it every ``lease / 3`` seconds. ``prefix``
     names the Redis keys: the same mechanism with ``cap=1`` and a thread as the owner
-    serialises the replies of one thread."""
+    serialises the replies of one thread, and with a network as the owner caps an address.
+    ``in_process`` counts in this process only (a cap on one worker's threads)."""
 
     def __init__(
-        self, storage: Callable[[], Any], cap: int, lease: float, prefix: str = "chatkit:streams"
+        self,
+        storage: Callable[[], Any],
+        cap: int,
+        lease: float,
+        prefix: str = "chatkit:streams",
+        *,
+        in_process: bool = False,
     ) -> None:
         self._storage = storage
         self.cap = cap
         self.prefix = prefix
+        self._in_process = in_process  # count here even when the storage is a shared Redis
         self.lease_ms = max(1000, int(lease * 1000))
         self.renew_every = lease / 3
         self._local: defaultdict[str, set[str]] = defaultdict(set)
@@ -124,6 +132,8 @@ class StreamSlots:
         self._scripts: dict[int, tuple[Any, Any, Any]] = {}
 
     def _redis(self) -> tuple[Any, Any, Any] | None:
+        if self._in_process:
+            return None
         storage = self._storage()
         if not isinstance(storage, RedisStorage) or isinstance(storage, RedisClusterStorage):
             return None
@@ -136,6 +146,22 @@ class StreamSlots:
 
     def key(self, owner: str) -> str:
         return f"{self.prefix}:{owner}"
+
+    def open_streams(self, owner: str) -> int | None:
+        """How many live slots ``owner`` holds now across every worker; None when they are
+        counted per process (no Redis: each worker knows only its own). Storage errors
+        propagate."""
+        if self._storage() is None or self._redis() is None:
+            return None
+        client = self._storage().get_connection()
+        now_ms = int(time.time() * 1000)
+        return int(client.zcount(self.key(owner), now_ms, "+inf"))
+
+    def clear(self, owner: str) -> None:
+        """Free every slot of ``owner`` (a support case: slots a killed worker left behind
+        lapse with their lease anyway). Storage errors propagate."""
+        if self._storage() is not None and self._redis() is not None:
+            self._storage().get_connection().delete(self.key(owner))
 
     def acquire(self, owner: str) -> Slot | None:
         """A slot for one reply of ``owner``, or None when they already stream ``cap``."""

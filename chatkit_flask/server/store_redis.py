@@ -2,7 +2,8 @@
 
 Keys, under ``key_prefix`` (default ``chatkit:store``):
 
-- ``<prefix>:thread:<thread id>``: hash ``owner``, ``data`` (the thread's JSON), ``created``;
+- ``<prefix>:thread:<thread id>``: hash ``owner``, ``data`` (the thread's JSON), ``created``,
+  ``active`` (the last write, ms since the epoch on the Redis clock);
 - ``<prefix>:thread:<thread id>:order``: sorted set of item ids scored by creation time;
 - ``<prefix>:thread:<thread id>:items``: hash item id -> the item's JSON;
 - ``<prefix>:owner:<owner>:threads``: sorted set of the owner's thread ids scored by creation time.
@@ -11,8 +12,10 @@ Scores are microseconds since the epoch; Redis breaks ties by member, so the ord
 (created_at, id) and a page after a cursor is ``ZRANK`` + ``ZRANGE``: O(log n + page).
 Every write refreshes the TTL of all three keys of its thread, so Redis expires a conversation
 natively ``thread_ttl`` seconds after its last write; the owner index lives as long as the owner's
-newest thread, and listings drop the ids of threads that expired. Each operation is one Lua script:
-the ownership check and the write it guards are atomic, and a request costs one round trip.
+newest thread, and listings drop the ids of threads that expired. A TTL changed later reaches the
+stored threads through :meth:`RedisStore.prune`, which re-expires every key from ``active``.
+Each operation is one Lua script: the ownership check and the write it guards are atomic, and a
+request costs one round trip.
 
 Operators: these keys must never be evicted. Use ``maxmemory-policy noeviction`` or a dedicated
 instance (an evicted index hides live threads; an evicted item breaks a conversation).
@@ -61,6 +64,8 @@ local function owned()
   return redis.call('HGET', KEYS[1], 'owner') == ARGV[1]
 end
 local function touch()
+  local now = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'active', now[1] * 1000 + math.floor(now[2] / 1000))
   for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
   -- The index must outlive every thread it lists: only ever extend it.
   if redis.call('PTTL', KEYS[4]) < tonumber(ARGV[2]) then
@@ -171,6 +176,65 @@ redis.call('DEL', KEYS[1])
 return deleted
 """
 
+# KEYS: the source's index, the target's index. ARGV: source, target, thread key prefix.
+# Returns the number of live threads moved.
+_MOVE_OWNER = """
+local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local moved, longest, extend = 0, redis.call('PTTL', KEYS[2]), false
+for i = 1, #entries, 2 do
+  local key = ARGV[3] .. entries[i]
+  if redis.call('HGET', key, 'owner') == ARGV[1] then
+    redis.call('HSET', key, 'owner', ARGV[2])
+    redis.call('ZADD', KEYS[2], entries[i + 1], entries[i])
+    local ttl = redis.call('PTTL', key)
+    if ttl > longest then longest, extend = ttl, true end
+    moved = moved + 1
+  end
+end
+redis.call('DEL', KEYS[1])
+if extend then redis.call('PEXPIRE', KEYS[2], longest) end
+return moved
+"""
+
+# KEYS: an owner's index. ARGV: owner, ttl in ms, thread key prefix, now in ms ('': the Redis
+# clock). Deletes the owner's threads last written a TTL or more ago, re-expires the others
+# from their last write and the index with the newest; returns how many were deleted.
+_PRUNE_OWNER = """
+local now = tonumber(ARGV[4])
+if not now then
+  local t = redis.call('TIME')
+  now = t[1] * 1000 + math.floor(t[2] / 1000)
+end
+local ttl, pruned, latest = tonumber(ARGV[2]), 0, 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local key = ARGV[3] .. id
+  local thread = redis.call('HMGET', key, 'owner', 'active', 'created')
+  if thread[1] ~= ARGV[1] then
+    redis.call('ZREM', KEYS[1], id)  -- expired already (or the id is someone else's now)
+  else
+    local active = tonumber(thread[2])
+    if not active then  -- written before 'active' was kept: its newest item, or its creation
+      active = math.floor(tonumber(thread[3]) / 1000)
+      local newest = redis.call('ZRANGE', key .. ':order', -1, -1, 'WITHSCORES')
+      if newest[2] then active = math.max(active, math.floor(tonumber(newest[2]) / 1000)) end
+    end
+    local expires = active + ttl
+    if expires <= now then
+      redis.call('DEL', key, key .. ':order', key .. ':items')
+      redis.call('ZREM', KEYS[1], id)
+      pruned = pruned + 1
+    else
+      for _, k in ipairs({key, key .. ':order', key .. ':items'}) do
+        redis.call('PEXPIREAT', k, expires)
+      end
+      if expires > latest then latest = expires end
+    end
+  end
+end
+if latest > 0 then redis.call('PEXPIREAT', KEYS[1], latest) else redis.call('DEL', KEYS[1]) end
+return pruned
+"""
+
 _SCRIPTS = {
     "save_thread": _WRITE_PRELUDE + _SAVE_THREAD,
     "put_item": _WRITE_PRELUDE + _PUT_ITEM,
@@ -180,6 +244,8 @@ _SCRIPTS = {
     "page_items": _PAGE_ITEMS,
     "page_threads": _PAGE_THREADS,
     "purge_owner": _PURGE_OWNER,
+    "move_owner": _MOVE_OWNER,
+    "prune_owner": _PRUNE_OWNER,
 }
 
 
@@ -365,6 +431,29 @@ class RedisStore(OwnerScopedStore):
             keys=[self._owner_key(owner)], args=[owner, f"{self._prefix}:thread:"]
         )
         return int(deleted)
+
+    async def move_owner(self, source: str, target: str) -> int:
+        moved = await self._script("move_owner")(
+            keys=[self._owner_key(source), self._owner_key(target)],
+            args=[source, target, f"{self._prefix}:thread:"],
+        )
+        return int(moved)
+
+    async def prune(self, now: float | None = None) -> int:
+        """One script per owner (each atomic); threads written meanwhile keep their new TTL."""
+        head, tail = f"{self._prefix}:owner:", ":threads"
+        stamp = "" if now is None else int(now * 1000)
+        pruned = 0
+        async for raw in self._redis().scan_iter(match=f"{head}*{tail}", count=500):
+            key = raw.decode()
+            owner = key[len(head) : -len(tail)]
+            pruned += int(
+                await self._script("prune_owner")(
+                    keys=[key],
+                    args=[owner, self.thread_ttl * 1000, f"{self._prefix}:thread:", stamp],
+                )
+            )
+        return pruned
 
     # -- keys and scripts -------------------------------------------------------------------------
 

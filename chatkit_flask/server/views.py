@@ -36,7 +36,8 @@ from ..web import (
 from .context import RequestContext
 from .endpoint import STREAM_HEADERS, handle, stream_outcome
 from .protocol import NotFoundError, RequestRefused, calls_model, streams
-from .runtime import ServerRuntime
+from .runtime import BUDGET_MESSAGES, ServerRuntime
+from .slots import Slot
 
 if TYPE_CHECKING:
     from ..state import ChatKitState
@@ -56,10 +57,45 @@ _LIMIT_MESSAGES = {
     "global": "The chat is very busy right now",
     "requests": "Too many requests came from your network",
     "streams": "You already have replies on the way",
-    "thread_busy": "A reply is still being written in this conversation",
-    "tokens": "You have used up your share of the assistant for now",
-    "tokens_global": "The assistant has used up the site's budget for now",
+    **BUDGET_MESSAGES,
 }
+
+
+# A reply needs every one of these slots (cheapest first); the first that is full refuses it.
+_STREAM_CAPS = (
+    ("worker_streams", "busy", "The chat is very busy right now. Please try again in a moment."),
+    ("slots", "streams", "You already have replies on the way. Wait for them to finish."),
+    ("network_streams", "streams_ip",
+     "Too many replies are on their way to your network. Wait for them to finish."),
+    ("thread_replies", "thread_busy",
+     "A reply is still being written in this conversation. Send again when it is done."),
+)  # fmt: skip
+
+
+def _take_stream_slots(
+    runtime: ServerRuntime, context: RequestContext, thread_id: str | None, holds: list[Slot]
+) -> ApiError | None:
+    """Take the slots a streaming reply needs into ``holds``; the refusal when one is full."""
+    keys = {
+        "worker_streams": "worker",
+        "slots": context.owner,
+        "network_streams": context.client_network,
+        "thread_replies": f"{context.owner}:{thread_id}" if thread_id else None,
+    }
+    for name, scope, message in _STREAM_CAPS:
+        if keys[name] is None:
+            continue  # threads.create: a new thread has no reply yet
+        held = getattr(runtime, name).acquire(keys[name])
+        if held is None:
+            return ApiError(
+                429,
+                "thread_busy" if scope == "thread_busy" else "too_many_streams",
+                message,
+                headers={"Retry-After": "5"},
+                extra={"retry_after": 5, "scope": scope},
+            )
+        holds.append(held)
+    return None
 
 
 def _socket_shutdown(environ: dict[str, Any]) -> Callable[[], None] | None:
@@ -177,35 +213,14 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                     extra={"retry_after": wait, "scope": scope},
                 )
             )
-        held = runtime.slots.acquire(owner) if slot else None
-        if slot and held is None:
-            g.chatkit_limit_scope = "streams"
-            return refused_in_stream(
-                ApiError(
-                    429,
-                    "too_many_streams",
-                    f"{_LIMIT_MESSAGES['streams']}. Wait for them to finish.",
-                    headers={"Retry-After": "5"},
-                    extra={"retry_after": 5, "scope": "streams"},
-                )
-            )
-        thread_id = g.chatkit_thread_id if held is not None else None
-        thread_held = (
-            runtime.thread_replies.acquire(f"{owner}:{thread_id}") if thread_id else None
-        )
-        if thread_id and thread_held is None:
-            held.release()  # type: ignore[union-attr]
-            g.chatkit_limit_scope = "thread_busy"
-            return refused_in_stream(
-                ApiError(
-                    409,
-                    "thread_busy",
-                    f"{_LIMIT_MESSAGES['thread_busy']}. Send again when it is done.",
-                    headers={"Retry-After": "2"},
-                    extra={"retry_after": 2, "scope": "thread_busy"},
-                )
-            )
-        holds = [h for h in (held, thread_held) if h is not None]
+        holds: list[Slot] = []
+        if slot:
+            refusal = _take_stream_slots(runtime, context, g.chatkit_thread_id, holds)
+            if refusal is not None:
+                for hold in holds:
+                    hold.release()
+                g.chatkit_limit_scope = refusal.extra["scope"]
+                return refused_in_stream(refusal)
         try:
             response = handle(
                 runtime.server,
@@ -236,8 +251,9 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
             g.chatkit_outcome = "answered"
         return response
 
+    state.limit_endpoint, state.limit_rules = ENDPOINT, _rules(state)
     bp.add_url_rule(
-        "", "chatkit", limited(chatkit, state.limiter, _rules(state)), methods=["GET", "POST"]
+        "", "chatkit", limited(chatkit, state.limiter, state.limit_rules), methods=["GET", "POST"]
     )
 
     @bp.get("/config")
@@ -301,6 +317,8 @@ def _log_stream(fields: dict[str, Any], context: RequestContext, started: float)
     fields["outcome"] = stream_outcome(report)
     if report.get("store_failed"):
         fields["cause"] = "store"
+    if report.get("refused_scope"):
+        fields["scope"] = report["refused_scope"]
     usage = report.get("usage")
     if usage is not None:
         fields["tokens_in"] = usage.input_tokens

@@ -14,9 +14,11 @@ Agents SDK relies on: ``response.created``, ``response.in_progress``,
 ``response.output_item.added`` (a ``message`` with a unique id), ``response.content_part.added``,
 ``response.output_text.delta`` x n (one per word, ``token_delay`` apart),
 ``response.output_text.done``, ``response.content_part.done``, ``response.output_item.done`` and
-``response.completed`` with ``usage``. The reply echoes the last user message ("You said: ...")
-unless a :class:`Reply` is enqueued. Every request is recorded; a client that hangs up before the
-stream ends is recorded as an :class:`Abort`.
+``response.completed`` with ``usage`` (one token per word). A request's ``max_output_tokens``
+is honoured as the real API does: the reply stops after that many tokens and ends with
+``response.incomplete`` (reason ``max_output_tokens``, with usage). The reply echoes the last
+user message ("You said: ...") unless a :class:`Reply` is enqueued. Every request is
+recorded; a client that hangs up before the stream ends is recorded as an :class:`Abort`.
 """
 
 from __future__ import annotations
@@ -281,6 +283,11 @@ class FakeResponses(LoopbackServer):
         client_gone = asyncio.ensure_future(reader.read(1))
         delay = self.token_delay if reply.token_delay is None else reply.token_delay
         tokens = _TOKEN_RE.findall(text) or [""]
+        cap = request.get("max_output_tokens")
+        cut = isinstance(cap, int) and 0 < cap < len(tokens)
+        if cut:
+            tokens = tokens[:cap]
+            text = "".join(tokens)
         item_id = _new_id("msg")
         sent = 0
         seq = iter(range(1_000_000))
@@ -325,8 +332,9 @@ class FakeResponses(LoopbackServer):
                                        logprobs=[]))
                 sent += 1
             done_part = {**part, "text": text}
-            done_message = {**message, "status": "completed", "content": [done_part]}
-            final = _response(request, text, item_id, "completed", reply=reply)
+            status = "incomplete" if cut else "completed"
+            done_message = {**message, "status": status, "content": [done_part]}
+            final = _response(request, text, item_id, status, reply=reply)
             await self._send(writer, client_gone,
                              event("response.output_text.done", item_id=item_id, output_index=0,
                                    content_index=0, text=text, logprobs=[])
@@ -334,7 +342,7 @@ class FakeResponses(LoopbackServer):
                                      output_index=0, content_index=0, part=done_part)
                              + event("response.output_item.done", output_index=0,
                                      item=done_message)
-                             + event("response.completed", response=final))
+                             + event(f"response.{status}", response=final))
             with self._cond:  # counted before the client can see the end
                 self._completed += 1
             writer.write(b"0\r\n\r\n")
@@ -442,7 +450,7 @@ def _response(
                    "content": [{"type": "output_text", "text": text, "annotations": [],
                                 "logprobs": []}]}]
     usage = None
-    if status == "completed":
+    if status in ("completed", "incomplete"):
         input_tokens, output_tokens = _count_words(request), len(_TOKEN_RE.findall(text))
         if reply is not None and reply.input_tokens is not None:
             input_tokens = reply.input_tokens
@@ -457,7 +465,8 @@ def _response(
         "created_at": int(time.time()), "status": status, "model": request.get("model"),
         "instructions": request.get("instructions"), "output": output,
         "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "error": None,
-        "incomplete_details": None, "metadata": {}, "temperature": 1.0, "top_p": 1.0,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "metadata": {}, "temperature": 1.0, "top_p": 1.0,
         "text": {"format": {"type": "text"}}, "truncation": "disabled", "usage": usage,
     }
 
