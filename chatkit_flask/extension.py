@@ -114,6 +114,8 @@ class ChatKit:
             client=client,
             server=server,
         )
+        if server is not None:
+            state.ready_checks["store"] = server.ready_problem
         app.extensions["chatkit"] = state
         blueprint = (
             make_server_blueprint(state) if server is not None else make_hosted_blueprint(state)

@@ -98,6 +98,7 @@ _MESSAGE_FIELDS = (
     "ip",
     "thread",
     "scope",
+    "cause",
     "tokens_in",
     "tokens_out",
     "ttfe_ms",

@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException
 from .errors import http_error_response
 from .extension import ChatKit
 from .logs import configure_logging, held_records, replay
+from .metrics_dir import adopt_gunicorn_metrics_dir
 from .settings import Settings, load_config, read_env_file
 from .web import health_blueprint
 
@@ -85,6 +86,10 @@ def create_app(
     with held_records() as held:  # warnings about the settings, in the format they choose
         config = service_config(overrides, environ)
         settings = Settings.from_mapping(config)  # fail fast, before anything is wired
+    if settings.metrics_enabled:
+        # Under a gunicorn started without our config: summed metrics anyway (before
+        # ChatKit(app) imports prometheus-client).
+        adopt_gunicorn_metrics_dir()
     configure_logging(settings.log_level, settings.log_format)
     replay(held)
 

@@ -19,8 +19,9 @@ from flask import Response
 from ..errors import ApiError
 from .bridge import AsyncBridge
 from .context import RequestContext
-from .protocol import FlaskChatKitServer, NotFoundError, RequestRefused
+from .protocol import FlaskChatKitServer, NotFoundError, RequestRefused, StoreFailed
 from .store import STORE_ERRORS
+from .store_guard import STORE_DOWN_MESSAGE
 
 log = logging.getLogger("chatkit_flask")
 
@@ -34,7 +35,6 @@ HEARTBEAT_FRAME = b": keep-alive\n\n"  # an SSE comment: EventSource-style parse
 NOT_FOUND_MESSAGE = "No such conversation."
 MISFIT_MESSAGE = "The request does not fit this conversation."
 RESTART_MESSAGE = "The chat is restarting. Please send your message again in a moment."
-STORE_DOWN_MESSAGE = "The chat cannot reach its conversations right now. Please try again shortly."
 
 
 def handle(
@@ -77,7 +77,7 @@ def handle(
             raise ApiError(400, "invalid_request", MISFIT_MESSAGE) from None
         except TimeoutError:
             raise ApiError(503, "timeout", "The request took too long. Please try again.") from None
-        except STORE_ERRORS as exc:
+        except (StoreFailed, *STORE_ERRORS) as exc:
             raise _store_unavailable(exc, context) from None
         response = Response(payload, mimetype="application/json")
         response.headers["Cache-Control"] = "no-store"
@@ -102,7 +102,7 @@ def handle(
         raise ApiError(404, "not_found", NOT_FOUND_MESSAGE) from None
     except ValueError:
         raise ApiError(400, "invalid_request", MISFIT_MESSAGE) from None
-    except STORE_ERRORS as exc:
+    except (StoreFailed, *STORE_ERRORS) as exc:
         raise _store_unavailable(exc, context) from None
     body = _SseBody(first, frames, context.report)
     response = Response(body, mimetype="text/event-stream")
@@ -120,7 +120,10 @@ def _interrupted(report: dict[str, Any]) -> bytes:
 def _store_unavailable(exc: Exception, context: RequestContext) -> ApiError:
     # Named here: the blueprint's handler for Redis errors would blame the rate limiter. The
     # class only: a driver's message can quote a host or a key.
-    log.error("chatkit_flask: thread store failed: %s [%s]", type(exc).__name__, context.request_id)
+    if not isinstance(exc, StoreFailed):  # the store guard has logged that one
+        log.error(
+            "chatkit_flask: thread store failed: %s [%s]", type(exc).__name__, context.request_id
+        )
     return ApiError(503, "store_unavailable", STORE_DOWN_MESSAGE, headers={"Retry-After": "5"})
 
 
@@ -161,12 +164,14 @@ class _SseBody:
 
 def stream_outcome(report: dict[str, Any]) -> str:
     """How a stream ended, once closed: ``interrupted`` when the server's shutdown ended it;
-    the answer's ``completed``, ``failed`` or ``cancelled``;
-    ``refused`` when a token budget refused it inside the stream; without an answer,
-    ``cancelled`` if the stream was cut short, else ``no_answer`` (e.g. a retry of an item that
-    is not in the thread)."""
+    ``failed`` when the store failed; else the answer's ``completed``, ``failed`` or
+    ``cancelled``; ``refused`` when a token budget refused it inside the stream; without an
+    answer, ``cancelled`` if the stream was cut short, else ``no_answer`` (e.g. a retry of an
+    item that is not in the thread)."""
     if report.get("interrupted"):
         return "interrupted"
+    if report.get("store_failed"):  # even after the model's answer: it was not kept
+        return "failed"
     if report.get("refused_scope"):
         return "refused"
     usage = report.get("usage")

@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from .context import RequestContext
 from .endpoint import stream_outcome
-from .protocol import SUPPORTED_TYPES, UNSUPPORTED_TYPES, TokenUsage, calls_model
+from .protocol import SUPPORTED_TYPES, UNSUPPORTED_TYPES, StoreFailed, TokenUsage, calls_model
 
 if TYPE_CHECKING:
     from ..state import ChatKitState
@@ -208,6 +208,9 @@ def _counted(name: str) -> Callable[..., Awaitable[Any]]:
         try:
             return await getattr(self.inner, name)(*args, **kwargs)
         except NotFoundError:  # a missing or foreign thread: an answer, not a failure
+            raise
+        except StoreFailed:  # logged once by the store guard
+            store_errors.inc()
             raise
         except Exception as exc:
             store_errors.inc()

@@ -33,6 +33,7 @@ from chatkit.store import NotFoundError, Store
 from chatkit.types import (
     AssistantMessageItem,
     ChatKitReq,
+    ErrorEvent,
     FeedbackKind,
     ItemsFeedbackReq,
     ItemsListReq,
@@ -60,6 +61,7 @@ from .agent import AgentSource, ModelClient, resolve_agent
 from .context import RequestContext
 from .costs import ReplyMeter, estimate_input_tokens, model_calls, newest_within
 from .sitecode import SiteCode
+from .store_guard import GuardedStore, StoreFailed
 
 __all__ = [
     "MODEL_TYPES",
@@ -71,6 +73,7 @@ __all__ = [
     "InvalidRequest",
     "NotFoundError",
     "RequestRefused",
+    "StoreFailed",
     "TokenUsage",
     "UnsupportedRequest",
     "calls_model",
@@ -285,7 +288,7 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         admit: AdmitCallback | None = None,
         site: SiteCode | None = None,
     ) -> None:
-        super().__init__(store)
+        super().__init__(GuardedStore(store))
         self.site = site
         # A fixed agent is wrapped once; a factory's agent on every request.
         self.agent = site.agent(agent) if site is not None and isinstance(agent, Agent) else agent
@@ -353,8 +356,19 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         its ``_process_streaming`` logs every 404 as an ERROR with a traceback.
         """
         events = self._process_streaming_impl(request, context)  # type: ignore[arg-type]
-        async for event in events:
-            yield b"data: " + self._serialize(event) + b"\n\n"
+        last: ThreadStreamEvent | None = None
+        try:
+            async for event in events:
+                last = event
+                yield b"data: " + self._serialize(event) + b"\n\n"
+        except StoreFailed as exc:
+            # Raised between the SDK's steps (saving the visitor's message, the thread's last
+            # update): after the first frame it must end the stream in words, not cut it.
+            if last is None:
+                raise  # nothing sent yet: the endpoint answers 503
+            if not isinstance(last, ErrorEvent):
+                error = ErrorEvent(code="custom", message=exc.message, allow_retry=True)
+                yield b"data: " + self._serialize(error) + b"\n\n"
 
     async def call(self, request: ChatKitReq, context: RequestContext) -> bytes:
         """The JSON answer to a non-streaming request (``NotFoundError`` if not the owner's)."""
@@ -417,6 +431,9 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
             if meter.timed_out:  # the run was stopped: its stream just ends
                 raise TimeoutError
             outcome = "completed"
+        except StoreFailed:  # logged by the store guard; the SDK shows its message
+            outcome = "failed"
+            raise
         except Exception as exc:
             outcome = "failed"
             allow_retry = True

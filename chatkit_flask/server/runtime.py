@@ -21,14 +21,18 @@ from .agent import ModelClient, build_plain_agent, load_agent_spec
 from .bridge import AsyncBridge
 from .budget import BudgetSpent, TokenBudget
 from .context import RequestContext
+from .health import Finding, check_model, check_store, model_name
 from .protocol import FlaskChatKitServer, TokenUsage
 from .sitecode import SiteCode
 from .slots import StreamSlots
-from .store import REDIS_SCHEMES, OwnerScopedStore, open_store
+from .store import REDIS_SCHEMES, STORE_URL_KEY, OwnerScopedStore, StoreUnusable, open_store
 
-__all__ = ["ServerRuntime"]
+__all__ = ["READY_PROBE_TIMEOUT", "STARTUP_PROBE_TIMEOUT", "ServerRuntime"]
 
 log = logging.getLogger("chatkit_flask")
+
+STARTUP_PROBE_TIMEOUT = 15.0  # seconds: above SQLite's busy timeout (10 s) and Redis's (3 + 3 s)
+READY_PROBE_TIMEOUT = 2.0  # seconds: /readyz answers within the compose healthcheck's 2 s
 
 # The refusals the ChatKit UI shows (the view refuses with the same words before the stream).
 BUDGET_MESSAGES = {
@@ -51,6 +55,11 @@ class ServerRuntime:
         self.store: OwnerScopedStore = open_store(
             settings.store_url, thread_ttl=settings.thread_ttl
         )
+        try:
+            self.check_store(write=True, timeout=STARTUP_PROBE_TIMEOUT, key=STORE_URL_KEY)
+        except ConfigError:
+            self.bridge.close()  # the probe started the loop thread: a failed start leaves none
+            raise
         self.store_findings = store_findings(settings)
         agent = (
             load_agent_spec(settings.agent)
@@ -123,6 +132,47 @@ class ServerRuntime:
                 await self.model.aclose()
 
         self.bridge.close(timeout, cleanup=close_clients)
+
+    def check_store(
+        self, *, write: bool, timeout: float, key: str | None = None
+    ) -> None:
+        """Probe the store (see ``OwnerScopedStore.probe``). Raises :class:`StoreUnusable`, or
+        with ``key`` a ``ConfigError`` naming that key and the cause (start-up)."""
+        try:
+            try:
+                self.bridge.run(lambda: self.store.probe(write=write), timeout)
+            except TimeoutError:
+                raise StoreUnusable(
+                    f"the {self.store} did not answer within {timeout:g} s", "timeout"
+                ) from None
+        except StoreUnusable as exc:
+            if key is None:
+                raise
+            raise ConfigError(key, f"the {self.store} cannot be used: {exc.cause}") from None
+
+    def ready_problem(self) -> str | None:
+        """For ``/readyz``: None when the store answers a cheap probe within
+        :data:`READY_PROBE_TIMEOUT`, else a short reason (the cause goes to the log)."""
+        try:
+            self.check_store(write=False, timeout=READY_PROBE_TIMEOUT)
+        except StoreUnusable as exc:
+            log.warning("chatkit_flask: not ready: the %s cannot be used: %s", self.store,
+                        exc.cause)
+            return exc.reason
+        return None
+
+    def check_sections(self, live: bool) -> list[tuple[str, list[Finding]]]:
+        """For ``flask chatkit check``: (title, findings) of the store round trip and, when
+        ``live``, of one tiny model request."""
+        base = self.settings.openai_base_url or "https://api.openai.com/v1"
+        warnings = [Finding(text, warning=True) for text in self.store_findings]
+        sections = [("Thread store:", check_store(self) + warnings)]
+        if live:
+            sections.append((f"Model ({model_name(self)} at {base}):", check_model(self)))
+        else:
+            sections.append((f"Model: not contacted (add --live to send one tiny request to "
+                             f"{base})", []))  # fmt: skip
+        return sections
 
     async def _admit(self, context: RequestContext, tokens: int) -> None:
         """On the loop before the model is called: reserve the reply's worst case, or refuse

@@ -323,6 +323,8 @@ def _log_fields(response: Response) -> dict[str, Any]:
 def _log_stream(fields: dict[str, Any], context: RequestContext, started: float) -> None:
     report = context.report
     fields["outcome"] = stream_outcome(report)
+    if report.get("store_failed"):
+        fields["cause"] = "store"
     if report.get("refused_scope"):
         fields["scope"] = report["refused_scope"]
     usage = report.get("usage")

@@ -36,7 +36,7 @@ import secrets
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -136,8 +136,9 @@ class FakeResponses(LoopbackServer):
     """In-process fake of the Responses API on a loopback socket.
 
     ``start()`` serves from a daemon thread; every public method is thread-safe. ``api_key``
-    (when set) must arrive as ``Authorization: Bearer KEY``, else 401. ``token_delay`` seconds
-    pass between text deltas and may be changed at runtime.
+    (when set) must arrive as ``Authorization: Bearer KEY``, else 401. ``models`` (when set)
+    are the model names it knows; another is a 404 ``model_not_found``, as OpenAI answers.
+    ``token_delay`` seconds pass between text deltas and may be changed at runtime.
     """
 
     _thread_name = "fake-responses"
@@ -151,10 +152,12 @@ class FakeResponses(LoopbackServer):
         api_key: str | None = None,
         token_delay: float = 0.0,
         max_history: int = 10_000,
+        models: Collection[str] | None = None,
     ) -> None:
         super().__init__(host, port, max_history=max_history)
         self.api_key = api_key
         self.token_delay = token_delay
+        self.models = None if models is None else frozenset(models)
         self._completed = 0
         self._aborts: list[Abort] = []
         self._queue: deque[Reply] = deque()
@@ -263,6 +266,12 @@ class FakeResponses(LoopbackServer):
             body = error_envelope("Missing required parameter: 'model'.", param="model")
             return self._write_json(writer, 400, body, keep_alive)
 
+        if self.models is not None and parsed["model"] not in self.models:
+            body = error_envelope(
+                f"The model `{parsed['model']}` does not exist or you do not have access to it.",
+                "invalid_request_error", None, "model_not_found",
+            )  # fmt: skip
+            return self._write_json(writer, 404, body, keep_alive)
         reply = self._next_reply()
         if reply.status != 200:
             body = reply.body if reply.body is not None else Reply.error(reply.status).body
