@@ -32,7 +32,7 @@ from prometheus_client import REGISTRY
 from chatkit_flask.cli import EXIT_MISCONFIGURED, EXIT_OK, EXIT_UNREACHABLE
 from chatkit_flask.server import store_sqlite
 from chatkit_flask.server.store import StoreUnusable, open_store
-from chatkit_flask.server.store_guard import STORE_DOWN_MESSAGE
+from chatkit_flask.server.store_guard import NOT_SAVED_MESSAGE
 from chatkit_flask.service import create_app
 from chatkit_flask.settings import ConfigError
 from chatkit_flask.testing.fake_responses import FakeResponses, Reply
@@ -323,8 +323,9 @@ def assert_store_failure_reported(
     kind: str,
     before: dict[str, float],
 ) -> None:
+    # Saving the answer failed: the visitor is told so, and to send again (issue 24 item 2).
     assert events[-1] == {
-        "type": "error", "code": "custom", "message": STORE_DOWN_MESSAGE, "allow_retry": True,
+        "type": "error", "code": "custom", "message": NOT_SAVED_MESSAGE, "allow_retry": True,
     }  # fmt: skip
     assert [e["type"] for e in events].count("error") == 1
     lines = [r.getMessage() for r in logs.records if "thread store failed" in r.getMessage()]
@@ -381,6 +382,82 @@ def test_sqlite_locked_mid_reply_ends_the_stream_with_an_error_event(
             holder.execute("ROLLBACK")
         holder.close()
     assert_store_failure_reported(events, mint_logs, "sqlite", before)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_thread_that_vanishes_mid_reply_is_a_failure_to_save(
+    make_app: Callable[..., Flask],
+    fake: FakeResponses,
+    tmp_path: Path,
+    kind: str,
+    mint_logs: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Issue 24 item 2: the store loses the thread while the answer streams (Redis data lost, a
+    row deleted): not a silent "cancelled" and an uncounted not-found, but a failure."""
+    if kind == "redis":
+        own = request.getfixturevalue("own_redis")
+        app = make_app(own.url())
+        lose = own.client().flushdb
+    else:
+        path = tmp_path / "threads.db"
+        app = make_app(f"sqlite:///{path}")
+
+        def lose() -> None:
+            with sqlite3.connect(path) as db:
+                db.execute("DELETE FROM chatkit_threads")
+
+    before = counters()
+    events, _ = reply_with_store_cut(app, fake, lose)
+    assert_store_failure_reported(events, mint_logs, kind, before)
+    line = [r.getMessage() for r in mint_logs.records if "thread store failed" in r.getMessage()]
+    assert "thread vanished" in line[0]
+
+
+def test_a_sqlite_file_moved_away_is_refused_and_served_again_when_it_is_back(
+    make_app: Callable[..., Flask], tmp_path: Path, mint_logs: pytest.LogCaptureFixture
+) -> None:
+    """Issue 24 item 5: never served from two files (the old one through open connections, a
+    new empty one through new connections); reported; healed without a restart."""
+    path = tmp_path / "threads.db"
+    app = make_app(f"sqlite:///{path}")
+    client = app.test_client()
+    created = client.post(URL, json=create_body("hello"))
+    thread_id = sse_events(created.data)[0]["thread"]["id"]
+    listing = {"type": "threads.list", "params": {}}
+
+    path.rename(tmp_path / "moved.db")
+    while_moved = [client.post(URL, json=listing).status_code for _ in range(10)]
+    ready_while_moved = client.get("/readyz")
+    (tmp_path / "moved.db").rename(path)
+    after = client.post(URL, json=listing)
+
+    assert while_moved == [503] * 10
+    assert not path.exists() or path.stat().st_size > 0  # no new empty file was made meanwhile
+    assert ready_while_moved.status_code == 503
+    assert ready_while_moved.get_json()["failing"] == ["store"]
+    assert any("was deleted while the server ran" in r.getMessage() for r in mint_logs.records)
+    assert after.status_code == 200
+    assert [t["id"] for t in after.get_json()["data"]] == [thread_id]
+
+
+def test_a_replaced_sqlite_file_is_never_served(
+    make_app: Callable[..., Flask], tmp_path: Path, mint_logs: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "threads.db"
+    app = make_app(f"sqlite:///{path}")
+    client = app.test_client()
+    client.post(URL, json=create_body("hello"))
+    copy = tmp_path / "copy.db"
+    with sqlite3.connect(path) as source, sqlite3.connect(copy) as target:
+        source.backup(target)
+    os.replace(copy, path)  # e.g. a backup restored over the live file
+
+    answer = client.post(URL, json={"type": "threads.list", "params": {}})
+
+    assert answer.status_code == 503
+    assert client.get("/readyz").status_code == 503
+    assert any("was replaced while the server ran" in r.getMessage() for r in mint_logs.records)
 
 
 # ------------------------------------------------------------------ flask chatkit check
@@ -499,10 +576,11 @@ def test_a_store_failure_between_the_sdks_steps_is_an_error_event_not_a_cut_stre
     assert response.status_code == 200
     events = sse_events(response.data)
     assert [e["type"] for e in events] == ["thread.created", "error"]
-    assert events[-1]["message"] == STORE_DOWN_MESSAGE
+    assert events[-1]["message"] == NOT_SAVED_MESSAGE
     assert fake.count == 0  # the model was never called
     lines = [r.getMessage() for r in mint_logs.records if "thread store failed" in r.getMessage()]
     assert lines == [lines[0]] and ": sqlite in add_thread_item: OperationalError" in lines[0]
+    assert "(database or disk is full)" in lines[0]  # the driver's words (issue 24 item 5)
     assert metric("chatkit_store_errors_total") == before["errors"] + 1
     assert metric("chatkit_messages_total", outcome="failed") == before["failed"] + 1
 

@@ -13,11 +13,12 @@ so the log line and the metrics call the answer ``failed``.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from chatkit.errors import CustomStreamError
-from chatkit.store import Store, StoreItemType
+from chatkit.store import NotFoundError, Store, StoreItemType
 from chatkit.types import ThreadMetadata
 
 from .context import RequestContext
@@ -28,14 +29,18 @@ __all__ = ["STORE_DOWN_MESSAGE", "GuardedStore", "StoreFailed"]
 log = logging.getLogger("chatkit_flask")
 
 STORE_DOWN_MESSAGE = "The chat cannot reach its conversations right now. Please try again shortly."
+NOT_SAVED_MESSAGE = "The answer could not be saved. Please send your message again."
+# Writes of a reply's items: a thread that vanished under them (its data lost, its file deleted,
+# deleted meanwhile) is a failure to save, not a "no such conversation" answer.
+_ITEM_WRITES = frozenset({"add_thread_item", "save_item"})
 
 
 class StoreFailed(CustomStreamError):
     """The thread store failed (already logged). Before a stream's first frame the endpoint
     answers 503 ``store_unavailable``; inside a stream it is an ``error`` event."""
 
-    def __init__(self) -> None:
-        super().__init__(STORE_DOWN_MESSAGE, allow_retry=True)
+    def __init__(self, message: str = STORE_DOWN_MESSAGE) -> None:
+        super().__init__(message, allow_retry=True)
 
 
 def _context_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> RequestContext | None:
@@ -43,22 +48,44 @@ def _context_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> RequestContext
     return context if isinstance(context, RequestContext) else None
 
 
+def _described(exc: BaseException) -> str:
+    """The exception's class, and for SQLite the driver's first line ("attempt to write a
+    readonly database"): it names no secret. Other drivers' messages can quote a URL."""
+    if isinstance(exc, sqlite3.Error) and str(exc):
+        return f"{type(exc).__name__} ({str(exc).splitlines()[0][:200]})"
+    return type(exc).__name__
+
+
+def _record(
+    store: GuardedStore, name: str, what: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Log the failure once and mark the request's report (its outcome: ``failed``)."""
+    context = _context_of(args, kwargs)
+    if context is not None:
+        context.report["store_failed"] = True
+    log.error(
+        "chatkit_flask: thread store failed: %s in %s: %s [%s]",
+        getattr(store.inner, "kind", type(store.inner).__name__),
+        name,
+        what,
+        context.request_id if context is not None else "-",
+    )
+
+
 def _guarded(name: str) -> Callable[..., Awaitable[Any]]:
     async def method(self: GuardedStore, *args: Any, **kwargs: Any) -> Any:
         try:
             return await getattr(self.inner, name)(*args, **kwargs)
+        except NotFoundError:
+            if name not in _ITEM_WRITES:
+                raise  # a missing or foreign thread: an answer (404), not a failure
+            _record(self, name, "thread vanished", args, kwargs)
+            raise StoreFailed(NOT_SAVED_MESSAGE) from None
         except STORE_ERRORS as exc:
-            context = _context_of(args, kwargs)
-            if context is not None:
-                context.report["store_failed"] = True
-            log.error(
-                "chatkit_flask: thread store failed: %s in %s: %s [%s]",
-                getattr(self.inner, "kind", type(self.inner).__name__),
-                name,
-                type(exc).__name__,  # the class only: a driver's message can quote a URL
-                context.request_id if context is not None else "-",
-            )
-            raise StoreFailed() from None
+            _record(self, name, _described(exc), args, kwargs)
+            raise StoreFailed(
+                NOT_SAVED_MESSAGE if name in _ITEM_WRITES else STORE_DOWN_MESSAGE
+            ) from None
 
     method.__name__ = method.__qualname__ = name
     return method

@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -90,6 +90,7 @@ class SQLiteStore(OwnerScopedStore):
         self.path = Path(path).absolute()  # a later chdir must not open another file
         self._clock = clock
         self._local = threading.local()
+        self._file_id: tuple[int, int] | None = None  # (device, inode) of the file in use
 
     # -- ChatKit Store --------------------------------------------------------------------------
 
@@ -181,6 +182,10 @@ class SQLiteStore(OwnerScopedStore):
         enough for a health check every few seconds. Never creates the file."""
         if not self.path.is_file():
             raise StoreUnusable(f"{self.path} no longer exists", "not_writable")
+        try:
+            self._check_same_file()
+        except DatabaseFileChanged as exc:
+            raise StoreUnusable(str(exc), "not_writable") from None
         if not os.access(self.path, os.W_OK):
             raise StoreUnusable(_fs_cause(self.path, errno.EACCES, ""), "not_writable")
         try:
@@ -366,37 +371,85 @@ class SQLiteStore(OwnerScopedStore):
     # -- connections ------------------------------------------------------------------------------
 
     async def _run(self, func: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        return await asyncio.to_thread(func, *args, **kwargs)
+        return await asyncio.to_thread(self._healing, func, *args, **kwargs)
+
+    def _healing(self, func: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        """``func`` in this worker thread; after a database error its connection is dropped,
+        so the next use opens a fresh one (a file opened read-only stays read-only; a fault
+        healed outside must heal here too)."""
+        try:
+            return func(*args, **kwargs)
+        except sqlite3.Error:
+            self._drop_connection()
+            raise
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, opened on first use (and again in a forked child: a
-        connection must never cross a fork)."""
+        connection must never cross a fork, and after a failure: see :meth:`_transaction`).
+        Every use checks that the file is still the one first opened (one ``stat``)."""
+        self._check_same_file()
         held = getattr(self._local, "held", None)
         if held is not None and held[0] == os.getpid():
             return held[1]
         # Autocommit mode: transactions are explicit (see _transaction).
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA journal_mode = WAL")  # persistent in the file; cheap to repeat
-        db.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable across a process crash
-        db.execute("PRAGMA foreign_keys = ON")  # per connection; items cascade with threads
-        db.executescript(_SCHEMA)
+        try:
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA journal_mode = WAL")  # persistent in the file; cheap to repeat
+            db.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable across a process crash
+            db.execute("PRAGMA foreign_keys = ON")  # per connection; items cascade with threads
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        if self._file_id is None:
+            self._file_id = _identity(self.path)
         self._local.held = (os.getpid(), db)
         return db
+
+    def _check_same_file(self) -> None:
+        """Refuse to go on when the database file was deleted or replaced under the server:
+        connections still open would serve the old file and new ones a new, empty one."""
+        if self._file_id is None:
+            return
+        try:
+            now = _identity(self.path)
+        except FileNotFoundError:
+            raise DatabaseFileChanged(f"{self.path} was deleted while the server ran") from None
+        if now != self._file_id:
+            raise DatabaseFileChanged(f"{self.path} was replaced while the server ran")
+
+    def _drop_connection(self) -> None:
+        """Close and forget this thread's connection."""
+        held = getattr(self._local, "held", None)
+        self._local.held = None
+        if held is not None and held[0] == os.getpid():
+            with suppress(sqlite3.Error):
+                held[1].close()
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[sqlite3.Connection]:
         """One transaction. A writer takes the write lock at BEGIN: upgrading a read transaction
         later can fail at once with SQLITE_BUSY, which busy_timeout does not retry."""
         db = self._connection()
-        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             yield db
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:  # also after a failed COMMIT: never leave one open
-                db.execute("ROLLBACK")
+                with suppress(sqlite3.Error):  # the connection is dropped after an error anyway
+                    db.execute("ROLLBACK")
             raise
+
+
+class DatabaseFileChanged(sqlite3.DatabaseError):
+    """The SQLite file in use was deleted or replaced: a store error, never served around."""
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 _AFTER = {
