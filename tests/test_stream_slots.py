@@ -50,7 +50,9 @@ def test_a_refused_attempt_changes_nothing(slots_on_redis: Any, real_redis: Any)
     assert ttl_after <= ttl  # the key's expiry was not extended by knocking
 
 
-def test_a_slot_whose_holder_died_lapses_within_the_lease(slots_on_redis: Any) -> None:
+def test_a_slot_whose_holder_died_lapses_within_the_lease(
+    slots_on_redis: Any, mint_logs: pytest.LogCaptureFixture
+) -> None:
     slots = slots_on_redis(1, 1.0)
     assert slots.acquire(OWNER) is not None  # its holder never renews nor releases (killed)
     assert slots.acquire(OWNER) is None
@@ -58,6 +60,9 @@ def test_a_slot_whose_holder_died_lapses_within_the_lease(slots_on_redis: Any) -
     time.sleep(1.1)
 
     assert slots.acquire(OWNER) is not None
+    lapsed = [r.getMessage() for r in mint_logs.records if "lapsed" in r.getMessage()]
+    assert len(set(lapsed)) == 1 and "1 streams slot(s)" in lapsed[0]  # logged when it lapses
+    assert OWNER not in lapsed[0]  # the owner only as a hash
 
 
 def test_a_streaming_reply_keeps_its_slot_past_the_lease(slots_on_redis: Any) -> None:
@@ -155,6 +160,7 @@ def test_after_a_worker_is_killed_its_visitor_sends_again_within_the_lease(
             service.stop()
 
     assert answered_at is not None, "the visitor stayed locked out"
+    assert "slot(s) of" in service.log_path.read_text()  # the dead worker's slots, logged
     # The slots lapse one lease after their last renewal (at most lease / 3 before the kill):
     # the first attempt sent after that (and after the master booted a new worker) is taken.
     assert answered_at - max(ready_at, killed_at + lease) <= 1

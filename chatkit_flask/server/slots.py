@@ -20,20 +20,24 @@ from typing import Any
 
 from limits.storage import RedisClusterStorage, RedisStorage
 
+from ..identity import hash_id
+
 __all__ = ["Slot", "StreamSlots"]
 
 log = logging.getLogger("chatkit_flask")
 
-# KEYS[1]: the owner's set; ARGV: cap, lease (ms), token. 1 = the slot is taken. Lapsed members
-# go first; a refusal writes nothing else (no expiry is extended by knocking).
+# KEYS[1]: the owner's set; ARGV: cap, lease (ms), token. Returns {taken (1/0), lapsed}: lapsed
+# members (holders that stopped renewing: a killed worker) go first; a refusal writes nothing
+# else (no expiry is extended by knocking). The set itself lives three leases, so a lapsed member
+# is usually swept (and logged) here rather than vanishing with the key.
 _ACQUIRE = """
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+local lapsed = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return {0, lapsed} end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 3)
+return {1, lapsed}
 """
 # ARGV: lease (ms), token. 1 = renewed; 0 = the slot had lapsed (it is not taken back).
 _RENEW = """
@@ -41,7 +45,7 @@ local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 if not redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 3)
 return 1
 """
 _RELEASE = """
@@ -171,10 +175,21 @@ class StreamSlots:
         scripts = self._redis()
         if scripts is not None:
             try:
-                taken = scripts[0](keys=[self.key(owner)], args=[self.cap, self.lease_ms, token])
+                taken, lapsed = scripts[0](
+                    keys=[self.key(owner)], args=[self.cap, self.lease_ms, token]
+                )
             except Exception as exc:  # a storage failure must not refuse the message
                 log.warning("chatkit_flask: stream slots unavailable (%s)", type(exc).__name__)
                 return Slot(self, owner, None)
+            if lapsed:
+                # What a worker that died mid-reply (killed, out of memory) leaves behind.
+                log.warning(
+                    "chatkit_flask: %d %s slot(s) of %s lapsed: their reply stopped renewing "
+                    "(its worker died?)",
+                    lapsed,
+                    self.prefix.rpartition(":")[2],
+                    hash_id(owner),
+                )
             return Slot(self, owner, token) if taken else None
         with self._lock:
             if len(self._local[owner]) >= self.cap:
