@@ -14,9 +14,11 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+import requests
 
 pytest.importorskip("chatkit")
 from chatkit.types import ThreadMetadata
@@ -201,3 +203,70 @@ def test_check_names_what_would_be_lost(volatile_redis: PersistentRedis, tmp_pat
 
     assert "warn  the thread store's Redis" in output
     assert "loses every thread" in output
+
+
+# ------------------------------------------------ the same faults under gunicorn
+def _threads_list(service: Any, cookie: str) -> int:
+    return service.post({"type": "threads.list", "params": {}}, cookie).status_code
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_under_gunicorn_a_redis_store_restart_costs_no_request(
+    persistent_redis: PersistentRedis, tmp_path: Path, real_redis: Any
+) -> None:
+    """Issue 24 item 6 with the shipped config (3 workers, each with pooled connections)."""
+    from tests.test_server_gunicorn import MODEL_KEY, Service
+
+    with FakeResponses(api_key=MODEL_KEY) as fake:
+        service = Service(tmp_path, fake, persistent_redis.url)
+        try:
+            cookie = service.post(
+                {"type": "threads.create", "params": {"input": {"content": [
+                    {"type": "input_text", "text": "hi"}], "attachments": [],
+                    "inference_options": {}}}}
+            ).cookies["chatkit_session_id"]  # fmt: skip
+            warm = [_threads_list(service, cookie) for _ in range(30)]  # pools in every worker
+            persistent_redis.restart()
+            after = [_threads_list(service, cookie) for _ in range(60)]
+            log = service.log_path.read_text()
+        finally:
+            service.stop()
+
+    assert warm == [200] * 30
+    assert after == [200] * 60  # before: 3 of 60 were 503
+    assert "thread store failed" not in log
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_under_gunicorn_a_sqlite_file_moved_away_is_refused_then_served_again(
+    tmp_path: Path, real_redis: Any
+) -> None:
+    """Issue 24 item 5 with the shipped config: every worker refuses while the file is gone
+    (never a fresh empty file), and serves the thread again once it is back."""
+    from tests.test_server_gunicorn import MODEL_KEY, Service
+
+    path = tmp_path / "threads.db"
+    with FakeResponses(api_key=MODEL_KEY) as fake:
+        service = Service(tmp_path, fake, f"sqlite:///{path}")
+        try:
+            created = service.post(
+                {"type": "threads.create", "params": {"input": {"content": [
+                    {"type": "input_text", "text": "hi"}], "attachments": [],
+                    "inference_options": {}}}}
+            )  # fmt: skip
+            cookie = created.cookies["chatkit_session_id"]
+            warm = [_threads_list(service, cookie) for _ in range(30)]
+            path.rename(tmp_path / "moved.db")
+            while_moved = [_threads_list(service, cookie) for _ in range(30)]
+            readyz = requests.get(service.base + "/readyz", timeout=5).status_code
+            (tmp_path / "moved.db").rename(path)
+            back = service.post({"type": "threads.list", "params": {}}, cookie)
+        finally:
+            service.stop()
+
+    assert warm == [200] * 30
+    assert while_moved == [503] * 30  # before: 200 and 404 at random, from two files
+    assert readyz == 503
+    assert back.status_code == 200 and len(back.json()["data"]) == 1
