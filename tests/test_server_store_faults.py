@@ -27,7 +27,7 @@ from flask import Flask
 from chatkit_flask.server.context import RequestContext
 from chatkit_flask.server.store import open_store
 from chatkit_flask.settings import ConfigError
-from chatkit_flask.testing.fake_responses import FakeResponses
+from chatkit_flask.testing.fake_responses import FakeResponses, Reply
 from tests.conftest import TEST_API_KEY
 from tests.test_multiprocess import free_port
 from tests.test_server_mode import close_app
@@ -270,3 +270,54 @@ def test_under_gunicorn_a_sqlite_file_moved_away_is_refused_then_served_again(
     assert while_moved == [503] * 30  # before: 200 and 404 at random, from two files
     assert readyz == 503
     assert back.status_code == 200 and len(back.json()["data"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_under_gunicorn_a_thread_lost_mid_reply_is_told_and_counted(
+    persistent_redis: PersistentRedis, tmp_path: Path, real_redis: Any
+) -> None:
+    """Issue 24 item 2 with the shipped config: the store's data is lost while an answer
+    streams; the visitor reads that it could not be saved, the log and metrics say failed."""
+    from chatkit_flask.server.store_guard import NOT_SAVED_MESSAGE
+    from tests.server_support import sse_events
+    from tests.test_server_gunicorn import MODEL_KEY, Service
+
+    with FakeResponses(api_key=MODEL_KEY) as fake:
+        service = Service(tmp_path, fake, persistent_redis.url)
+        try:
+            fake.enqueue(Reply(text=" ".join(f"w{i}" for i in range(30)), token_delay=0.1))
+            body = {"type": "threads.create", "params": {"input": {"content": [
+                {"type": "input_text", "text": "hi"}], "attachments": [],
+                "inference_options": {}}}}  # fmt: skip
+            with requests.post(service.base + "/api/chatkit", json=body, stream=True,
+                               timeout=30) as response:  # fmt: skip
+                chunks: list[bytes] = []
+                for chunk in response.iter_content(None):
+                    chunks.append(chunk)
+                    if len(chunks) == 5:  # the answer has begun
+                        redis.Redis(port=persistent_redis.port).flushall()  # data lost
+            metrics = requests.get(service.base + "/metrics", timeout=5).text
+            log = service.log_path.read_text()
+        finally:
+            service.stop()
+
+    events = sse_events(b"".join(chunks))
+    assert events[-1]["type"] == "error" and events[-1]["message"] == NOT_SAVED_MESSAGE
+    assert "outcome=failed" in log and "cause=store" in log and "thread vanished" in log
+    assert "chatkit_store_errors_total 1.0" in metrics
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_under_gunicorn_a_store_that_would_lose_threads_is_refused_when_asked(
+    volatile_redis: PersistentRedis, tmp_path: Path, real_redis: Any
+) -> None:
+    """Issue 24 item 7: with the setting (on in compose) the whole server stops, naming it."""
+    from tests.test_server_gunicorn import MODEL_KEY, Service
+
+    with FakeResponses(api_key=MODEL_KEY) as fake, pytest.raises(RuntimeError) as stopped:
+        Service(tmp_path, fake, volatile_redis.url, CHATKIT_STORE_REQUIRE_PERSISTENCE="true")
+
+    assert "CHATKIT_STORE_REQUIRE_PERSISTENCE" in str(stopped.value)
+    assert "keeps nothing on disk" in str(stopped.value)
