@@ -28,11 +28,12 @@ from chatkit_flask.identity import hash_id
 from chatkit_flask.testing.fake_responses import FakeResponses
 from tests.conftest import REDIS_URL, TEST_SECRET_KEY
 from tests.server_support import sse_events, user_input
+from tests.services import SUITE_REDIS
 
 MODEL_KEY = "test-model-key-not-a-real-one"
 URL = "/api/chatkit"
 COOKIE = "chatkit_session_id"
-STORE_REDIS_URL = os.environ.get("CHATKIT_TEST_STORE_REDIS_URL", "redis://127.0.0.1:6379/13")
+STORE_REDIS_URL = SUITE_REDIS.url(12)  # the thread store; the limiter uses REDIS_URL (15)
 os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
 
 
@@ -43,13 +44,9 @@ def fake() -> Iterator[FakeResponses]:
 
 
 @pytest.fixture
-def store_redis() -> Iterator[str]:
-    """The real Redis for threads (its own database), emptied before and after."""
+def store_redis(redis_server: Any) -> Iterator[str]:
+    """The suite's Redis for threads (its own database), emptied before and after."""
     client = redis.Redis.from_url(STORE_REDIS_URL, socket_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError:
-        pytest.skip(f"Redis at {STORE_REDIS_URL} does not answer")
     client.flushdb()
     yield STORE_REDIS_URL
     client.flushdb()
