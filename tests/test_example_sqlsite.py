@@ -5,7 +5,12 @@ that reads the site's database for the signed-in user.
 What the site relies on, through its own test client, under gunicorn and installed from the
 checkout into a fresh virtualenv: the database pool's checked-out connections are back at their
 starting count after 20 tool calls (and the site's pages still work); the tool sees the id the
-site's user loader returned; a visitor is nobody to the tool.
+site's user loader returned; a visitor is nobody to the tool. And the site's operations
+(issue 23): ``flask chatkit usage`` and ``reset`` report and clear server mode's counters; the
+site's own default limits leave the chat's routes alone; log-out hides the anonymous visitor's
+threads and, with the site's adoption setting on, log-in gives them to the account (also across
+two gunicorn workers); a shortened ``CHATKIT_THREAD_TTL`` and ``flask chatkit prune`` remove
+older threads.
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +34,15 @@ import pytest
 pytest.importorskip("chatkit")
 pytest.importorskip("flask_sqlalchemy")
 
+import redis
 import requests
 from flask import Flask
+from flask.testing import FlaskClient
 
+from chatkit_flask.identity import hash_id
 from chatkit_flask.testing import TEST_API_KEY, chatkit_test_config
 from chatkit_flask.testing.fake_responses import FakeResponses, Reply
+from tests.conftest import REDIS_URL
 from tests.example_host.sqlsite import create_app
 from tests.example_host.sqlsite.extensions import chatkit, db
 from tests.server_support import sse_events, user_input
@@ -43,6 +53,7 @@ URL = "/api/chatkit"
 ADA = "Ada Lovelace (user 1) is on the pro plan."
 GRACE = "Grace Hopper (user 2) is on the free plan."
 MESSAGE = {"type": "threads.create", "params": {"input": user_input("What is my plan?")}}
+COOKIE = "chatkit_session_id"
 
 
 def tool_outputs(fake: FakeResponses) -> list[str]:
@@ -117,6 +128,178 @@ def test_twenty_sites_created_and_closed_leave_no_threads(
         time.sleep(0.05)
     assert set(threading.enumerate()) - before == set()
     assert tool_outputs(chatkit_model) == [ADA] * 20
+
+
+# ------------------------------------------------- the site's operations (issue 23)
+@pytest.fixture
+def make_site(chatkit_model: FakeResponses, tmp_path: Path) -> Iterator[Callable[..., Flask]]:
+    """``make_site(**settings)``: the site in server mode with its own database; each one made
+    is closed after the test."""
+    made: list[Flask] = []
+
+    def make(**settings: Any) -> Flask:
+        site = create_app(
+            chatkit_test_config(
+                chatkit_model,
+                SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path}/site.db",
+                **settings,
+            )
+        )
+        made.append(site)
+        return site
+
+    yield make
+    for site in made:
+        chatkit.close(site)
+
+
+def send(client: FlaskClient, text: str, thread: str | None = None) -> list[dict[str, Any]]:
+    """One message (a new thread, or into ``thread``), its stream read to the end."""
+    if thread is None:
+        body = {"type": "threads.create", "params": {"input": user_input(text)}}
+    else:
+        body = {
+            "type": "threads.add_user_message",
+            "params": {"thread_id": thread, "input": user_input(text)},
+        }
+    response = client.post(URL, json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return sse_events(response.data)
+
+
+def thread_ids(client: FlaskClient) -> list[str]:
+    response = client.post(URL, json={"type": "threads.list", "params": {}})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return sorted(thread["id"] for thread in response.get_json()["data"])
+
+
+def chatkit_command(site: Flask, *args: str) -> str:
+    result = site.test_cli_runner().invoke(args=["chatkit", *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_usage_and_reset_report_and_clear_the_sites_server_mode_counters(
+    make_site: Callable[..., Flask], chatkit_model: FakeResponses, real_redis: redis.Redis
+) -> None:
+    site = make_site(
+        RATELIMIT_ENABLED=True,
+        RATELIMIT_STORAGE_URI=REDIS_URL,
+        CHATKIT_RATELIMIT_PER_USER="3 per minute",
+    )
+    client = site.test_client()
+    client.post("/login", data={"email": "ada@example.com"})
+    thread = send(client, "one")[0]["thread"]["id"]
+    send(client, "two", thread)
+    owner = "user:" + hash_id("user:1")  # the id the site's user loader returns, as a string
+
+    usage = chatkit_command(site, "usage", "--user", "1")
+    assert f"user limits for {owner}:" in usage
+    assert "messages 3 per 1 minute: 1 of 3 remaining (2 used, resets in" in usage
+    assert "streams: 0 of 2 open" in usage  # both streams read to the end
+    assert real_redis.keys("*")  # the counters live in the suite's Redis
+
+    send(client, "three", thread)
+    refused = send(client, "four", thread)
+    assert refused[0]["type"] == "error" and "too many messages" in refused[0]["message"]
+    assert "messages 3 per 1 minute: 0 of 3 remaining (3 used" in (
+        chatkit_command(site, "usage", "--user", "1")
+    )
+
+    reset = chatkit_command(site, "reset", "--user", "1")
+    # the message counter (used) and the stream slots (in Redis, none held)
+    assert f"Cleared 2 user limit counter(s) for {owner} (1 had been used)." in reset
+    assert "messages 3 per 1 minute: 3 of 3 remaining (0 used)" in (
+        chatkit_command(site, "usage", "--user", "1")
+    )
+    chatkit_model.enqueue(Reply.call_tool("my_account"), "Pro.")
+    assert send(client, "five", thread)[-1]["type"] == "thread.item.done"
+    assert tool_outputs(chatkit_model)[-1] == ADA
+
+
+def test_the_sites_default_limits_do_not_throttle_the_chats_routes(
+    make_site: Callable[..., Flask],
+) -> None:
+    site = make_site(
+        RATELIMIT_ENABLED=True,
+        SITE_DEFAULT_LIMITS="2 per hour",
+        CHATKIT_RATELIMIT_PER_USER="5 per minute",
+    )
+    client = site.test_client()
+    assert [client.get("/").status_code for _ in range(3)] == [200, 200, 429]
+    config = [client.get(f"{URL}/config").status_code for _ in range(5)]
+    helper = [client.get(f"{URL}/static/chatkit-secret.js") for _ in range(5)]
+    for response in helper:
+        response.close()
+    assert config == [200] * 5
+    assert [response.status_code for response in helper] == [200] * 5
+    replies = [send(client, f"message {n}")[0]["type"] for n in range(6)]
+    assert replies == ["thread.created"] * 5 + ["error"]  # the chat's own limit, not the site's
+    assert client.get("/").status_code == 429
+
+
+def test_log_out_hides_the_anonymous_visitors_threads(make_site: Callable[..., Flask]) -> None:
+    site = make_site()  # the site's defaults: adoption off
+    client = site.test_client()  # a shared computer's browser
+    send(client, "asked before signing in")
+    visitor = client.get_cookie(COOKIE).value
+    assert len(thread_ids(client)) == 1
+    client.post("/login", data={"email": "ada@example.com"})
+    assert thread_ids(client) == []  # the account's own threads
+    client.post("/logout")
+    assert client.get_cookie(COOKIE) is None
+    assert thread_ids(client) == []  # the next person at this browser is a new visitor
+    assert client.get_cookie(COOKIE).value != visitor
+    assert "1 thread(s)" in chatkit_command(site, "threads", "--visitor", visitor)
+
+
+def test_with_adoption_on_log_in_gives_the_visitors_threads_to_the_account(
+    make_site: Callable[..., Flask], chatkit_model: FakeResponses
+) -> None:
+    site = make_site(CHATKIT_ADOPT_VISITOR_THREADS=True)
+    client = site.test_client()
+    asked = sorted(send(client, text)[0]["thread"]["id"] for text in ("one", "two"))
+    stranger = site.test_client()
+    send(stranger, "someone else's question")
+
+    client.post("/login", data={"email": "ada@example.com"})
+    assert thread_ids(client) == asked
+    chatkit_model.enqueue(Reply.call_tool("my_account"), "Pro.")
+    assert send(client, "and my plan?", asked[0])[-1]["type"] == "thread.item.done"
+    assert tool_outputs(chatkit_model)[-1] == ADA  # the adopted thread runs as the account
+    assert "2 thread(s)" in chatkit_command(site, "threads", "--user", "1")
+    client.post("/logout")
+    assert thread_ids(client) == []
+    elsewhere = site.test_client()  # the account's threads follow the account
+    elsewhere.post("/login", data={"email": "ada@example.com"})
+    assert thread_ids(elsewhere) == asked
+    assert len(thread_ids(stranger)) == 1
+
+
+def age_thread(store_url: str, thread_id: str, seconds: int) -> None:
+    """Make a stored thread's last activity ``seconds`` older, as if written that long ago."""
+    with sqlite3.connect(store_url.removeprefix("sqlite:///")) as threads:
+        threads.execute(
+            "UPDATE chatkit_threads SET updated_at = updated_at - ? WHERE id = ?",
+            (seconds, thread_id),
+        )
+
+
+def test_a_shortened_ttl_and_prune_remove_older_threads(
+    make_site: Callable[..., Flask], tmp_path: Path
+) -> None:
+    store = f"sqlite:///{tmp_path}/threads.db"
+    site = make_site(CHATKIT_STORE_URL=store)  # the default: 30 days
+    client = site.test_client()
+    old = send(client, "ten minutes ago")[0]["thread"]["id"]
+    age_thread(store, old, 600)
+    new = send(client, "just now")[0]["thread"]["id"]
+    assert thread_ids(client) == sorted([old, new])
+
+    shortened = make_site(CHATKIT_STORE_URL=store, CHATKIT_THREAD_TTL=60)
+    pruned = chatkit_command(shortened, "prune")
+    assert "Pruned 1 thread(s) inactive for CHATKIT_THREAD_TTL=60s or more." in pruned
+    assert thread_ids(client) == [new]  # gone for every worker, whatever TTL it runs with
 
 
 # ---------------------------------------------------------------- gunicorn

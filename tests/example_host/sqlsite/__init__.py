@@ -29,6 +29,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         CHATKIT_BACKEND="server",
         CHATKIT_AGENT=f"{__name__}.agent:assistant",
         SITE_POOL_STATUS=False,
+        SITE_DEFAULT_LIMITS="200 per minute",  # the site's pages; never the chat's routes
+        # Log-out forgets the anonymous visitor by itself (Flask-Login's logout_user(),
+        # CHATKIT_FORGET_VISITOR_ON_LOGOUT defaults to true). This shop also lets a visitor
+        # keep what they asked before signing in: login_user() gives those threads to the
+        # account. Off by default, as in the extension; FLASK_CHATKIT_ADOPT_VISITOR_THREADS=true.
+        CHATKIT_ADOPT_VISITOR_THREADS=False,
     )
     if test_config is None:
         app.config.from_prefixed_env()
@@ -41,12 +47,17 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     limiter.init_app(app)
     chatkit.init_app(app)
     csrf.exempt(app.blueprints["chatkit"])  # the chat checks Origin itself
-    # Hooks for the "siteops" work (usage and its reset, the chat under the site's default
-    # limits, thread TTL) attach here.
+    # Nothing more for the operator's side: `flask chatkit usage|reset|limits|prune` come with
+    # the extension, and the chat's routes are exempt from the site's default limits.
 
     from . import auth
 
     app.register_blueprint(auth.bp)
+
+    @app.get("/")
+    def home() -> Any:
+        """A page of the site: counted by the site's default limits."""
+        return jsonify(site="shop")
 
     @app.get("/account")
     @login_required

@@ -32,13 +32,15 @@ def login() -> Any:
     ).scalar_one_or_none()
     if user is None:
         abort(403)
-    login_user(user)
+    login_user(user)  # with CHATKIT_ADOPT_VISITOR_THREADS: the visitor's threads are the user's
     return jsonify(ok=True, id=user.id)
 
 
 @bp.post("/logout")
 @csrf.exempt
 def logout() -> Any:
-    # Hook for the "siteops" work: what the chat forgets or keeps on log-out goes here.
+    # Also forgets the chat's anonymous visitor (drops its cookie): the next person at this
+    # browser does not see the threads asked before signing in. A site without Flask-Login
+    # calls chatkit.forget_visitor() here.
     logout_user()
     return jsonify(ok=True)

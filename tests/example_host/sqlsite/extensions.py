@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flask import current_app
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_login import LoginManager
@@ -13,6 +14,14 @@ from chatkit_flask import ChatKit
 db = SQLAlchemy()
 login_manager = LoginManager()
 csrf = CSRFProtect()
-# The site's own default limits; the chat's limits are declared on the same limiter.
-limiter = Limiter(get_remote_address, default_limits=["200 per minute"])
+
+
+def site_default_limits() -> str:
+    """The site's own default limits, from its ``SITE_DEFAULT_LIMITS`` setting."""
+    return str(current_app.config["SITE_DEFAULT_LIMITS"])
+
+
+# The site's default limits count its own pages; the chat's limits are declared on the same
+# limiter, and the chat's routes are exempt from the defaults (CHATKIT_HOST_DEFAULT_LIMITS).
+limiter = Limiter(get_remote_address, default_limits=[site_default_limits])
 chatkit = ChatKit(limiter=limiter)
