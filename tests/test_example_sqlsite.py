@@ -15,6 +15,7 @@ older threads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -327,23 +328,48 @@ def site_env(fake: FakeResponses, tmp: Path) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def served_site(
+    fake: FakeResponses, tmp: Path, workers: int = 1, **settings: str
+) -> Iterator[str]:
+    """The site under ``gunicorn -k gthread --threads 8 -w <workers>``, configured through
+    FLASK_* variables (``settings`` added, e.g. ``FLASK_CHATKIT_ADOPT_VISITOR_THREADS="true"``);
+    yields its base URL and checks the log has no traceback once it is stopped."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp / "gunicorn.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "8",
+             "-w", str(workers), "-b", f"127.0.0.1:{port}",
+             "tests.example_host.sqlsite:create_app()"],
+            cwd=ROOT, env={**site_env(fake, tmp), **settings}, stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until_up(base + "/_pool", process, log_path)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    assert "Traceback" not in log_path.read_text()
+
+
+def both_workers_answer(base: str, workers: int = 2) -> None:
+    """Wait until each worker process has answered (each request on a new connection)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + 30
+    while len(seen) < workers:
+        assert time.monotonic() < deadline, f"only workers {seen} answered"
+        seen.add(requests.get(base + "/_pool", timeout=5).json()["worker"])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_under_gunicorn_the_pool_returns_after_20_tool_calls(
     chatkit_model: FakeResponses, tmp_path: Path
 ) -> None:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "gunicorn.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "8", "-w", "1",
-             "-b", f"127.0.0.1:{port}", "tests.example_host.sqlsite:create_app()"],
-            cwd=ROOT, env=site_env(chatkit_model, tmp_path), stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        wait_until_up(base + "/_pool", process, log_path)
+    with served_site(chatkit_model, tmp_path) as base:
         session = requests.Session()
         assert session.post(base + "/login", data={"email": "ada@example.com"}).ok
         start = session.get(base + "/_pool").json()["checked_out"]
@@ -354,10 +380,93 @@ def test_under_gunicorn_the_pool_returns_after_20_tool_calls(
         assert session.get(base + "/_pool").json()["checked_out"] == start
         assert tool_outputs(chatkit_model) == [ADA] * 20
         assert session.get(base + "/account").json()["plan"] == "pro"
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-    assert "Traceback" not in log_path.read_text()
+
+
+def browser() -> requests.Session:
+    """A browser that opens a new connection per request, so two workers share its requests."""
+    session = requests.Session()
+    session.headers["Connection"] = "close"
+    return session
+
+
+def served_thread_ids(session: requests.Session, base: str) -> list[str]:
+    response = session.post(base + URL, json={"type": "threads.list", "params": {}}, timeout=10)
+    assert response.status_code == 200, response.text
+    return sorted(thread["id"] for thread in response.json()["data"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_under_two_gunicorn_workers_log_in_adopts_and_log_out_hides_the_visitors_threads(
+    chatkit_model: FakeResponses, tmp_path: Path
+) -> None:
+    with served_site(
+        chatkit_model, tmp_path, workers=2, FLASK_CHATKIT_ADOPT_VISITOR_THREADS="true"
+    ) as base:
+        both_workers_answer(base)
+        visitor = browser()
+        asked = []
+        for n in range(4):
+            body = {"type": "threads.create", "params": {"input": user_input(f"question {n}")}}
+            events = sse_events(visitor.post(base + URL, json=body, timeout=30).content)
+            asked.append(events[0]["thread"]["id"])
+        assert served_thread_ids(visitor, base) == sorted(asked)
+
+        assert visitor.post(base + "/login", data={"email": "ada@example.com"}).ok
+        for _ in range(4):  # whichever worker answers
+            assert served_thread_ids(visitor, base) == sorted(asked)
+        assert visitor.post(base + "/logout").ok
+        for _ in range(4):
+            assert served_thread_ids(visitor, base) == []
+        elsewhere = browser()
+        assert elsewhere.post(base + "/login", data={"email": "grace@example.com"}).ok
+        assert served_thread_ids(elsewhere, base) == []
+        assert elsewhere.post(base + "/logout").ok
+        assert elsewhere.post(base + "/login", data={"email": "ada@example.com"}).ok
+        assert served_thread_ids(elsewhere, base) == sorted(asked)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_under_two_gunicorn_workers_usage_and_reset_count_both(
+    chatkit_model: FakeResponses, tmp_path: Path, real_redis: redis.Redis
+) -> None:
+    limits = {
+        "FLASK_RATELIMIT_STORAGE_URI": REDIS_URL,
+        "FLASK_CHATKIT_RATELIMIT_PER_USER": "3 per minute",
+    }
+
+    def flask_chatkit(*args: str) -> str:
+        """The operator's command, run as written in the README's operations section."""
+        result = subprocess.run(
+            [sys.executable, "-m", "flask", "--app", "tests.example_host.sqlsite:create_app()",
+             "chatkit", *args],
+            cwd=ROOT, env={**site_env(chatkit_model, tmp_path), **limits},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    with served_site(chatkit_model, tmp_path, workers=2, **limits) as base:
+        both_workers_answer(base)
+        ada = browser()
+        assert ada.post(base + "/login", data={"email": "ada@example.com"}).ok
+        outcomes = []
+        for n in range(4):
+            body = {"type": "threads.create", "params": {"input": user_input(f"question {n}")}}
+            events = sse_events(ada.post(base + URL, json=body, timeout=30).content)
+            outcomes.append(events[0]["type"])
+        assert outcomes == ["thread.created"] * 3 + ["error"]  # one limit for both workers
+        assert "messages 3 per 1 minute: 0 of 3 remaining (3 used" in (
+            flask_chatkit("usage", "--user", "1")
+        )
+        assert "(1 had been used)" in flask_chatkit("reset", "--user", "1")
+        assert "messages 3 per 1 minute: 3 of 3 remaining (0 used)" in (
+            flask_chatkit("usage", "--user", "1")
+        )
+        body = {"type": "threads.create", "params": {"input": user_input("after the reset")}}
+        events = sse_events(ada.post(base + URL, json=body, timeout=30).content)
+        assert events[0]["type"] == "thread.created"
 
 
 def wait_until_up(url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:

@@ -10,6 +10,7 @@ test config is given, e.g. under gunicorn::
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from flask import Flask, jsonify
@@ -68,8 +69,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
         @app.get("/_pool")
         def pool_status() -> Any:
-            """Connections the database pool has handed out and not had back (tests)."""
-            return jsonify(checked_out=db.engine.pool.checkedout())
+            """Connections the database pool has handed out and not had back, and which worker
+            process answers (tests)."""
+            return jsonify(checked_out=db.engine.pool.checkedout(), worker=os.getpid())
 
     with app.app_context():
         seed()
