@@ -39,6 +39,7 @@ import redis
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
+from flask_limiter.commands import cli as limiter_cli
 
 from chatkit_flask.identity import hash_id
 from chatkit_flask.testing import TEST_API_KEY, chatkit_test_config
@@ -237,6 +238,13 @@ def test_the_sites_default_limits_do_not_throttle_the_chats_routes(
     replies = [send(client, f"message {n}")[0]["type"] for n in range(6)]
     assert replies == ["thread.created"] * 5 + ["error"]  # the chat's own limit, not the site's
     assert client.get("/").status_code == 429
+    # What the operator is shown: the site's default, and the chat's routes exempt from it.
+    assert "host default: 2 per 1 hour (not on the chat's routes: " in (
+        chatkit_command(site, "limits")
+    )
+    shown = site.test_cli_runner().invoke(limiter_cli, ["limits"]).output
+    routes = shown.split("chatkit.config", 1)[1].split("auth", 1)[0]
+    assert "Exempt" in routes and "2 per 1 hour" not in routes
 
 
 def test_log_out_hides_the_anonymous_visitors_threads(make_site: Callable[..., Flask]) -> None:
