@@ -35,7 +35,9 @@ def fake_cli() -> Iterator[Callable[..., str]]:
         assert process.stdout is not None
         line = process.stdout.readline()  # blocks until it listens (or exits)
         found = re.search(r"listening on (http://\S+/v1)", line)
-        assert found, line + process.stdout.read()
+        if not found:  # its first line must say where it listens; never wait for more
+            process.kill()
+            raise AssertionError(line + process.stdout.read())
         return found.group(1)
 
     yield start

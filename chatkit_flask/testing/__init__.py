@@ -22,12 +22,25 @@ import atexit
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 
 from .fake_chatkit import Behaviour, FakeChatKit
-from .fake_responses import FakeResponses  # stdlib only: a hosted site can import it too
+
+if TYPE_CHECKING:
+    from .fake_responses import FakeResponses
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, not with the package: `python -m chatkit_flask.testing.fake_responses`
+    # (the fake's CLI) would otherwise find its own module imported before it runs, and Python
+    # prints a RuntimeWarning before the CLI's first line.
+    if name == "FakeResponses":
+        from .fake_responses import FakeResponses
+
+        return FakeResponses
+    raise AttributeError(name)
 
 __all__ = [
     "TEST_API_KEY",
@@ -61,6 +74,8 @@ def chatkit_test_config(
         "RATELIMIT_ENABLED": False,
         "RATELIMIT_STORAGE_URI": "memory://",
     }
+    from .fake_responses import FakeResponses
+
     if isinstance(fake, FakeResponses):
         config["CHATKIT_BACKEND"] = "server"
         config["OPENAI_BASE_URL"] = fake.base_url
