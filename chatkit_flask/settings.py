@@ -284,16 +284,18 @@ _OPTION_LIST = [
     ),
     Option(
         "CHATKIT_BACKEND",
-        "hosted",
+        "server",
         _choice("hosted", "server"),
-        "hosted: mint client secrets for an Agent Builder workflow; server: serve the ChatKit "
-        "protocol here with an Agents SDK agent.",
+        "server: serve the ChatKit protocol here with an Agents SDK agent; hosted: mint client "
+        "secrets for an Agent Builder workflow (shut down 2026-11-30). Unset: server, or hosted "
+        "when CHATKIT_WORKFLOW_ID is set.",
     ),
     Option(
         "CHATKIT_WORKFLOW_ID",
         None,
         _token,
-        "Agent Builder workflow id (wf_...); required in hosted mode.",
+        "Hosted mode: Agent Builder workflow id (wf_...); required there, and it implies "
+        "hosted mode when CHATKIT_BACKEND is unset.",
     ),
     Option(
         "CHATKIT_ALLOWED_WORKFLOWS",
@@ -487,7 +489,8 @@ _OPTION_LIST = [
         "CHATKIT_AGENT_INSTRUCTIONS",
         "@instructions.md",
         _as_str,
-        "Server mode: the plain agent's instructions, inline or @file (relative to config/).",
+        "Server mode: the plain agent's instructions, inline or @file (looked up in the app's "
+        "instance folder, the service's config/, then the package's default).",
     ),
     Option(
         "CHATKIT_HISTORY_ITEMS",
@@ -515,10 +518,11 @@ _OPTION_LIST = [
     ),
     Option(
         "CHATKIT_STORE_URL",
-        "sqlite:///var/chatkit-threads.db",
+        None,
         _store_url,
         "Server mode: where threads live: sqlite:///path (one host) or redis://host/db "
-        "(several hosts; keys must not be evicted).",
+        "(several hosts; keys must not be evicted). Unset: chatkit-threads.db in the app's "
+        "instance folder (the service: var/; docker-compose.yml: the chat_data volume).",
     ),
     Option(
         "CHATKIT_THREAD_TTL",
@@ -608,6 +612,7 @@ class Settings:
     """The validated configuration the extension runs with."""
 
     backend: str
+    backend_reason: str
     api_key: str
     secret_key: str
     secret_key_fallbacks: tuple[str, ...]
@@ -648,7 +653,7 @@ class Settings:
     openai_base_url: str | None
     agent_tracing: bool
     model_timeout: float
-    store_url: str
+    store_url: str | None
     thread_ttl: int
     limit_requests_per_ip: str
     tokens_per_user: str
@@ -667,6 +672,8 @@ class Settings:
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
         """Parse and check ``config`` (a Flask ``app.config`` or any mapping of key to value)."""
         v = {name: _read(config, name) for name in OPTIONS}
+        backend, backend_reason = _choose_backend(config, v)
+        v["CHATKIT_BACKEND"] = backend
         _check_secret_key(v["SECRET_KEY"], config)
         if v["CHATKIT_COOKIE_NAME"].startswith(("__Host-", "__Secure-")) and not v[
             "CHATKIT_COOKIE_SECURE"
@@ -689,7 +696,8 @@ class Settings:
         if isinstance(fallbacks, str):
             fallbacks = _list("SECRET_KEY_FALLBACKS", fallbacks)
         return cls(
-            backend=v["CHATKIT_BACKEND"],
+            backend=backend,
+            backend_reason=backend_reason,
             api_key=v["OPENAI_API_KEY"],
             secret_key=v["SECRET_KEY"],
             secret_key_fallbacks=tuple(str(key) for key in fallbacks),
@@ -745,6 +753,16 @@ class Settings:
             headers_enabled=v["RATELIMIT_HEADERS_ENABLED"],
             key_prefix=v["RATELIMIT_KEY_PREFIX"] or "",
         )
+
+
+def _choose_backend(config: Mapping[str, Any], v: Mapping[str, Any]) -> tuple[str, str]:
+    """The backend and why, for the start-up log line. A workflow id with no backend named keeps
+    a hosted site that predates server mode (it never set CHATKIT_BACKEND) on hosted mode."""
+    if not _blank(config.get("CHATKIT_BACKEND")):
+        return v["CHATKIT_BACKEND"], "CHATKIT_BACKEND is set"
+    if v["CHATKIT_WORKFLOW_ID"]:
+        return "hosted", "CHATKIT_BACKEND is unset and CHATKIT_WORKFLOW_ID is set"
+    return "server", "the default: CHATKIT_BACKEND and CHATKIT_WORKFLOW_ID are unset"
 
 
 def _chatkit_configuration(v: Mapping[str, Any]) -> dict[str, Any] | None:
