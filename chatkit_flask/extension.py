@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,8 @@ from .upstream import ChatKitClient
 from .web import BLUEPRINT_NAME
 
 __all__ = ["ChatKit", "ChatKitState"]
+
+log = logging.getLogger("chatkit_flask")
 
 UserLoader = Callable[[], Any]
 
@@ -71,7 +74,7 @@ class ChatKit:
         if settings.backend == "server":  # imports the ChatKit and Agents SDKs
             from .server.views import create_runtime, make_server_blueprint
 
-            server = create_runtime(settings, lambda: limiter_cell[0])
+            server = create_runtime(settings, lambda: limiter_cell[0], app.instance_path)
         else:
             client = self._client or ChatKitClient(
                 settings.api_key,
@@ -97,6 +100,7 @@ class ChatKit:
             server=server,
         )
         app.extensions["chatkit"] = state
+        log.info("chatkit_flask: %s backend (%s)", settings.backend, settings.backend_reason)
         if server is not None:
             app.register_blueprint(make_server_blueprint(state))
         else:

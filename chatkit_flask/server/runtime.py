@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from ..settings import Settings
-from .agent import ModelClient, build_plain_agent, load_agent_spec
+from ..settings import ConfigError, Settings
+from .agent import ModelClient, build_plain_agent, instruction_dirs, load_agent_spec
 from .bridge import AsyncBridge
 from .budget import TokenBudget
 from .context import RequestContext
@@ -18,7 +19,10 @@ from .protocol import FlaskChatKitServer, TokenUsage
 from .slots import StreamSlots
 from .store import OwnerScopedStore, open_store
 
-__all__ = ["ServerRuntime"]
+__all__ = ["DEFAULT_STORE_FILE", "ServerRuntime", "default_store_url"]
+
+# The thread store when CHATKIT_STORE_URL is unset: a SQLite file in the app's instance folder.
+DEFAULT_STORE_FILE = "chatkit-threads.db"
 
 log = logging.getLogger("chatkit_flask")
 
@@ -27,16 +31,22 @@ class ServerRuntime:
     """Server mode's long-lived parts. Loop-bound clients (the model client, the Redis store's
     client) are made on the bridge's loop, once per worker process."""
 
-    def __init__(self, settings: Settings, limiter_storage: Callable[[], Any]) -> None:
+    def __init__(
+        self, settings: Settings, limiter_storage: Callable[[], Any], instance_path: str
+    ) -> None:
         self.settings = settings
         self.bridge = AsyncBridge()
         self.store: OwnerScopedStore = open_store(
-            settings.store_url, thread_ttl=settings.thread_ttl
+            settings.store_url or default_store_url(instance_path), thread_ttl=settings.thread_ttl
         )
         agent = (
             load_agent_spec(settings.agent)
             if settings.agent
-            else build_plain_agent(settings.agent_model, settings.agent_instructions)
+            else build_plain_agent(
+                settings.agent_model,
+                settings.agent_instructions,
+                instruction_dirs(instance_path),
+            )
         )
         if settings.agent_tracing:
             from agents import set_tracing_export_api_key
@@ -77,3 +87,19 @@ class ServerRuntime:
                 hook(context, usage)
             except Exception:  # a hook must never break the answer
                 log.exception("chatkit_flask: usage hook failed")
+
+
+def default_store_url(instance_path: str) -> str:
+    """``sqlite:///<instance folder>/chatkit-threads.db``, the folder created if missing (Flask
+    leaves that to the app): a host app's threads live with its other files, whatever the
+    working directory of the process."""
+    folder = Path(instance_path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            "CHATKIT_STORE_URL",
+            f"is unset, so threads go to the instance folder {folder}, which cannot be created "
+            f"({exc.strerror}); set CHATKIT_STORE_URL or the app's instance_path",
+        ) from None
+    return f"sqlite:///{(folder / DEFAULT_STORE_FILE).resolve()}"

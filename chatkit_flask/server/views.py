@@ -35,6 +35,7 @@ from .context import RequestContext
 from .endpoint import STREAM_HEADERS, handle, stream_outcome
 from .protocol import RequestRefused, calls_model, streams
 from .runtime import ServerRuntime
+from .workers import check_gunicorn_worker
 
 if TYPE_CHECKING:
     from ..state import ChatKitState
@@ -59,10 +60,14 @@ _LIMIT_MESSAGES = {
 }
 
 
-def create_runtime(settings: Settings, limiter: Callable[[], Limiter]) -> ServerRuntime:
+def create_runtime(
+    settings: Settings, limiter: Callable[[], Limiter], instance_path: str
+) -> ServerRuntime:
     """Build server mode's parts (raises ``ConfigError`` naming the key); ``limiter`` gives
-    the limiter once it exists (the stream slots count in its storage)."""
-    return ServerRuntime(settings, lambda: active_storage(limiter()))
+    the limiter once it exists (the stream slots count in its storage); ``instance_path`` is
+    the app's instance folder (the default thread store, ``@file`` instructions)."""
+    check_gunicorn_worker()
+    return ServerRuntime(settings, lambda: active_storage(limiter()), instance_path)
 
 
 def _is_read() -> bool:
