@@ -25,7 +25,7 @@ from limits import RateLimitItem, parse_many
 from .identity import client_network, hash_id
 from .limits import STORAGE_ERRORS, counter_args, describe, storage_of
 from .sanitize import escape_control, mask_url, redact_credentials
-from .settings import OPTIONS, ConfigError, _read
+from .settings import OPTIONS, ConfigError, _read, backend_of, options_in_reading_order
 from .upstream import (
     UpstreamBusy,
     UpstreamError,
@@ -107,8 +107,15 @@ def check_command(live: bool) -> None:
     settings = state.settings
     failures = 0
 
+    _echo(f"Backend: {settings.backend} ({settings.backend_reason})")
     _echo("Configuration (validated at start-up):")
-    for name in OPTIONS:
+    other = "hosted" if settings.backend == "server" else "server"
+    unused = []
+    for option in options_in_reading_order():
+        name = option.name
+        if backend_of(name) == other:
+            unused.append(name)
+            continue
         try:
             value = _read(current_app.config, name)
         except ConfigError as exc:  # cannot normally happen: the app would not have started
@@ -116,6 +123,7 @@ def check_command(live: bool) -> None:
             failures += 1
             continue
         _echo(f"  {name} = {_shown(name, value)}")
+    _echo(f"  (not read in {settings.backend} mode: {', '.join(unused)})")
 
     _echo("Limiter storage (Flask-Limiter's):")
     real = describe(state.limiter, current_app)
@@ -135,7 +143,10 @@ def check_command(live: bool) -> None:
         _fail(f"cannot reach the limiter storage at {uri} (RATELIMIT_STORAGE_URI)")
         failures += 1
 
-    if live:
+    if settings.backend == "server":
+        # --live mints a hosted-mode session; server mode has no such call to try.
+        _echo("Model: not contacted (server mode: send a message from the demo page to try it)")
+    elif live:
         _echo(f"Upstream ({settings.api_base}):")
         failures += _check_live(state)
     else:

@@ -19,7 +19,16 @@ from limits.storage import SCHEMES
 
 from .sanitize import mask_url
 
-__all__ = ["OPTIONS", "ConfigError", "Option", "Settings", "load_config", "read_env_file"]
+__all__ = [
+    "OPTIONS",
+    "ConfigError",
+    "Option",
+    "Settings",
+    "backend_of",
+    "load_config",
+    "options_in_reading_order",
+    "read_env_file",
+]
 
 
 class ConfigError(ValueError):
@@ -408,27 +417,29 @@ _OPTION_LIST = [
         "CHATKIT_RATELIMIT_PER_USER",
         "10 per minute;100 per day",
         _limit,
-        "Mints per visitor or signed-in user; 'off' turns it off, empty means the default.",
+        "Per visitor or signed-in user: messages in server mode, mints in hosted mode; 'off' "
+        "turns it off, empty means the default.",
     ),
     Option(
         "CHATKIT_RATELIMIT_PER_IP",
         "30 per minute;500 per day",
         _limit,
-        "Mints per client IP (IPv6: per prefix, see CHATKIT_IPV6_PREFIX); 'off' turns it off.",
+        "Per client IP (IPv6: per prefix, see CHATKIT_IPV6_PREFIX): messages in server mode, "
+        "mints in hosted mode; 'off' turns it off.",
     ),
     Option(
         "CHATKIT_RATELIMIT_PER_IPV6_48",
         "60 per minute;2000 per day",
         _limit,
-        "Mints per IPv6 /48 (all its /64s together; IPv4 clients are not counted); 'off' turns "
-        "it off.",
+        "Per IPv6 /48 (all its /64s together; IPv4 clients are not counted): messages in server "
+        "mode, mints in hosted mode; 'off' turns it off.",
     ),
     Option(
         "CHATKIT_RATELIMIT_GLOBAL",
         "2000 per day",
         _limit,
-        "Site-wide cap on mints (server mode: messages), a ceiling on the day's model spend; "
-        "'off': none.",
+        "Site-wide cap, a ceiling on the day's model spend: messages in server mode, mints in "
+        "hosted mode; 'off': none.",
     ),
     Option(
         "CHATKIT_REDIS_TIMEOUT",
@@ -593,6 +604,65 @@ _OPTION_LIST = [
 ]
 
 OPTIONS: dict[str, Option] = {option.name: option for option in _OPTION_LIST}
+
+# Which backend reads a key (any other key serves both): the README's table and `flask chatkit
+# check` show the required keys and server mode's first, hosted mode's last.
+_HOSTED_KEYS = frozenset(
+    {
+        "CHATKIT_WORKFLOW_ID",
+        "CHATKIT_ALLOWED_WORKFLOWS",
+        "CHATKIT_WORKFLOW_VERSION",
+        "CHATKIT_API_BASE",
+        "CHATKIT_SESSION_TTL",
+        "CHATKIT_UPSTREAM_TIMEOUT",
+        "CHATKIT_UPSTREAM_RETRIES",
+        "CHATKIT_BREAKER_FAILURES",
+        "CHATKIT_BREAKER_COOLDOWN",
+        "CHATKIT_SESSION_RATE_LIMIT",
+        "CHATKIT_FILE_UPLOAD_ENABLED",
+        "CHATKIT_FILE_UPLOAD_MAX_FILES",
+        "CHATKIT_FILE_UPLOAD_MAX_FILE_SIZE",
+        "CHATKIT_HISTORY_ENABLED",
+        "CHATKIT_HISTORY_RECENT_THREADS",
+        "CHATKIT_THREAD_TITLING_ENABLED",
+    }
+)
+_SERVER_KEYS = frozenset(
+    {
+        "CHATKIT_DOMAIN_KEY",
+        "CHATKIT_AGENT",
+        "CHATKIT_AGENT_MODEL",
+        "CHATKIT_AGENT_INSTRUCTIONS",
+        "CHATKIT_HISTORY_ITEMS",
+        "OPENAI_BASE_URL",
+        "CHATKIT_AGENT_TRACING",
+        "CHATKIT_MODEL_TIMEOUT",
+        "CHATKIT_STORE_URL",
+        "CHATKIT_THREAD_TTL",
+        "CHATKIT_RATELIMIT_REQUESTS_PER_IP",
+        "CHATKIT_TOKENS_PER_USER",
+        "CHATKIT_TOKENS_GLOBAL",
+        "CHATKIT_MAX_STREAMS_PER_USER",
+        "CHATKIT_MAX_INPUT_CHARS",
+    }
+)
+
+
+def backend_of(name: str) -> str:
+    """``"server"`` or ``"hosted"`` for a key only that backend reads, ``""`` for a shared one."""
+    return "hosted" if name in _HOSTED_KEYS else "server" if name in _SERVER_KEYS else ""
+
+
+def options_in_reading_order() -> list[Option]:
+    """Every option, as a newcomer should meet them: the required keys and CHATKIT_BACKEND,
+    then server mode's keys, the shared ones, and hosted mode's last."""
+    rank = {"server": 1, "": 2, "hosted": 3}
+
+    def place(option: Option) -> int:
+        first = option.required or option.name == "CHATKIT_BACKEND"
+        return 0 if first else rank[backend_of(option.name)]
+
+    return sorted(OPTIONS.values(), key=place)  # stable: file order within a group
 
 
 def _read(config: Mapping[str, Any], name: str) -> Any:
@@ -856,8 +926,8 @@ def load_config(
 
 def markdown_table() -> str:
     """The configuration table of the README, generated from ``OPTIONS``."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-    for option in OPTIONS.values():
+    rows = ["| key | backend | default | meaning |", "|---|---|---|---|"]
+    for option in options_in_reading_order():
         if option.required:
             default = "**required**"
         elif _blank(option.default):
@@ -866,6 +936,6 @@ def markdown_table() -> str:
             default = f"`{str(option.default).lower()}`"
         else:
             default = f"`{option.default}`"
-        rows.append(f"| `{option.name}` | {default} | {option.help} |")
+        backend = backend_of(option.name) or "both"
+        rows.append(f"| `{option.name}` | {backend} | {default} | {option.help} |")
     return "\n".join(rows)
-
