@@ -281,7 +281,13 @@ class Option:
 
 _OPTION_LIST = [
     Option(
-        "OPENAI_API_KEY", None, _as_str, "OpenAI API key of the workflow's project.", True, True
+        "OPENAI_API_KEY",
+        None,
+        _as_str,
+        "OpenAI API key: server mode calls the model with it, hosted mode mints with it (a key of "
+        "the workflow's project).",
+        True,
+        True,
     ),
     Option("SECRET_KEY", None, _as_str, "Flask secret key; signs the visitor cookie.", True, True),
     Option(
