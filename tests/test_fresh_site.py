@@ -297,3 +297,37 @@ def test_gunicorn_with_gthread_workers_serves_server_mode(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.mark.slow
+def test_the_offline_demo_runs_server_mode_by_default(tmp_path: Path) -> None:
+    """`python -m chatkit_flask.demo` with no flag: a chat with the fake model, no key."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATKIT_", "OPENAI_"))}
+    env["OPENAI_AGENTS_DISABLE_TRACING"] = "1"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatkit_flask.demo", "--port", str(port), "--token-delay", "0"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 40
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            try:
+                config = requests.get(base + "/api/chatkit/config", timeout=5)
+                break
+            except requests.RequestException:
+                assert time.monotonic() < deadline, "the demo did not start"
+                time.sleep(0.2)
+        assert config.json()["backend"] == "server"
+        body = {"type": "threads.create", "params": {"input": user_input("demo default")}}
+        reply = requests.post(base + "/api/chatkit", json=body, timeout=30)
+        assert "demo default" in str(sse_events(reply.content))
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
