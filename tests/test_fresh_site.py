@@ -127,20 +127,21 @@ def test_a_missing_instructions_file_names_every_place_it_looked(
         assert str(folder / "voice.md") in message, message
 
 
-def test_start_up_says_which_backend_runs_and_why(
-    fake: FakeResponses, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_start_up_says_which_backend_runs_and_why(fake: FakeResponses, tmp_path: Path) -> None:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
     logger = logging.getLogger("chatkit_flask")
-    monkey = pytest.MonkeyPatch()
-    monkey.setattr(logger, "propagate", True)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
-        with caplog.at_level(logging.INFO, logger="chatkit_flask"):
-            close(host_app(tmp_path / "a", two_keys(fake)))
-            hosted = two_keys(fake, CHATKIT_WORKFLOW_ID="wf_legacy_site")
-            host_app(tmp_path / "b", hosted)
+        close(host_app(tmp_path / "a", two_keys(fake)))
+        host_app(tmp_path / "b", two_keys(fake, CHATKIT_WORKFLOW_ID="wf_legacy_site"))
     finally:
-        monkey.undo()
-    lines = [r.getMessage() for r in caplog.records if "backend" in r.getMessage()]
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [r.getMessage() for r in records if " backend (" in r.getMessage()]
     assert lines == [
         "chatkit_flask: server backend (the default: CHATKIT_BACKEND and CHATKIT_WORKFLOW_ID "
         "are unset)",
