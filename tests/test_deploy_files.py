@@ -571,6 +571,7 @@ def test_compose_starts_from_a_env_with_only_the_two_keys(tmp_path):
     app_env = env_mapping(app)
     assert "CHATKIT_BACKEND" not in app_env and "CHATKIT_WORKFLOW_ID" not in app_env
     assert app_env["CHATKIT_STORE_URL"] == "sqlite:////data/chatkit-threads.db"
+    assert app_env["HOST"] == "0.0.0.0"  # the proxy reaches gunicorn over the network
     assert urlsplit(app_env["RATELIMIT_STORAGE_URI"]).password in (None, "")
     args = command_args(redis)
     assert args[args.index("--requirepass") + 1] == ""
@@ -1087,3 +1088,14 @@ def test_the_image_puts_the_sites_agent_module_on_the_import_path(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("Site agent")
+
+
+def test_the_images_instance_folder_is_the_data_volume():
+    """With CHATKIT_STORE_URL unset (plain `docker run`), threads land on /data, the only
+    writable place: the service's instance folder is <project>/var, which the image links there."""
+    from chatkit_flask.service import SERVICE_INSTANCE_DIR
+
+    assert SERVICE_INSTANCE_DIR == ROOT / "var"
+    workdir = [args for kw, args in dockerfile_instructions() if kw == "WORKDIR"][-1]
+    run = " ".join(args for kw, args in dockerfile_instructions() if kw == "RUN")
+    assert f"ln -s /data {workdir}/var" in run
