@@ -71,7 +71,10 @@ class ChatKit:
         _check_no_clash(app, settings)
         limiter_cell: list[Limiter] = []
         server = client = None
-        if settings.backend == "server":  # imports the ChatKit and Agents SDKs
+        if settings.backend == "server":
+            from .server.workers import check_gunicorn_worker
+
+            check_gunicorn_worker()  # before the slow import of the ChatKit and Agents SDKs
             from .server.views import create_runtime, make_server_blueprint
 
             server = create_runtime(settings, lambda: limiter_cell[0], app.instance_path)

@@ -288,7 +288,12 @@ def when_ready(server):
             from chatkit_flask.service import service_config
             from chatkit_flask.settings import ConfigError, Settings
 
-            Settings.from_mapping(service_config())
+            if Settings.from_mapping(service_config()).backend == "server":
+                # GUNICORN_WORKER_CLASS=sync would kill long replies: refuse it here, once,
+                # rather than in every worker (chatkit_flask/server/workers.py).
+                from chatkit_flask.server.workers import check_gunicorn_worker
+
+                check_gunicorn_worker()
         except ConfigError as error:
             sys.stderr.write(f"chatkit-flask: configuration error: {error}\n")
             code = 4

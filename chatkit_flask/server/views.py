@@ -35,7 +35,6 @@ from .context import RequestContext
 from .endpoint import STREAM_HEADERS, handle, stream_outcome
 from .protocol import RequestRefused, calls_model, streams
 from .runtime import ServerRuntime
-from .workers import check_gunicorn_worker
 
 if TYPE_CHECKING:
     from ..state import ChatKitState
@@ -66,7 +65,6 @@ def create_runtime(
     """Build server mode's parts (raises ``ConfigError`` naming the key); ``limiter`` gives
     the limiter once it exists (the stream slots count in its storage); ``instance_path`` is
     the app's instance folder (the default thread store, ``@file`` instructions)."""
-    check_gunicorn_worker()
     return ServerRuntime(settings, lambda: active_storage(limiter()), instance_path)
 
 
