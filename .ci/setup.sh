@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared set-up: a virtualenv with the pinned requirements, and a Redis that answers.
+# Shared set-up: a virtualenv with the pinned requirements and the redis-server binary.
 # Idempotent; sourced by .ci/run and bin/serve.
 set -euo pipefail
 
@@ -17,21 +17,23 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-redis_answers() {
-  if command -v redis-cli >/dev/null 2>&1; then
-    redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG
-  else
-    .venv/bin/python -c "import redis,sys; sys.exit(0 if redis.Redis(socket_timeout=1).ping() else 1)" 2>/dev/null
-  fi
+# The tests and the bench start their own redis-server on a free port: the binary is all they need.
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "== installing redis-server"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+
+# For bin/serve only (the tests never use it): a Redis answering on 127.0.0.1:6379, started when
+# none does.
+local_redis_answers() {
+  redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG
 }
 
-if ! redis_answers; then
-  if ! command -v redis-server >/dev/null 2>&1; then
-    echo "== installing redis-server"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-  fi
+ensure_local_redis() {
+  if local_redis_answers; then return 0; fi
   echo "== starting redis-server on 127.0.0.1:6379"
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no
-  for _ in $(seq 1 50); do redis_answers && break; sleep 0.1; done
-  redis_answers || { echo "Redis does not answer on 127.0.0.1:6379" >&2; exit 1; }
-fi
+  for _ in $(seq 1 50); do local_redis_answers && return 0; sleep 0.1; done
+  echo "Redis does not answer on 127.0.0.1:6379" >&2
+  return 1
+}

@@ -9,9 +9,10 @@ What it does, all on loopback:
 
 1. starts the fake ChatKit API (``python -m chatkit_flask.testing.fake_chatkit``) with
    ``--latency``;
-2. starts Redis if ``redis-cli ping`` fails, flushes the bench db (14) before each variant, and
-   starts the service exactly as deployed: ``gunicorn -c config/gunicorn.conf.py wsgi:app`` with
-   ``RATELIMIT_STORAGE_URI=redis://127.0.0.1:6379/14`` and per-visitor and per-IP limits on (high
+2. starts its own ``redis-server`` on a free port (``--redis-port PORT`` uses a Redis you run
+   instead), flushes the bench db (14) before each variant, and starts the service exactly as
+   deployed: ``gunicorn -c config/gunicorn.conf.py wsgi:app`` with
+   ``RATELIMIT_STORAGE_URI=redis://127.0.0.1:PORT/14`` and per-visitor and per-IP limits on (high
    enough never to reject, except in the ``limited`` variant, where every request is over the
    visitor's limit);
 3. drives ``--connections`` keep-alive connections for ``--duration`` seconds with ``wrk`` (a Lua
@@ -55,6 +56,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from chatkit_flask.testing.redis_server import RedisServer, RedisServerMissing  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 BIN = Path(sys.executable).parent
 API_KEY = "sk-bench"
@@ -166,33 +171,21 @@ def redis_cmd(port: int, *args: str, db: int | None = None) -> str:
     ).stdout.strip()
 
 
-def ensure_redis(port: int) -> None:
+def bench_redis(port: int | None) -> RedisServer | None:
+    """The bench's Redis: a private ``redis-server`` on a free port (returned, for the caller to
+    stop), or with ``--redis-port`` a server the user runs, which must answer (None)."""
     if shutil.which("redis-cli") is None:
-        raise SystemExit("redis-cli not found: install redis-server (apt-get install redis-server)")
-    if redis_cmd(port, "ping") == "PONG":
-        return
-    subprocess.run(
-        [
-            "redis-server",
-            "--daemonize",
-            "yes",
-            "--bind",
-            "127.0.0.1",
-            "-::1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        check=True,
-    )
-    for _ in range(50):
-        if redis_cmd(port, "ping") == "PONG":
-            return
-        time.sleep(0.1)
-    raise SystemExit("redis-server did not start")
+        raise SystemExit(str(RedisServerMissing("redis-cli")))
+    if port is not None:
+        if redis_cmd(port, "ping") != "PONG":
+            raise SystemExit(f"no Redis answers on 127.0.0.1:{port} (--redis-port)")
+        return None
+    server = RedisServer()
+    try:
+        server.start()
+    except RedisServerMissing as missing:
+        raise SystemExit(str(missing)) from None
+    return server
 
 
 def redis_pid(port: int) -> int | None:
@@ -812,7 +805,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="extra service setting"
     )
-    parser.add_argument("--redis-port", type=int, default=6379)
+    parser.add_argument(
+        "--redis-port",
+        type=int,
+        help="use the Redis on 127.0.0.1:PORT (its --redis-db is flushed) instead of starting one",
+    )
     parser.add_argument("--redis-db", type=int, default=14)
     parser.add_argument("--label", default="", help="a note stored in the JSON")
     parser.add_argument(
@@ -828,7 +825,9 @@ def main(argv: list[str] | None = None) -> int:
         args.client = "wrk" if shutil.which("wrk") else "asyncio"
     variants = ["returning", "new", "limited"] if args.variant == "all" else [args.variant]
 
-    ensure_redis(args.redis_port)
+    own_redis = bench_redis(args.redis_port)
+    if own_redis is not None:
+        args.redis_port = own_redis.port
     workdir = Path(tempfile.mkdtemp(prefix="chatkit-bench-"))
     upstream_port = free_port()
     upstream = subprocess.Popen(
@@ -861,7 +860,10 @@ def main(argv: list[str] | None = None) -> int:
                 cwd=ROOT, capture_output=True, check=False,
             )  # fmt: skip
         stop(upstream)
-        redis_cmd(args.redis_port, "flushdb", db=args.redis_db)
+        if own_redis is not None:
+            own_redis.stop()
+        else:
+            redis_cmd(args.redis_port, "flushdb", db=args.redis_db)
         if not args.keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
 

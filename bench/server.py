@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from run import ensure_redis, machine, machine_jiffies, redis_cmd
+from run import bench_redis, machine, machine_jiffies, redis_cmd
 from servers import Served, fake_model, official_server, official_venv, our_server
 from sse_load import Target, get_cookies, percentile, run_load
 
@@ -225,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra setting for our service (e.g. GUNICORN_THREADS=128)",
     )
-    p.add_argument("--redis-port", type=int, default=6379)
+    p.add_argument(
+        "--redis-port",
+        type=int,
+        help="use the Redis on 127.0.0.1:PORT (dbs 3 and 6 flushed) instead of starting one",
+    )
     p.add_argument("--label", default="")
     p.add_argument("--no-json", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
@@ -233,8 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.official_repo is None:
         p.error("--official-repo is required: a git dir of openai/openai-chatkit-advanced-samples")
 
-    ensure_redis(args.redis_port)
-    redis = f"redis://127.0.0.1:{args.redis_port}"
     workdir = Path(tempfile.mkdtemp(prefix="chatkit-bench-server-"))
     python = official_venv(args.official_venv, workdir)
     levels = [int(c) for c in args.concurrency.split(",") if c]
@@ -255,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         for db in (LIMITS_DB, STORE_DB):
             redis_cmd(args.redis_port, "flushdb", db=db)
 
+    own_redis = bench_redis(args.redis_port)
+    if own_redis is not None:
+        args.redis_port = own_redis.port
+    redis = f"redis://127.0.0.1:{args.redis_port}"
     try:
         flush()
         fake = fake_model(args.token_delay, workdir)
@@ -324,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in reversed(servers):
             s.stop()
-        flush()
+        if own_redis is not None:
+            own_redis.stop()
+        else:
+            flush()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:

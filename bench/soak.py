@@ -17,7 +17,8 @@ Prints a summary and exits 1 on any violation::
     .venv/bin/python bench/soak.py                      # ~6,000 mints, 64 concurrent clients
     .venv/bin/python bench/soak.py --repeat 3           # three rounds on the same workers
 
-Uses its own Redis database (``--redis-url``, default db 13), flushed at the start and the end.
+Starts its own ``redis-server`` on a free port and stops it at the end; ``--redis-url URL`` uses a
+Redis you run instead (that database is flushed at the start and the end).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from chatkit_flask.identity import VisitorCookie  # noqa: E402
 from chatkit_flask.testing.fake_chatkit import FakeChatKit  # noqa: E402
+from chatkit_flask.testing.redis_server import RedisServer  # noqa: E402
 
 API_KEY = "soak-openai-key-not-real"
 SECRET_KEY = "soak-secret-key-for-visitor-cookies"
@@ -106,7 +108,9 @@ def build_plan(args: argparse.Namespace, round_no: int) -> tuple[list[Request], 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/13")
+    parser.add_argument(
+        "--redis-url", help="a Redis database you run (flushed) instead of a private redis-server"
+    )
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=64)
@@ -123,6 +127,10 @@ def main() -> int:
     parser.add_argument("--rss-slack-kib", type=int, default=8192)
     args = parser.parse_args()
 
+    own_redis = RedisServer() if args.redis_url is None else None
+    if own_redis is not None:
+        own_redis.start()
+        args.redis_url = own_redis.url(13)
     store = redis.Redis.from_url(args.redis_url)
     store.flushdb()
     upstream = FakeChatKit(latency=args.latency, api_key=API_KEY).start()
@@ -259,6 +267,9 @@ def main() -> int:
             master.kill()
         upstream.stop()
         store.flushdb()
+        store.close()
+        if own_redis is not None:
+            own_redis.stop()
 
     total = sum(totals.values())
     durations = sorted(all_durations)

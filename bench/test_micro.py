@@ -14,10 +14,14 @@ CPU per request of one case (A/B of a setting), and a pyinstrument profile::
     .venv/bin/python bench/test_micro.py cpu returning redis RATELIMIT_HEADERS_ENABLED=false
 
     .venv/bin/python bench/test_micro.py [returning|new|limited] [requests] [redis|fakeredis]
+
+``redis`` is a private ``redis-server`` started on a free port (``CHATKIT_BENCH_REDIS_URL`` names
+a Redis you run instead; its database is flushed).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -34,6 +38,7 @@ from flask.testing import FlaskClient
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatkit_flask.service import create_app
+from chatkit_flask.testing.redis_server import RedisServer, RedisServerMissing
 from chatkit_flask.upstream import ChatKitSession
 
 HIGH = "1000000 per minute;1000000 per day"
@@ -56,17 +61,35 @@ class StubClient:
         )
 
 
-REDIS_URL = os.environ.get("CHATKIT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+_own_redis: list[RedisServer] = []  # started on first use, stopped at exit
+
+
+def redis_url() -> str:
+    """``CHATKIT_BENCH_REDIS_URL`` (a Redis you run; that database is flushed), else db 14 of a
+    private ``redis-server`` this process starts."""
+    explicit = os.environ.get("CHATKIT_BENCH_REDIS_URL")
+    if explicit:
+        return explicit
+    if not _own_redis:
+        server = RedisServer()
+        try:
+            server.start()
+        except RedisServerMissing as missing:
+            pytest.skip(str(missing))
+        atexit.register(server.stop)
+        _own_redis.append(server)
+    return _own_redis[0].url(14)
 
 
 def storage_config(storage: str) -> dict[str, Any]:
-    """fakeredis in process (the brief's default), or the real Redis bench db (emptied)."""
+    """fakeredis in process (the brief's default), or a real Redis's bench db (emptied)."""
     if storage == "redis":
+        url = redis_url()
         try:
-            redis.Redis.from_url(REDIS_URL, socket_timeout=1).flushdb()
+            redis.Redis.from_url(url, socket_timeout=1).flushdb()
         except redis.RedisError:
-            pytest.skip(f"Redis at {REDIS_URL} does not answer")
-        return {"RATELIMIT_STORAGE_URI": REDIS_URL}
+            pytest.skip(f"Redis at {url} does not answer")
+        return {"RATELIMIT_STORAGE_URI": url}
     server = fakeredis.FakeServer()
     pool = redis.ConnectionPool(connection_class=fakeredis.FakeRedisConnection, server=server)
     return {

@@ -1,9 +1,13 @@
 """``flask chatkit ...``: operator commands registered by the extension.
 
     flask --app wsgi chatkit check [--live]     configuration, limiter storage, (live) upstream
-    flask --app wsgi chatkit limits             effective limits, strategy and storage
+    flask --app wsgi chatkit limits             every limit the chat answers to, and storage
     flask --app wsgi chatkit usage --visitor ID what is left of each limit for one key
     flask --app wsgi chatkit reset --ip ADDR    clear one key's counters
+    flask --app wsgi chatkit threads|purge|prune  server mode: stored threads
+
+Both backends: in server mode ``usage`` and ``reset`` cover the message and request limits,
+the stream slots and the token budgets.
 
 Nothing printed here contains the API key, the cookie-signing key, a client secret or a
 storage password.
@@ -41,7 +45,11 @@ CHECK_USER = "chatkit-flask-check"
 
 _CHECK_TTL = 60  # seconds: a check session that could not be cancelled expires soon anyway
 
-chatkit_cli = AppGroup("chatkit", help="Operate the ChatKit mint endpoint.")
+chatkit_cli = AppGroup(
+    "chatkit",
+    help="Operate the chat: hosted mode (client secrets) and server mode (messages, stream "
+    "slots, token budgets, stored threads).",
+)
 
 
 def _state() -> ChatKitState:
@@ -143,6 +151,11 @@ def check_command(live: bool) -> None:
         _fail(f"cannot reach the limiter storage at {uri} (RATELIMIT_STORAGE_URI)")
         failures += 1
 
+    if state.server is not None:
+        _echo("Thread store:")
+        for finding in state.server.store_findings:
+            _echo(f"  warn  {finding}")
+
     if settings.backend == "server":
         # --live mints a hosted-mode session; server mode has no such call to try.
         _echo("Model: not contacted (server mode: send a message from the demo page to try it)")
@@ -235,18 +248,47 @@ def _limits_line(value: str) -> str:
     return value.replace(";", "; ") if value else "off"
 
 
+def _rendered(limits: list[Any]) -> str:
+    return "; ".join(str(limit.limit) for limit in limits)
+
+
 @chatkit_cli.command("limits")
 def limits_command() -> None:
-    """Print the chat's limits and the storage Flask-Limiter really uses."""
+    """Print every limit the chat answers to (both backends) and the storage Flask-Limiter
+    really uses."""
     state = _state()
     settings = state.settings
     real = describe(state.limiter, current_app)
+    server = state.server is not None
+    counted = " (messages)" if server else ""
     rows = [
         ("enabled", "yes" if real["enabled"] else "no (RATELIMIT_ENABLED=false)"),
-        ("per user", _limits_line(settings.limit_per_user)),
-        ("per IP", f"{_limits_line(settings.limit_per_ip)} (IPv6 per /{settings.ipv6_prefix})"),
-        ("per IPv6 /48", _limits_line(settings.limit_per_ipv6_48)),
-        ("global", _limits_line(settings.limit_global)),
+        ("per user", _limits_line(settings.limit_per_user) + counted),
+        (
+            "per IP",
+            f"{_limits_line(settings.limit_per_ip)}{counted} (IPv6 per /{settings.ipv6_prefix})",
+        ),
+        ("per IPv6 /48", _limits_line(settings.limit_per_ipv6_48) + counted),
+        ("global", _limits_line(settings.limit_global) + counted),
+    ]
+    if server:
+        rows += [
+            ("requests/IP", _limits_line(settings.limit_requests_per_ip) + " (every request)"),
+            ("streams", f"{settings.max_streams_per_user} at once per visitor or user"),
+            ("tokens/user", _limits_line(settings.tokens_per_user)),
+            ("tokens/site", _limits_line(settings.tokens_global)),
+        ]
+    manager = state.limiter.limit_manager
+    if manager.application_limits:
+        rows.append(("host app", _rendered(manager.application_limits) + " (counts the chat too)"))
+    if manager.default_limits:
+        applies = (
+            "counts the chat too: CHATKIT_HOST_DEFAULT_LIMITS=true"
+            if settings.host_default_limits
+            else "not on the chat's routes: CHATKIT_HOST_DEFAULT_LIMITS=false"
+        )
+        rows.append(("host default", f"{_rendered(manager.default_limits)} ({applies})"))
+    rows += [
         ("strategy", real["strategy"]),
         ("storage", mask_storage_uri(real["storage_uri"])),
         ("key prefix", real["key_prefix"] or "(none)"),
@@ -258,6 +300,9 @@ def limits_command() -> None:
 
 
 # ----------------------------------------------------------------------- usage / reset
+
+# Which of the endpoint's limit rules (LimitRule.scope) count each kind of key.
+_RULES_OF = {"user": ("user",), "ip": ("ip", "requests"), "global": ("global",)}
 
 
 def _key_options(func: Any) -> Any:
@@ -283,8 +328,8 @@ def _resolve_key(
     user: str | None,
     ip: str | None,
     global_: bool,
-) -> tuple[str, str, str]:
-    """(limiter key, limit string, scope) for exactly one of the options."""
+) -> tuple[str, str]:
+    """(limiter key, kind: "user", "ip" or "global") for exactly one of the options."""
     given = [x for x in (visitor, user, ip) if x is not None] + (["global"] if global_ else [])
     if len(given) != 1:
         raise click.UsageError("give exactly one of --visitor, --user, --ip or --global")
@@ -292,21 +337,21 @@ def _resolve_key(
     if visitor is not None:
         text = visitor.strip()
         if text.startswith("v:"):
-            return "visitor:" + text[2:], settings.limit_per_user, "user"
+            return "visitor:" + text[2:], "user"
         text = text.rpartition("=")[2].strip()  # "__Host-chatkit_session_id=<value>"
         text = text.split(".", 1)[0]  # a cookie value is "<id>.<timestamp>.<signature>"
         text = text.removeprefix("visitor_")
         if not text:
             raise click.BadParameter("empty visitor id", param_hint="--visitor")
-        return "visitor:" + hash_id(text), settings.limit_per_user, "user"
+        return "visitor:" + hash_id(text), "user"
     if user is not None:
-        return "user:" + hash_id("user:" + user), settings.limit_per_user, "user"
+        return "user:" + hash_id("user:" + user), "user"
     if ip is not None:
         network = client_network(ip.strip(), settings.ipv6_prefix)
         if network == "unknown":
             raise click.BadParameter(f"not an IP address: {ip!r}", param_hint="--ip")
-        return "ip:" + network, settings.limit_per_ip, "ip"
-    return "global", settings.limit_global, "global"
+        return "ip:" + network, "ip"
+    return "global", "global"
 
 
 def _uri(state: ChatKitState) -> str:
@@ -319,58 +364,114 @@ def _strategy(state: ChatKitState) -> Any:
     return state.limiter.limiter
 
 
-def _items(limit: str, scope: str) -> list[RateLimitItem]:
-    if not limit:
-        raise click.ClickException(f"the {scope} limit is off: nothing to show")
-    return parse_many(limit)
+def _limit_counters(
+    state: ChatKitState, key: str, kind: str
+) -> list[tuple[str, RateLimitItem, list[str]]]:
+    """``(label, limit, identifiers)`` of the endpoint's Flask-Limiter counters for ``key``:
+    the counters the limiter wrote, found from the rules the backend declared."""
+    counters = []
+    for rule in state.limit_rules:
+        if rule.scope not in _RULES_OF[kind]:
+            continue
+        scope = f"{state.limit_endpoint}:{rule.counter}" if rule.counter else state.limit_endpoint
+        label = f"{rule.counter} " if rule.counter else ""
+        for item in parse_many(rule.value):
+            counters.append((label, item, counter_args(state.limiter, key, scope)))
+    return counters
+
+
+def _budget_owners(key: str, kind: str) -> list[str | None]:
+    """Whose token budgets ``key`` counts: the owner's, the site's (None) or none (an IP)."""
+    return {"user": [key], "global": [None]}.get(kind, [])
+
+
+def _nothing_to_show(state: ChatKitState, kind: str, counters: list[Any]) -> bool:
+    server = state.server
+    if counters or server is None:
+        return not counters
+    if kind == "user":
+        return False  # stream slots at least
+    return kind != "global" or not server.budget.counters(None)
+
+
+def _storage_failed(state: ChatKitState, verb: str, exc: Exception) -> click.ClickException:
+    return click.ClickException(
+        f"cannot {verb} the limiter storage at {_uri(state)}: {type(exc).__name__}"
+    )
+
+
+def _remaining(item: RateLimitItem, used: int, resets: int) -> str:
+    remaining = max(0, item.amount - used)
+    when = f", resets in {resets}s" if used else ""
+    return f"{item}: {remaining} of {item.amount} remaining ({min(used, item.amount)} used{when})"
 
 
 @chatkit_cli.command("usage")
 @_key_options
 def usage_command(visitor: str | None, user: str | None, ip: str | None, global_: bool) -> None:
-    """Show what remains of each limit for one visitor, user, IP or the global key."""
+    """Show what remains of each limit for one visitor, user, IP or the global key (server
+    mode: messages, requests, stream slots and token budgets too)."""
     state = _state()
-    key, limit, scope = _resolve_key(state, visitor, user, ip, global_)
-    items = _items(limit, scope)
-    _echo(f"{scope} limits for {key}:")
+    key, kind = _resolve_key(state, visitor, user, ip, global_)
+    counters = _limit_counters(state, key, kind)
+    if _nothing_to_show(state, kind, counters):
+        raise click.ClickException(f"the {kind} limit is off: nothing to show")
+    _echo(f"{kind} limits for {key}:")
     now = time.time()
     try:
-        for item in items:
-            stats = _strategy(state).get_window_stats(item, *counter_args(state.limiter, key))
-            remaining = max(0, min(stats.remaining, item.amount))
-            used = item.amount - remaining
+        for label, item, args in counters:
+            stats = _strategy(state).get_window_stats(item, *args)
+            used = item.amount - max(0, min(stats.remaining, item.amount))
             resets = max(0, math.ceil(stats.reset_time - now)) if used else 0
-            when = f", resets in {resets}s" if used else ""
-            _echo(f"  {item}: {remaining} of {item.amount} remaining ({used} used{when})")
+            _echo(f"  {label}{_remaining(item, used, resets)}")
+        server = state.server
+        if server is not None:
+            _strategy(state)
+            if kind == "user":
+                held = server.slots.open_streams(key)
+                shown = (
+                    f"{held} of {server.slots.cap} open"
+                    if held is not None
+                    else "counted per worker (no Redis): not visible here"
+                )
+                _echo(f"  streams: {shown}")
+            for owner in _budget_owners(key, kind):
+                for scope, item, used, resets in server.budget.usage(owner):
+                    _echo(f"  {scope} {_remaining(item, used, resets)}")
     except STORAGE_ERRORS as exc:
-        raise click.ClickException(
-            f"cannot read the limiter storage at {_uri(state)}: "
-            f"{type(exc).__name__}"
-        ) from None
+        raise _storage_failed(state, "read", exc) from None
 
 
 @chatkit_cli.command("reset")
 @_key_options
 def reset_command(visitor: str | None, user: str | None, ip: str | None, global_: bool) -> None:
-    """Clear one visitor's, user's, IP's or the global counters."""
+    """Clear one visitor's, user's, IP's or the global counters (server mode: their stream
+    slots and token budgets too)."""
     state = _state()
-    key, limit, scope = _resolve_key(state, visitor, user, ip, global_)
-    items = _items(limit, scope)
-    had_hits = 0
+    key, kind = _resolve_key(state, visitor, user, ip, global_)
+    counters = _limit_counters(state, key, kind)
+    if _nothing_to_show(state, kind, counters):
+        raise click.ClickException(f"the {kind} limit is off: nothing to show")
+    cleared = had_hits = 0
     try:
-        for item in items:
-            args = counter_args(state.limiter, key)
+        for _, item, args in counters:
             if _strategy(state).get_window_stats(item, *args).remaining < item.amount:
                 had_hits += 1
             _strategy(state).clear(item, *args)
+            cleared += 1
+        server = state.server
+        if server is not None:
+            _strategy(state)
+            if kind == "user" and server.slots.open_streams(key) is not None:
+                had_hits += server.slots.open_streams(key) > 0
+                server.slots.clear(key)
+                cleared += 1
+            for owner in _budget_owners(key, kind):
+                cleared += len(server.budget.counters(owner))
+                had_hits += server.budget.clear(owner)
     except STORAGE_ERRORS as exc:
-        raise click.ClickException(
-            f"cannot reach the limiter storage at {_uri(state)}: "
-            f"{type(exc).__name__}"
-        ) from None
-    _echo(
-        f"Cleared {len(items)} {scope} limit counter(s) for {key} ({had_hits} had been used)."
-    )
+        raise _storage_failed(state, "reach", exc) from None
+    _echo(f"Cleared {cleared} {kind} limit counter(s) for {key} ({had_hits} had been used).")
 
 
 # ----------------------------------------------------------------------- server mode: data
@@ -395,7 +496,7 @@ def _owner_options(func: Any) -> Any:
 def _owner(state: ChatKitState, visitor: str | None, user: str | None) -> str:
     if (visitor is None) == (user is None):
         raise click.UsageError("give exactly one of --visitor or --user")
-    key, _, _ = _resolve_key(state, visitor, user, None, False)
+    key, _ = _resolve_key(state, visitor, user, None, False)
     return key  # the store's owner is the identity's limit key
 
 
@@ -428,10 +529,9 @@ def purge_command(visitor: str | None, user: str | None, yes: bool) -> None:
 
 @chatkit_cli.command("prune")
 def prune_command() -> None:
-    """Delete expired threads from a store without native expiry (SQLite)."""
+    """Apply CHATKIT_THREAD_TTL to every stored thread: delete those inactive for longer (Redis:
+    re-expire the others from their last activity). Run it after shortening the TTL."""
     server = _server(_state())
-    prune = getattr(server.store, "prune", None)
-    if prune is None:
-        _echo("Nothing to prune: this store expires threads itself (Redis TTL).")
-        return
-    _echo(f"Pruned {prune()} expired thread(s) (CHATKIT_THREAD_TTL={server.settings.thread_ttl}s).")
+    pruned = server.bridge.run(lambda: server.store.prune(), 600)
+    ttl = server.settings.thread_ttl
+    _echo(f"Pruned {pruned} thread(s) inactive for CHATKIT_THREAD_TTL={ttl}s or more.")

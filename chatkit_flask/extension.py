@@ -7,9 +7,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from flask import Flask
+from flask import Flask, current_app
 from flask_cors import CORS
-from flask_limiter import Limiter
+from flask_limiter import ExemptionScope, Limiter
 
 from .cli import chatkit_cli
 from .hosted import make_hosted_blueprint
@@ -18,6 +18,7 @@ from .limits import guard_header_hook, prepare_limiter
 from .settings import OPTIONS, ConfigError, Settings, _read
 from .state import ChatKitState
 from .upstream import ChatKitClient
+from .visitors import adopt_visitor_threads, connect_flask_login, forget_visitor
 from .web import BLUEPRINT_NAME
 
 __all__ = ["ChatKit", "ChatKitState"]
@@ -60,6 +61,20 @@ class ChatKit:
         means the anonymous visitor cookie."""
         self._user_loader = func
         return func
+
+    def forget_visitor(self) -> None:
+        """Call in the site's log-out view: the response drops the anonymous visitor cookie, so
+        the next person at this browser is a new visitor who cannot see the old one's threads.
+        With Flask-Login, ``logout_user()`` does it already (``CHATKIT_FORGET_VISITOR_ON_LOGOUT``).
+        """
+        forget_visitor(self.state(current_app))
+
+    def adopt_visitor_threads(self) -> int:
+        """Call in the site's log-in view once the user is signed in: the anonymous visitor's
+        threads move to the account (atomically) and the visitor is forgotten. Returns how many
+        moved. With Flask-Login, ``CHATKIT_ADOPT_VISITOR_THREADS=True`` makes ``login_user()``
+        do it."""
+        return adopt_visitor_threads(self.state(current_app))
 
     def init_app(self, app: Flask) -> None:
         """Validate the configuration (raises ``ConfigError`` naming the key) and register.
@@ -104,11 +119,16 @@ class ChatKit:
         )
         app.extensions["chatkit"] = state
         log.info("chatkit_flask: %s backend (%s)", settings.backend, settings.backend_reason)
-        if server is not None:
-            app.register_blueprint(make_server_blueprint(state))
-        else:
-            app.register_blueprint(make_hosted_blueprint(state))
+        blueprint = (
+            make_server_blueprint(state) if server is not None else make_hosted_blueprint(state)
+        )
+        app.register_blueprint(blueprint)
+        if not settings.host_default_limits:
+            # The chat's routes (its config and static helper too) answer to the chat's own
+            # limits: a visitor who browses past the site's default limits keeps the chat.
+            limiter.exempt(blueprint, flags=ExemptionScope.DEFAULT)
         app.cli.add_command(chatkit_cli)
+        connect_flask_login(app, state)
         guard_header_hook(app, limiter)
         if settings.metrics_enabled:
             from .metrics import init_metrics, set_circuit_state

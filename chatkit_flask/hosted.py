@@ -74,6 +74,7 @@ def make_hosted_blueprint(state: ChatKitState) -> Blueprint:
     settings = state.settings
     bp = new_blueprint(state)
     guard = {"done": False}
+    state.limit_endpoint, state.limit_rules = ENDPOINT, limit_rules(settings)
 
     @bp.before_request
     def prepare() -> None:
@@ -120,7 +121,7 @@ def make_hosted_blueprint(state: ChatKitState) -> Blueprint:
     bp.add_url_rule(
         "/secret",
         "secret",
-        limited(secret, state.limiter, limit_rules(settings)),
+        limited(secret, state.limiter, state.limit_rules),
         methods=_ALL_METHODS,
     )
 

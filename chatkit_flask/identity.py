@@ -110,6 +110,11 @@ class VisitorCookie:
             visitor_id, new_cookie = self.issue()
         elif reissue:
             new_cookie = self._signer.sign(visitor_id).decode()
+        return self.identity(visitor_id, new_cookie)
+
+    @staticmethod
+    def identity(visitor_id: str, new_cookie: str | None = None) -> Identity:
+        """The identity of visitor ``visitor_id`` (already verified)."""
         tag = hash_id(visitor_id)  # limiter keys and logs never hold the raw id
         return Identity(
             user=f"visitor_{visitor_id}",

@@ -428,14 +428,14 @@ _OPTION_LIST = [
     ),
     Option(
         "CHATKIT_RATELIMIT_PER_IP",
-        "30 per minute;500 per day",
+        "30 per minute;200 per day",
         _limit,
         "Per client IP (IPv6: per prefix, see CHATKIT_IPV6_PREFIX): messages in server mode, "
         "mints in hosted mode; 'off' turns it off.",
     ),
     Option(
         "CHATKIT_RATELIMIT_PER_IPV6_48",
-        "60 per minute;2000 per day",
+        "60 per minute;200 per day",
         _limit,
         "Per IPv6 /48 (all its /64s together; IPv4 clients are not counted): messages in server "
         "mode, mints in hosted mode; 'off' turns it off.",
@@ -516,6 +516,27 @@ _OPTION_LIST = [
         "Server mode: thread items (newest) sent to the model with each message.",
     ),
     Option(
+        "CHATKIT_HISTORY_MAX_CHARS",
+        32000,
+        _int_range(1000, 1_000_000),
+        "Server mode: most characters of thread items (their JSON, newest first, the new "
+        "message included) sent to the model; older items beyond it are left out.",
+    ),
+    Option(
+        "CHATKIT_MAX_OUTPUT_TOKENS",
+        1024,
+        _int_range(16, 128_000),
+        "Server mode: max_output_tokens sent with every model call (an agent's own lower "
+        "max_tokens is kept); a reply that reaches it ends with a note.",
+    ),
+    Option(
+        "CHATKIT_AGENT_MAX_TURNS",
+        4,
+        _int_range(1, 50),
+        "Server mode: most model calls one message may make (an agent with tools loops); "
+        "more ends the reply with an error.",
+    ),
+    Option(
         "OPENAI_BASE_URL",
         None,
         _openai_base_url,
@@ -531,7 +552,15 @@ _OPTION_LIST = [
         "CHATKIT_MODEL_TIMEOUT",
         120,
         _float_range(0, 3600),
-        "Server mode: seconds a model request may take before the reply ends with an error.",
+        "Server mode: longest silence in seconds while waiting for the model (connect and "
+        "each read) before the reply ends with an error.",
+    ),
+    Option(
+        "CHATKIT_REPLY_TIMEOUT",
+        180,
+        _float_range(1, 3600),
+        "Server mode: total seconds one reply may take; then the model call is aborted, the "
+        "partial answer kept and the visitor told.",
     ),
     Option(
         "CHATKIT_STORE_URL",
@@ -540,6 +569,13 @@ _OPTION_LIST = [
         "Server mode: where threads live: sqlite:///path (one host) or redis://host/db "
         "(several hosts; keys must not be evicted). Unset: chatkit-threads.db in the app's "
         "instance folder (the service: var/; docker-compose.yml: the chat_data volume).",
+    ),
+    Option(
+        "CHATKIT_STORE_REQUIRE_PERSISTENCE",
+        False,
+        _bool,
+        "Server mode, Redis store: refuse to start when its Redis would lose threads (no AOF or "
+        "RDB, or a maxmemory-policy that evicts); false: a warning at start-up.",
     ),
     Option(
         "CHATKIT_THREAD_TTL",
@@ -573,10 +609,60 @@ _OPTION_LIST = [
         "Server mode: replies one visitor or user may have streaming at once.",
     ),
     Option(
+        "CHATKIT_MAX_STREAMS_PER_IP",
+        10,
+        _int_range(1, 100_000),
+        "Server mode: replies streaming at once to one client network (IPv4 address, IPv6 "
+        "network of CHATKIT_IPV6_PREFIX bits), across workers and hosts.",
+    ),
+    Option(
+        "CHATKIT_MAX_STREAMS_PER_WORKER",
+        0,
+        _int_range(0, 100_000),
+        "Server mode: replies one worker process streams at once (each holds a thread); 0 = no "
+        "cap. config/gunicorn.conf.py sets GUNICORN_THREADS - 8 when unset: the instance holds "
+        "workers x that many.",
+    ),
+    Option(
+        "CHATKIT_STREAM_SLOT_LEASE",
+        30,
+        _float_range(3, 600),
+        "Server mode: seconds a reply's stream slot outlives its last renewal (a streaming reply "
+        "renews it every third of this); after a worker dies its visitors wait at most this long.",
+    ),
+    Option(
+        "CHATKIT_STREAM_WRITE_TIMEOUT",
+        20,
+        _float_range(1, 600),
+        "Server mode: seconds a reply may wait on a client that does not read before it is "
+        "dropped (the model call aborted, the thread and the slot freed).",
+    ),
+    Option(
         "CHATKIT_MAX_INPUT_CHARS",
         4000,
         _int_range(1, 100_000),
         "Server mode: longest user message in characters (longer: 400 before the model).",
+    ),
+    Option(
+        "CHATKIT_HOST_DEFAULT_LIMITS",
+        False,
+        _bool,
+        "true: a handed-over limiter's default limits count the chat's routes too (by default "
+        "only the chat's own limits and the host's application limits do).",
+    ),
+    Option(
+        "CHATKIT_FORGET_VISITOR_ON_LOGOUT",
+        True,
+        _bool,
+        "With Flask-Login: log-out drops the anonymous visitor cookie, so the next person at "
+        "the computer does not see that visitor's threads.",
+    ),
+    Option(
+        "CHATKIT_ADOPT_VISITOR_THREADS",
+        False,
+        _bool,
+        "Server mode: at log-in the anonymous visitor's threads move to the account (with "
+        "Flask-Login automatically, else chatkit.adopt_visitor_threads()).",
     ),
     # Flask-Limiter's own keys, with its defaults; validated here, read by Flask-Limiter.
     Option("RATELIMIT_ENABLED", True, _bool, "Flask-Limiter: false turns every limit off."),
@@ -650,6 +736,16 @@ _SERVER_KEYS = frozenset(
         "CHATKIT_TOKENS_GLOBAL",
         "CHATKIT_MAX_STREAMS_PER_USER",
         "CHATKIT_MAX_INPUT_CHARS",
+        "CHATKIT_HISTORY_MAX_CHARS",
+        "CHATKIT_MAX_OUTPUT_TOKENS",
+        "CHATKIT_AGENT_MAX_TURNS",
+        "CHATKIT_REPLY_TIMEOUT",
+        "CHATKIT_STORE_REQUIRE_PERSISTENCE",
+        "CHATKIT_MAX_STREAMS_PER_IP",
+        "CHATKIT_MAX_STREAMS_PER_WORKER",
+        "CHATKIT_STREAM_SLOT_LEASE",
+        "CHATKIT_STREAM_WRITE_TIMEOUT",
+        "CHATKIT_ADOPT_VISITOR_THREADS",
     }
 )
 
@@ -726,16 +822,28 @@ class Settings:
     agent_model: str
     agent_instructions: str
     history_items: int
+    history_max_chars: int
+    max_output_tokens: int
+    agent_max_turns: int
     openai_base_url: str | None
     agent_tracing: bool
     model_timeout: float
+    reply_timeout: float
     store_url: str | None
+    store_require_persistence: bool
+    stream_slot_lease: float
+    max_streams_per_ip: int
+    max_streams_per_worker: int
+    stream_write_timeout: float
     thread_ttl: int
     limit_requests_per_ip: str
     tokens_per_user: str
     tokens_global: str
     max_streams_per_user: int
     max_input_chars: int
+    host_default_limits: bool
+    forget_visitor_on_logout: bool
+    adopt_visitor_threads: bool
     ratelimit_enabled: bool
     storage_uri: str
     strategy: str
@@ -767,6 +875,12 @@ class Settings:
         elif v["CHATKIT_BACKEND"] == "hosted":
             raise ConfigError(
                 "CHATKIT_WORKFLOW_ID", "is required but not set (or set CHATKIT_BACKEND=server)"
+            )
+        if v["CHATKIT_HISTORY_MAX_CHARS"] < v["CHATKIT_MAX_INPUT_CHARS"] + 1000:
+            raise ConfigError(
+                "CHATKIT_HISTORY_MAX_CHARS",
+                "must hold the longest message: at least CHATKIT_MAX_INPUT_CHARS + 1000 "
+                f"({v['CHATKIT_MAX_INPUT_CHARS'] + 1000})",
             )
         fallbacks = config.get("SECRET_KEY_FALLBACKS") or ()
         if isinstance(fallbacks, str):
@@ -811,16 +925,28 @@ class Settings:
             agent_model=v["CHATKIT_AGENT_MODEL"],
             agent_instructions=v["CHATKIT_AGENT_INSTRUCTIONS"],
             history_items=v["CHATKIT_HISTORY_ITEMS"],
+            history_max_chars=v["CHATKIT_HISTORY_MAX_CHARS"],
+            max_output_tokens=v["CHATKIT_MAX_OUTPUT_TOKENS"],
+            agent_max_turns=v["CHATKIT_AGENT_MAX_TURNS"],
             openai_base_url=v["OPENAI_BASE_URL"],
             agent_tracing=v["CHATKIT_AGENT_TRACING"],
             model_timeout=v["CHATKIT_MODEL_TIMEOUT"],
+            reply_timeout=v["CHATKIT_REPLY_TIMEOUT"],
             store_url=v["CHATKIT_STORE_URL"],
+            store_require_persistence=v["CHATKIT_STORE_REQUIRE_PERSISTENCE"],
+            stream_slot_lease=v["CHATKIT_STREAM_SLOT_LEASE"],
+            max_streams_per_ip=v["CHATKIT_MAX_STREAMS_PER_IP"],
+            max_streams_per_worker=v["CHATKIT_MAX_STREAMS_PER_WORKER"],
+            stream_write_timeout=v["CHATKIT_STREAM_WRITE_TIMEOUT"],
             thread_ttl=v["CHATKIT_THREAD_TTL"],
             limit_requests_per_ip=v["CHATKIT_RATELIMIT_REQUESTS_PER_IP"] or "",
             tokens_per_user=v["CHATKIT_TOKENS_PER_USER"] or "",
             tokens_global=v["CHATKIT_TOKENS_GLOBAL"] or "",
             max_streams_per_user=v["CHATKIT_MAX_STREAMS_PER_USER"],
             max_input_chars=v["CHATKIT_MAX_INPUT_CHARS"],
+            host_default_limits=v["CHATKIT_HOST_DEFAULT_LIMITS"],
+            forget_visitor_on_logout=v["CHATKIT_FORGET_VISITOR_ON_LOGOUT"],
+            adopt_visitor_threads=v["CHATKIT_ADOPT_VISITOR_THREADS"],
             ratelimit_enabled=v["RATELIMIT_ENABLED"],
             storage_uri=v["RATELIMIT_STORAGE_URI"],
             strategy=v["RATELIMIT_STRATEGY"],

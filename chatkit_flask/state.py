@@ -11,6 +11,7 @@ from flask import Response
 from flask_limiter import Limiter
 
 from .identity import VisitorCookie
+from .limits import LimitRule
 from .settings import Settings
 
 __all__ = ["ChatKitState"]
@@ -26,6 +27,9 @@ class ChatKitState:
     user_loader: Callable[[], Callable[[], Any] | None]
     client: Any = None  # hosted mode: the ChatKit sessions API client (upstream.ChatKitClient)
     server: Any = None  # server mode: the ChatKit server runtime (server.runtime.ServerRuntime)
+    # The endpoint's Flask-Limiter limits, as its backend declared them (for the CLI).
+    limit_endpoint: str = ""
+    limit_rules: list[LimitRule] = field(default_factory=list)
     # Called with each response of the extension's endpoint (metrics); never on host routes.
     response_hooks: list[Callable[[Response], None]] = field(default_factory=list)
 

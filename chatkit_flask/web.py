@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BLUEPRINT_NAME",
     "begin_request",
+    "current_visitor",
     "health_blueprint",
     "read_json_body",
     "register_error_handlers",
@@ -154,6 +155,13 @@ def resolve_caller(state: ChatKitState) -> Identity:
     identity = user_identity(state.load_user()) or state.cookie.resolve(_visitor_cookie(settings))
     g.chatkit_identity = identity
     return identity
+
+
+def current_visitor(state: ChatKitState) -> Identity | None:
+    """The anonymous visitor the request's cookie names, or None when it carries no valid one
+    (nothing is issued: for log-in and log-out, outside the chat's routes)."""
+    visitor_id, _ = state.cookie.verify(_visitor_cookie(state.settings))
+    return None if visitor_id is None else state.cookie.identity(visitor_id)
 
 
 def _visitor_cookie(settings: Settings) -> str | None:

@@ -124,6 +124,11 @@ SERVER_MODE = (
 workers = _env_int("GUNICORN_WORKERS", 3, minimum=1)
 threads = _env_int("GUNICORN_THREADS", 128 if SERVER_MODE else 32, minimum=1)
 worker_class = _env("GUNICORN_WORKER_CLASS", "gthread")
+# Server mode: a worker refuses a new reply ("very busy") while threads - 8 of its threads
+# stream, so reads and page loads always find a thread (the app's CHATKIT_MAX_STREAMS_PER_WORKER;
+# set it to override).
+if SERVER_MODE and _env("CHATKIT_MAX_STREAMS_PER_WORKER", None) is None:
+    os.environ["CHATKIT_MAX_STREAMS_PER_WORKER"] = str(max(1, threads - 8))
 
 # For gthread `timeout` only detects a stuck worker loop (a sync worker would be killed
 # mid-request). Keep CHATKIT_UPSTREAM_TIMEOUT (default 15 s, retries included) below it.

@@ -1,10 +1,9 @@
 """Shared fixtures: a fake ChatKit API on a real loopback socket, apps, and limiter storages
-(fakeredis in-process, and the real Redis server on a dedicated database)."""
+(fakeredis in-process, and a real ``redis-server`` that the suite starts and stops itself)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -19,12 +18,13 @@ from flask.testing import FlaskClient
 from chatkit_flask import testing
 from chatkit_flask.service import create_app
 from chatkit_flask.testing.fake_chatkit import FakeChatKit
+from chatkit_flask.testing.redis_server import RedisServer
+from tests.services import REDIS_URL, SUITE_REDIS, start_redis_or_skip
 
 # Deliberately not shaped like a real key (the repo's secret scan looks for sk-...).
 TEST_API_KEY = testing.TEST_API_KEY
 TEST_SECRET_KEY = "test-secret-key-for-signing-visitor-cookies"
 WORKFLOW = "wf_test_main"
-REDIS_URL = os.environ.get("CHATKIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 # The package's own fixture for host apps (``chatkit_api``) is the suite's fake ChatKit API too.
@@ -53,20 +53,16 @@ def base_config(upstream: FakeChatKit, **overrides: Any) -> dict[str, Any]:
     return config
 
 
-def real_redis_available() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_timeout=1).ping())
-    except redis.RedisError:
-        return False
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """The suite's ``redis-server`` (a free port, a temporary directory, no persistence)."""
+    yield start_redis_or_skip(SUITE_REDIS)
+    SUITE_REDIS.stop()
 
 
 @pytest.fixture
-def real_redis() -> Iterator[redis.Redis]:
-    """The real Redis server's test database, emptied before and after the test."""
-    if not real_redis_available():
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis at {REDIS_URL} does not answer (CI must start it)")
-        pytest.skip(f"Redis at {REDIS_URL} does not answer")
+def real_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """The suite's Redis, database 15 (``REDIS_URL``), emptied before and after the test."""
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
     yield client

@@ -26,7 +26,7 @@ pytest.importorskip("chatkit")
 import requests
 
 from chatkit_flask.testing.fake_responses import FakeResponses
-from tests.conftest import REDIS_URL, TEST_API_KEY, real_redis_available
+from tests.conftest import REDIS_URL, TEST_API_KEY
 from tests.server_support import sse_events, user_input
 from tests.test_multiprocess import free_port
 
@@ -72,10 +72,8 @@ def fake() -> Iterator[FakeResponses]:
 
 
 def test_bin_serve_on_a_fresh_checkout_with_two_keys_serves_a_server_mode_chat(
-    fake: FakeResponses, tmp_path: Path
+    fake: FakeResponses, tmp_path: Path, real_redis: object
 ) -> None:
-    if not real_redis_available():
-        pytest.skip(f"Redis at {REDIS_URL} does not answer")
     checkout = fresh_checkout(tmp_path / "checkout")
     venv_sharing_this_one(checkout)
     (checkout / ".env").write_text(

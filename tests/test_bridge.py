@@ -141,3 +141,35 @@ def test_heartbeats_fill_silences_and_idle_timeout_ends_the_wait(bridge: AsyncBr
     assert received[0] == "a" and "b" in received
     assert 2 <= received.index("b") - 1 <= 4  # heartbeats during the 0.35 s silence
     assert all(item == ":" for item in received[1:received.index("b")])
+
+
+def test_a_consumer_stuck_on_one_item_is_given_up_on(bridge: AsyncBridge) -> None:
+    """A server stuck writing (a client that does not read): the producer is cancelled inside
+    its await and ``on_stall`` runs, after ``write_timeout``, not before."""
+    cancelled: list[bool] = []
+    stalls: list[float] = []
+
+    async def endless() -> AsyncIterator[int]:
+        try:
+            n = 0
+            while True:
+                await asyncio.sleep(0.01)
+                n += 1
+                yield n
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    frames = bridge.stream(
+        endless, write_timeout=0.5, on_stall=lambda: stalls.append(time.monotonic())
+    )
+    took = [next(frames) for _ in range(3)]  # a consumer that keeps up is left alone
+    time.sleep(0.2)
+    next(frames)
+    stuck_since = time.monotonic()
+    time.sleep(1.5)  # "writing" this item for longer than the timeout
+
+    assert took == [1, 2, 3]
+    assert cancelled == [True]
+    assert len(stalls) == 1 and 0.5 <= stalls[0] - stuck_since < 1.5
+    frames.close()

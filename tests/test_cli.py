@@ -178,7 +178,7 @@ def test_check_live_timeout(redis_app: Callable[..., Flask], upstream: FakeChatK
 
 def test_limits(make_app: Callable[..., Flask]) -> None:
     app = make_app(
-        RATELIMIT_STORAGE_URI="redis://:hunter2@127.0.0.1:6379/15",
+        RATELIMIT_STORAGE_URI="redis://:hunter2@127.0.0.1:1/15",
         CHATKIT_RATELIMIT_GLOBAL="1000 per hour",
         RATELIMIT_STRATEGY="moving-window",
     )
@@ -186,10 +186,10 @@ def test_limits(make_app: Callable[..., Flask]) -> None:
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert "per user:     10 per minute; 100 per day" in lines
-    assert "per IP:       30 per minute; 500 per day (IPv6 per /64)" in lines
+    assert "per IP:       30 per minute; 200 per day (IPv6 per /64)" in lines
     assert "global:       1000 per hour" in lines
     assert "strategy:     moving-window" in lines
-    assert "storage:      redis://:***@127.0.0.1:6379/15" in lines
+    assert "storage:      redis://:***@127.0.0.1:1/15" in lines
     assert "hunter2" not in result.output
 
 

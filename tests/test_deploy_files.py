@@ -66,9 +66,13 @@ ENV_DEFAULTS: dict[str, str | None] = {
     "CHATKIT_AGENT_MODEL": "gpt-4.1-mini",
     "CHATKIT_AGENT_INSTRUCTIONS": "@instructions.md",
     "CHATKIT_HISTORY_ITEMS": "30",
+    "CHATKIT_HISTORY_MAX_CHARS": "32000",
+    "CHATKIT_MAX_OUTPUT_TOKENS": "1024",
+    "CHATKIT_AGENT_MAX_TURNS": "4",
     "OPENAI_BASE_URL": None,
     "CHATKIT_AGENT_TRACING": "false",
     "CHATKIT_MODEL_TIMEOUT": "120",
+    "CHATKIT_REPLY_TIMEOUT": "180",
     "CHATKIT_STORE_URL": None,
     "CHATKIT_THREAD_TTL": "2592000",
     "CHATKIT_RATELIMIT_REQUESTS_PER_IP": "300 per minute",
@@ -80,8 +84,8 @@ ENV_DEFAULTS: dict[str, str | None] = {
     "CHATKIT_COOKIE_SECURE": "true",
     "CHATKIT_COOKIE_MAX_AGE": "2592000",
     "CHATKIT_RATELIMIT_PER_USER": "10 per minute;100 per day",
-    "CHATKIT_RATELIMIT_PER_IP": "30 per minute;500 per day",
-    "CHATKIT_RATELIMIT_PER_IPV6_48": "60 per minute;2000 per day",
+    "CHATKIT_RATELIMIT_PER_IP": "30 per minute;200 per day",
+    "CHATKIT_RATELIMIT_PER_IPV6_48": "60 per minute;200 per day",
     "CHATKIT_RATELIMIT_GLOBAL": "2000 per day",
     "CHATKIT_REDIS_TIMEOUT": "0.3",
     "CHATKIT_TRUSTED_PROXIES": "0",
@@ -491,6 +495,7 @@ def test_no_secrets_inline(compose_raw):
         "CHATKIT_TRUSTED_PROXIES",
         "CHATKIT_TRUSTED_PROXY_NETWORKS",
         "CHATKIT_STORE_URL",
+        "CHATKIT_STORE_REQUIRE_PERSISTENCE",
         "HOST",
     }, "only what the compose file itself defines is inline"
     for name, service in compose_raw["services"].items():
@@ -513,7 +518,7 @@ def test_compose_resolves_env_example_exactly(compose_resolved):
     app = compose_resolved["services"]["app"]
     env = env_mapping(app)
     assert env["CHATKIT_RATELIMIT_PER_USER"] == "10 per minute;100 per day"
-    assert env["CHATKIT_RATELIMIT_PER_IP"] == "30 per minute;500 per day"
+    assert env["CHATKIT_RATELIMIT_PER_IP"] == "30 per minute;200 per day"
     assert env["OPENAI_API_KEY"] == DUMMY_SECRETS["OPENAI_API_KEY"]
     # The inline values win over env_file.
     password = DUMMY_SECRETS["REDIS_PASSWORD"]

@@ -1,16 +1,13 @@
 """Faults under load: the limiter's Redis dies or hangs, the upstream misbehaves, gunicorn restarts.
 
-Redis faults use a throw-away ``redis-server`` on a free port (never the shared one on 6379) and a
-threaded in-process server; upstream faults and restarts run the service under gunicorn.
+Redis faults use a throw-away ``redis-server`` of their own (never one the suite did not start)
+and a threaded in-process server; upstream faults and restarts run the service under gunicorn.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -21,14 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import redis
 import requests
 from flask import Flask
 from werkzeug.serving import make_server
 
 from chatkit_flask.limits import fallback_active
 from chatkit_flask.testing.fake_chatkit import Behaviour, FakeChatKit
-from tests.test_multiprocess import free_port, service_env, start_gunicorn, stop
+from chatkit_flask.testing.redis_server import RedisServer
+from tests.services import start_redis_or_skip
+from tests.test_multiprocess import service_env, start_gunicorn, stop
 
 pytestmark = pytest.mark.slow
 URL = "/api/chatkit/secret"
@@ -39,73 +37,12 @@ REDIS_TIMEOUT = 0.3
 # --- a throw-away Redis ---------------------------------------------------------------------------
 
 
-class OwnRedis:
-    """A private ``redis-server``: killed, restarted on the same port, paused, resumed."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if client.ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
-        self.process = None
-
-    def pause(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=1)
-
-
 @pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = OwnRedis()
-    server.start()
+def own_redis() -> Iterator[RedisServer]:
+    """A private ``redis-server`` of this test: killed, restarted on the same port, paused."""
+    server = start_redis_or_skip(RedisServer())
     yield server
-    if server.process is not None:
-        server.resume()
-        server.kill()
+    server.stop()
 
 
 @dataclass
@@ -202,7 +139,7 @@ def host_app_with_its_limiter(upstream: FakeChatKit, storage_uri: str, **config:
 def test_redis_fault_under_load(
     make_app: Callable[..., Flask],
     upstream: FakeChatKit,
-    own_redis: OwnRedis,
+    own_redis: RedisServer,
     fault: str,
     limiter: str,
 ) -> None:
@@ -214,9 +151,9 @@ def test_redis_fault_under_load(
         "TESTING": False,
     }
     if limiter == "own":
-        app = make_app(RATELIMIT_STORAGE_URI=own_redis.url, **config)
+        app = make_app(RATELIMIT_STORAGE_URI=own_redis.url(), **config)
     else:
-        app = host_app_with_its_limiter(upstream, own_redis.url, **config)
+        app = host_app_with_its_limiter(upstream, own_redis.url(), **config)
     served = serve(app)
     try:
         with Load(served.base) as load:
@@ -266,11 +203,11 @@ def test_redis_fault_under_load(
 
 
 def test_limits_are_back_in_redis_after_it_returns(
-    make_app: Callable[..., Flask], upstream: FakeChatKit, own_redis: OwnRedis
+    make_app: Callable[..., Flask], upstream: FakeChatKit, own_redis: RedisServer
 ) -> None:
     """After recovery the count is shared again: a second app (another worker) sees it."""
     config: dict[str, Any] = {
-        "RATELIMIT_STORAGE_URI": own_redis.url,
+        "RATELIMIT_STORAGE_URI": own_redis.url(),
         "CHATKIT_RATELIMIT_PER_USER": "off",
         "CHATKIT_RATELIMIT_PER_IP": "4 per minute",
     }
@@ -524,8 +461,3 @@ def test_graceful_restart_loses_no_in_flight_mint(
         # New workers take over on the same socket: nothing is refused during the reload.
         assert after and all(status == 200 for status in after), Counter(after)
 
-
-def test_own_redis_fixture_never_touches_the_shared_server(own_redis: OwnRedis) -> None:
-    assert own_redis.port != 6379
-    with socket.create_connection(("127.0.0.1", own_redis.port), timeout=1):
-        pass

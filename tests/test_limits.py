@@ -514,7 +514,7 @@ def test_default_limits_include_the_48_and_a_global_cap(upstream: FakeChatKit) -
 
     config = base_config(upstream)
     settings = Settings.from_mapping(config)
-    assert settings.limit_per_ipv6_48 == "60 per minute;2000 per day"
+    assert settings.limit_per_ipv6_48 == "60 per minute;200 per day"
     assert settings.limit_global == "2000 per day"
     off = Settings.from_mapping(
         {**config, "CHATKIT_RATELIMIT_GLOBAL": "off", "CHATKIT_RATELIMIT_PER_IPV6_48": "off"}

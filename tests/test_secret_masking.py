@@ -42,8 +42,8 @@ def test_mask_url(url: str, shown: str) -> None:
 @pytest.mark.parametrize(
     "uri",
     [
-        f"redis://127.0.0.1:6379/11?password={PASSWORD}",
-        f"redis://:{PASSWORD}@127.0.0.1:6379/11",
+        f"redis://127.0.0.1:1/11?password={PASSWORD}",
+        f"redis://:{PASSWORD}@127.0.0.1:1/11",
     ],
 )
 @pytest.mark.parametrize("command", ["limits", "check"])
@@ -52,7 +52,7 @@ def test_cli_never_prints_the_storage_password(
 ) -> None:
     app = make_app(RATELIMIT_STORAGE_URI=uri, CHATKIT_REDIS_TIMEOUT=0.2)
     result = app.test_cli_runner().invoke(args=["chatkit", command])
-    assert "127.0.0.1:6379/11" in result.output
+    assert "127.0.0.1:1/11" in result.output
     assert PASSWORD not in result.output, result.output
     assert "***" in result.output
 

@@ -160,11 +160,11 @@ def test_purge_by_signed_in_user_and_prune(make_server_app: Callable[..., Flask]
     runner = app.test_cli_runner()
     assert "1 thread(s)" in runner.invoke(args=["chatkit", "threads", "--user", "ada"]).output
     pruned = runner.invoke(args=["chatkit", "prune"])
-    assert "Pruned 0 expired thread(s)" in pruned.output
-    store = app.extensions["chatkit"].server.store
+    assert "Pruned 0 thread(s) inactive for CHATKIT_THREAD_TTL=60s" in pruned.output
+    server = app.extensions["chatkit"].server
     import time
 
-    assert store.prune(now=time.time() + 120) == 1  # past the 60 s TTL
+    assert server.bridge.run(lambda: server.store.prune(now=time.time() + 120), 10) == 1
     assert "0 thread(s)" in runner.invoke(args=["chatkit", "threads", "--user", "ada"]).output
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -43,11 +42,12 @@ from chatkit_flask.settings import ConfigError
 from chatkit_flask.testing.fake_responses import FakeResponses, Reply
 from tests.conftest import REDIS_URL, TEST_API_KEY, TEST_SECRET_KEY, WORKFLOW
 from tests.server_support import sse_events, user_input
+from tests.services import SUITE_REDIS
 
 URL = "/api/chatkit"
 CONFIG_URL = "/api/chatkit/config"
 COOKIE = "chatkit_session_id"
-STORE_REDIS_URL = os.environ.get("CHATKIT_TEST_STORE_REDIS_URL", "redis://127.0.0.1:6379/8")
+STORE_REDIS_URL = SUITE_REDIS.url(8)  # the thread store; the limiter uses REDIS_URL (15)
 UPSTREAM_SECRET = "upstream-detail-that-must-stay-private"
 
 
@@ -103,17 +103,12 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def store_url(request: pytest.FixtureRequest, sqlite_url: str) -> Iterator[str]:
-    """Where threads live: a SQLite file, or the real Redis (its own database, emptied)."""
+    """Where threads live: a SQLite file, or the suite's Redis (its own database, emptied)."""
     if request.param == "sqlite":
         yield sqlite_url
         return
+    request.getfixturevalue("redis_server")
     client = redis.Redis.from_url(STORE_REDIS_URL, socket_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError:
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis at {STORE_REDIS_URL} does not answer (CI must start it)")
-        pytest.skip(f"Redis at {STORE_REDIS_URL} does not answer")
     client.flushdb()
     yield STORE_REDIS_URL
     client.flushdb()
@@ -936,6 +931,40 @@ def test_a_model_that_goes_silent_ends_the_stream_with_an_error_event(
         "You said: hello")
 
 
+@pytest.mark.parametrize(
+    ("reply", "timeout"),
+    # The cut comes after the deltas have arrived (a reset would discard unread ones).
+    [(Reply(break_after=3, token_delay=0.05), 10), (Reply.hang(after_tokens=3), 1)],
+    ids=["cut-mid-stream", "silent-mid-stream"],
+)
+def test_an_answer_cut_by_the_model_is_stored_as_the_visitor_saw_it(
+    make_app: Callable[..., Flask],
+    store_url: str,
+    fake: FakeResponses,
+    reply: Reply,
+    timeout: int,
+) -> None:
+    client = make_app(store_url, CHATKIT_MODEL_TIMEOUT=timeout).test_client()
+    fake.enqueue(reply)
+
+    events = sse_events(post(client, create_body("one two three four five")).data)
+    thread_id = events[0]["thread"]["id"]
+    seen = "".join(e["update"]["delta"] for e in events
+                   if e["type"] == "thread.item.updated" and "delta" in e["update"])
+    stored = item_list(client, thread_id)
+    post(client, message_body(thread_id, "and then?"))
+    history = json.dumps(fake.requests[-1].json["input"])
+
+    assert seen and events[-1]["type"] == "error"
+    done = [e["item"] for e in events if e["type"] == "thread.item.done"]
+    assert done[-1]["type"] == "assistant_message"  # the widget shows it as finished
+    assert done[-1]["content"][0]["text"] == seen
+    assistant = [i for i in stored if i["type"] == "assistant_message"]
+    assert [a["content"][0]["text"] for a in assistant] == [seen]  # kept on reload
+    assert "cut off before it was finished" in history  # the next turn knows it was cut
+    assert "cut off" not in json.dumps(stored)  # the note is hidden from the visitor
+
+
 @pytest.fixture(params=["sqlite", "redis"])
 def broken_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A store that fails on use: a SQLite "file" that is a directory, a Redis nobody runs."""
@@ -980,7 +1009,7 @@ def test_a_store_outage_is_a_503_that_names_the_store(
         ({"CHATKIT_STORE_URL": "threads.db"}, "CHATKIT_STORE_URL"),
         ({"CHATKIT_STORE_URL": "sqlite:////no/such/dir/threads.db"}, "CHATKIT_STORE_URL"),
         ({"CHATKIT_STORE_URL": "sqlite:///:memory:"}, "CHATKIT_STORE_URL"),
-        ({"CHATKIT_STORE_URL": "redis://127.0.0.1:6379/typo"}, "CHATKIT_STORE_URL"),
+        ({"CHATKIT_STORE_URL": "redis://cache.example:6379/typo"}, "CHATKIT_STORE_URL"),
         ({"CHATKIT_STORE_URL": "redis://127.0.0.1:port/0"}, "CHATKIT_STORE_URL"),
         ({"CHATKIT_BACKEND": "serverless"}, "CHATKIT_BACKEND"),
     ],
@@ -1005,7 +1034,7 @@ def test_a_bad_key_from_the_environment_is_named_too(fake: FakeResponses, sqlite
 
 
 def test_a_store_password_never_appears_in_the_error(fake: FakeResponses, sqlite_url: str) -> None:
-    url = "redis://user:hunter2-store-password@127.0.0.1:6379/typo"
+    url = "redis://user:hunter2-store-password@cache.example:6379/typo"
     with pytest.raises(ConfigError) as caught:
         create_app(server_config(fake, sqlite_url, CHATKIT_STORE_URL=url), environ={})
     assert caught.value.key == "CHATKIT_STORE_URL"

@@ -243,7 +243,8 @@ def test_another_owners_thread_is_404_before_any_stream_byte(
     [b"", b"not json", b"[]", b"{}", b"null", b'{"type": 1}', b'{"type": "threads.nope"}',
      b'{"type": "threads.create"}', b'{"type": "threads.create", "params": {"input": "x"}}',
      b'{"type": "threads.list", "params": {"limit": "many"}}', b"\xff\xfe\x00",
-     b'{"type": "threads.update", "params": {"thread_id": "t", "title": "' + b"x" * 300 + b'"}}',
+     b'{"type": "threads.update", "params": {"thread_id": "thr_' + b"0" * 32
+     + b'", "title": "' + b"x" * 300 + b'"}}',
      b"[" * 100_000],
 )
 def test_invalid_bodies_are_400(client: FlaskClient, fake: FakeResponses, body: bytes) -> None:

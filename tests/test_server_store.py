@@ -1,5 +1,5 @@
 """The store contract, checked against every store: SQLite (a temporary file), fakeredis and the
-real Redis (database 13 unless CHATKIT_TEST_STORE_REDIS_URL says otherwise).
+real Redis (database 13 of the suite's own ``redis-server``).
 
 Each test runs its scenario with ``asyncio.run``, as the background loop of a worker would.
 """
@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
-import os
 import random
 import re
 import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -45,8 +46,9 @@ from chatkit_flask.server.store import OwnerScopedStore, open_store
 from chatkit_flask.server.store_redis import RedisStore
 from chatkit_flask.server.store_sqlite import SQLiteStore
 from chatkit_flask.settings import ConfigError
+from tests.services import SUITE_REDIS
 
-REDIS_URL = os.environ.get("CHATKIT_TEST_STORE_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_URL = SUITE_REDIS.url(13)
 PREFIX = "test:store"
 T = TypeVar("T")
 
@@ -149,19 +151,11 @@ class Backend:
         return asyncio.run(main())
 
 
-def _real_redis_answers() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
-def _backend(name: str, tmp_path: Path) -> Iterator[Backend]:
+def _backend(request: pytest.FixtureRequest, name: str, tmp_path: Path) -> Iterator[Backend]:
     if name != "redis":
         yield Backend(name, tmp_path)
         return
-    if not _real_redis_answers():
-        pytest.skip(f"Redis at {REDIS_URL} does not answer")
+    request.getfixturevalue("redis_server")
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
     yield Backend(name, tmp_path)
@@ -171,12 +165,12 @@ def _backend(name: str, tmp_path: Path) -> Iterator[Backend]:
 
 @pytest.fixture(params=["sqlite", "fakeredis", pytest.param("redis", marks=pytest.mark.redis)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    yield from _backend(request.param, tmp_path)
+    yield from _backend(request, request.param, tmp_path)
 
 
 @pytest.fixture(params=["fakeredis", pytest.param("redis", marks=pytest.mark.redis)])
 def redis_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    yield from _backend(request.param, tmp_path)
+    yield from _backend(request, request.param, tmp_path)
 
 
 async def collect_pages(
@@ -564,6 +558,111 @@ def test_a_page_request_is_capped_and_checked(backend: Backend) -> None:
     backend.run(scenario)
 
 
+def test_prune_applies_a_shortened_ttl_to_threads_already_stored(backend: Backend) -> None:
+    """Retention is the current setting: threads written under a 1-hour TTL are pruned by their
+    last activity once the TTL is 1 s (Redis: the survivors' keys re-expired to match)."""
+    written = backend.make(thread_ttl=3600)
+    shortened = backend.make(thread_ttl=1)
+
+    async def scenario() -> None:
+        await written.save_thread(thread("thr_idle"), ALICE)
+        await written.add_thread_item("thr_idle", user_message("thr_idle", "msg", "x"), ALICE)
+        await written.save_thread(thread("thr_busy", T0 + timedelta(seconds=1)), ALICE)
+        await backend.let_time_pass(1.2)
+        await written.add_thread_item("thr_busy", user_message("thr_busy", "msg", "y"), ALICE)
+
+        assert await shortened.prune() == 1
+        for store in (written, shortened):
+            assert [t.id for t in await store.list_owner_threads(ALICE.owner)] == ["thr_busy"]
+            with pytest.raises(NotFoundError):
+                await store.load_item("thr_idle", "msg", ALICE)
+        if backend.is_redis:
+            raw = backend.raw_client()
+            keys = [k.decode() for k in await raw.keys(f"{PREFIX}:*")]
+            assert not [k for k in keys if "thr_idle" in k]
+            for key in keys:  # thr_busy's three keys and the index: a 1 s life left at most
+                assert 0 < await raw.pttl(key) <= 1000, key
+            await raw.aclose()
+        await backend.let_time_pass(1.2)
+        # Redis expired the re-expired keys by itself; SQLite deletes at the next prune.
+        assert await shortened.prune() == (0 if backend.is_redis else 1)
+        assert await written.list_owner_threads(ALICE.owner) == []
+
+    backend.run(scenario)
+
+
+def test_move_owner_gives_a_visitors_threads_to_an_account(backend: Backend) -> None:
+    store = backend.make()
+
+    async def scenario() -> None:
+        for minutes in (0, 1):
+            thread_id = f"thr_a{minutes}"
+            await store.save_thread(thread(thread_id, T0 + timedelta(minutes=minutes)), ALICE)
+            await store.add_thread_item(thread_id, user_message(thread_id, "msg", "a"), ALICE)
+        await store.save_thread(thread("thr_b", T0 + timedelta(minutes=2)), BOB)
+
+        assert await store.move_owner(ALICE.owner, BOB.owner) == 2
+        listed = (await store.load_threads(20, None, "asc", BOB)).data
+        assert [t.id for t in listed] == ["thr_a0", "thr_a1", "thr_b"]
+        assert texts((await store.load_thread_items("thr_a1", None, 20, "asc", BOB)).data) == [
+            "a"
+        ]
+        await store.add_thread_item("thr_a1", user_message("thr_a1", "msg_2", "b"), BOB)
+        assert await store.list_owner_threads(ALICE.owner) == []
+        for read in (
+            store.load_thread("thr_a0", ALICE),
+            store.load_item("thr_a0", "msg", ALICE),
+            store.add_thread_item("thr_a0", user_message("thr_a0", "msg_3", "?"), ALICE),
+        ):
+            with pytest.raises(NotFoundError):
+                await read
+        assert await store.move_owner(ALICE.owner, BOB.owner) == 0
+
+    backend.run(scenario)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def shared_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """A store other threads can open too (fakeredis lives in one client's server)."""
+    yield from _backend(request, request.param, tmp_path)
+
+
+def test_a_concurrent_reader_sees_all_threads_moved_or_none(shared_backend: Backend) -> None:
+    backend, count = shared_backend, 300
+    store = backend.make()
+
+    async def fill() -> None:
+        for i in range(count):
+            await store.save_thread(thread(f"thr_{i:04}", T0 + timedelta(seconds=i)), ALICE)
+
+    backend.run(fill)
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        reader = backend.make()
+
+        async def loop() -> None:
+            while not stop.is_set():
+                seen.append(len(await reader.list_owner_threads(BOB.owner)))
+            if isinstance(reader, RedisStore):
+                await reader.aclose()
+
+        asyncio.run(loop())
+
+    watcher = threading.Thread(target=read)
+    watcher.start()
+    while not seen:
+        time.sleep(0.01)
+    moved = backend.run(lambda: store.move_owner(ALICE.owner, BOB.owner))
+    time.sleep(0.1)
+    stop.set()
+    watcher.join()
+    assert moved == count
+    assert set(seen) <= {0, count}, sorted(set(seen))
+    assert seen[0] == 0 and seen[-1] == count
+
+
 # -- Redis specifics ------------------------------------------------------------------------------
 
 
@@ -612,14 +711,14 @@ def test_sqlite_prune_deletes_expired_threads_and_items(tmp_path: Path) -> None:
         await store.add_thread_item("thr_new", user_message("thr_new", "msg", "y"), ALICE)
 
     backend.run(scenario)
-    assert store.prune() == 0
-    assert store.prune(now=backend.clock.now + 31) == 1
+    assert asyncio.run(store.prune()) == 0
+    assert asyncio.run(store.prune(now=backend.clock.now + 31)) == 1
     with sqlite3.connect(store.path) as db:
         rows = db.execute("SELECT thread_id, id FROM chatkit_items").fetchall()
         assert [r[0] for r in db.execute("SELECT id FROM chatkit_threads")] == ["thr_new"]
     assert rows == [("thr_new", "msg")]
     backend.clock.now += 1000
-    assert store.prune() == 1
+    assert asyncio.run(store.prune()) == 1
 
 
 def _write_from_child(store: SQLiteStore, name: str, start: Any) -> None:
@@ -751,7 +850,7 @@ def test_open_store_picks_the_store_from_the_url(tmp_path: Path) -> None:
     assert absolute.thread_ttl == 60
 
     for url in (
-        "redis://:s3cret@127.0.0.1:6379/13",
+        "redis://:s3cret@cache.example:6379/13",
         "rediss://cache.example:6380/0",
         "unix:///run/redis.sock?db=2",
         "REDIS://127.0.0.1",

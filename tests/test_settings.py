@@ -26,8 +26,8 @@ def test_defaults_match_the_documented_values() -> None:
     assert settings.upstream_retries == 2
     assert settings.url_prefix == "/api/chatkit"
     assert settings.limit_per_user == "10 per minute;100 per day"
-    assert settings.limit_per_ip == "30 per minute;500 per day"
-    assert settings.limit_per_ipv6_48 == "60 per minute;2000 per day"
+    assert settings.limit_per_ip == "30 per minute;200 per day"
+    assert settings.limit_per_ipv6_48 == "60 per minute;200 per day"
     assert settings.limit_global == "2000 per day"
     assert settings.cookie_secure is True
     assert settings.cookie_max_age == 30 * 24 * 3600

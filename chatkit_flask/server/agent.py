@@ -135,7 +135,8 @@ class ModelClient:
     """How the model is reached. :meth:`run_config` must be called on the bridge loop.
 
     ``max_retries`` stays small: a retry doubles the wait a visitor sees, and the UI offers its
-    own retry. ``timeout`` bounds connect and each read (a silent gap), not the whole answer.
+    own retry. ``timeout`` bounds connect and each read (a silent gap), not the whole answer
+    (``CHATKIT_REPLY_TIMEOUT`` does, in ``protocol``).
     """
 
     api_key: str = field(repr=False)  # never in a log line

@@ -136,6 +136,8 @@ class AsyncBridge:
         idle_timeout: float | None = None,
         heartbeat: float | None = None,
         heartbeat_item: T | None = None,
+        write_timeout: float | None = None,
+        on_stall: Callable[[], None] | None = None,
     ) -> Iterator[T]:
         """Relay ``agen_factory()`` (run on the loop) to the calling thread, item by item.
 
@@ -146,12 +148,19 @@ class AsyncBridge:
         own cancellation handling runs, and waits up to ``cancel_grace`` seconds for it.
         ``idle_timeout`` bounds the wait for each item (``TimeoutError``). With ``heartbeat``,
         ``heartbeat_item`` is yielded after that many silent seconds: a write lets the server
-        notice a client that left during a long silence.
+        notice a client that left during a long silence. With ``write_timeout``, a consumer that
+        has not come back for the next item that long after taking one (the server is stuck
+        writing to a client that does not read) is given up on: ``on_stall`` runs on the loop
+        (it should unblock the write, e.g. shut the socket down) and the producer is cancelled,
+        so a reader that stalls holds neither the model call nor more memory.
         """
         self._refuse_loop_thread()
         if heartbeat is not None and heartbeat_item is None:
             raise ValueError("heartbeat needs a heartbeat_item")
-        return self._stream(agen_factory, queue_size, idle_timeout, heartbeat, heartbeat_item)
+        watch = None if write_timeout is None else _WriteWatch(write_timeout, on_stall)
+        return self._stream(
+            agen_factory, queue_size, idle_timeout, heartbeat, heartbeat_item, watch
+        )
 
     def _stream(
         self,
@@ -160,6 +169,7 @@ class AsyncBridge:
         idle_timeout: float | None,
         heartbeat: float | None,
         heartbeat_item: T | None,
+        watch: _WriteWatch | None,
     ) -> Iterator[T]:
         loop = self.loop
         channel = _Channel(loop, queue_size)
@@ -167,6 +177,8 @@ class AsyncBridge:
         task_future = asyncio.run_coroutine_threadsafe(
             _pump(agen_factory, channel, finished), loop
         )
+        if watch is not None:
+            watch.start(loop, task_future)
         completed = False
         try:
             while True:
@@ -182,21 +194,74 @@ class AsyncBridge:
                     except queue.Empty:
                         if deadline is not None and time.monotonic() >= deadline:
                             raise TimeoutError(f"no stream item within {idle_timeout}s") from None
-                        yield heartbeat_item  # type: ignore[misc]
+                        yield from _watched(heartbeat_item, watch)  # type: ignore[arg-type]
                 if item is _END:
                     completed = True
                     return
                 if isinstance(item, _Failure):
                     completed = True
                     raise item.error
-                yield item  # type: ignore[misc]
+                yield from _watched(item, watch)  # type: ignore[arg-type]
         finally:
+            if watch is not None:
+                watch.done = True
             if not completed:
                 # Cancelling the concurrent future cancels the loop task; wait on our own event
                 # because the future reports "cancelled" at once, before cleanup has run.
                 task_future.cancel()
                 if not finished.wait(self.cancel_grace):
                     log.warning("stream producer still cleaning up after %ss", self.cancel_grace)
+
+
+class _WriteWatch:
+    """Notices a consumer stuck on one item (its server writing to a client that does not read).
+
+    The consumer thread sets ``since`` while an item is out; a check on the loop every quarter
+    of ``timeout`` (at most a second apart) compares. Plain attributes: each is written by one
+    thread and read by the other, and a stale read only delays the check by one round.
+    """
+
+    def __init__(self, timeout: float, on_stall: Callable[[], None] | None) -> None:
+        self.timeout = timeout
+        self.on_stall = on_stall
+        self.since: float | None = None
+        self.done = False
+        self.stalled = False
+
+    def start(
+        self, loop: asyncio.AbstractEventLoop, producer: concurrent.futures.Future[None]
+    ) -> None:
+        every = min(1.0, self.timeout / 4)
+
+        def check() -> None:
+            if self.done:
+                return
+            since = self.since
+            if since is not None and time.monotonic() - since > self.timeout:
+                self.stalled = True
+                log.warning("stream reader stalled for %ss: dropping it", self.timeout)
+                if self.on_stall is not None:
+                    try:
+                        self.on_stall()
+                    except Exception as exc:  # the producer is cancelled anyway
+                        log.debug("on_stall failed: %r", exc)
+                producer.cancel()
+                return
+            loop.call_later(every, check)
+
+        loop.call_soon_threadsafe(loop.call_later, every, check)
+
+
+def _watched(item: T, watch: _WriteWatch | None) -> Iterator[T]:
+    """Yield ``item``, telling ``watch`` how long the consumer is away with it."""
+    if watch is None:
+        yield item
+        return
+    watch.since = time.monotonic()
+    try:
+        yield item
+    finally:
+        watch.since = None
 
 
 class _Channel:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Response
@@ -44,6 +44,8 @@ def handle(
     timeout: float = 30.0,
     stream_idle_timeout: float | None = None,
     heartbeat: float | None = None,
+    write_timeout: float | None = None,
+    on_stall: Callable[[], None] | None = None,
 ) -> Response:
     """Answer one ChatKit request body for ``context.owner``.
 
@@ -54,12 +56,15 @@ def handle(
     ``stream_idle_timeout`` (None: the model client's own timeout applies) bounds each wait for
     the next frame. ``heartbeat`` (seconds; off by default) sends an SSE comment line during
     silences, so proxies keep the connection and a visitor who left is noticed (and the model
-    request cancelled) even while the model is silent.
+    request cancelled) even while the model is silent. ``write_timeout`` and ``on_stall``: a
+    client that stops reading is dropped (see :meth:`AsyncBridge.stream`).
     """
     try:
         request = server.parse(body)
     except RequestRefused as exc:
         raise ApiError(400, exc.code, exc.message) from None
+    except NotFoundError:  # an id the store could not have issued: the store is not asked
+        raise ApiError(404, "not_found", NOT_FOUND_MESSAGE) from None
 
     if not server.is_streaming(request):
         try:
@@ -81,6 +86,8 @@ def handle(
         idle_timeout=stream_idle_timeout,
         heartbeat=heartbeat,
         heartbeat_item=HEARTBEAT_FRAME,
+        write_timeout=write_timeout,
+        on_stall=on_stall,
     )
     try:
         first = next(frames)
@@ -138,8 +145,11 @@ class _SseBody:
 
 def stream_outcome(report: dict[str, Any]) -> str:
     """How a stream ended, once closed: the answer's ``completed``, ``failed`` or ``cancelled``;
-    without an answer, ``cancelled`` if the stream was cut short, else ``no_answer`` (e.g. a
-    retry of an item that is not in the thread)."""
+    ``refused`` when a token budget refused it inside the stream; without an answer,
+    ``cancelled`` if the stream was cut short, else ``no_answer`` (e.g. a retry of an item that
+    is not in the thread)."""
+    if report.get("refused_scope"):
+        return "refused"
     usage = report.get("usage")
     if usage is not None:
         return str(usage.outcome)

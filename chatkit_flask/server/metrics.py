@@ -58,8 +58,8 @@ DURATION_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 
 
 MESSAGE_OUTCOMES = ("completed", "failed", "cancelled", "no_answer", "refused", "not_found",
                     "invalid", "unavailable", "error")  # fmt: skip
-REFUSAL_SCOPES = ("user", "ip", "global", "requests", "streams", "tokens", "tokens_global",
-                  "site")  # fmt: skip
+REFUSAL_SCOPES = ("user", "ip", "global", "requests", "streams", "streams_ip", "busy",
+                  "thread_busy", "tokens", "tokens_global", "site")  # fmt: skip
 REQUEST_TYPES = (*sorted(SUPPORTED_TYPES | UNSUPPORTED_TYPES), "unknown")
 
 requests = Counter(

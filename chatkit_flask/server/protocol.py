@@ -3,8 +3,11 @@
 :class:`FlaskChatKitServer` adds to the SDK what a public site needs: one cached request parser
 (the SDK builds a pydantic ``TypeAdapter`` per request: about 3 ms of CPU), refusal of the request
 types we do not serve, an input length limit checked before any model call, history taken from
-the NEWEST items, a generic message instead of the provider's error body, the model request
-aborted when the visitor goes away, and token usage reported per answer.
+the NEWEST items (as many as fit ``history_max_chars``), a generic message instead of the
+provider's error body, the model request aborted when the visitor goes away or the reply's
+deadline passes (the partial answer kept), ``max_output_tokens`` and ``max_turns`` on every run,
+a reservation of the reply's worst-case cost before the model is called (``admit``), and its
+real cost reported per answer, cancelled ones included (see ``costs``).
 
 Built against openai-chatkit 1.6.x: :meth:`stream` and :meth:`call` use the SDK's
 ``_process_streaming_impl`` / ``_process_non_streaming`` to skip its per-call parser (pinned range).
@@ -12,23 +15,32 @@ Built against openai-chatkit 1.6.x: :meth:`stream` and :meth:`call` use the SDK'
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from datetime import datetime
+from typing import Any, Literal
 
-from agents import Runner
+from agents import ModelSettings, RunConfig, Runner
 from chatkit.agents import AgentContext, ThreadItemConverter, stream_agent_response
 from chatkit.errors import CustomStreamError
 from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
 from chatkit.store import NotFoundError, Store
 from chatkit.types import (
+    AssistantMessageItem,
     ChatKitReq,
     FeedbackKind,
     ItemsFeedbackReq,
     ItemsListReq,
+    SDKHiddenContextItem,
+    ThreadItem,
+    ThreadItemAddedEvent,
+    ThreadItemDoneEvent,
+    ThreadItemUpdatedEvent,
     ThreadMetadata,
     ThreadsAddUserMessageReq,
     ThreadsCreateReq,
@@ -46,6 +58,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from .agent import AgentSource, ModelClient, resolve_agent
 from .context import RequestContext
+from .costs import ReplyMeter, estimate_input_tokens, model_calls, newest_within
 
 __all__ = [
     "MODEL_TYPES",
@@ -91,11 +104,20 @@ UNSUPPORTED_TYPES = frozenset(
     }
 )
 MAX_PAGE_SIZE = 100
+# Ids as the store issues them (store.py): a thread id is "thr_" + 128 random bits in hex. Item
+# ids are ours or the model's ("msg_..."); both are word characters. Anything else (a key
+# separator, a path) is a 404 before the store is touched.
+THREAD_ID = re.compile(r"thr_[0-9a-f]{32}")
+ITEM_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 MAX_TITLE_CHARS = 200
 MAX_FEEDBACK_ITEMS = 100
 
 BUSY_MESSAGE = "The assistant is busy right now. Please try again in a moment."
 FAILED_MESSAGE = "The assistant could not answer just now. Please try again."
+TIMEOUT_MESSAGE = "The answer took too long and was stopped. Please try again."
+CUT_MESSAGE = "The answer reached its length limit and was cut short."
+# Stored (hidden from the visitor) after an answer that was cut short, for the next turn.
+CUT_NOTE = "The previous answer was cut off before it was finished."
 
 # Built once: building it per request is a quarter of the server's CPU per message.
 _REQUEST_ADAPTER: TypeAdapter[ChatKitReq] = TypeAdapter(ChatKitReq)
@@ -154,16 +176,51 @@ def _refuse_unsupported(kind: str | None) -> None:
         raise UnsupportedRequest(f"Requests of type {kind!r} are not supported here.")
 
 
+def input_chars(user_input: UserMessageInput) -> int:
+    """Characters of everything in a message that is stored or reaches the model: text parts,
+    tags (their text and their data, as JSON) and the quoted text. The one count the input
+    cap applies to."""
+    length = len(user_input.quoted_text or "")
+    for part in user_input.content:
+        length += len(part.text)
+        if isinstance(part, UserMessageTagContent):
+            length += len(json.dumps(part.data, separators=(",", ":"))) + len(part.id)
+            length += len(part.group or "")
+    return length
+
+
+def _check_ids(request: ChatKitReq) -> None:
+    """A thread or item id the store could not have issued is ``NotFoundError`` (404)."""
+    params = getattr(request, "params", None)
+    thread_ids = [getattr(params, "thread_id", None)]
+    item_ids = [getattr(params, "item_id", None), *getattr(params, "item_ids", ())]
+    # ``after`` is a paging cursor: a thread id in threads.list, an item id in items.list.
+    (thread_ids if isinstance(request, ThreadsListReq) else item_ids).append(
+        getattr(params, "after", None)
+    )
+    for ident, pattern in [(i, THREAD_ID) for i in thread_ids] + [(i, ITEM_ID) for i in item_ids]:
+        if ident is not None and not pattern.fullmatch(ident):
+            raise NotFoundError("no such thread or item")
+
+
 # ---------------------------------------------------------------------- usage
 @dataclass(frozen=True)
 class TokenUsage:
-    """Tokens one answer used, as the provider reported them (zeros if it never finished)."""
+    """Tokens one answer used, as the provider reported them (zeros if it never finished),
+    and ``charged_tokens``: what the budgets are charged (reported, plus an estimate for a
+    model call cut off before its usage came; see ``costs``)."""
 
     input_tokens: int
     output_tokens: int
     total_tokens: int
     requests: int
     outcome: Literal["completed", "failed", "cancelled"]
+    charged_tokens: int = 0
+
+
+# Called on the loop with the reply's worst-case tokens before the model is; may raise
+# CustomStreamError to refuse.
+AdmitCallback = Callable[[RequestContext, int], Awaitable[None]]
 
 
 UsageCallback = Callable[[RequestContext, TokenUsage], None]
@@ -175,6 +232,15 @@ def _release_event_reader(agent_context: AgentContext[RequestContext]) -> None:
     "Task was destroyed but it is pending!" for every disconnect)."""
     for waiter in list(getattr(agent_context._events, "_getters", ())):
         waiter.cancel()
+
+
+def _stop_at_deadline(result: Any, meter: ReplyMeter) -> None:
+    """The reply's deadline: abort the model call; its stream then ends and ``respond`` tells
+    the visitor (a trickling reply never trips the per-read timeout)."""
+    if result.is_complete:  # the answer is whole; only its last frames are still going out
+        return
+    meter.timed_out = True
+    result.cancel()
 
 
 class _Converter(ThreadItemConverter):
@@ -194,7 +260,9 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
     ``on_usage(context, usage)`` runs on the event loop after every answer (must not block;
     its errors are logged, never raised). ``history_items`` is the number of newest thread items
     sent to the model; each costs CPU in the openai client's request transform (measured: about
-    16-21 ms per message with 1 item, 30 ms with 30).
+    16-21 ms per message with 1 item, 30 ms with 30); ``history_max_chars`` bounds their JSON.
+    ``max_output_tokens`` and ``max_turns`` bound every run; ``reply_timeout`` (seconds) bounds
+    a whole reply. ``admit(context, tokens)`` is awaited before the model is called.
     """
 
     def __init__(
@@ -206,6 +274,11 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         history_items: int = 20,
         max_input_chars: int = 4000,
         on_usage: UsageCallback | None = None,
+        history_max_chars: int = 32_000,
+        max_output_tokens: int = 1024,
+        max_turns: int = 4,
+        reply_timeout: float = 180.0,
+        admit: AdmitCallback | None = None,
     ) -> None:
         super().__init__(store)
         self.agent = agent
@@ -213,6 +286,11 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         self.history_items = history_items
         self.max_input_chars = max_input_chars
         self.on_usage = on_usage
+        self.history_max_chars = history_max_chars
+        self.max_output_tokens = max_output_tokens
+        self.max_turns = max_turns
+        self.reply_timeout = reply_timeout
+        self.admit = admit
         self.converter: ThreadItemConverter = _Converter()
 
     # ------------------------------------------------------------- parsing
@@ -232,13 +310,15 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         return request
 
     def _check(self, request: ChatKitReq) -> None:
+        _check_ids(request)
         match request:
             case ThreadsCreateReq() | ThreadsAddUserMessageReq():
                 self._check_input(request.params.input)
             case ThreadsListReq() | ItemsListReq():
-                # The client chooses the page size; a huge one would load a whole history.
+                # The client chooses the page size; a huge one would load a whole history. 0 or
+                # none is the SDK's default page (20), as OpenAI's own server answers it.
                 limit = request.params.limit
-                request.params.limit = None if limit is None else max(1, min(limit, MAX_PAGE_SIZE))
+                request.params.limit = max(1, min(limit, MAX_PAGE_SIZE)) if limit else None
             case ThreadsUpdateReq() if len(request.params.title) > MAX_TITLE_CHARS:
                 raise InvalidRequest(f"A title has at most {MAX_TITLE_CHARS} characters.")
             case ItemsFeedbackReq() if len(request.params.item_ids) > MAX_FEEDBACK_ITEMS:
@@ -247,9 +327,7 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
     def _check_input(self, user_input: UserMessageInput) -> None:
         if user_input.attachments:
             raise UnsupportedRequest("Attachments are not supported here.")
-        length = sum(len(part.text) for part in user_input.content)
-        length += len(user_input.quoted_text or "")
-        if length > self.max_input_chars:
+        if input_chars(user_input) > self.max_input_chars:
             raise InputTooLong(f"A message has at most {self.max_input_chars} characters.")
         # inference_options (model, tool_choice) are ignored on purpose: the browser must not
         # pick the model the site pays for.
@@ -303,55 +381,126 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         page = await self.store.load_thread_items(
             thread.id, None, self.history_items, "desc", context
         )
-        agent_input = await self.converter.to_agent_input(list(reversed(page.data)))
+        history = newest_within(list(reversed(page.data)), self.history_max_chars)
+        agent_input = await self.converter.to_agent_input(history)
         agent_context = AgentContext(thread=thread, store=self.store, request_context=context)
+        meter = ReplyMeter(estimate_input_tokens(agent, agent_input))
+        if self.admit is not None:
+            calls = model_calls(agent, self.max_turns)
+            await self.admit(context, calls * (meter.input_estimate + self.max_output_tokens))
         result = Runner.run_streamed(
             agent,
             agent_input,
             context=agent_context,
-            run_config=self.model.run_config() if self.model is not None else None,
+            run_config=self._run_config(agent),
+            max_turns=self.max_turns,
         )
+        deadline = asyncio.get_running_loop().call_later(
+            self.reply_timeout, _stop_at_deadline, result, meter
+        )
+        pending: dict[str, ThreadItem] = {}  # what is on screen but not saved yet
         outcome: Literal["completed", "failed", "cancelled"] = "cancelled"
         try:
-            async for event in stream_agent_response(agent_context, result):
+            async for event in stream_agent_response(agent_context, meter.watch(result)):
                 # The model's first output: what a visitor waits for (the frames before it,
                 # thread and user item, leave before the model is called).
                 context.report.setdefault("first_answer_at", time.perf_counter())
+                self._follow(pending, event)
                 yield event
+            if meter.timed_out:  # the run was stopped: its stream just ends
+                raise TimeoutError
             outcome = "completed"
         except Exception as exc:
             outcome = "failed"
-            # Class and status only: provider messages can quote parts of keys or inputs.
-            log.warning(
-                "model answer failed: %s status=%s [%s]",
-                type(exc).__name__,
-                getattr(exc, "status_code", "-"),
-                context.request_id,
-            )
-            message = BUSY_MESSAGE if isinstance(exc, RateLimitError) else FAILED_MESSAGE
-            raise CustomStreamError(message, allow_retry=True) from None
+            allow_retry = True
+            if meter.timed_out or meter.incomplete_reason == "max_output_tokens":
+                message = TIMEOUT_MESSAGE if meter.timed_out else CUT_MESSAGE
+                allow_retry = meter.timed_out
+                log.warning("model answer cut: %s [%s]", message, context.request_id)
+            else:
+                # Class and status only: provider messages can quote parts of keys or inputs.
+                log.warning(
+                    "model answer failed: %s status=%s [%s]",
+                    type(exc).__name__,
+                    getattr(exc, "status_code", "-"),
+                    context.request_id,
+                )
+                message = BUSY_MESSAGE if isinstance(exc, RateLimitError) else FAILED_MESSAGE
+            for event in self._keep_cut_answer(thread, pending, context):
+                yield event  # what the visitor has already read stays in the thread
+            raise CustomStreamError(message, allow_retry=allow_retry) from None
         finally:
+            deadline.cancel()
             # Without this the model request runs to its end after a disconnect (and is paid
             # for): stream_agent_response waits on tasks that cancelling us does not cancel.
             result.cancel()
             if outcome != "completed":
                 _release_event_reader(agent_context)
-            self._report_usage(context, result.context_wrapper.usage, outcome)
+            self._report_usage(context, result.context_wrapper.usage, outcome, meter)
+
+    def _run_config(self, agent: Any) -> RunConfig:
+        """The model client's run config with ``max_output_tokens`` (an agent's own lower
+        ``max_tokens`` stands)."""
+        config = self.model.run_config() if self.model is not None else RunConfig()
+        own = agent.model_settings.max_tokens
+        limit = self.max_output_tokens if own is None else min(own, self.max_output_tokens)
+        config.model_settings = (config.model_settings or ModelSettings()).resolve(
+            ModelSettings(max_tokens=limit)
+        )
+        return config
+
+    def _follow(self, pending: dict[str, ThreadItem], event: ThreadStreamEvent) -> None:
+        """Keep the items under way up to date, as the SDK does for a cancelled stream."""
+        if isinstance(event, ThreadItemAddedEvent):
+            pending[event.item.id] = event.item.model_copy(deep=True)
+        elif isinstance(event, ThreadItemDoneEvent):
+            pending.pop(event.item.id, None)
+        elif isinstance(event, ThreadItemUpdatedEvent):
+            # A part that is added or done is copied: the SDK's own tracking stores the same
+            # part object, and each text delta would then be appended to it twice. (Deltas
+            # themselves are strings: no copy per delta.)
+            if hasattr(event.update, "content"):
+                event = event.model_copy(deep=True)
+            self._update_pending_items(pending, event)
+
+    def _keep_cut_answer(
+        self, thread: ThreadMetadata, unfinished: dict[str, ThreadItem], context: RequestContext
+    ) -> list[ThreadStreamEvent]:
+        """The events that store an answer cut by a model failure the way ChatKit stores a
+        cancelled one: the text the visitor read, then a hidden note for the next turn."""
+        kept: list[ThreadStreamEvent] = [
+            ThreadItemDoneEvent(item=item)
+            for item in unfinished.values()
+            if isinstance(item, AssistantMessageItem)
+            and any(part.text.strip() for part in item.content)
+        ]
+        if kept:
+            note = SDKHiddenContextItem(
+                thread_id=thread.id,
+                created_at=datetime.now(),
+                id=self.store.generate_item_id("sdk_hidden_context", thread, context),
+                content=CUT_NOTE,
+            )
+            kept.append(ThreadItemDoneEvent(item=note))
+        return kept
 
     def _report_usage(
         self,
         context: RequestContext,
         usage: object,
         outcome: Literal["completed", "failed", "cancelled"],
+        meter: ReplyMeter,
     ) -> None:
         if self.on_usage is None:
             return
+        charge = meter.charge(outcome, usage)
         report = TokenUsage(
-            input_tokens=getattr(usage, "input_tokens", 0),
-            output_tokens=getattr(usage, "output_tokens", 0),
-            total_tokens=getattr(usage, "total_tokens", 0),
-            requests=getattr(usage, "requests", 0),
+            input_tokens=charge.input_tokens,
+            output_tokens=charge.output_tokens,
+            total_tokens=charge.input_tokens + charge.output_tokens,
+            requests=max(getattr(usage, "requests", 0), meter.finished_calls),
             outcome=outcome,
+            charged_tokens=charge.total,
         )
         try:
             self.on_usage(context, report)

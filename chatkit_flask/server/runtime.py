@@ -1,6 +1,7 @@
 """What one app's server mode runs with, built once at ``init_app`` (so a bad agent, store URL or
 instructions file stops start-up): the bridge to asyncio, the store, the agent and its model
-client, the ChatKit server and the stream slots."""
+client, the ChatKit server, the token budgets (a reply reserves before the model is called and
+settles after it ends) and the stream slots."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from chatkit.errors import CustomStreamError
 
 from ..settings import ConfigError, Settings
 from .agent import ModelClient, build_plain_agent, instruction_dirs, load_agent_spec
 from .bridge import AsyncBridge
-from .budget import TokenBudget
+from .budget import BudgetSpent, TokenBudget
 from .context import RequestContext
 from .protocol import FlaskChatKitServer, TokenUsage
 from .slots import StreamSlots
-from .store import OwnerScopedStore, open_store
+from .store import REDIS_SCHEMES, OwnerScopedStore, open_store
 
 __all__ = ["DEFAULT_STORE_FILE", "ServerRuntime", "default_store_url"]
 
@@ -25,6 +29,12 @@ __all__ = ["DEFAULT_STORE_FILE", "ServerRuntime", "default_store_url"]
 DEFAULT_STORE_FILE = "chatkit-threads.db"
 
 log = logging.getLogger("chatkit_flask")
+
+# The refusals the ChatKit UI shows (the view refuses with the same words before the stream).
+BUDGET_MESSAGES = {
+    "tokens": "You have used up your share of the assistant for now",
+    "tokens_global": "The assistant has used up the site's budget for now",
+}
 
 
 class ServerRuntime:
@@ -39,6 +49,7 @@ class ServerRuntime:
         self.store: OwnerScopedStore = open_store(
             settings.store_url or default_store_url(instance_path), thread_ttl=settings.thread_ttl
         )
+        self.store_findings = store_findings(settings)
         agent = (
             load_agent_spec(settings.agent)
             if settings.agent
@@ -66,21 +77,66 @@ class ServerRuntime:
             history_items=settings.history_items,
             max_input_chars=settings.max_input_chars,
             on_usage=self._on_usage,
+            history_max_chars=settings.history_max_chars,
+            max_output_tokens=settings.max_output_tokens,
+            max_turns=settings.agent_max_turns,
+            reply_timeout=settings.reply_timeout,
+            admit=self._admit,
         )
         self.budget = TokenBudget(
             limiter_storage, settings.tokens_per_user, settings.tokens_global
         )
         self.slots = StreamSlots(
-            limiter_storage, settings.max_streams_per_user, lease=settings.model_timeout + 60
+            limiter_storage, settings.max_streams_per_user, lease=settings.stream_slot_lease
+        )
+        # Open replies per client network (IPv4 address, IPv6 /64) across workers and hosts, and
+        # per worker process (each open reply holds one of its threads: keep some for reads).
+        self.network_streams = StreamSlots(
+            limiter_storage,
+            settings.max_streams_per_ip,
+            lease=settings.stream_slot_lease,
+            prefix="chatkit:streams-ip",
+        )
+        self.worker_streams = StreamSlots(
+            lambda: "this process",
+            settings.max_streams_per_worker or 1_000_000,
+            lease=settings.stream_slot_lease,
+            prefix="chatkit:streams-worker",
+            in_process=True,
+        )
+        # One reply at a time per thread (the widget never sends two; a second one could answer
+        # the wrong message): a slot of one per thread, held like the visitor's.
+        self.thread_replies = StreamSlots(
+            limiter_storage, 1, lease=settings.stream_slot_lease, prefix="chatkit:replying"
         )
 
+    async def _admit(self, context: RequestContext, tokens: int) -> None:
+        """On the loop before the model is called: reserve the reply's worst case, or refuse
+        inside the stream when a budget is spent (a race the view's look before did not see)."""
+        if not self.budget.enabled:
+            return
+        try:  # a storage call: off the loop
+            context.report["reservation"] = await asyncio.to_thread(
+                self.budget.reserve, context.owner, tokens
+            )
+        except BudgetSpent as spent:
+            context.report["refused_scope"] = spent.scope
+            raise CustomStreamError(
+                f"{BUDGET_MESSAGES[spent.scope]}. Try again in {spent.retry_after} seconds.",
+                allow_retry=True,
+            ) from None
+
     def _on_usage(self, context: RequestContext, usage: TokenUsage) -> None:
-        """On the loop after every answer: keep it for the log line, tell the hooks."""
+        """On the loop after every answer: keep it for the log line, settle the reservation
+        with what the answer cost, tell the hooks."""
         context.report["usage"] = usage
         if self.budget.enabled:  # a storage call: off the loop
-            tokens = usage.input_tokens + usage.output_tokens
             asyncio.get_running_loop().run_in_executor(
-                None, self.budget.charge, context.owner, tokens
+                None,
+                self.budget.settle,
+                context.report.get("reservation"),
+                context.owner,
+                usage.charged_tokens,
             )
         for hook in self.usage_hooks:
             try:
@@ -103,3 +159,18 @@ def default_store_url(instance_path: str) -> str:
             f"({exc.strerror}); set CHATKIT_STORE_URL or the app's instance_path",
         ) from None
     return f"sqlite:///{(folder / DEFAULT_STORE_FILE).resolve()}"
+
+
+def store_findings(settings: Settings) -> list[str]:
+    """Warn at start-up (and refuse, when ``CHATKIT_STORE_REQUIRE_PERSISTENCE`` asks) about a
+    store that would lose threads; returns the findings for ``flask chatkit check``."""
+    if not settings.store_url or urlsplit(settings.store_url).scheme.lower() not in REDIS_SCHEMES:
+        return []  # unset: SQLite in the instance folder
+    from .store_redis import persistence_findings
+
+    findings = persistence_findings(settings.store_url)
+    if findings and settings.store_require_persistence:
+        raise ConfigError("CHATKIT_STORE_REQUIRE_PERSISTENCE", "is true, but " + " ".join(findings))
+    for finding in findings:
+        log.warning("chatkit_flask: %s", finding)
+    return findings

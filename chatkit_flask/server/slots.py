@@ -1,98 +1,205 @@
 """How many replies one visitor or user may have streaming at once, across every worker and host.
 
-Counted in the limiter's Redis when it has one (a counter per owner with a lease, so a worker
-that dies mid-stream cannot hold a slot for ever), else in this process. A storage failure lets
-the stream through (logged): the message limits still apply.
+Each reply holds its own slot: a member of the owner's sorted set in the limiter's Redis whose
+score is the slot's deadline. The reply renews its deadline while it streams; a slot whose holder
+died (a killed worker, a cut shutdown) lapses ``lease`` seconds after its last renewal, and the
+next attempt sweeps it. A refused attempt changes nothing but that sweep. Without Redis the
+slots are counted in this process. A storage failure lets the stream through (logged): the
+message limits still apply.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
-from collections import Counter
-from collections.abc import Callable
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from limits.storage import RedisClusterStorage, RedisStorage
 
-__all__ = ["StreamSlots"]
+__all__ = ["Slot", "StreamSlots"]
 
 log = logging.getLogger("chatkit_flask")
 
-# KEYS[1]: the owner's counter; ARGV: the cap, the lease in seconds. 1 = a slot was taken.
+# KEYS[1]: the owner's set; ARGV: cap, lease (ms), token. 1 = the slot is taken. Lapsed members
+# go first; a refusal writes nothing else (no expiry is extended by knocking).
 _ACQUIRE = """
-local n = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-if n > tonumber(ARGV[1]) then
-  redis.call('DECR', KEYS[1])
-  return 0
-end
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+# ARGV: lease (ms), token. 1 = renewed; 0 = the slot had lapsed (it is not taken back).
+_RENEW = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+if not redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 _RELEASE = """
-local n = tonumber(redis.call('GET', KEYS[1]) or '0')
-if n > 1 then return redis.call('DECR', KEYS[1]) end
-redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('ZCARD', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
 return 0
 """
 
 
+class Slot:
+    """One reply's slot. :meth:`hold` wraps the reply's body so the slot is renewed while frames
+    (heartbeats included) go out, and released when the body is closed; :meth:`release` is safe
+    to call more than once."""
+
+    def __init__(self, slots: StreamSlots, owner: str, token: str | None) -> None:
+        self._slots = slots
+        self.owner = owner
+        self.token = token  # None: not counted (limits off, or the storage failed)
+        self._renewed = time.monotonic()
+        self._released = False
+
+    def renew_if_due(self) -> None:
+        now = time.monotonic()
+        if self.token is None or self._released or now - self._renewed < self._slots.renew_every:
+            return
+        self._renewed = now
+        self._slots._renew(self)
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if self.token is not None:
+            self._slots._release(self)
+
+    def hold(self, body: Iterable[bytes]) -> _HeldBody:
+        return _HeldBody(body, self)
+
+
+class _HeldBody:
+    """A response body that renews its slot as it is written and releases it at its end or on
+    close, whichever comes first (the body's own ``close`` runs first: it cancels the answer)."""
+
+    def __init__(self, body: Iterable[bytes], slot: Slot) -> None:
+        self._body = body
+        self._slot = slot
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._body:
+            self._slot.renew_if_due()
+            yield chunk
+        self._slot.release()  # read to its end: free now (a test client may never close it)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._slot.release()
+
+
 class StreamSlots:
     """At most ``cap`` concurrent streams per owner. ``storage`` returns the limiter's storage
-    (or None while limits are off: then nothing is counted)."""
+    (or None while limits are off: then nothing is counted). A slot lapses ``lease`` seconds
+    after its last renewal; a streaming reply renews it every ``lease / 3`` seconds. ``prefix``
+    names the Redis keys: the same mechanism with ``cap=1`` and a thread as the owner
+    serialises the replies of one thread, and with a network as the owner caps an address.
+    ``in_process`` counts in this process only (a cap on one worker's threads)."""
 
-    def __init__(self, storage: Callable[[], Any], cap: int, lease: float) -> None:
+    def __init__(
+        self,
+        storage: Callable[[], Any],
+        cap: int,
+        lease: float,
+        prefix: str = "chatkit:streams",
+        *,
+        in_process: bool = False,
+    ) -> None:
         self._storage = storage
         self.cap = cap
-        self._lease = max(60, int(lease))
-        self._local: Counter[str] = Counter()
+        self.prefix = prefix
+        self._in_process = in_process  # count here even when the storage is a shared Redis
+        self.lease_ms = max(1000, int(lease * 1000))
+        self.renew_every = lease / 3
+        self._local: defaultdict[str, set[str]] = defaultdict(set)
         self._lock = threading.Lock()
-        self._scripts: dict[int, tuple[Any, Any]] = {}
+        self._scripts: dict[int, tuple[Any, Any, Any]] = {}
 
-    def _redis(self) -> tuple[Any, Any] | None:
+    def _redis(self) -> tuple[Any, Any, Any] | None:
+        if self._in_process:
+            return None
         storage = self._storage()
         if not isinstance(storage, RedisStorage) or isinstance(storage, RedisClusterStorage):
             return None
         scripts = self._scripts.get(id(storage))
         if scripts is None:
             client = storage.get_connection()
-            scripts = (client.register_script(_ACQUIRE), client.register_script(_RELEASE))
-            self._scripts[id(storage)] = scripts
+            scripts = tuple(client.register_script(s) for s in (_ACQUIRE, _RENEW, _RELEASE))
+            self._scripts[id(storage)] = scripts  # type: ignore[assignment]
         return scripts
 
-    @staticmethod
-    def _key(owner: str) -> str:
-        return f"chatkit:streams:{owner}"
+    def key(self, owner: str) -> str:
+        return f"{self.prefix}:{owner}"
 
-    def acquire(self, owner: str) -> bool:
-        """Take a slot for ``owner``; False when they already stream ``cap`` replies."""
+    def open_streams(self, owner: str) -> int | None:
+        """How many live slots ``owner`` holds now across every worker; None when they are
+        counted per process (no Redis: each worker knows only its own). Storage errors
+        propagate."""
+        if self._storage() is None or self._redis() is None:
+            return None
+        client = self._storage().get_connection()
+        now_ms = int(time.time() * 1000)
+        return int(client.zcount(self.key(owner), now_ms, "+inf"))
+
+    def clear(self, owner: str) -> None:
+        """Free every slot of ``owner`` (a support case: slots a killed worker left behind
+        lapse with their lease anyway). Storage errors propagate."""
+        if self._storage() is not None and self._redis() is not None:
+            self._storage().get_connection().delete(self.key(owner))
+
+    def acquire(self, owner: str) -> Slot | None:
+        """A slot for one reply of ``owner``, or None when they already stream ``cap``."""
         if self._storage() is None:
-            return True
+            return Slot(self, owner, None)
+        token = secrets.token_hex(8)
         scripts = self._redis()
         if scripts is not None:
             try:
-                return bool(scripts[0](keys=[self._key(owner)], args=[self.cap, self._lease]))
+                taken = scripts[0](keys=[self.key(owner)], args=[self.cap, self.lease_ms, token])
             except Exception as exc:  # a storage failure must not refuse the message
                 log.warning("chatkit_flask: stream slots unavailable (%s)", type(exc).__name__)
-                return True
+                return Slot(self, owner, None)
+            return Slot(self, owner, token) if taken else None
         with self._lock:
-            if self._local[owner] >= self.cap:
-                return False
-            self._local[owner] += 1
-            return True
+            if len(self._local[owner]) >= self.cap:
+                return None
+            self._local[owner].add(token)
+        return Slot(self, owner, token)
 
-    def release(self, owner: str) -> None:
-        """Give ``owner``'s slot back (when the stream ends, however it ends)."""
-        if self._storage() is None:
-            return
+    def _renew(self, slot: Slot) -> None:
+        scripts = self._redis()
+        if scripts is None:
+            return  # in-process slots die with their process: nothing lapses
+        try:
+            scripts[1](keys=[self.key(slot.owner)], args=[self.lease_ms, slot.token])
+        except Exception as exc:  # the next renewal tries again
+            log.warning("chatkit_flask: stream slot renewal failed (%s)", type(exc).__name__)
+
+    def _release(self, slot: Slot) -> None:
         scripts = self._redis()
         if scripts is not None:
             try:
-                scripts[1](keys=[self._key(owner)])
-            except Exception as exc:  # the lease expires the slot anyway
+                scripts[2](keys=[self.key(slot.owner)], args=[slot.token])
+            except Exception as exc:  # the lease lapses the slot anyway
                 log.warning("chatkit_flask: stream slot release failed (%s)", type(exc).__name__)
             return
         with self._lock:
-            self._local[owner] -= 1
-            if self._local[owner] <= 0:
-                del self._local[owner]
+            self._local[slot.owner].discard(slot.token)  # type: ignore[arg-type]
+            if not self._local[slot.owner]:
+                del self._local[slot.owner]

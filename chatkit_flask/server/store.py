@@ -15,7 +15,10 @@ The contract, the same for both (the SDK checks none of it, so the store must):
   A page holds at most :data:`MAX_PAGE_SIZE` records, whatever ``limit`` asks for.
 - ``save_thread``, ``save_item`` and ``add_thread_item`` upsert; ``delete_thread`` removes the
   thread with all its items; ``delete_thread_item`` of an item that is not there does nothing.
-- A thread not written for ``thread_ttl`` seconds is gone, with its items.
+- A thread not written for ``thread_ttl`` seconds is gone, with its items. The TTL is the
+  current setting, applied to what is already stored: :meth:`~OwnerScopedStore.prune` deletes
+  threads by their last activity (and re-expires Redis keys), so a shortened retention reaches
+  old threads too.
 - Ids are 128-bit random: ``thr_`` + 32 hex digits, items prefixed by type as the SDK does.
 - Attachments are not supported in this release.
 """
@@ -101,6 +104,17 @@ class OwnerScopedStore(Store[RequestContext]):
     @abstractmethod
     async def purge_owner(self, owner: str) -> int:
         """Delete every thread and item of ``owner``; return how many live threads were deleted."""
+
+    @abstractmethod
+    async def move_owner(self, source: str, target: str) -> int:
+        """Give every live thread of ``source`` (with its items) to ``target``, atomically: a
+        concurrent reader sees all of them moved or none. Returns how many threads moved."""
+
+    @abstractmethod
+    async def prune(self, now: float | None = None) -> int:
+        """Delete every thread last written ``thread_ttl`` seconds or more before ``now`` (the
+        store's clock by default), with its items; return how many. Redis also re-expires the
+        threads that stay, from their last activity."""
 
 
 @cache

@@ -2,7 +2,8 @@
 
 Keys, under ``key_prefix`` (default ``chatkit:store``):
 
-- ``<prefix>:thread:<thread id>``: hash ``owner``, ``data`` (the thread's JSON), ``created``;
+- ``<prefix>:thread:<thread id>``: hash ``owner``, ``data`` (the thread's JSON), ``created``,
+  ``active`` (the last write, ms since the epoch on the Redis clock);
 - ``<prefix>:thread:<thread id>:order``: sorted set of item ids scored by creation time;
 - ``<prefix>:thread:<thread id>:items``: hash item id -> the item's JSON;
 - ``<prefix>:owner:<owner>:threads``: sorted set of the owner's thread ids scored by creation time.
@@ -11,8 +12,10 @@ Scores are microseconds since the epoch; Redis breaks ties by member, so the ord
 (created_at, id) and a page after a cursor is ``ZRANK`` + ``ZRANGE``: O(log n + page).
 Every write refreshes the TTL of all three keys of its thread, so Redis expires a conversation
 natively ``thread_ttl`` seconds after its last write; the owner index lives as long as the owner's
-newest thread, and listings drop the ids of threads that expired. Each operation is one Lua script:
-the ownership check and the write it guards are atomic, and a request costs one round trip.
+newest thread, and listings drop the ids of threads that expired. A TTL changed later reaches the
+stored threads through :meth:`RedisStore.prune`, which re-expires every key from ``active``.
+Each operation is one Lua script: the ownership check and the write it guards are atomic, and a
+request costs one round trip.
 
 Operators: these keys must never be evicted. Use ``maxmemory-policy noeviction`` or a dedicated
 instance (an evicted index hides live threads; an evicted item breaks a conversation).
@@ -27,7 +30,10 @@ from collections.abc import Callable
 
 from chatkit.types import Page, ThreadItem, ThreadMetadata
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ConstantBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from chatkit_flask.server.context import RequestContext
 from chatkit_flask.server.store import (
@@ -35,6 +41,7 @@ from chatkit_flask.server.store import (
     OwnerScopedStore,
     check_page_args,
     make_page,
+    mask_url,
     not_found,
     sort_key,
     thread_json,
@@ -49,6 +56,8 @@ local function owned()
   return redis.call('HGET', KEYS[1], 'owner') == ARGV[1]
 end
 local function touch()
+  local now = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'active', now[1] * 1000 + math.floor(now[2] / 1000))
   for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
   -- The index must outlive every thread it lists: only ever extend it.
   if redis.call('PTTL', KEYS[4]) < tonumber(ARGV[2]) then
@@ -159,6 +168,65 @@ redis.call('DEL', KEYS[1])
 return deleted
 """
 
+# KEYS: the source's index, the target's index. ARGV: source, target, thread key prefix.
+# Returns the number of live threads moved.
+_MOVE_OWNER = """
+local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local moved, longest, extend = 0, redis.call('PTTL', KEYS[2]), false
+for i = 1, #entries, 2 do
+  local key = ARGV[3] .. entries[i]
+  if redis.call('HGET', key, 'owner') == ARGV[1] then
+    redis.call('HSET', key, 'owner', ARGV[2])
+    redis.call('ZADD', KEYS[2], entries[i + 1], entries[i])
+    local ttl = redis.call('PTTL', key)
+    if ttl > longest then longest, extend = ttl, true end
+    moved = moved + 1
+  end
+end
+redis.call('DEL', KEYS[1])
+if extend then redis.call('PEXPIRE', KEYS[2], longest) end
+return moved
+"""
+
+# KEYS: an owner's index. ARGV: owner, ttl in ms, thread key prefix, now in ms ('': the Redis
+# clock). Deletes the owner's threads last written a TTL or more ago, re-expires the others
+# from their last write and the index with the newest; returns how many were deleted.
+_PRUNE_OWNER = """
+local now = tonumber(ARGV[4])
+if not now then
+  local t = redis.call('TIME')
+  now = t[1] * 1000 + math.floor(t[2] / 1000)
+end
+local ttl, pruned, latest = tonumber(ARGV[2]), 0, 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local key = ARGV[3] .. id
+  local thread = redis.call('HMGET', key, 'owner', 'active', 'created')
+  if thread[1] ~= ARGV[1] then
+    redis.call('ZREM', KEYS[1], id)  -- expired already (or the id is someone else's now)
+  else
+    local active = tonumber(thread[2])
+    if not active then  -- written before 'active' was kept: its newest item, or its creation
+      active = math.floor(tonumber(thread[3]) / 1000)
+      local newest = redis.call('ZRANGE', key .. ':order', -1, -1, 'WITHSCORES')
+      if newest[2] then active = math.max(active, math.floor(tonumber(newest[2]) / 1000)) end
+    end
+    local expires = active + ttl
+    if expires <= now then
+      redis.call('DEL', key, key .. ':order', key .. ':items')
+      redis.call('ZREM', KEYS[1], id)
+      pruned = pruned + 1
+    else
+      for _, k in ipairs({key, key .. ':order', key .. ':items'}) do
+        redis.call('PEXPIREAT', k, expires)
+      end
+      if expires > latest then latest = expires end
+    end
+  end
+end
+if latest > 0 then redis.call('PEXPIREAT', KEYS[1], latest) else redis.call('DEL', KEYS[1]) end
+return pruned
+"""
+
 _SCRIPTS = {
     "save_thread": _WRITE_PRELUDE + _SAVE_THREAD,
     "put_item": _WRITE_PRELUDE + _PUT_ITEM,
@@ -168,7 +236,68 @@ _SCRIPTS = {
     "page_items": _PAGE_ITEMS,
     "page_threads": _PAGE_THREADS,
     "purge_owner": _PURGE_OWNER,
+    "move_owner": _MOVE_OWNER,
+    "prune_owner": _PRUNE_OWNER,
 }
+
+
+# Seconds a store command may wait for Redis unless the URL says otherwise
+# (redis://host/0?socket_timeout=1.5): well inside a request's own deadlines (30 s for a read,
+# CHATKIT_MODEL_TIMEOUT for a reply), so a hung Redis is a quick 503, not a hung worker thread.
+DEFAULT_TIMEOUT = 3.0
+
+
+def persistence_findings(url: str, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
+    """What would make the store's Redis lose threads, in words an operator can act on: no
+    persistence (a restart loses every thread) or an eviction policy (Redis drops threads when
+    full). Empty when both are safe, or when Redis cannot be reached (start-up's store probe
+    reports that). ``CONFIG GET`` first; a managed Redis that disables it is read from ``INFO``.
+    """
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        try:
+            config = {**client.config_get("appendonly"), **client.config_get("save")}
+            config.update(client.config_get("maxmemory-policy"))
+            aof = config.get("appendonly") == "yes"
+            rdb: bool | None = bool((config.get("save") or "").strip())
+            policy = config.get("maxmemory-policy", "")
+        except redis.ResponseError:  # CONFIG renamed or refused (managed Redis)
+            info = {**client.info("persistence"), **client.info("memory")}
+            aof = bool(info.get("aof_enabled"))
+            rdb = None  # INFO does not say whether snapshots are scheduled
+            policy = str(info.get("maxmemory_policy", ""))
+    except redis.RedisError:
+        return []
+    finally:
+        client.close()
+    where = f"the thread store's Redis ({mask_url(url)})"
+    findings = []
+    if not aof and rdb is False:
+        findings.append(
+            f"{where} keeps nothing on disk (appendonly no, no save points): a restart of that "
+            "Redis loses every thread. Turn on AOF (appendonly yes) or RDB snapshots (save)."
+        )
+    elif not aof and rdb is None:
+        findings.append(
+            f"{where} has AOF off and its snapshot schedule cannot be read: a restart may lose "
+            "threads. Turn on AOF (appendonly yes)."
+        )
+    if policy != "noeviction":
+        findings.append(
+            f"{where} has maxmemory-policy {policy or 'unknown'}: when full it evicts threads "
+            "silently. Set maxmemory-policy noeviction (or give the store its own Redis)."
+        )
+    return findings
+
+
+def _reconnect_once() -> Retry:
+    """One retry on a new connection when a pooled one turns out dead (a Redis restart closes
+    every pooled connection; without this each one failed one request with a 503). Only
+    connection errors: a timeout is not retried, so a hung Redis still fails within
+    ``DEFAULT_TIMEOUT``. The scripts are upserts and deletes, safe to run again."""
+    return Retry(ConstantBackoff(0.05), 1, supported_errors=(RedisConnectionError,))
 
 
 class RedisStore(OwnerScopedStore):
@@ -280,6 +409,29 @@ class RedisStore(OwnerScopedStore):
         )
         return int(deleted)
 
+    async def move_owner(self, source: str, target: str) -> int:
+        moved = await self._script("move_owner")(
+            keys=[self._owner_key(source), self._owner_key(target)],
+            args=[source, target, f"{self._prefix}:thread:"],
+        )
+        return int(moved)
+
+    async def prune(self, now: float | None = None) -> int:
+        """One script per owner (each atomic); threads written meanwhile keep their new TTL."""
+        head, tail = f"{self._prefix}:owner:", ":threads"
+        stamp = "" if now is None else int(now * 1000)
+        pruned = 0
+        async for raw in self._redis().scan_iter(match=f"{head}*{tail}", count=500):
+            key = raw.decode()
+            owner = key[len(head) : -len(tail)]
+            pruned += int(
+                await self._script("prune_owner")(
+                    keys=[key],
+                    args=[owner, self.thread_ttl * 1000, f"{self._prefix}:thread:", stamp],
+                )
+            )
+        return pruned
+
     # -- keys and scripts -------------------------------------------------------------------------
 
     def _thread_key(self, thread_id: str) -> str:
@@ -327,8 +479,13 @@ class RedisStore(OwnerScopedStore):
             if self._client_factory is not None:
                 client = self._client_factory()
             else:
-                # URL query options (socket_timeout=...) take precedence over these defaults.
-                client = Redis.from_url(self._url, socket_connect_timeout=5, socket_timeout=10)
+                # URL query options (?socket_timeout=...) take precedence over these defaults.
+                client = Redis.from_url(
+                    self._url,
+                    socket_connect_timeout=DEFAULT_TIMEOUT,
+                    socket_timeout=DEFAULT_TIMEOUT,
+                    retry=_reconnect_once(),
+                )
             self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
             self._client, self._client_loop, self._client_pid = client, loop, os.getpid()
         return self._client

@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS chatkit_threads (
 );
 CREATE INDEX IF NOT EXISTS chatkit_threads_by_owner
     ON chatkit_threads (owner, created_us, id);
-CREATE INDEX IF NOT EXISTS chatkit_threads_by_expiry ON chatkit_threads (expires_at);
+CREATE INDEX IF NOT EXISTS chatkit_threads_by_activity ON chatkit_threads (updated_at);
 CREATE TABLE IF NOT EXISTS chatkit_items (
     thread_id TEXT NOT NULL REFERENCES chatkit_threads (id) ON DELETE CASCADE,
     id TEXT NOT NULL,
@@ -130,12 +130,11 @@ class SQLiteStore(OwnerScopedStore):
     async def purge_owner(self, owner: str) -> int:
         return await self._run(self._purge_owner, owner)
 
-    def prune(self, now: float | None = None) -> int:
-        """Delete threads (and their items) that expired at ``now`` (default: the clock); return
-        how many threads. Blocking: call it from a command or a thread, not the event loop."""
-        now = self._clock() if now is None else now
-        with self._transaction(write=True) as db:
-            return db.execute("DELETE FROM chatkit_threads WHERE expires_at <= ?", (now,)).rowcount
+    async def prune(self, now: float | None = None) -> int:
+        return await self._run(self._prune, self._clock() if now is None else now)
+
+    async def move_owner(self, source: str, target: str) -> int:
+        return await self._run(self._move_owner, source, target)
 
     # -- blocking implementations (worker threads) -----------------------------------------------
 
@@ -143,8 +142,8 @@ class SQLiteStore(OwnerScopedStore):
         row = (
             self._connection()
             .execute(
-                "SELECT data FROM chatkit_threads WHERE id = ? AND owner = ? AND expires_at > ?",
-                (thread_id, owner, self._clock()),
+                "SELECT data FROM chatkit_threads WHERE id = ? AND owner = ? AND updated_at > ?",
+                (thread_id, owner, self._active_since()),
             )
             .fetchone()
         )
@@ -156,9 +155,9 @@ class SQLiteStore(OwnerScopedStore):
         now = self._clock()
         with self._transaction(write=True) as db:
             row = db.execute(
-                "SELECT owner, expires_at FROM chatkit_threads WHERE id = ?", (thread.id,)
+                "SELECT owner, updated_at FROM chatkit_threads WHERE id = ?", (thread.id,)
             ).fetchone()
-            if row is not None and row[1] <= now:
+            if row is not None and row[1] <= now - self.thread_ttl:
                 # Expired but not pruned yet: it is gone, so its items must not come back.
                 db.execute("DELETE FROM chatkit_threads WHERE id = ?", (thread.id,))
             elif row is not None and row[0] != owner:
@@ -185,8 +184,9 @@ class SQLiteStore(OwnerScopedStore):
     ) -> Page[ThreadMetadata]:
         limit = check_page_args(limit, order)
         with self._transaction(write=False) as db:
+            since = self._active_since()
             rows = _page_rows(
-                db, "chatkit_threads", "owner = ? AND expires_at > ?", [owner, self._clock()],
+                db, "chatkit_threads", "owner = ? AND updated_at > ?", [owner, since],
                 "id = ? AND owner = ?", (after, owner), "thread", after, limit, order,
             )  # fmt: skip
         return make_page([ThreadMetadata.model_validate_json(row[0]) for row in rows], limit)
@@ -245,9 +245,9 @@ class SQLiteStore(OwnerScopedStore):
         rows = (
             self._connection()
             .execute(
-                "SELECT data FROM chatkit_threads WHERE owner = ? AND expires_at > ?"
+                "SELECT data FROM chatkit_threads WHERE owner = ? AND updated_at > ?"
                 " ORDER BY created_us, id",
-                (owner, self._clock()),
+                (owner, self._active_since()),
             )
             .fetchall()
         )
@@ -256,16 +256,41 @@ class SQLiteStore(OwnerScopedStore):
     def _purge_owner(self, owner: str) -> int:
         with self._transaction(write=True) as db:
             (live,) = db.execute(
-                "SELECT COUNT(*) FROM chatkit_threads WHERE owner = ? AND expires_at > ?",
-                (owner, self._clock()),
+                "SELECT COUNT(*) FROM chatkit_threads WHERE owner = ? AND updated_at > ?",
+                (owner, self._active_since()),
             ).fetchone()
             db.execute("DELETE FROM chatkit_threads WHERE owner = ?", (owner,))  # items cascade
         return int(live)
 
+    def _prune(self, now: float) -> int:
+        with self._transaction(write=True) as db:
+            return db.execute(
+                "DELETE FROM chatkit_threads WHERE updated_at <= ?", (now - self.thread_ttl,)
+            ).rowcount  # items cascade
+
+    def _move_owner(self, source: str, target: str) -> int:
+        """One write transaction: a concurrent reader sees every thread moved or none."""
+        with self._transaction(write=True) as db:
+            live = db.execute(
+                "UPDATE chatkit_threads SET owner = ? WHERE owner = ? AND updated_at > ?",
+                (target, source, self._active_since()),
+            ).rowcount
+            db.execute(
+                "UPDATE chatkit_items SET owner = ? WHERE owner = ? AND thread_id IN"
+                " (SELECT id FROM chatkit_threads WHERE owner = ?)",
+                (target, source, target),
+            )
+        return live
+
+    def _active_since(self) -> float:
+        """A thread last written at or before this moment is gone: the *current* TTL applies
+        to every stored thread, so a shortened retention shortens the old threads' lives too."""
+        return self._clock() - self.thread_ttl
+
     def _require_thread(self, db: sqlite3.Connection, thread_id: str, owner: str) -> None:
         row = db.execute(
-            "SELECT 1 FROM chatkit_threads WHERE id = ? AND owner = ? AND expires_at > ?",
-            (thread_id, owner, self._clock()),
+            "SELECT 1 FROM chatkit_threads WHERE id = ? AND owner = ? AND updated_at > ?",
+            (thread_id, owner, self._active_since()),
         ).fetchone()
         if row is None:
             not_found("thread", thread_id)

@@ -10,7 +10,9 @@ time (and a ``Retry-After`` header); refusals of a read are a 429 JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -33,8 +35,9 @@ from ..web import (
 )
 from .context import RequestContext
 from .endpoint import STREAM_HEADERS, handle, stream_outcome
-from .protocol import RequestRefused, calls_model, streams
-from .runtime import ServerRuntime
+from .protocol import NotFoundError, RequestRefused, calls_model, streams
+from .runtime import BUDGET_MESSAGES, ServerRuntime
+from .slots import Slot
 
 if TYPE_CHECKING:
     from ..state import ChatKitState
@@ -54,9 +57,60 @@ _LIMIT_MESSAGES = {
     "global": "The chat is very busy right now",
     "requests": "Too many requests came from your network",
     "streams": "You already have replies on the way",
-    "tokens": "You have used up your share of the assistant for now",
-    "tokens_global": "The assistant has used up the site's budget for now",
+    **BUDGET_MESSAGES,
 }
+
+
+# A reply needs every one of these slots (cheapest first); the first that is full refuses it.
+_STREAM_CAPS = (
+    ("worker_streams", "busy", "The chat is very busy right now. Please try again in a moment."),
+    ("slots", "streams", "You already have replies on the way. Wait for them to finish."),
+    ("network_streams", "streams_ip",
+     "Too many replies are on their way to your network. Wait for them to finish."),
+    ("thread_replies", "thread_busy",
+     "A reply is still being written in this conversation. Send again when it is done."),
+)  # fmt: skip
+
+
+def _take_stream_slots(
+    runtime: ServerRuntime, context: RequestContext, thread_id: str | None, holds: list[Slot]
+) -> ApiError | None:
+    """Take the slots a streaming reply needs into ``holds``; the refusal when one is full."""
+    keys = {
+        "worker_streams": "worker",
+        "slots": context.owner,
+        "network_streams": context.client_network,
+        "thread_replies": f"{context.owner}:{thread_id}" if thread_id else None,
+    }
+    for name, scope, message in _STREAM_CAPS:
+        if keys[name] is None:
+            continue  # threads.create: a new thread has no reply yet
+        held = getattr(runtime, name).acquire(keys[name])
+        if held is None:
+            return ApiError(
+                429,
+                "thread_busy" if scope == "thread_busy" else "too_many_streams",
+                message,
+                headers={"Retry-After": "5"},
+                extra={"retry_after": 5, "scope": scope},
+            )
+        holds.append(held)
+    return None
+
+
+def _socket_shutdown(environ: dict[str, Any]) -> Callable[[], None] | None:
+    """What drops a client that stopped reading: shutting its socket down makes the server's
+    blocked write fail at once (gunicorn puts the socket in the environ; other servers: None,
+    and only the answer is cancelled)."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def shutdown() -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    return shutdown
 
 
 def create_runtime(
@@ -110,7 +164,7 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
         """Whether the server will take this body (cheap: one cached pydantic adapter)."""
         try:
             runtime.server.parse(raw)
-        except RequestRefused:
+        except (RequestRefused, NotFoundError):
             return False
         return True
 
@@ -129,6 +183,10 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
         # with a 400 (too long, malformed, attachments) falls under the requests limit alone.
         g.chatkit_is_message = calls_model(g.chatkit_request_type) and acceptable(raw)
         g.chatkit_body = raw
+        # The thread a message answers in (threads.create makes a new one): one reply at a time.
+        params = body.get("params")
+        thread_id = params.get("thread_id") if isinstance(params, dict) else None
+        g.chatkit_thread_id = thread_id if isinstance(thread_id, str) else None
 
     def chatkit() -> Response:
         """One ChatKit request for the caller."""
@@ -158,17 +216,14 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                     extra={"retry_after": wait, "scope": scope},
                 )
             )
-        if slot and not runtime.slots.acquire(owner):
-            g.chatkit_limit_scope = "streams"
-            return refused_in_stream(
-                ApiError(
-                    429,
-                    "too_many_streams",
-                    f"{_LIMIT_MESSAGES['streams']}. Wait for them to finish.",
-                    headers={"Retry-After": "5"},
-                    extra={"retry_after": 5, "scope": "streams"},
-                )
-            )
+        holds: list[Slot] = []
+        if slot:
+            refusal = _take_stream_slots(runtime, context, g.chatkit_thread_id, holds)
+            if refusal is not None:
+                for hold in holds:
+                    hold.release()
+                g.chatkit_limit_scope = refusal.extra["scope"]
+                return refused_in_stream(refusal)
         try:
             response = handle(
                 runtime.server,
@@ -177,15 +232,20 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                 context,
                 timeout=settings.model_timeout,
                 heartbeat=HEARTBEAT_SECONDS,
+                write_timeout=settings.stream_write_timeout,
+                on_stall=_socket_shutdown(request.environ),
             )
         except BaseException:
-            if slot:
-                runtime.slots.release(owner)
+            for hold in holds:
+                hold.release()
             raise
         started = g.chatkit_started
         fields = _log_fields(response)
-        if slot:
-            response.call_on_close(lambda: runtime.slots.release(owner))
+        for hold in holds:
+            if response.is_streamed:
+                response.response = hold.hold(response.response)
+            else:  # an answer decided before any stream: nothing to hold
+                hold.release()
         if response.mimetype == "text/event-stream":
             g.chatkit_outcome = "streamed"
             # The line is written when the stream ends, however it ends.
@@ -194,8 +254,9 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
             g.chatkit_outcome = "answered"
         return response
 
+    state.limit_endpoint, state.limit_rules = ENDPOINT, _rules(state)
     bp.add_url_rule(
-        "", "chatkit", limited(chatkit, state.limiter, _rules(state)), methods=["GET", "POST"]
+        "", "chatkit", limited(chatkit, state.limiter, state.limit_rules), methods=["GET", "POST"]
     )
 
     @bp.get("/config")
@@ -257,6 +318,8 @@ def _log_fields(response: Response) -> dict[str, Any]:
 def _log_stream(fields: dict[str, Any], context: RequestContext, started: float) -> None:
     report = context.report
     fields["outcome"] = stream_outcome(report)
+    if report.get("refused_scope"):
+        fields["scope"] = report["refused_scope"]
     usage = report.get("usage")
     if usage is not None:
         fields["tokens_in"] = usage.input_tokens

@@ -7,6 +7,9 @@
   Responses API on a loopback socket that streams replies with token usage; point
   ``OPENAI_BASE_URL`` at its ``base_url``. Import it from
   ``chatkit_flask.testing.fake_responses``.
+- :class:`~chatkit_flask.testing.redis_server.RedisServer`: a private ``redis-server`` on a
+  free port in a temporary directory (a context manager), for tests that need a real Redis
+  without touching anyone's data.
 - :func:`reset_limits`: clear every counter of the app's limiter between tests that keep
   limits on.
 - ``pytest_plugins = ["chatkit_flask.testing.pytest_plugin"]`` in a ``conftest.py`` gives the

@@ -1,18 +1,24 @@
 """A fake OpenAI Responses API (``POST /v1/responses``): stdlib asyncio HTTP/1.1 on a real socket.
 
 For tests of server mode (the real ``AsyncOpenAI`` client and Agents SDK talk to it), the offline
-demo and the benchmark::
+demo, the benchmark, and operators rehearsing faults against a running service::
 
     python -m chatkit_flask.testing.fake_responses --port 8788 --token-delay 0.02
+    python -m chatkit_flask.testing.fake_responses --words 400 --cut-after 50 --times 3
+
+The CLI scripts what :class:`Reply` scripts from Python (``--help``): reply text or length, delay
+per word, an HTTP error, a stall, a cut stream, usage figures.
 
 A streamed request (``"stream": true``) is answered with Server-Sent Events in the order the
 Agents SDK relies on: ``response.created``, ``response.in_progress``,
 ``response.output_item.added`` (a ``message`` with a unique id), ``response.content_part.added``,
 ``response.output_text.delta`` x n (one per word, ``token_delay`` apart),
 ``response.output_text.done``, ``response.content_part.done``, ``response.output_item.done`` and
-``response.completed`` with ``usage``. The reply echoes the last user message ("You said: ...")
-unless a :class:`Reply` is enqueued. Every request is recorded; a client that hangs up before the
-stream ends is recorded as an :class:`Abort`.
+``response.completed`` with ``usage`` (one token per word). A request's ``max_output_tokens``
+is honoured as the real API does: the reply stops after that many tokens and ends with
+``response.incomplete`` (reason ``max_output_tokens``, with usage). The reply echoes the last
+user message ("You said: ...") unless a :class:`Reply` is enqueued. Every request is
+recorded; a client that hangs up before the stream ends is recorded as an :class:`Abort`.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Any
 from ._loopback import ClientGone, LoopbackServer, RecordedRequest, serve_until_signalled
 from .fake_chatkit import error_envelope
 
-__all__ = ["Abort", "FakeResponses", "RecordedRequest", "Reply", "main"]
+__all__ = ["Abort", "FakeResponses", "RecordedRequest", "Reply", "main", "words"]
 
 RESPONSES_PATH = "/v1/responses"
 MAX_BODY_BYTES = 8 * 1024 * 1024  # histories can be long
@@ -57,7 +63,8 @@ class Reply:
     error envelope by default) instead of a stream. ``break_after`` cuts the connection after that
     many text deltas; ``hang_after`` stops sending (but keeps the connection) after that many
     deltas, or before any response at all when 0 and ``status`` is 200. ``token_delay`` overrides
-    the server's delay for this reply.
+    the server's delay for this reply. ``input_tokens``/``output_tokens`` replace the usage the
+    fake reports (by default: words of the input, deltas of the reply).
     """
 
     text: str | None = None
@@ -67,6 +74,8 @@ class Reply:
     break_after: int | None = None
     hang_after: int | None = None
     token_delay: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
 
     @classmethod
     def error(cls, status: int, message: str | None = None, **headers: str) -> Reply:
@@ -130,6 +139,7 @@ class FakeResponses(LoopbackServer):
         self._completed = 0
         self._aborts: list[Abort] = []
         self._queue: deque[Reply] = deque()
+        self._default: Reply | None = None
 
     @property
     def base_url(self) -> str:
@@ -163,11 +173,12 @@ class FakeResponses(LoopbackServer):
             return list(self._aborts)
 
     def clear(self) -> None:
-        """Forget recorded requests, aborts and scripted replies."""
+        """Forget recorded requests, aborts and scripted replies (the default one too)."""
         with self._cond:
             super().clear()
             self._aborts.clear()
             self._queue.clear()
+            self._default = None
             self._completed = 0
 
     def enqueue(self, *replies: Reply | str) -> None:
@@ -180,9 +191,16 @@ class FakeResponses(LoopbackServer):
         with self._cond:
             return len(self._queue)
 
+    def set_default(self, reply: Reply | str | None) -> None:
+        """How to answer once the queue is empty (None: echo the last user message)."""
+        with self._cond:
+            self._default = Reply(text=reply) if isinstance(reply, str) else reply
+
     def _next_reply(self) -> Reply:
         with self._cond:
-            return self._queue.popleft() if self._queue else Reply()
+            if self._queue:
+                return self._queue.popleft()
+            return self._default or Reply()
 
     # ------------------------------------------------------------ HTTP layer
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
@@ -234,7 +252,7 @@ class FakeResponses(LoopbackServer):
         if not parsed.get("stream"):
             if reply.hang_after is not None:
                 await self._until_client_leaves(reader, started, 0, path)
-            response = _response(parsed, text, _new_id("msg"), "completed")
+            response = _response(parsed, text, _new_id("msg"), "completed", reply=reply)
             return self._write_json(writer, 200, response, keep_alive)
         return await self._stream(reader, writer, parsed, text, reply, started, path, keep_alive)
 
@@ -256,6 +274,11 @@ class FakeResponses(LoopbackServer):
         client_gone = asyncio.ensure_future(reader.read(1))
         delay = self.token_delay if reply.token_delay is None else reply.token_delay
         tokens = _TOKEN_RE.findall(text) or [""]
+        cap = request.get("max_output_tokens")
+        cut = isinstance(cap, int) and 0 < cap < len(tokens)
+        if cut:
+            tokens = tokens[:cap]
+            text = "".join(tokens)
         item_id = _new_id("msg")
         sent = 0
         seq = iter(range(1_000_000))
@@ -300,8 +323,9 @@ class FakeResponses(LoopbackServer):
                                        logprobs=[]))
                 sent += 1
             done_part = {**part, "text": text}
-            done_message = {**message, "status": "completed", "content": [done_part]}
-            final = _response(request, text, item_id, "completed")
+            status = "incomplete" if cut else "completed"
+            done_message = {**message, "status": status, "content": [done_part]}
+            final = _response(request, text, item_id, status, reply=reply)
             await self._send(writer, client_gone,
                              event("response.output_text.done", item_id=item_id, output_index=0,
                                    content_index=0, text=text, logprobs=[])
@@ -309,7 +333,7 @@ class FakeResponses(LoopbackServer):
                                      output_index=0, content_index=0, part=done_part)
                              + event("response.output_item.done", output_index=0,
                                      item=done_message)
-                             + event("response.completed", response=final))
+                             + event(f"response.{status}", response=final))
             with self._cond:  # counted before the client can see the end
                 self._completed += 1
             writer.write(b"0\r\n\r\n")
@@ -410,14 +434,19 @@ def _response(
     item_id: str,
     status: str,
     output: list[Any] | None = None,
+    reply: Reply | None = None,
 ) -> dict[str, Any]:
     if output is None:
         output = [{"id": item_id, "type": "message", "role": "assistant", "status": "completed",
                    "content": [{"type": "output_text", "text": text, "annotations": [],
                                 "logprobs": []}]}]
     usage = None
-    if status == "completed":
+    if status in ("completed", "incomplete"):
         input_tokens, output_tokens = _count_words(request), len(_TOKEN_RE.findall(text))
+        if reply is not None and reply.input_tokens is not None:
+            input_tokens = reply.input_tokens
+        if reply is not None and reply.output_tokens is not None:
+            output_tokens = reply.output_tokens
         usage = {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
                  "output_tokens": output_tokens,
                  "output_tokens_details": {"reasoning_tokens": 0},
@@ -427,9 +456,15 @@ def _response(
         "created_at": int(time.time()), "status": status, "model": request.get("model"),
         "instructions": request.get("instructions"), "output": output,
         "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "error": None,
-        "incomplete_details": None, "metadata": {}, "temperature": 1.0, "top_p": 1.0,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "metadata": {}, "temperature": 1.0, "top_p": 1.0,
         "text": {"format": {"type": "text"}}, "truncation": "disabled", "usage": usage,
     }
+
+
+def words(n: int) -> str:
+    """A reply of ``n`` words ("word1 word2 ..."): one text delta each."""
+    return " ".join(f"word{i}" for i in range(1, n + 1))
 
 
 # ----------------------------------------------------------------------- CLI
@@ -437,21 +472,75 @@ def main(argv: list[str] | None = None) -> int:
     """Serve in the foreground until SIGINT/SIGTERM."""
     parser = argparse.ArgumentParser(
         prog="python -m chatkit_flask.testing.fake_responses",
-        description="Fake OpenAI Responses API (streams an echo of the last user message).",
+        description="Fake OpenAI Responses API on a real socket: streams an echo of the last user "
+        "message, or the reply and fault scripted below (a rehearsal of model faults).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     parser.add_argument("--port", type=int, default=8788, help="TCP port (0 = any free port)")
-    parser.add_argument("--token-delay", type=float, default=0.02, help="seconds between deltas")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    parser.add_argument("--reply", default=None, help="answer this text instead of the echo")
+    parser.add_argument(
+        "--token-delay", "--word-delay", type=float, default=0.02, metavar="SECONDS",
+        help="delay before each word (text delta) of a streamed reply (default: 0.02)",
+    )  # fmt: skip
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--reply", default=None, metavar="TEXT", help="answer TEXT (not the echo)")
+    text.add_argument("--words", type=int, metavar="N", help="answer N words: a long reply")
+    fault = parser.add_mutually_exclusive_group()
+    fault.add_argument(
+        "--status", type=int, metavar="CODE",
+        help="answer HTTP CODE with an OpenAI error body instead of a stream (e.g. 500, 429)",
+    )  # fmt: skip
+    fault.add_argument(
+        "--stall-after", type=int, metavar="N",
+        help="send N words, then nothing more, keeping the connection open (0: no headers)",
+    )  # fmt: skip
+    fault.add_argument(
+        "--cut-after", type=int, metavar="N",
+        help="send N words, then close the connection without response.completed",
+    )  # fmt: skip
+    parser.add_argument(
+        "--retry-after", type=int, metavar="SECONDS", help="Retry-After header on --status"
+    )
+    parser.add_argument("--input-tokens", type=int, metavar="N", help="usage.input_tokens")
+    parser.add_argument("--output-tokens", type=int, metavar="N", help="usage.output_tokens")
+    parser.add_argument(
+        "--times", type=int, metavar="N",
+        help="script only the first N requests, then echo as usual (default: every request)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.retry_after is not None and args.status is None:
+        parser.error("--retry-after needs --status")
+    for name in ("words", "stall_after", "cut_after", "input_tokens", "output_tokens", "times"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            parser.error(f"--{name.replace('_', '-')} must be 0 or more")
+    if args.status is not None and not 100 <= args.status <= 599:
+        parser.error("--status must be an HTTP status code (100-599)")
     return asyncio.run(_serve_cli(args))
+
+
+def _scripted_reply(args: argparse.Namespace) -> Reply | None:
+    """The :class:`Reply` the CLI options describe (None: nothing scripted, echo)."""
+    if args.status is not None and args.status != 200:
+        headers = {} if args.retry_after is None else {"retry-after": str(args.retry_after)}
+        return Reply.error(args.status, **headers)
+    reply = Reply(
+        text=words(args.words) if args.words is not None else args.reply,
+        break_after=args.cut_after,
+        hang_after=args.stall_after,
+        input_tokens=args.input_tokens,
+        output_tokens=args.output_tokens,
+    )
+    return None if reply == Reply() else reply
 
 
 async def _serve_cli(args: argparse.Namespace) -> int:
     fake = FakeResponses(args.host, args.port, api_key=args.api_key, token_delay=args.token_delay)
-    if args.reply is not None:
-        fake._next_reply = lambda: Reply(text=args.reply)  # type: ignore[method-assign]
+    reply = _scripted_reply(args)
+    if reply is not None and args.times is None:
+        fake.set_default(reply)
+    elif reply is not None:
+        fake.enqueue(*[reply] * args.times)
     return await serve_until_signalled(fake, "fake Responses API")
 
 

@@ -1,0 +1,31 @@
+"""Services the suite starts itself: its own ``redis-server`` (see ``redis_server`` in conftest).
+
+Kept out of conftest.py because pytest imports that file as ``conftest`` while test modules import
+``tests.conftest``: two module objects. Everything here is imported as ``tests.services`` only, so
+the suite has one server, one port and one set of URLs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from chatkit_flask.testing.redis_server import RedisServer, RedisServerMissing
+
+# Started by the ``redis_server`` fixture on first use, stopped at the end of the session. The
+# port is chosen at import so test modules can import the URLs; the suite never connects to a
+# Redis it did not start (a developer's data on 6379 stays untouched).
+SUITE_REDIS = RedisServer()
+REDIS_URL = SUITE_REDIS.url(15)  # the limiter's database in tests (``real_redis``)
+
+
+def start_redis_or_skip(server: RedisServer) -> RedisServer:
+    """Start ``server``; without the binary skip, or fail under CI (``.ci/run`` installs it)."""
+    try:
+        server.start()
+    except RedisServerMissing as missing:
+        if os.environ.get("CI"):
+            pytest.fail(str(missing))
+        pytest.skip(str(missing))
+    return server
