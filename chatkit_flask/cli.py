@@ -1,6 +1,7 @@
 """``flask chatkit ...``: operator commands registered by the extension.
 
-    flask --app wsgi chatkit check [--live]     configuration, limiter storage, (live) upstream
+    flask --app wsgi chatkit check [--live]     configuration, limiter storage, thread store,
+                                                (live) upstream or model; exit 0/2/3
     flask --app wsgi chatkit limits             every limit the chat answers to, and storage
     flask --app wsgi chatkit usage --visitor ID what is left of each limit for one key
     flask --app wsgi chatkit reset --ip ADDR    clear one key's counters
@@ -28,6 +29,7 @@ from limits import RateLimitItem, parse_many
 
 from .identity import client_network, hash_id
 from .limits import STORAGE_ERRORS, counter_args, describe, storage_of
+from .logs import SERVICE_ONLY_SETTINGS
 from .sanitize import escape_control, mask_url, redact_credentials
 from .settings import OPTIONS, ConfigError, _read, backend_of, options_in_reading_order
 from .upstream import (
@@ -42,6 +44,11 @@ if TYPE_CHECKING:
 __all__ = ["chatkit_cli", "mask_api_key", "mask_storage_uri"]
 
 CHECK_USER = "chatkit-flask-check"
+
+# `flask chatkit check` exit codes: a script or a deploy pipeline can tell what to do next.
+EXIT_OK = 0
+EXIT_MISCONFIGURED = 2  # fix the configuration (a key refused, a model or workflow not found)
+EXIT_UNREACHABLE = 3  # the configuration looks right but a dependency does not answer
 
 _CHECK_TTL = 60  # seconds: a check session that could not be cancelled expires soon anyway
 
@@ -81,7 +88,7 @@ def _shown(name: str, value: Any) -> str:
             return "(not set)"
         count = len(value) if isinstance(value, tuple | list) else 1
         return "(set)" if isinstance(value, str) else f"({count} set)"
-    if name == "RATELIMIT_STORAGE_URI":
+    if name in ("RATELIMIT_STORAGE_URI", "CHATKIT_STORE_URL"):  # may hold a password
         return mask_storage_uri(value)
     if value is None or value == "" or value == ():
         return "(unset)"
@@ -107,13 +114,29 @@ def _fail(text: str) -> None:
 # ----------------------------------------------------------------------- check
 
 
+class CheckFailed(click.ClickException):
+    """``flask chatkit check`` found problems; the exit code says which kind (misconfigured
+    wins over unreachable: there is no point waiting for a dependency with a wrong setting)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(f"{len(problems)} check(s) failed")
+        misconfigured = "misconfigured" in problems
+        self.exit_code = EXIT_MISCONFIGURED if misconfigured else EXIT_UNREACHABLE
+
+
 @chatkit_cli.command("check")
-@click.option("--live", is_flag=True, help="Also mint one real session upstream and cancel it.")
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Also call the provider: hosted mode mints and cancels one session; server mode sends "
+    "one tiny model request.",
+)
 def check_command(live: bool) -> None:
-    """Validate the configuration, ping the limiter storage and (--live) the ChatKit API."""
+    """Validate the configuration, ping the limiter storage, (server mode) round-trip the thread
+    store and (--live) call the provider. Exit 0 ok, 2 misconfigured, 3 unreachable."""
     state = _state()
     settings = state.settings
-    failures = 0
+    problems: list[str] = []
 
     _echo(f"Backend: {settings.backend} ({settings.backend_reason})")
     _echo("Configuration (validated at start-up):")
@@ -128,9 +151,10 @@ def check_command(live: bool) -> None:
             value = _read(current_app.config, name)
         except ConfigError as exc:  # cannot normally happen: the app would not have started
             _fail(str(exc))
-            failures += 1
+            problems.append("misconfigured")
             continue
-        _echo(f"  {name} = {_shown(name, value)}")
+        note = "  (service only: a host app configures the chatkit_flask logger)"
+        _echo(f"  {name} = {_shown(name, value)}{note if name in SERVICE_ONLY_SETTINGS else ''}")
     _echo(f"  (not read in {settings.backend} mode: {', '.join(unused)})")
 
     _echo("Limiter storage (Flask-Limiter's):")
@@ -149,25 +173,37 @@ def check_command(live: bool) -> None:
             _echo("  warn  memory:// limits are per process; use redis:// in production")
     else:
         _fail(f"cannot reach the limiter storage at {uri} (RATELIMIT_STORAGE_URI)")
-        failures += 1
+        problems.append("unreachable")
 
     if state.server is not None:
-        _echo("Thread store:")
-        for finding in state.server.store_findings:
-            _echo(f"  warn  {finding}")
-
-    if settings.backend == "server":
-        # --live mints a hosted-mode session; server mode has no such call to try.
-        _echo("Model: not contacted (server mode: send a message from the demo page to try it)")
+        problems += _check_server(state, live)
     elif live:
         _echo(f"Upstream ({settings.api_base}):")
-        failures += _check_live(state)
+        problems += _check_live(state)
     else:
         _echo("Upstream: not contacted (add --live to mint and cancel one test session)")
 
-    if failures:
-        raise click.ClickException(f"{failures} check(s) failed")
+    if problems:
+        raise CheckFailed(problems)
     _echo("All checks passed.")
+
+
+def _report(findings: list[Any]) -> list[str]:
+    """Print server mode's findings; the problems among them."""
+    for finding in findings:
+        if finding.warning:
+            _echo(f"  warn  {finding.text}")
+        else:
+            (_fail if finding.problem else _ok)(finding.text)
+    return [finding.problem for finding in findings if finding.problem]
+
+
+def _check_server(state: ChatKitState, live: bool) -> list[str]:
+    problems: list[str] = []
+    for title, findings in state.server.check_sections(live):  # server.runtime.ServerRuntime
+        _echo(title)
+        problems += _report(findings)
+    return problems
 
 
 def _upstream_message(exc: UpstreamError, state: ChatKitState) -> str:
@@ -210,7 +246,7 @@ def _upstream_detail(exc: UpstreamError, api_key: str) -> str:
     return f": {redact_credentials(str(message), api_key)[:200]}"
 
 
-def _check_live(state: ChatKitState) -> int:
+def _check_live(state: ChatKitState) -> list[str]:
     settings = state.settings
     try:
         session = state.client.create_session(
@@ -224,21 +260,30 @@ def _check_live(state: ChatKitState) -> int:
     except UpstreamError as exc:
         request_id = f" [upstream request id {exc.request_id}]" if exc.request_id else ""
         _fail(_upstream_message(exc, state) + request_id)
-        return 1
+        return [_upstream_problem(exc)]
     _ok(
         f"minted session {session.session_id or '(no id)'} for workflow {settings.workflow_id} "
         f"in {session.latency_ms:.0f} ms"
     )
     if not session.session_id:
         _fail("the upstream answered without a session id: cannot cancel the test session")
-        return 1
+        return ["unreachable"]
     try:
         state.client.cancel_session(session.session_id)
     except UpstreamError as exc:
         _fail(f"could not cancel the test session (it expires by itself): {exc}")
-        return 1
+        return [_upstream_problem(exc)]
     _ok(f"cancelled session {session.session_id}")
-    return 0
+    return []
+
+
+def _upstream_problem(exc: UpstreamError) -> str:
+    """A refusal of what we sent (key, permissions, workflow, request) is ours to fix; no
+    answer, a timeout, a 429 or a 5xx is the upstream's state."""
+    status = exc.status
+    if status is not None and 400 <= status < 500 and status not in (408, 429):
+        return "misconfigured"
+    return "unreachable"
 
 
 # ----------------------------------------------------------------------- limits

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ from .cli import chatkit_cli
 from .hosted import make_hosted_blueprint
 from .identity import VisitorCookie
 from .limits import guard_header_hook, prepare_limiter
+from .logs import init_app_logging
 from .settings import OPTIONS, ConfigError, Settings, _read
 from .state import ChatKitState
 from .upstream import ChatKitClient
@@ -52,6 +54,7 @@ class ChatKit:
         self._limiter = limiter
         self._client = client
         self._user_loader: UserLoader | None = None
+        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
         if app is not None:
             self.init_app(app)
 
@@ -92,7 +95,7 @@ class ChatKit:
             check_gunicorn_worker()  # before the slow import of the ChatKit and Agents SDKs
             from .server.views import create_runtime, make_server_blueprint
 
-            server = create_runtime(settings, lambda: limiter_cell[0], app.instance_path)
+            server = create_runtime(settings, lambda: limiter_cell[0], app)
         else:
             client = self._client or ChatKitClient(
                 settings.api_key,
@@ -117,6 +120,8 @@ class ChatKit:
             client=client,
             server=server,
         )
+        if server is not None:
+            state.ready_checks["store"] = server.ready_problem
         app.extensions["chatkit"] = state
         log.info("chatkit_flask: %s backend (%s)", settings.backend, settings.backend_reason)
         blueprint = (
@@ -127,9 +132,11 @@ class ChatKit:
             # The chat's routes (its config and static helper too) answer to the chat's own
             # limits: a visitor who browses past the site's default limits keeps the chat.
             limiter.exempt(blueprint, flags=ExemptionScope.DEFAULT)
+        self._apps.add(app)
         app.cli.add_command(chatkit_cli)
         connect_flask_login(app, state)
         guard_header_hook(app, limiter)
+        init_app_logging()
         if settings.metrics_enabled:
             from .metrics import init_metrics, set_circuit_state
 
@@ -160,6 +167,16 @@ class ChatKit:
                 ],
                 max_age=600,
             )
+
+    def close(self, app: Flask | None = None) -> None:
+        """Release what server mode holds for ``app`` (default: every app this object was
+        initialised on): its event loop thread, worker threads, store and model connections.
+        Also done at interpreter exit. Safe to call twice; a later request starts afresh.
+        Hosted mode holds nothing of the kind."""
+        for target in [app] if app is not None else list(self._apps):
+            runtime = self.state(target).server
+            if runtime is not None:
+                runtime.close()
 
     @staticmethod
     def state(app: Flask) -> ChatKitState:

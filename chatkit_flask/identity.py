@@ -60,12 +60,17 @@ def hash_id(value: str) -> str:
 
 @dataclass(frozen=True)
 class Identity:
-    """The caller: ``user`` goes upstream, ``limit_key`` keys the per-user limit."""
+    """The caller: ``user`` goes upstream, ``limit_key`` keys the per-user limit.
+
+    ``user_id`` is the id the host's user loader returned, as a string (None for a visitor):
+    what the site's own code knows its users by, unlike the prefixed ``user``.
+    """
 
     user: str
     limit_key: str
     log_id: str
     new_cookie: str | None = None  # signed value to set, when a fresh visitor id was issued
+    user_id: str | None = None
 
 
 class VisitorCookie:
@@ -134,7 +139,9 @@ def user_identity(user_id: Any) -> Identity | None:
     if not text.strip():
         return None
     tag = hash_id("user:" + text)  # a separate namespace: never equal to a visitor's tag
-    return Identity(user=f"user_{text}", limit_key=f"user:{tag}", log_id=f"u:{tag}")
+    return Identity(
+        user=f"user_{text}", limit_key=f"user:{tag}", log_id=f"u:{tag}", user_id=text
+    )
 
 
 def _in_networks(remote_addr: str | None, networks: Sequence[str]) -> bool:

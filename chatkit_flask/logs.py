@@ -1,7 +1,18 @@
-"""The mint log line, and the text or JSON formatting the standalone service logs with.
+"""Logging: the ``chatkit_flask`` logger hierarchy, its per-request lines, and the standalone
+service's set-up.
 
-Only what is passed here is logged: request id, hashed visitor id, client IP, outcome and
-upstream facts. Never the API key, a client secret or a raw cookie.
+Everything the package logs goes through loggers under ``chatkit_flask`` (``chatkit_flask.mint``:
+one line per mint; ``chatkit_flask.message``: one line per server-mode request; others for
+failures), which a host app configures like any other logger. The two per-request lines carry
+their fields as structured data too: ``record.chatkit`` is a dict (request id, outcome, tokens,
+timings), for a site's JSON formatter. Only what is passed here is logged: request id, hashed
+visitor id, client network, outcome, counts and timings. Never the API key, a client secret, a
+raw cookie or message text.
+
+In a host app, :func:`init_app_logging` follows Flask's habit for ``app.logger``: INFO unless the
+site set a level, and a default stderr handler only when no handler would receive the records.
+The service (:func:`configure_logging`) owns its process: every logger, asyncio's, the SDKs' and
+Python's warnings included, goes out in ``CHATKIT_LOG_FORMAT``.
 """
 
 from __future__ import annotations
@@ -10,23 +21,36 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flask import g, has_request_context
+from flask.logging import has_level_handler, wsgi_errors_stream
 
 from .sanitize import escape_control
 
 __all__ = [
+    "LOGGER_NAME",
+    "SERVICE_ONLY_SETTINGS",
     "JsonFormatter",
     "TextFormatter",
     "configure_logging",
+    "default_handler",
+    "held_records",
+    "init_app_logging",
     "log_message",
     "log_mint",
     "mint_log",
+    "replay",
 ]
 
-mint_log = logging.getLogger("chatkit_flask.mint")
-message_log = logging.getLogger("chatkit_flask.message")
+LOGGER_NAME = "chatkit_flask"
+# Read by the standalone service's configure_logging alone: a host app configures the
+# chatkit_flask logger itself (``flask chatkit check`` says so next to them).
+SERVICE_ONLY_SETTINGS = ("CHATKIT_LOG_LEVEL", "CHATKIT_LOG_FORMAT")
+mint_log = logging.getLogger(f"{LOGGER_NAME}.mint")
+message_log = logging.getLogger(f"{LOGGER_NAME}.message")
 
 _FIELDS = (
     "request_id",
@@ -74,6 +98,7 @@ _MESSAGE_FIELDS = (
     "ip",
     "thread",
     "scope",
+    "cause",
     "tokens_in",
     "tokens_out",
     "ttfe_ms",
@@ -140,21 +165,97 @@ def _request_id() -> str | None:
         return None
 
 
+# A host app's records when the site configured no handler for them (Flask's default_handler
+# does the same for app.logger): time, level, pid and logger, one escaped line each. A site that
+# sets up logging after init_app removes it: logging.getLogger("chatkit_flask").removeHandler(
+# chatkit_flask.logs.default_handler).
+default_handler = logging.StreamHandler(wsgi_errors_stream)  # type: ignore[arg-type]
+default_handler.setFormatter(TextFormatter())
+
+
+def init_app_logging() -> None:
+    """Make the package's records visible in a host app the way Flask makes ``app.logger``'s:
+    the ``chatkit_flask`` logger gets INFO if the site set no level (the per-request lines are
+    INFO), and :data:`default_handler` if no handler up its hierarchy would receive them. A site
+    that configured logging (``basicConfig``, ``dictConfig``) gets the records through its own
+    handlers, once. ``CHATKIT_LOG_LEVEL`` and ``CHATKIT_LOG_FORMAT`` are the service's only."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not has_level_handler(logger):
+        logger.addHandler(default_handler)
+
+
+# The package's own records, and those of libraries whose INFO lines belong to a request's story
+# (openai.agents: model failures in server mode; flask-limiter: storage failures); every other
+# logger (asyncio, openai, httpx, py.warnings, ...) from WARNING up, through the root logger.
+_SERVICE_LOGGERS = (LOGGER_NAME, "flask-limiter", "openai.agents")
+
+
 def configure_logging(level: str, fmt: str) -> None:
-    """Route the package's logs to stderr in ``fmt`` ("text" or "json"). For the service only:
-    a host app keeps its own logging set-up."""
-    handler = logging.StreamHandler(sys.stderr)
+    """The service's logging: every record to stderr in ``fmt`` ("text" or "json"), one line
+    each, the package's loggers at ``level`` and all others at WARNING or above (``level`` if
+    higher), Python's warnings included. Calling it again replaces what the last call set.
+    For the standalone service only: a host app keeps its own logging set-up."""
+    handler = logging.StreamHandler(_CurrentStderr())  # type: ignore[arg-type]
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter())
     handler._chatkit_flask = True  # type: ignore[attr-defined]
-    # openai.agents: the Agents SDK logs model failures there (server mode); in the same format,
-    # so JSON logs stay JSON, and escaped like every other line.
-    for name in ("chatkit_flask", "flask-limiter", "openai.agents"):
+    for name in _SERVICE_LOGGERS:
         logger = logging.getLogger(name)
-        # Replace only the handler an earlier call installed (an app factory may run twice).
-        logger.handlers[:] = [h for h in logger.handlers if not getattr(h, "_chatkit_flask", 0)]
-        logger.addHandler(handler)
+        _replace_handler(logger, handler)
         logger.setLevel(level)
-        logger.propagate = False
+        logger.propagate = False  # not twice through the root logger's handler
+    root = logging.getLogger()
+    _replace_handler(root, handler)
+    root.setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # warnings.warn() as a "py.warnings" record (through the handler above), not raw text.
+    logging.captureWarnings(True)
+
+
+class _CurrentStderr:
+    """``sys.stderr`` as it is when a record is written, not as it was at set-up: the root
+    logger's handler outlives a replaced stream (a test's capture)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _replace_handler(logger: logging.Logger, handler: logging.Handler) -> None:
+    # Only the handler an earlier call installed (an app factory may run twice); others stay.
+    logger.handlers[:] = [h for h in logger.handlers if not getattr(h, "_chatkit_flask", 0)]
+    logger.addHandler(handler)
+
+
+@contextmanager
+def held_records() -> Iterator[list[logging.LogRecord]]:
+    """Hold the package's records (e.g. "X is not a setting of this service") while the service
+    reads the settings that say how to log; :func:`replay` them once logging is configured, so
+    they come out in that format too. On an exception they are replayed at once, through
+    whatever handlers there are, and nothing is lost."""
+    logger = logging.getLogger(LOGGER_NAME)
+    saved = logger.handlers[:], logger.propagate
+    held: list[logging.LogRecord] = []
+    collector = logging.Handler()
+    collector.emit = held.append  # type: ignore[method-assign]
+    logger.handlers[:], logger.propagate = [collector], False
+    try:
+        yield held
+    except BaseException:
+        logger.handlers[:], logger.propagate = saved
+        replay(held)
+        raise
+    logger.handlers[:], logger.propagate = saved
+
+
+def replay(records: list[logging.LogRecord]) -> None:
+    """Log held records again, through the handlers and levels configured now."""
+    for record in records:
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)

@@ -43,6 +43,7 @@ from prometheus_client import (
 
 from . import upstream as upstream_module
 from .limits import fallback_active
+from .metrics_dir import forget_dead_workers, under_gunicorn
 from .upstream import UpstreamTimeout
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ __all__ = [
     "init_metrics",
     "limiter_fallback_active",
     "limiter_storage_errors",
+    "metrics_summed",
     "mints",
     "multiprocess_enabled",
     "rate_limited",
@@ -99,6 +101,12 @@ limiter_fallback_active = Gauge(
     "1 while a worker limits from its in-memory fallback because the storage is unreachable.",
     multiprocess_mode="livemax",
 )
+metrics_summed = Gauge(
+    "chatkit_metrics_multiprocess",
+    "1 when /metrics adds up every worker process's values (PROMETHEUS_MULTIPROC_DIR); 0 when "
+    "it shows only the process that answered the scrape.",
+    multiprocess_mode="max",
+)
 circuit_state = Gauge(
     "chatkit_upstream_circuit_state",
     "Upstream circuit breaker: 0 closed, 1 half-open, 2 open (worst live worker).",
@@ -131,6 +139,7 @@ def multiprocess_enabled() -> bool:
 def render_latest() -> bytes:
     """The exposition text: summed over all worker processes in multiprocess mode."""
     if multiprocess_enabled():
+        forget_dead_workers(multiprocess.mark_process_dead)
         # A fresh registry per scrape holding only the collector, as prometheus-client advises
         # (the default registry would export this process's values a second time).
         registry = CollectorRegistry()
@@ -264,6 +273,14 @@ def init_metrics(
     if _EXTENSION_KEY in app.extensions:
         return
     app.extensions[_EXTENSION_KEY] = True
+    metrics_summed.set(1 if multiprocess_enabled() else 0)
+    if under_gunicorn() and not multiprocess_enabled():
+        logging.getLogger("chatkit_flask").warning(
+            "chatkit_flask: metrics are per worker process: /metrics shows the values of "
+            "whichever gunicorn worker answers (chatkit_metrics_multiprocess 0). Run gunicorn "
+            "with -c config/gunicorn.conf.py, or set PROMETHEUS_MULTIPROC_DIR to an empty "
+            "writable directory, and do not use --preload."
+        )
     state.response_hooks.append(_on_response)
     if state.server is not None:  # server mode: the SDKs are already imported
         from .server.metrics import init_server_metrics

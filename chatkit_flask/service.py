@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, g, request
+from flask.helpers import get_load_dotenv
 from werkzeug.exceptions import HTTPException
 
 from .errors import http_error_response
 from .extension import ChatKit
-from .logs import configure_logging
+from .logs import configure_logging, held_records, replay
+from .metrics_dir import adopt_gunicorn_metrics_dir
 from .settings import Settings, load_config, read_env_file
 from .web import health_blueprint
 
@@ -35,10 +37,12 @@ def service_config(
 
     ``.env`` is ``CHATKIT_ENV_FILE`` if set, else the project root's ``.env`` when ``environ``
     is the process environment (None); an explicit ``environ`` reads no file it does not name.
-    Not validated: pass the result to ``Settings.from_mapping``.
+    Under Flask's CLI the variables it loaded from its own ``.env``/``.flaskenv`` do not count as
+    environment, so ``flask chatkit ...`` sees what gunicorn sees. Not validated: pass the
+    result to ``Settings.from_mapping``.
     """
     process = environ is None
-    environ = os.environ if environ is None else environ
+    environ = _without_flask_cli_dotenv() if environ is None else environ
     env_file: Path | str | None = environ.get("CHATKIT_ENV_FILE") or None
     if env_file is None and process and DEFAULT_ENV_FILE.is_file():
         env_file = DEFAULT_ENV_FILE
@@ -54,14 +58,43 @@ def service_config(
     return config
 
 
+def _without_flask_cli_dotenv() -> dict[str, str]:
+    """The process environment minus what Flask's CLI added from dotenv files.
+
+    Before it imports the app, ``flask`` loads ``.flaskenv`` and ``.env`` found from its working
+    directory upward into ``os.environ`` (unless FLASK_SKIP_DOTENV), expanding ``${...}``. Taken
+    as environment, those would beat CHATKIT_ENV_FILE and differ from what gunicorn reads; the
+    service reads one file with one parser instead. A variable whose value is exactly what
+    Flask's files hold is dropped: one the real environment also held with that very value
+    cannot be told apart (the only case where the CLI may still differ from gunicorn).
+    """
+    environ = dict(os.environ)
+    if environ.get("FLASK_RUN_FROM_CLI") != "true" or not get_load_dotenv():
+        return environ
+    from dotenv import dotenv_values, find_dotenv
+
+    loaded: dict[str, str | None] = {}
+    for name in (".flaskenv", ".env"):  # Flask's order: .env wins
+        path = find_dotenv(name, usecwd=True)
+        if path:
+            loaded |= dotenv_values(path, encoding="utf-8")
+    return {key: value for key, value in environ.items() if loaded.get(key) != value}
+
+
 def create_app(
     overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> Flask:
     """Build the service app from ``service_config(overrides, environ)``. Raises
     ``ConfigError`` naming the bad key."""
-    config = service_config(overrides, environ)
-    settings = Settings.from_mapping(config)  # fail fast, before anything is wired
+    with held_records() as held:  # warnings about the settings, in the format they choose
+        config = service_config(overrides, environ)
+        settings = Settings.from_mapping(config)  # fail fast, before anything is wired
+    if settings.metrics_enabled:
+        # Under a gunicorn started without our config: summed metrics anyway (before
+        # ChatKit(app) imports prometheus-client).
+        adopt_gunicorn_metrics_dir()
     configure_logging(settings.log_level, settings.log_format)
+    replay(held)
 
     instance = SERVICE_INSTANCE_DIR if SERVICE_INSTANCE_DIR.is_dir() else None
     app = Flask("chatkit_flask", instance_path=str(instance) if instance else None)

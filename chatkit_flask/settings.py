@@ -478,8 +478,19 @@ _OPTION_LIST = [
         _origins,
         "Origins allowed to call cross-origin, with CORS (comma-separated).",
     ),
-    Option("CHATKIT_LOG_LEVEL", "INFO", _choice("debug", "info", "warning", "error"), "Log level."),
-    Option("CHATKIT_LOG_FORMAT", "text", _choice("text", "json"), "Log line format."),
+    Option(
+        "CHATKIT_LOG_LEVEL",
+        "INFO",
+        _choice("debug", "info", "warning", "error"),
+        "Log level of the package's loggers (standalone service; a host app sets the "
+        "chatkit_flask logger's level).",
+    ),
+    Option(
+        "CHATKIT_LOG_FORMAT",
+        "text",
+        _choice("text", "json"),
+        "Log line format of every logger, gunicorn's included (standalone service only).",
+    ),
     Option("CHATKIT_DEMO", False, _bool, "Serve the demo chat page at / (standalone service)."),
     Option(
         "CHATKIT_METRICS_ENABLED",

@@ -32,6 +32,9 @@ class ChatKitState:
     limit_rules: list[LimitRule] = field(default_factory=list)
     # Called with each response of the extension's endpoint (metrics); never on host routes.
     response_hooks: list[Callable[[Response], None]] = field(default_factory=list)
+    # What /readyz probes besides the limiter storage, by component name (server mode: "store").
+    # Each returns None when the component answers, else a short reason ("unreachable", ...).
+    ready_checks: dict[str, Callable[[], str | None]] = field(default_factory=dict)
 
     def exempt(self, blueprint: Any) -> None:
         """Keep default and application limits off one of the extension's service blueprints

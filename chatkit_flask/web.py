@@ -262,7 +262,8 @@ def register_error_handlers(
 
 
 def health_blueprint(state: ChatKitState) -> Blueprint:
-    """``GET /healthz`` (alive; touches nothing) and ``GET /readyz`` (limiter storage answers)."""
+    """``GET /healthz`` (alive; touches nothing) and ``GET /readyz`` (the limiter storage and,
+    in server mode, the thread store answer; 503 naming the failing part otherwise)."""
     bp = Blueprint("chatkit_health", __name__)
 
     @bp.get("/healthz")
@@ -271,12 +272,36 @@ def health_blueprint(state: ChatKitState) -> Blueprint:
 
     @bp.get("/readyz")
     def readyz() -> Response | tuple[Response, int]:
+        report: dict[str, Any] = {"status": "ready"}
+        failing: list[str] = []
         storage = storage_of(state.limiter)
         if storage is None:
-            return jsonify(status="ready", storage="limits disabled")
-        if not storage.check():
-            return jsonify(status="not_ready", storage="unreachable"), 503
-        return jsonify(status="ready", storage="ok")
+            report["storage"] = "limits disabled"
+        elif _answers(storage.check):
+            report["storage"] = "ok"
+        else:
+            report["storage"] = "unreachable"
+            failing.append("storage")
+        for name, check in state.ready_checks.items():
+            try:
+                problem = check()
+            except Exception:  # a probe that breaks is a part that is not ready
+                log.exception("chatkit_flask: readiness check %s failed", name)
+                problem = "error"
+            report[name] = problem or "ok"
+            if problem:
+                failing.append(name)
+        if failing:
+            report.update(status="not_ready", failing=failing)
+            return jsonify(report), 503
+        return jsonify(report)
 
     state.exempt(bp)
     return bp
+
+
+def _answers(check: Callable[[], bool]) -> bool:
+    try:
+        return bool(check())
+    except Exception:
+        return False

@@ -14,6 +14,7 @@ gunicorn write outside those two directories.
 """
 
 import os
+from logging import Formatter as _Formatter
 
 from gunicorn.glogging import Logger as _GunicornLogger
 from gunicorn.glogging import SafeAtoms as _GunicornAtoms
@@ -162,6 +163,32 @@ accesslog = "-" if _env_bool("GUNICORN_ACCESS_LOG", True) else None
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms request_id=%({x-request-id}o)s'
 
 
+def _log_format():
+    """CHATKIT_LOG_FORMAT as the app resolves it: the environment, else .env, else the config
+    file (CHATKIT_CONFIG_FILE or config/chatkit.toml). An unreadable config file counts as
+    unset here: the app names its error at start-up (when_ready)."""
+    value = _env("CHATKIT_LOG_FORMAT", None)
+    if value is None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = _env("CHATKIT_CONFIG_FILE", None) or os.path.join(root, "config", "chatkit.toml")
+        try:
+            import tomllib
+
+            with open(path, "rb") as file:
+                value = str(tomllib.load(file).get("CHATKIT_LOG_FORMAT", "text"))
+        except (OSError, ValueError):
+            value = "text"
+    value = value.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError(f"CHATKIT_LOG_FORMAT must be one of text, json, got {value!r}")
+    return value
+
+
+# CHATKIT_LOG_FORMAT=json: gunicorn's own lines (start, stop, workers, access) are JSON objects
+# too, so that every line of the service's output parses; text keeps gunicorn's formats.
+LOG_FORMAT = _log_format()
+
+
 class _EscapingLogger(_GunicornLogger):
     """gunicorn's logger, with every access log field escaped by the app's one escaping function
     (chatkit_flask.sanitize.escape_control): %(U)s is the percent-decoded path, so /%0a would
@@ -174,6 +201,14 @@ class _EscapingLogger(_GunicornLogger):
         # quoted field; escape_control(quoted=True) escapes both, and nothing else may add to it.
         self.atoms_wrapper_class = _EscapedAtoms
 
+    def setup(self, cfg):
+        super().setup(cfg)
+        if LOG_FORMAT == "json":
+            for log in (self.error_log, self.access_log):
+                for handler in log.handlers:
+                    if getattr(handler, "_gunicorn", False):  # not a logconfig's own
+                        handler.setFormatter(_JsonLines())
+
     def atoms(self, resp, req, environ, request_time):
         atoms = super().atoms(resp, req, environ, request_time)
         # Imported here, in a worker (which has loaded the app): the master imports nothing of
@@ -185,6 +220,37 @@ class _EscapingLogger(_GunicornLogger):
             if isinstance(value, str):
                 atoms[name] = escape_control(value, quoted=True)
         return atoms
+
+
+class _JsonLines(_Formatter):
+    """One JSON object per gunicorn record, in the shape of the app's lines (time, level, logger,
+    message: chatkit_flask.logs.JsonFormatter; written out here because the master imports
+    nothing of the app). An access line adds the request's fields, ``"event": "access"``."""
+
+    _ACCESS = (("request_id", "{x-request-id}o"), ("method", "m"), ("path", "U"),
+               ("status", "s"), ("bytes", "b"), ("duration_ms", "M"), ("remote", "h"))  # fmt: skip
+
+    def format(self, record):
+        import json
+        import time
+
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        atoms = record.args
+        if record.name == "gunicorn.access" and isinstance(atoms, _GunicornAtoms):
+            entry["event"] = "access"
+            for key, atom in self._ACCESS:
+                value = atoms[atom]
+                if value != "-":
+                    entry[key] = int(value) if key in ("status", "bytes", "duration_ms") else value
+        entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, separators=(",", ":"))
 
 
 class _EscapedAtoms(_GunicornAtoms):
@@ -290,9 +356,11 @@ def when_ready(server):
     if pid == 0:  # pragma: no cover - the child
         code = 0
         try:
+            from chatkit_flask.logs import configure_logging
             from chatkit_flask.service import service_config
             from chatkit_flask.settings import ConfigError, Settings
 
+            configure_logging("INFO", LOG_FORMAT)  # its warnings in the service's format
             if Settings.from_mapping(service_config()).backend == "server":
                 # GUNICORN_WORKER_CLASS=sync would kill long replies: refuse it here, once,
                 # rather than in every worker (chatkit_flask/server/workers.py).
@@ -300,12 +368,10 @@ def when_ready(server):
 
                 check_gunicorn_worker()
         except ConfigError as error:
-            sys.stderr.write(f"chatkit-flask: configuration error: {error}\n")
+            server.log.error("chatkit-flask: configuration error: %s", error)
             code = 4
         except BaseException:
-            import traceback
-
-            traceback.print_exc()
+            server.log.exception("chatkit-flask: configuration check failed")
             code = 1
         finally:
             sys.stderr.flush()
@@ -317,6 +383,26 @@ def when_ready(server):
         on_exit(server)
         # The APP_LOAD_ERROR code, as when a worker fails to load the app.
         sys.exit(4)
+
+
+def post_worker_init(worker):
+    """Server mode drains on SIGTERM (a deploy's `docker stop`): gunicorn stops accepting and
+    lets open requests run for graceful_timeout; open replies get graceful_timeout - 3 s, then
+    end with an error event asking the visitor to send again (their partial answers kept, slots
+    freed), so none is cut silently when gunicorn exits. New messages meanwhile are refused the
+    same way at once."""
+    import signal
+
+    stop = worker.handle_exit
+
+    def handle_exit(sig, frame):
+        stop(sig, frame)
+        from chatkit_flask.server.bridge import drain_all
+
+        drain_all(max(1.0, worker.cfg.graceful_timeout - 3))
+
+    signal.signal(signal.SIGTERM, handle_exit)
+    signal.siginterrupt(signal.SIGTERM, False)
 
 
 def child_exit(server, worker):

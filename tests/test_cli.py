@@ -11,7 +11,13 @@ import redis
 from click.testing import Result
 from flask import Flask
 
-from chatkit_flask.cli import CHECK_USER, mask_api_key, mask_storage_uri
+from chatkit_flask.cli import (
+    CHECK_USER,
+    EXIT_MISCONFIGURED,
+    EXIT_UNREACHABLE,
+    mask_api_key,
+    mask_storage_uri,
+)
 from chatkit_flask.identity import hash_id
 from chatkit_flask.testing.fake_chatkit import Behaviour, FakeChatKit
 from tests.conftest import REDIS_URL, TEST_API_KEY, TEST_SECRET_KEY
@@ -70,7 +76,7 @@ def test_check_shows_server_mode_first_and_names_the_keys_it_does_not_read(
     }
     app = create_app(config, environ={})
     try:
-        result = run(app, "check", "--live")
+        result = run(app, "check")
     finally:
         app.extensions["chatkit"].server.bridge.close()
     assert result.exit_code == 0, result.output
@@ -84,8 +90,18 @@ def test_check_shows_server_mode_first_and_names_the_keys_it_does_not_read(
     hosted = [name for name in OPTIONS if backend_of(name) == "hosted"]
     assert "CHATKIT_WORKFLOW_ID" in hosted and not set(hosted) & set(shown)
     assert f"(not read in server mode: {', '.join(hosted)})" in result.output
-    assert "Model: not contacted" in result.output  # --live mints hosted sessions only
     assert_no_secrets(result.output)
+
+
+def test_check_says_the_log_settings_are_the_services_only(
+    redis_app: Callable[..., Flask],
+) -> None:
+    # A host app configures the chatkit_flask logger; these two would silently do nothing there.
+    output = run(redis_app(CHATKIT_LOG_FORMAT="json"), "check").output
+    only = "(service only: a host app configures the chatkit_flask logger)"
+    assert f"CHATKIT_LOG_FORMAT = json  {only}" in output
+    assert f"CHATKIT_LOG_LEVEL = info  {only}" in output
+    assert only not in output.split("CHATKIT_LOG_LEVEL")[0].split("CHATKIT_LOG_FORMAT")[0]
 
 
 def test_masking() -> None:
@@ -101,7 +117,7 @@ def test_masking() -> None:
 def test_check_fails_when_storage_is_unreachable(make_app: Callable[..., Flask]) -> None:
     app = make_app(RATELIMIT_STORAGE_URI=f"redis://127.0.0.1:{closed_port()}/0")
     result = run(app, "check")
-    assert result.exit_code != 0
+    assert result.exit_code == EXIT_UNREACHABLE
     assert "cannot reach the limiter storage" in result.output
 
 
@@ -127,28 +143,33 @@ def test_check_live_with_a_wrong_key(
 ) -> None:
     wrong = "wrong-openai-key-000000000000000000000"
     result = run(redis_app(OPENAI_API_KEY=wrong), "check", "--live")
-    assert result.exit_code != 0
+    assert result.exit_code == EXIT_MISCONFIGURED
     assert "the API key is wrong or revoked" in result.output
     assert wrong not in result.output
     assert [request.path for request in upstream.requests] == ["/v1/chatkit/sessions"]
 
 
 @pytest.mark.parametrize(
-    ("status", "message"),
+    ("status", "message", "exit_code"),
     [
-        (404, "workflow not found: the key must belong to the workflow's project"),
-        (403, "permission denied (403)"),
-        (400, "rejected the session request (400): Bad request."),
-        (500, "the ChatKit API failed (500)"),
-        (429, "rate limited the check (429)"),
+        (404, "workflow not found: the key must belong to the workflow's project",
+         EXIT_MISCONFIGURED),
+        (403, "permission denied (403)", EXIT_MISCONFIGURED),
+        (400, "rejected the session request (400): Bad request.", EXIT_MISCONFIGURED),
+        (500, "the ChatKit API failed (500)", EXIT_UNREACHABLE),
+        (429, "rate limited the check (429)", EXIT_UNREACHABLE),
     ],
-)
+)  # fmt: skip
 def test_check_live_explains_upstream_errors(
-    redis_app: Callable[..., Flask], upstream: FakeChatKit, status: int, message: str
+    redis_app: Callable[..., Flask],
+    upstream: FakeChatKit,
+    status: int,
+    message: str,
+    exit_code: int,
 ) -> None:
     upstream.set_default(Behaviour.error(status))
     result = run(redis_app(CHATKIT_UPSTREAM_RETRIES=0), "check", "--live")
-    assert result.exit_code != 0
+    assert result.exit_code == exit_code
     assert message in result.output
 
 
@@ -162,14 +183,14 @@ def test_check_live_cannot_connect(redis_app: Callable[..., Flask]) -> None:
     port = closed_port()
     app = redis_app(CHATKIT_API_BASE=f"http://127.0.0.1:{port}", CHATKIT_UPSTREAM_RETRIES=0)
     result = run(app, "check", "--live")
-    assert result.exit_code != 0
+    assert result.exit_code == EXIT_UNREACHABLE
     assert f"cannot reach CHATKIT_API_BASE host 127.0.0.1:{port}" in result.output
 
 
 def test_check_live_timeout(redis_app: Callable[..., Flask], upstream: FakeChatKit) -> None:
     upstream.set_default(Behaviour.slow(2))
     result = run(redis_app(CHATKIT_UPSTREAM_TIMEOUT=0.3), "check", "--live")
-    assert result.exit_code != 0
+    assert result.exit_code == EXIT_UNREACHABLE
     assert "did not answer within CHATKIT_UPSTREAM_TIMEOUT=0.3s (timeout)" in result.output
 
 

@@ -932,6 +932,35 @@ def test_gunicorn_invalid_value_names_the_variable(monkeypatch, name, value):
         exec_gunicorn_conf(monkeypatch, **{name: value})
 
 
+def test_gunicorn_logs_in_the_apps_log_format(monkeypatch, tmp_path):
+    """CHATKIT_LOG_FORMAT=json makes gunicorn's own lines JSON too, resolved as the app resolves
+    it (environment > .env > config file); a bad value stops gunicorn naming the key."""
+    import io
+
+    from gunicorn.config import Config
+
+    toml = tmp_path / "chatkit.toml"
+    toml.write_text('CHATKIT_LOG_FORMAT = "json"\n')
+    (tmp_path / "empty.env").write_text("")
+    files = {"CHATKIT_CONFIG_FILE": str(toml), "CHATKIT_ENV_FILE": str(tmp_path / "empty.env")}
+    monkeypatch.delenv("CHATKIT_LOG_FORMAT", raising=False)
+    conf = exec_gunicorn_conf(monkeypatch, **files)
+    assert conf["LOG_FORMAT"] == "json"
+    env_wins = exec_gunicorn_conf(monkeypatch, CHATKIT_LOG_FORMAT="text", **files)
+    assert env_wins["LOG_FORMAT"] == "text"
+    with pytest.raises(ValueError, match="CHATKIT_LOG_FORMAT"):
+        exec_gunicorn_conf(monkeypatch, CHATKIT_LOG_FORMAT="xml", **files)
+
+    logger = conf["logger_class"](Config())
+    out = io.StringIO()
+    (own,) = [h for h in logger.error_log.handlers if getattr(h, "_gunicorn", False)]
+    own.setStream(out)
+    logger.error_log.info("Booting worker with pid: %s", 7)
+    entry = json.loads(out.getvalue())
+    assert (entry["logger"], entry["level"]) == ("gunicorn.error", "info")
+    assert entry["message"] == "Booting worker with pid: 7"
+
+
 def test_gunicorn_accepts_its_own_settings(monkeypatch):
     """Every module-level name that looks like a setting is one gunicorn knows."""
     from gunicorn.config import Config

@@ -151,3 +151,49 @@ def test_gunicorn_conf_reads_dotenv_and_the_environment_wins(
 def test_bin_serve_does_not_parse_dotenv_in_bash() -> None:
     script = (ROOT / "bin" / "serve").read_text()
     assert "read -r" not in script and "< .env" not in script
+
+
+# What a gunicorn worker loads (wsgi:app), in the same directory and environment as the CLI.
+WORKER_VIEW = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import wsgi; "
+    "print(wsgi.app.config['CHATKIT_RATELIMIT_PER_USER']); "
+    "print(wsgi.app.config.get('CHATKIT_AGENT_INSTRUCTIONS', '-'))"
+)
+
+
+@pytest.mark.parametrize("named", ["another file", "the same file"])
+def test_flask_cli_sees_the_values_gunicorn_sees(tmp_path: Path, named: str) -> None:
+    # Flask's CLI loads the .env of its working directory (expanding ${...}) into the environment
+    # before it imports the app; the service must still read CHATKIT_ENV_FILE alone, unexpanded.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / ".env").write_text(
+        REQUIRED + "CHATKIT_RATELIMIT_PER_USER=7 per minute\nCHATKIT_AGENT_INSTRUCTIONS=a${HOME}b\n"
+    )
+    other = tmp_path / "other.env"
+    other.write_text(
+        REQUIRED + "CHATKIT_RATELIMIT_PER_USER=3 per minute\nCHATKIT_AGENT_INSTRUCTIONS=c${HOME}d\n"
+    )
+    chosen = other if named == "another file" else site / ".env"
+    env = _clean_env(CHATKIT_ENV_FILE=str(chosen), RATELIMIT_STORAGE_URI="memory://")
+    env.pop("FLASK_SKIP_DOTENV", None)
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            args, cwd=site, env=env, capture_output=True, text=True, timeout=60
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    check = run(sys.executable, "-m", "flask", "--app", str(ROOT / "wsgi.py"), "chatkit", "check")
+    shown = dict(
+        line.strip().split(" = ", 1)[0:2] for line in check.splitlines() if " = " in line
+    )
+    worker = run(sys.executable, "-c", WORKER_VIEW, str(ROOT)).splitlines()
+    # The named file's values, unexpanded (python-dotenv with interpolate=False).
+    expected = {
+        "another file": ["3 per minute", "c${HOME}d"],
+        "the same file": ["7 per minute", "a${HOME}b"],
+    }[named]
+    assert worker == expected
+    assert [shown["CHATKIT_RATELIMIT_PER_USER"], shown["CHATKIT_AGENT_INSTRUCTIONS"]] == expected

@@ -167,3 +167,20 @@ def test_longest_valid_request_id_is_kept(make_app: Callable[..., Flask]) -> Non
     incoming = "A" * 128
     response = make_app().test_client().post(URL, json={}, headers={"X-Request-ID": incoming})
     assert response.headers["X-Request-ID"] == incoming
+
+
+def test_a_warning_about_the_settings_comes_out_in_the_configured_format(
+    upstream: FakeChatKit, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Logged while the service reads the settings that choose the format, as in a fresh worker
+    # (no handler on the package's logger yet): held, then written as JSON like everything else.
+    from chatkit_flask.service import create_app
+    from tests.conftest import base_config
+
+    logger = logging.getLogger("chatkit_flask")
+    logger.handlers[:] = []
+    logger.propagate = True
+    create_app(base_config(upstream, CHATKIT_LOG_FORMAT="json"), environ={"CHATKIT_TYPO": "1"})
+    entries = json_lines(capsys.readouterr().err)
+    (warning,) = [e for e in entries if "CHATKIT_TYPO" in e.get("message", "")]
+    assert (warning["logger"], warning["level"]) == ("chatkit_flask.settings", "warning")

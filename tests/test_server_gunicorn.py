@@ -61,6 +61,7 @@ class Service:
             CHATKIT_RATELIMIT_REQUESTS_PER_IP="10000 per minute",
             CHATKIT_MAX_STREAMS_PER_USER="50",
             CHATKIT_MAX_STREAMS_PER_IP="1000",
+            CHATKIT_MAX_STREAMS_PER_WORKER="1000",
             RATELIMIT_STORAGE_URI=REDIS_URL,
             GUNICORN_BIND=f"127.0.0.1:{self.port}",
             GUNICORN_WORKERS="3",

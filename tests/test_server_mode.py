@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -966,24 +965,38 @@ def test_an_answer_cut_by_the_model_is_stored_as_the_visitor_saw_it(
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-def broken_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A store that fails on use: a SQLite "file" that is a directory, a Redis nobody runs."""
+def breakable_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[str, Callable[[], None]]]:
+    """A store that works at start-up (which refuses a broken one) and a function that breaks
+    it: the SQLite file replaced by a directory, the private redis-server killed."""
     if request.param == "sqlite":
-        (tmp_path / "threads.db").mkdir()
-        return f"sqlite:///{tmp_path}/threads.db"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"redis://127.0.0.1:{port}/0"
+        path = tmp_path / "threads.db"
+
+        def replace_by_directory() -> None:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            path.mkdir()
+
+        yield f"sqlite:///{path}", replace_by_directory
+        return
+    from chatkit_flask.testing.redis_server import RedisServer
+    from tests.services import start_redis_or_skip
+
+    own = start_redis_or_skip(RedisServer())
+    yield own.url(), own.kill
+    own.stop()
 
 
 def test_a_store_outage_is_a_503_that_names_the_store(
     make_app: Callable[..., Flask],
     fake: FakeResponses,
-    broken_store_url: str,
+    breakable_store: tuple[str, Callable[[], None]],
     mint_logs: pytest.LogCaptureFixture,
 ) -> None:
-    client = make_app(broken_store_url).test_client()
+    url, break_store = breakable_store
+    client = make_app(url).test_client()
+    break_store()
     for body in ({"type": "threads.list", "params": {}}, create_body("hi")):
         response = post(client, body)
         error = assert_json_error(response, 503, "store_unavailable")  # before any stream byte
@@ -991,7 +1004,7 @@ def test_a_store_outage_is_a_503_that_names_the_store(
     assert fake.count == 0
     failures = [r.getMessage() for r in mint_logs.records
                 if r.name.startswith("chatkit_flask") and r.levelno >= logging.ERROR]
-    assert failures and all("thread store failed" in line for line in failures), failures
+    assert len(failures) == 2 and all("thread store" in line for line in failures), failures
     assert not any("rate limit storage" in r.getMessage() for r in mint_logs.records)
 
 

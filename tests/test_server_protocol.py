@@ -3,6 +3,8 @@ AsyncOpenAI client -> the fake Responses API on a real socket (and, at the end, 
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import http.client
 import json
 import os
@@ -336,6 +338,36 @@ def test_a_model_failure_is_an_error_event(
     again = post(client, {"type": "threads.add_user_message",
                           "params": {"thread_id": thread_id, "input": user_input("again")}})
     assert sse_events(again.data)[-1]["item"]["content"][0]["text"] == "You said: again"
+
+
+def test_leaving_mid_stream_leaves_no_task_error_for_asyncio_to_log(
+    server: FlaskChatKitServer, fake: FakeResponses
+) -> None:
+    # Every hang-up used to end with asyncio logging "Task exception was never retrieved ...
+    # StopAsyncIteration" (a wait on the run's events that the SDK abandons).
+    bridge = AsyncBridge(name="test-hang-up")
+    reported: list[dict[str, Any]] = []
+    try:
+        bridge.loop.set_exception_handler(lambda loop, context: reported.append(context))
+        fake.token_delay = 0.1
+        body = json.dumps(
+            {"type": "threads.create", "params": {"input": user_input("one two three four five")}}
+        ).encode()
+        response = handle(server, bridge, body, RequestContext(owner="visitor:x", request_id="r"))
+        received = b""
+        for frame in response.response:
+            received += frame
+            if received.count(b"text_delta") >= 2:
+                break
+        response.close()  # what gunicorn does when the visitor leaves
+        assert fake.wait_for_abort(1, timeout=5)
+        bridge.run(lambda: asyncio.sleep(0.3), 5)  # the cancelled run winds down
+        gc.collect()
+        bridge.run(lambda: asyncio.sleep(0.1), 5)
+    finally:
+        fake.token_delay = 0.0
+        bridge.close()
+    assert not reported, [context.get("message") for context in reported]
 
 
 def test_heartbeats_keep_a_silent_stream_alive_and_a_departure_is_noticed(

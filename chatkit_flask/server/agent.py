@@ -158,6 +158,15 @@ class ModelClient:
         )
         return OpenAIProvider(openai_client=client, use_responses=True)
 
+    async def aclose(self) -> None:
+        """On the loop: close this loop's client and its connections (if one was made)."""
+        provider = self._provider.peek()
+        if provider is not None:
+            await provider.aclose()
+            client = provider._client  # ours: the provider closes only the clients it made
+            if client is not None:
+                await client.close()
+
     def run_config(self) -> RunConfig:
         """A ``RunConfig`` using this process's client (made on first call on this loop)."""
         return RunConfig(model_provider=self._provider.get(), tracing_disabled=self.disable_tracing)

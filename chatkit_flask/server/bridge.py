@@ -4,23 +4,25 @@ The ChatKit and Agents SDKs are async only, and the clients they use (``AsyncOpe
 ``redis.asyncio``) are bound to the event loop they were first used on. Flask ``async def`` views
 get a new loop per request, so those clients break on the second request. Instead each worker
 process runs ONE event loop in a daemon thread, started on first use and started again after a
-fork; views hand it work through :class:`AsyncBridge` and stay synchronous.
+fork; views hand it work through :class:`AsyncBridge` and stay synchronous. Work reaches the
+loop without the calling thread's context variables (no Flask context leaks onto the loop).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import os
 import queue
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterator
-from typing import Generic, TypeVar
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterator
+from typing import Any, Generic, TypeVar
 
-__all__ = ["AsyncBridge", "LoopLocal"]
+__all__ = ["AsyncBridge", "LoopLocal", "drain_all"]
 
 T = TypeVar("T")
 
@@ -54,6 +56,10 @@ class AsyncBridge:
         self._pid: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._streams: set[_OpenStream] = set()  # guarded by _lock
+        self.draining = False
+        self._ending: set[asyncio.Future[None]] = set()
+        _BRIDGES.add(self)
 
     # ----------------------------------------------------------------- the loop
     @property
@@ -98,17 +104,54 @@ class AsyncBridge:
                 "Await the coroutine directly instead."
             )
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop this process's loop (tests and clean shutdown); the next call starts a new one."""
+    def close(
+        self, timeout: float = 5.0, *, cleanup: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Stop this process's loop and its worker threads (``asyncio.to_thread``); the next
+        call starts a new loop. ``cleanup()`` runs on the loop first (closing loop-bound
+        clients); its errors are logged, never raised. Does nothing when no loop runs."""
+        self._refuse_loop_thread()
         with self._lock:
             loop, thread = self._loop, self._thread
             self._pid = self._loop = self._thread = None
         if loop is None or thread is None or not thread.is_alive():
             return
+
+        async def finish() -> None:
+            try:
+                if cleanup is not None:
+                    await cleanup()
+            finally:
+                await loop.shutdown_default_executor()
+
+        try:
+            asyncio.run_coroutine_threadsafe(finish(), loop).result(timeout)
+        except Exception as exc:  # closing must go on: the loop is stopped below regardless
+            log.warning("event loop cleanup failed: %s", type(exc).__name__)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout)
         if not thread.is_alive():
             loop.close()
+
+    def drain(self, after: float) -> None:
+        """Shutting down: from now on :attr:`draining` is true (callers refuse new work), and
+        ``after`` seconds from now every stream still open is ended: its producer is cancelled
+        inside its await (so its own cancellation handling runs: ChatKit keeps the partial
+        answer), then its ``drain_item`` goes out and the stream ends. Safe from a signal
+        handler."""
+        self.draining = True
+        with self._lock:
+            loop = self._loop if self._pid == os.getpid() else None
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(loop.call_later, after, self._end_streams)
+
+    def _end_streams(self) -> None:
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            ending = asyncio.ensure_future(stream.end())
+            self._ending.add(ending)  # held until done (the loop keeps only weak references)
+            ending.add_done_callback(self._ending.discard)
 
     # --------------------------------------------------------------- requests
     def run(self, coro_factory: Callable[[], Awaitable[T]], timeout: float | None) -> T:
@@ -121,7 +164,7 @@ class AsyncBridge:
         async def call() -> T:
             return await coro_factory()
 
-        future = asyncio.run_coroutine_threadsafe(call(), self.loop)
+        future = _submit(call(), self.loop)
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -138,6 +181,7 @@ class AsyncBridge:
         heartbeat_item: T | None = None,
         write_timeout: float | None = None,
         on_stall: Callable[[], None] | None = None,
+        drain_item: Callable[[], T] | None = None,
     ) -> Iterator[T]:
         """Relay ``agen_factory()`` (run on the loop) to the calling thread, item by item.
 
@@ -152,14 +196,15 @@ class AsyncBridge:
         has not come back for the next item that long after taking one (the server is stuck
         writing to a client that does not read) is given up on: ``on_stall`` runs on the loop
         (it should unblock the write, e.g. shut the socket down) and the producer is cancelled,
-        so a reader that stalls holds neither the model call nor more memory.
+        so a reader that stalls holds neither the model call nor more memory. When the bridge
+        is drained (:meth:`drain`), an open stream ends with ``drain_item()`` (made on the loop).
         """
         self._refuse_loop_thread()
         if heartbeat is not None and heartbeat_item is None:
             raise ValueError("heartbeat needs a heartbeat_item")
         watch = None if write_timeout is None else _WriteWatch(write_timeout, on_stall)
         return self._stream(
-            agen_factory, queue_size, idle_timeout, heartbeat, heartbeat_item, watch
+            agen_factory, queue_size, idle_timeout, heartbeat, heartbeat_item, watch, drain_item
         )
 
     def _stream(
@@ -170,13 +215,15 @@ class AsyncBridge:
         heartbeat: float | None,
         heartbeat_item: T | None,
         watch: _WriteWatch | None,
+        drain_item: Callable[[], T] | None,
     ) -> Iterator[T]:
         loop = self.loop
         channel = _Channel(loop, queue_size)
         finished = threading.Event()
-        task_future = asyncio.run_coroutine_threadsafe(
-            _pump(agen_factory, channel, finished), loop
-        )
+        open_stream = _OpenStream(channel, drain_item)
+        with self._lock:
+            self._streams.add(open_stream)
+        task_future = _submit(_pump(agen_factory, channel, finished, open_stream), loop)
         if watch is not None:
             watch.start(loop, task_future)
         completed = False
@@ -203,6 +250,8 @@ class AsyncBridge:
                     raise item.error
                 yield from _watched(item, watch)  # type: ignore[arg-type]
         finally:
+            with self._lock:
+                self._streams.discard(open_stream)
             if watch is not None:
                 watch.done = True
             if not completed:
@@ -211,6 +260,38 @@ class AsyncBridge:
                 task_future.cancel()
                 if not finished.wait(self.cancel_grace):
                     log.warning("stream producer still cleaning up after %ss", self.cancel_grace)
+
+
+class _OpenStream:
+    """What :meth:`AsyncBridge.drain` needs of one open stream."""
+
+    def __init__(self, channel: _Channel, drain_item: Callable[[], object] | None) -> None:
+        self.channel = channel
+        self.drain_item = drain_item
+        self.task: asyncio.Task[None] | None = None  # the pump, once it runs
+
+    async def end(self) -> None:
+        """On the loop: cancel the producer, wait for its cleanup, send the last item, end."""
+        task = self.task
+        if task is None or task.done():
+            return
+        task.cancel()
+        await asyncio.wait({task})
+        if self.drain_item is not None:
+            try:
+                self.channel.put_final(self.drain_item())
+            except Exception as exc:  # the stream still ends
+                log.debug("drain_item failed: %r", exc)
+        self.channel.put_final(_END)
+
+
+_BRIDGES: weakref.WeakSet[AsyncBridge] = weakref.WeakSet()
+
+
+def drain_all(after: float) -> None:
+    """:meth:`AsyncBridge.drain` on every bridge of this process (a server's shutdown hook)."""
+    for bridge in list(_BRIDGES):
+        bridge.drain(after)
 
 
 class _WriteWatch:
@@ -262,6 +343,14 @@ def _watched(item: T, watch: _WriteWatch | None) -> Iterator[T]:
         yield item
     finally:
         watch.since = None
+def _submit(
+    coro: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop
+) -> concurrent.futures.Future[T]:
+    """Schedule ``coro`` on ``loop`` in an EMPTY context. ``run_coroutine_threadsafe`` would
+    copy the calling thread's context variables into the task: Flask's request and app
+    contexts, which the view pops while the task still runs (site code would see a stale
+    ``request`` and an app context whose teardown never runs for it)."""
+    return contextvars.Context().run(asyncio.run_coroutine_threadsafe, coro, loop)
 
 
 class _Channel:
@@ -306,7 +395,9 @@ async def _pump(
     agen_factory: Callable[[], AsyncIterable[T]],
     channel: _Channel,
     finished: threading.Event,
+    open_stream: _OpenStream,
 ) -> None:
+    open_stream.task = asyncio.current_task()
     agen = None
     try:
         agen = aiter(agen_factory())
@@ -364,6 +455,10 @@ class LoopLocal(Generic[T]):
         self._values: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = (
             weakref.WeakKeyDictionary()
         )
+
+    def peek(self) -> T | None:
+        """The running loop's value, or None when none was made (makes nothing)."""
+        return self._values.get(asyncio.get_running_loop())
 
     def get(self) -> T:
         loop = asyncio.get_running_loop()

@@ -15,13 +15,15 @@ class RequestContext:
 
     ``owner`` scopes every store read and write: ``"visitor:<tag>"`` for an anonymous visitor or
     ``"user:<tag>"`` for a signed-in user (tags are SHA-256 based; never the raw cookie or id).
-    Another owner's thread or item is ``NotFoundError``, never its content.
+    Another owner's thread or item is ``NotFoundError``, never its content. ``owner`` is the
+    extension's key; site code (tools, an agent factory) reads ``user_id``: the id the site's
+    user loader returned, as a string (``"1"`` for ``1``), or None for an anonymous visitor.
     """
 
     owner: str
     request_id: str = "-"
     client_network: str = "-"
-    user_id: str | None = None  # the host's user id when signed in (for per-user agents)
+    user_id: str | None = None
     locale: str | None = None
     # Filled while the request runs (token usage, outcome, when the first frame and the
     # model's first output went out) and read by the log line, the metrics and the token budget

@@ -8,6 +8,7 @@ when the client goes away) cancels the answer on the event loop, and with it the
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -18,8 +19,9 @@ from flask import Response
 from ..errors import ApiError
 from .bridge import AsyncBridge
 from .context import RequestContext
-from .protocol import FlaskChatKitServer, NotFoundError, RequestRefused
+from .protocol import FlaskChatKitServer, NotFoundError, RequestRefused, StoreFailed
 from .store import STORE_ERRORS
+from .store_guard import STORE_DOWN_MESSAGE
 
 log = logging.getLogger("chatkit_flask")
 
@@ -32,7 +34,7 @@ STREAM_HEADERS = {
 HEARTBEAT_FRAME = b": keep-alive\n\n"  # an SSE comment: EventSource-style parsers skip it
 NOT_FOUND_MESSAGE = "No such conversation."
 MISFIT_MESSAGE = "The request does not fit this conversation."
-STORE_DOWN_MESSAGE = "The chat cannot reach its conversations right now. Please try again shortly."
+RESTART_MESSAGE = "The chat is restarting. Please send your message again in a moment."
 
 
 def handle(
@@ -75,7 +77,7 @@ def handle(
             raise ApiError(400, "invalid_request", MISFIT_MESSAGE) from None
         except TimeoutError:
             raise ApiError(503, "timeout", "The request took too long. Please try again.") from None
-        except STORE_ERRORS as exc:
+        except (StoreFailed, *STORE_ERRORS) as exc:
             raise _store_unavailable(exc, context) from None
         response = Response(payload, mimetype="application/json")
         response.headers["Cache-Control"] = "no-store"
@@ -88,6 +90,7 @@ def handle(
         heartbeat_item=HEARTBEAT_FRAME,
         write_timeout=write_timeout,
         on_stall=on_stall,
+        drain_item=lambda: _interrupted(context.report),
     )
     try:
         first = next(frames)
@@ -99,17 +102,28 @@ def handle(
         raise ApiError(404, "not_found", NOT_FOUND_MESSAGE) from None
     except ValueError:
         raise ApiError(400, "invalid_request", MISFIT_MESSAGE) from None
-    except STORE_ERRORS as exc:
+    except (StoreFailed, *STORE_ERRORS) as exc:
         raise _store_unavailable(exc, context) from None
-    response = Response(_SseBody(first, frames, context.report), mimetype="text/event-stream")
+    body = _SseBody(first, frames, context.report)
+    response = Response(body, mimetype="text/event-stream")
     response.headers.update(STREAM_HEADERS)
     return response
+
+
+def _interrupted(report: dict[str, Any]) -> bytes:
+    """The last frame of a reply the server's shutdown ended (its partial answer is kept)."""
+    report["interrupted"] = True
+    event = {"type": "error", "code": "custom", "message": RESTART_MESSAGE, "allow_retry": True}
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
 def _store_unavailable(exc: Exception, context: RequestContext) -> ApiError:
     # Named here: the blueprint's handler for Redis errors would blame the rate limiter. The
     # class only: a driver's message can quote a host or a key.
-    log.error("chatkit_flask: thread store failed: %s [%s]", type(exc).__name__, context.request_id)
+    if not isinstance(exc, StoreFailed):  # the store guard has logged that one
+        log.error(
+            "chatkit_flask: thread store failed: %s [%s]", type(exc).__name__, context.request_id
+        )
     return ApiError(503, "store_unavailable", STORE_DOWN_MESSAGE, headers={"Retry-After": "5"})
 
 
@@ -125,7 +139,12 @@ class _SseBody:
     log line and the metrics.
     """
 
-    def __init__(self, first: bytes, rest: Iterator[bytes], report: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        first: bytes,
+        rest: Iterator[bytes],
+        report: dict[str, Any],
+    ) -> None:
         self._first = first
         self._rest = rest
         self._report = report
@@ -144,10 +163,15 @@ class _SseBody:
 
 
 def stream_outcome(report: dict[str, Any]) -> str:
-    """How a stream ended, once closed: the answer's ``completed``, ``failed`` or ``cancelled``;
-    ``refused`` when a token budget refused it inside the stream; without an answer,
-    ``cancelled`` if the stream was cut short, else ``no_answer`` (e.g. a retry of an item that
-    is not in the thread)."""
+    """How a stream ended, once closed: ``interrupted`` when the server's shutdown ended it;
+    ``failed`` when the store failed; else the answer's ``completed``, ``failed`` or
+    ``cancelled``; ``refused`` when a token budget refused it inside the stream; without an
+    answer, ``cancelled`` if the stream was cut short, else ``no_answer`` (e.g. a retry of an
+    item that is not in the thread)."""
+    if report.get("interrupted"):
+        return "interrupted"
+    if report.get("store_failed"):  # even after the model's answer: it was not kept
+        return "failed"
     if report.get("refused_scope"):
         return "refused"
     usage = report.get("usage")

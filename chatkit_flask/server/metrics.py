@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from .context import RequestContext
 from .endpoint import stream_outcome
-from .protocol import SUPPORTED_TYPES, UNSUPPORTED_TYPES, TokenUsage, calls_model
+from .protocol import SUPPORTED_TYPES, UNSUPPORTED_TYPES, StoreFailed, TokenUsage, calls_model
 
 if TYPE_CHECKING:
     from ..state import ChatKitState
@@ -56,8 +56,8 @@ FIRST_ANSWER_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0
 DURATION_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0,
                     120.0, 180.0, 300.0, 600.0)  # fmt: skip
 
-MESSAGE_OUTCOMES = ("completed", "failed", "cancelled", "no_answer", "refused", "not_found",
-                    "invalid", "unavailable", "error")  # fmt: skip
+MESSAGE_OUTCOMES = ("completed", "failed", "cancelled", "interrupted", "no_answer", "refused",
+                    "not_found", "invalid", "unavailable", "error")  # fmt: skip
 REFUSAL_SCOPES = ("user", "ip", "global", "requests", "streams", "streams_ip", "busy",
                   "thread_busy", "tokens", "tokens_global", "site")  # fmt: skip
 REQUEST_TYPES = (*sorted(SUPPORTED_TYPES | UNSUPPORTED_TYPES), "unknown")
@@ -114,7 +114,7 @@ store_errors = Counter(
 )
 
 # Label values that should read 0 rather than be absent, so rate() and alerts work at once.
-for _outcome in MESSAGE_OUTCOMES[:7]:
+for _outcome in MESSAGE_OUTCOMES[:8]:
     messages.labels(_outcome)
 for _scope in REFUSAL_SCOPES[:-1]:
     refused.labels(_scope)
@@ -208,6 +208,9 @@ def _counted(name: str) -> Callable[..., Awaitable[Any]]:
         try:
             return await getattr(self.inner, name)(*args, **kwargs)
         except NotFoundError:  # a missing or foreign thread: an answer, not a failure
+            raise
+        except StoreFailed:  # logged once by the store guard
+            store_errors.inc()
             raise
         except Exception as exc:
             store_errors.inc()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from agents import ModelSettings, RunConfig, Runner
+from agents import Agent, ModelSettings, RunConfig, Runner
 from chatkit.agents import AgentContext, ThreadItemConverter, stream_agent_response
 from chatkit.errors import CustomStreamError
 from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
@@ -33,6 +33,7 @@ from chatkit.store import NotFoundError, Store
 from chatkit.types import (
     AssistantMessageItem,
     ChatKitReq,
+    ErrorEvent,
     FeedbackKind,
     ItemsFeedbackReq,
     ItemsListReq,
@@ -59,6 +60,8 @@ from pydantic import TypeAdapter, ValidationError
 from .agent import AgentSource, ModelClient, resolve_agent
 from .context import RequestContext
 from .costs import ReplyMeter, estimate_input_tokens, model_calls, newest_within
+from .sitecode import SiteCode
+from .store_guard import GuardedStore, StoreFailed
 
 __all__ = [
     "MODEL_TYPES",
@@ -70,6 +73,7 @@ __all__ = [
     "InvalidRequest",
     "NotFoundError",
     "RequestRefused",
+    "StoreFailed",
     "TokenUsage",
     "UnsupportedRequest",
     "calls_model",
@@ -263,6 +267,9 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
     16-21 ms per message with 1 item, 30 ms with 30); ``history_max_chars`` bounds their JSON.
     ``max_output_tokens`` and ``max_turns`` bound every run; ``reply_timeout`` (seconds) bounds
     a whole reply. ``admit(context, tokens)`` is awaited before the model is called.
+    16-21 ms per message with 1 item, 30 ms with 30). With ``site``, the agent factory and
+    every function tool run inside a fresh app context of the host app (see
+    :class:`~chatkit_flask.server.sitecode.SiteCode`).
     """
 
     def __init__(
@@ -279,9 +286,12 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         max_turns: int = 4,
         reply_timeout: float = 180.0,
         admit: AdmitCallback | None = None,
+        site: SiteCode | None = None,
     ) -> None:
-        super().__init__(store)
-        self.agent = agent
+        super().__init__(GuardedStore(store))
+        self.site = site
+        # A fixed agent is wrapped once; a factory's agent on every request.
+        self.agent = site.agent(agent) if site is not None and isinstance(agent, Agent) else agent
         self.model = model
         self.history_items = history_items
         self.max_input_chars = max_input_chars
@@ -346,8 +356,19 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         its ``_process_streaming`` logs every 404 as an ERROR with a traceback.
         """
         events = self._process_streaming_impl(request, context)  # type: ignore[arg-type]
-        async for event in events:
-            yield b"data: " + self._serialize(event) + b"\n\n"
+        last: ThreadStreamEvent | None = None
+        try:
+            async for event in events:
+                last = event
+                yield b"data: " + self._serialize(event) + b"\n\n"
+        except StoreFailed as exc:
+            # Raised between the SDK's steps (saving the visitor's message, the thread's last
+            # update): after the first frame it must end the stream in words, not cut it.
+            if last is None:
+                raise  # nothing sent yet: the endpoint answers 503
+            if not isinstance(last, ErrorEvent):
+                error = ErrorEvent(code="custom", message=exc.message, allow_retry=True)
+                yield b"data: " + self._serialize(error) + b"\n\n"
 
     async def call(self, request: ChatKitReq, context: RequestContext) -> bytes:
         """The JSON answer to a non-streaming request (``NotFoundError`` if not the owner's)."""
@@ -376,7 +397,7 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         input_user_message: UserMessageItem | None,
         context: RequestContext,
     ) -> AsyncIterator[ThreadStreamEvent]:
-        agent = resolve_agent(self.agent, context)
+        agent = self._agent_for(context)
         # The NEWEST items, oldest first (the quickstart's order="asc" sends the oldest ones).
         page = await self.store.load_thread_items(
             thread.id, None, self.history_items, "desc", context
@@ -410,6 +431,9 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
             if meter.timed_out:  # the run was stopped: its stream just ends
                 raise TimeoutError
             outcome = "completed"
+        except StoreFailed:  # logged by the store guard; the SDK shows its message
+            outcome = "failed"
+            raise
         except Exception as exc:
             outcome = "failed"
             allow_retry = True
@@ -483,6 +507,11 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
             )
             kept.append(ThreadItemDoneEvent(item=note))
         return kept
+
+    def _agent_for(self, context: RequestContext) -> Agent[Any]:
+        if self.site is None or isinstance(self.agent, Agent):
+            return resolve_agent(self.agent, context)
+        return self.site.agent(self.site.call(resolve_agent, self.agent, context))
 
     def _report_usage(
         self,

@@ -48,6 +48,7 @@ __all__ = [
     "STORE_URL_KEY",
     "NotFoundError",
     "OwnerScopedStore",
+    "StoreUnusable",
     "open_store",
 ]
 
@@ -56,6 +57,17 @@ MAX_PAGE_SIZE = 100  # a page request cannot make the store read a whole history
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 # What a store raises when it cannot be reached or used (Redis down, a file that cannot be opened).
 STORE_ERRORS: tuple[type[Exception], ...] = (RedisError, sqlite3.Error)
+
+
+class StoreUnusable(Exception):
+    """The store cannot serve. ``cause`` says why in words an operator can act on ("the
+    directory /data does not exist", "permission denied: ..."), never a password; ``reason`` is
+    a short fixed word for ``/readyz`` and metrics (``unreachable``, ``not_writable``, ...)."""
+
+    def __init__(self, cause: str, reason: str = "unavailable") -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.reason = reason
 
 
 class _Identified(Protocol):
@@ -96,6 +108,17 @@ class OwnerScopedStore(Store[RequestContext]):
 
     async def delete_attachment(self, attachment_id: str, context: RequestContext) -> None:
         raise NotImplementedError("attachments are not supported")
+
+    kind: str = "store"  # "sqlite", "redis": how logs name the store (never its URL)
+
+    def __str__(self) -> str:
+        return f"{self.kind} store"
+
+    @abstractmethod
+    async def probe(self, *, write: bool) -> None:
+        """Raise :class:`StoreUnusable` unless the store answers. ``write=False`` is the cheap
+        readiness check (a read, and whether a write could start); ``write=True`` is the start-up
+        check (a real write transaction, undone)."""
 
     @abstractmethod
     async def list_owner_threads(self, owner: str) -> list[ThreadMetadata]:
@@ -196,9 +219,11 @@ def _sqlite_path(url: str) -> Path:
     path = unquote(parts.path[1:])  # "sqlite:///x.db" -> "x.db", "sqlite:////x.db" -> "/x.db"
     if not path or path == ":memory:":
         raise ConfigError(STORE_URL_KEY, "needs a database file that every worker process can open")
-    parent = Path(path).parent
-    if not parent.is_dir():
-        raise ConfigError(STORE_URL_KEY, f"the directory {parent} does not exist")
+    from chatkit_flask.server.store_sqlite import directory_problem
+
+    problem = directory_problem(Path(path).absolute().parent)
+    if problem is not None:
+        raise ConfigError(STORE_URL_KEY, problem)
     return Path(path)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 from collections.abc import Callable
 
 from chatkit.types import Page, ThreadItem, ThreadMetadata
@@ -33,12 +34,19 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    AuthenticationError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chatkit_flask.server.context import RequestContext
 from chatkit_flask.server.store import (
     ITEM_ADAPTER,
     OwnerScopedStore,
+    StoreUnusable,
     check_page_args,
     make_page,
     mask_url,
@@ -308,6 +316,8 @@ class RedisStore(OwnerScopedStore):
     ``client_factory`` replaces ``Redis.from_url`` (tests pass a fakeredis client).
     """
 
+    kind = "redis"
+
     def __init__(
         self,
         url: str,
@@ -333,6 +343,19 @@ class RedisStore(OwnerScopedStore):
         if self._client is not None and self._client_loop is asyncio.get_running_loop():
             await self._client.aclose()
         self._client = None
+
+    async def probe(self, *, write: bool) -> None:
+        """PING; with ``write``, also set and delete a probe key (a read-only replica, a full
+        ``maxmemory`` or a user without write rights would fail every answer)."""
+        try:
+            client = self._redis()
+            await client.ping()
+            if write:
+                key = f"{self._prefix}:probe:{secrets.token_hex(8)}"
+                await client.set(key, b"1", px=10_000)
+                await client.delete(key)
+        except RedisError as exc:
+            raise _unusable(exc) from None
 
     # -- ChatKit Store --------------------------------------------------------------------------
 
@@ -489,3 +512,25 @@ class RedisStore(OwnerScopedStore):
             self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
             self._client, self._client_loop, self._client_pid = client, loop, os.getpid()
         return self._client
+
+
+def _unusable(exc: RedisError) -> StoreUnusable:
+    """Why Redis refused, without its message when that could quote a URL or a key."""
+    if isinstance(exc, AuthenticationError):
+        return StoreUnusable("Redis refused the credentials (authentication failed)", "refused")
+    if isinstance(exc, RedisTimeoutError):
+        return StoreUnusable("Redis did not answer in time (timeout)", "timeout")
+    if isinstance(exc, RedisConnectionError):
+        # redis-py says "Error 111 connecting to host:port. Connection refused.": no password.
+        return StoreUnusable(f"cannot connect to Redis: {exc}", "unreachable")
+    if isinstance(exc, ResponseError):
+        first = str(exc).split(" ", 1)[0]  # READONLY, OOM, NOPERM, NOAUTH, ...
+        causes = {
+            "READONLY": "Redis is a read-only replica",
+            "OOM": "Redis is out of memory (maxmemory reached)",
+            "NOPERM": "the Redis user may not run the store's commands (ACL)",
+            "NOAUTH": "Redis needs a password (authentication required)",
+        }
+        cause = causes.get(first, f"Redis answered an error ({first})")
+        return StoreUnusable(cause, "refused")
+    return StoreUnusable(f"Redis failed ({type(exc).__name__})", "unavailable")

@@ -10,7 +10,9 @@ hidden from every read and deleted by :meth:`SQLiteStore.prune`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -25,6 +27,7 @@ from chatkit_flask.server.context import RequestContext
 from chatkit_flask.server.store import (
     ITEM_ADAPTER,
     OwnerScopedStore,
+    StoreUnusable,
     check_page_args,
     make_page,
     not_found,
@@ -32,9 +35,10 @@ from chatkit_flask.server.store import (
     thread_json,
 )
 
-__all__ = ["SQLiteStore"]
+__all__ = ["SQLiteStore", "directory_problem"]
 
 BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for another process's transaction
+READY_TIMEOUT_S = 1.0  # /readyz: a write lock held longer than this is reported, not waited for
 
 # Items cascade with their thread: deleting or pruning a thread is one statement.
 _SCHEMA = """
@@ -72,6 +76,8 @@ class SQLiteStore(OwnerScopedStore):
     ``clock`` (seconds, like ``time.time``) decides expiry; tests inject a fake one.
     Safe to share between threads and forked processes.
     """
+
+    kind = "sqlite"
 
     def __init__(
         self,
@@ -136,7 +142,63 @@ class SQLiteStore(OwnerScopedStore):
     async def move_owner(self, source: str, target: str) -> int:
         return await self._run(self._move_owner, source, target)
 
+    async def probe(self, *, write: bool) -> None:
+        await self._run(self._probe_write if write else self._probe_ready)
+
     # -- blocking implementations (worker threads) -----------------------------------------------
+
+    def _probe_write(self) -> None:
+        """Open (creating the file if needed), create the tables and write and delete one row in
+        one transaction: what every answer will do, so a store that cannot do it stops start-up
+        with the reason instead of failing every conversation later."""
+        problem = directory_problem(self.path.parent) or _file_problem(self.path)
+        if problem is not None:
+            raise StoreUnusable(problem, "not_writable")
+        try:
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise _unusable(exc, self.path) from None
+        probe_id = f"probe_{secrets.token_hex(8)}"
+        try:
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.executescript(_SCHEMA)
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(
+                "INSERT INTO chatkit_threads (id, owner, created_us, updated_at, expires_at, data)"
+                " VALUES (?, '', 0, 0, 0, '{}')",
+                (probe_id,),
+            )
+            db.execute("DELETE FROM chatkit_threads WHERE id = ?", (probe_id,))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise _unusable(exc, self.path) from None
+        finally:
+            db.close()
+
+    def _probe_ready(self) -> None:
+        """A read, and a write lock taken and released at once (never waiting long for it): cheap
+        enough for a health check every few seconds. Never creates the file."""
+        if not self.path.is_file():
+            raise StoreUnusable(f"{self.path} no longer exists", "not_writable")
+        if not os.access(self.path, os.W_OK):
+            raise StoreUnusable(_fs_cause(self.path, errno.EACCES, ""), "not_writable")
+        try:
+            db = sqlite3.connect(
+                f"file:{self.path}?mode=rw", uri=True, timeout=READY_TIMEOUT_S,
+                isolation_level=None,
+            )  # fmt: skip
+        except sqlite3.Error as exc:
+            raise _unusable(exc, self.path) from None
+        try:
+            db.execute("SELECT 1 FROM chatkit_threads LIMIT 1").fetchall()
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise _unusable(exc, self.path, lock_wait=READY_TIMEOUT_S) from None
+        finally:
+            db.close()
+
 
     def _load_thread(self, thread_id: str, owner: str) -> ThreadMetadata:
         row = (
@@ -372,3 +434,78 @@ def _page_rows(
         f"SELECT data FROM {table} WHERE {where} {_ORDER_BY[order]} LIMIT ?",  # noqa: S608 (fixed fragments)
         (*params, limit + 1),
     ).fetchall()
+
+
+# -- diagnosis: why a file cannot be used, in words an operator can act on ---------------------
+
+_ERRNO_CAUSES = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+}
+_SQLITE_CAUSES = {
+    "SQLITE_FULL": ("disk full", "not_writable"),
+    "SQLITE_READONLY": ("the database is read-only (file permissions or a read-only file system)",
+                        "not_writable"),
+    "SQLITE_NOTADB": ("the file is not a SQLite database", "not_a_database"),
+    "SQLITE_CORRUPT": ("the database file is corrupt", "not_a_database"),
+    "SQLITE_PERM": ("permission denied", "not_writable"),
+    "SQLITE_IOERR": ("an I/O error on the disk", "io_error"),
+}  # fmt: skip
+
+
+def directory_problem(directory: Path) -> str | None:
+    """Why no database file can live in ``directory`` (absolute), or None: the first part of
+    the path that is missing or not a directory, or a directory we may not write to."""
+    for part in (*reversed(directory.parents), directory):
+        try:
+            exists, is_dir = part.exists(), part.is_dir()
+        except PermissionError:  # a parent we may not enter
+            return f"permission denied: {part.parent} may not be entered"
+        if not exists:
+            return f"the directory {part} does not exist"
+        if not is_dir:
+            return f"{part} is not a directory"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return _fs_cause(directory, errno.EACCES, f"cannot create files in {directory}")
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be opened for writing (created when missing), or None. Tries it, as
+    SQLite will: ``os.access`` says yes to root even where the file system says no."""
+    if path.is_dir():
+        return f"{path} is a directory"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:  # the directory exists: it holds no ordinary files
+            return f"cannot create {path.name} in {path.parent} (not an ordinary directory)"
+        return _fs_cause(path, exc.errno, f"cannot open {path}: {exc.strerror}")
+    os.close(fd)
+    return None
+
+
+def _fs_cause(path: Path, code: int | None, fallback: str) -> str:
+    try:
+        if os.statvfs(path if path.exists() else path.parent).f_flag & os.ST_RDONLY:
+            return f"read-only file system at {path}"
+    except OSError:
+        pass
+    cause = _ERRNO_CAUSES.get(code or 0)
+    return f"{cause}: {path}" if cause else fallback
+
+
+def _unusable(exc: sqlite3.Error, path: Path, *, lock_wait: float | None = None) -> StoreUnusable:
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith("SQLITE_BUSY") or name.startswith("SQLITE_LOCKED"):
+        wait = BUSY_TIMEOUT_MS / 1000 if lock_wait is None else lock_wait
+        return StoreUnusable(
+            f"{path} is locked by another connection for longer than {wait:g} s", "locked"
+        )
+    for prefix, (cause, reason) in _SQLITE_CAUSES.items():
+        if name.startswith(prefix):
+            return StoreUnusable(f"{cause}: {path}", reason)
+    return StoreUnusable(f"cannot use {path}: {exc} ({name or type(exc).__name__})", "unavailable")

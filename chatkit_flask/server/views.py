@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, Response, g, jsonify, request, url_for
+from flask import Blueprint, Flask, Response, g, jsonify, request, url_for
 from flask_limiter import Limiter
 
 from ..errors import ApiError, error_response
@@ -34,7 +34,7 @@ from ..web import (
     set_visitor_cookie,
 )
 from .context import RequestContext
-from .endpoint import STREAM_HEADERS, handle, stream_outcome
+from .endpoint import RESTART_MESSAGE, STREAM_HEADERS, handle, stream_outcome
 from .protocol import NotFoundError, RequestRefused, calls_model, streams
 from .runtime import BUDGET_MESSAGES, ServerRuntime
 from .slots import Slot
@@ -114,12 +114,13 @@ def _socket_shutdown(environ: dict[str, Any]) -> Callable[[], None] | None:
 
 
 def create_runtime(
-    settings: Settings, limiter: Callable[[], Limiter], instance_path: str
+    settings: Settings, limiter: Callable[[], Limiter], app: Flask
 ) -> ServerRuntime:
     """Build server mode's parts (raises ``ConfigError`` naming the key); ``limiter`` gives
-    the limiter once it exists (the stream slots count in its storage); ``instance_path`` is
-    the app's instance folder (the default thread store, ``@file`` instructions)."""
-    return ServerRuntime(settings, lambda: active_storage(limiter()), instance_path)
+    the limiter once it exists (the stream slots count in its storage); the site's agent code
+    runs inside app contexts of ``app``, whose instance folder holds the default thread store
+    and ``@file`` instructions."""
+    return ServerRuntime(settings, lambda: active_storage(limiter()), app)
 
 
 def _is_read() -> bool:
@@ -197,7 +198,7 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
             owner=identity.limit_key,
             request_id=g.chatkit_request_id,
             client_network=g.get("chatkit_client_network", "-"),
-            user_id=identity.user if identity.user.startswith("user_") else None,
+            user_id=identity.user_id,
             locale=request.accept_languages.best,
         )
         g.chatkit_context = context
@@ -215,6 +216,11 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                     headers={"Retry-After": str(wait)},
                     extra={"retry_after": wait, "scope": scope},
                 )
+            )
+        if g.chatkit_is_message and runtime.bridge.draining:
+            # Shutting down: open replies get the drain time; a new one would be cut short.
+            return refused_in_stream(
+                ApiError(503, "shutting_down", RESTART_MESSAGE, headers={"Retry-After": "5"})
             )
         holds: list[Slot] = []
         if slot:
@@ -318,6 +324,8 @@ def _log_fields(response: Response) -> dict[str, Any]:
 def _log_stream(fields: dict[str, Any], context: RequestContext, started: float) -> None:
     report = context.report
     fields["outcome"] = stream_outcome(report)
+    if report.get("store_failed"):
+        fields["cause"] = "store"
     if report.get("refused_scope"):
         fields["scope"] = report["refused_scope"]
     usage = report.get("usage")

@@ -2,33 +2,39 @@
 
 - :class:`FakeChatKit`: a fake ChatKit sessions API on a real loopback socket (a context
   manager); point ``CHATKIT_API_BASE`` at its ``base_url``.
-- :func:`chatkit_test_config`: the settings a test app needs against that fake, limits off.
-- :class:`FakeResponses` (server mode; needs ``chatkit-flask[server]``): a fake OpenAI
-  Responses API on a loopback socket that streams replies with token usage; point
-  ``OPENAI_BASE_URL`` at its ``base_url``. Import it from
-  ``chatkit_flask.testing.fake_responses``.
+- :class:`FakeResponses` (server mode): a fake OpenAI Responses API on a loopback socket that
+  streams replies with token usage, and can call the site's tools (``Reply.call_tool``, from
+  ``chatkit_flask.testing.fake_responses``).
+- :func:`chatkit_test_config`: the settings a test app needs against either fake, limits off.
 - :class:`~chatkit_flask.testing.redis_server.RedisServer`: a private ``redis-server`` on a
   free port in a temporary directory (a context manager), for tests that need a real Redis
   without touching anyone's data.
 - :func:`reset_limits`: clear every counter of the app's limiter between tests that keep
   limits on.
 - ``pytest_plugins = ["chatkit_flask.testing.pytest_plugin"]`` in a ``conftest.py`` gives the
-  ``chatkit_api`` fixture (a started fake, reset for each test).
+  ``chatkit_api`` fixture (hosted mode) and the ``chatkit_model`` fixture (server mode): a
+  started fake, reset for each test.
 """
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from flask import Flask
 
 from .fake_chatkit import Behaviour, FakeChatKit
+from .fake_responses import FakeResponses  # stdlib only: a hosted site can import it too
 
 __all__ = [
     "TEST_API_KEY",
     "TEST_WORKFLOW_ID",
     "Behaviour",
     "FakeChatKit",
+    "FakeResponses",
     "chatkit_test_config",
     "reset_limits",
 ]
@@ -37,24 +43,43 @@ TEST_API_KEY = "chatkit-flask-test-key-not-a-real-key"
 TEST_WORKFLOW_ID = "wf_chatkit_flask_test"
 
 
-def chatkit_test_config(fake: FakeChatKit | None = None, **overrides: Any) -> dict[str, Any]:
-    """Settings for a test app: the fake's address and key, a plain-HTTP cookie and every
-    limit off (``RATELIMIT_ENABLED=False``, Flask-Limiter's own switch, which also turns off
-    a host limiter handed to the extension). Pass ``RATELIMIT_ENABLED=True`` to test limits."""
+def chatkit_test_config(
+    fake: FakeChatKit | FakeResponses | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """Settings for a test app, with every limit off (``RATELIMIT_ENABLED=False``,
+    Flask-Limiter's own switch, which also turns off a host limiter handed to the extension;
+    pass ``RATELIMIT_ENABLED=True`` to test limits) and a plain-HTTP cookie.
+
+    With a :class:`FakeChatKit`: hosted mode against it. With a ``FakeResponses``: server mode
+    with the model at the fake (``OPENAI_BASE_URL``) and threads in a SQLite file of a new
+    temporary directory (removed at exit; no Redis needed). ``overrides`` win over both.
+    """
     config: dict[str, Any] = {
         "OPENAI_API_KEY": TEST_API_KEY,
         "SECRET_KEY": "test-cookie-signing-key-for-chatkit_flask-0123456789",
-        "CHATKIT_WORKFLOW_ID": TEST_WORKFLOW_ID,
         "CHATKIT_COOKIE_SECURE": False,
         "RATELIMIT_ENABLED": False,
         "RATELIMIT_STORAGE_URI": "memory://",
     }
-    if fake is not None:
-        config["CHATKIT_API_BASE"] = fake.base_url
-        if fake.api_key:
-            config["OPENAI_API_KEY"] = fake.api_key
+    if isinstance(fake, FakeResponses):
+        config["CHATKIT_BACKEND"] = "server"
+        config["OPENAI_BASE_URL"] = fake.base_url
+        config["CHATKIT_STORE_URL"] = f"sqlite:///{_temporary_dir() / 'chatkit-threads.db'}"
+    else:
+        config["CHATKIT_WORKFLOW_ID"] = TEST_WORKFLOW_ID
+        if fake is not None:
+            config["CHATKIT_BACKEND"] = "hosted"
+            config["CHATKIT_API_BASE"] = fake.base_url
+    if fake is not None and fake.api_key:
+        config["OPENAI_API_KEY"] = fake.api_key
     config.update(overrides)
     return config
+
+
+def _temporary_dir() -> Path:
+    path = tempfile.mkdtemp(prefix="chatkit-test-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return Path(path)
 
 
 def reset_limits(app: Flask) -> None:

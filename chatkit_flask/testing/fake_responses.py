@@ -17,8 +17,12 @@ Agents SDK relies on: ``response.created``, ``response.in_progress``,
 ``response.completed`` with ``usage`` (one token per word). A request's ``max_output_tokens``
 is honoured as the real API does: the reply stops after that many tokens and ends with
 ``response.incomplete`` (reason ``max_output_tokens``, with usage). The reply echoes the last
-user message ("You said: ...") unless a :class:`Reply` is enqueued. Every request is
-recorded; a client that hangs up before the stream ends is recorded as an :class:`Abort`.
+user message ("You said: ...") unless a :class:`Reply` is enqueued.
+``Reply.call_tool(name, arguments)`` answers with a function call instead
+(``response.output_item.added`` with a ``function_call`` item, the arguments' delta and done
+events, ``response.output_item.done``, ``response.completed``): the Agents SDK runs the
+tool and asks again with its output, which the next reply answers. Every request is recorded; a
+client that hangs up before the stream ends is recorded as an :class:`Abort`.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import secrets
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -40,7 +44,7 @@ from typing import Any
 from ._loopback import ClientGone, LoopbackServer, RecordedRequest, serve_until_signalled
 from .fake_chatkit import error_envelope
 
-__all__ = ["Abort", "FakeResponses", "RecordedRequest", "Reply", "main", "words"]
+__all__ = ["Abort", "FakeResponses", "RecordedRequest", "Reply", "ToolCall", "main", "words"]
 
 RESPONSES_PATH = "/v1/responses"
 MAX_BODY_BYTES = 8 * 1024 * 1024  # histories can be long
@@ -56,6 +60,14 @@ _ERRORS: dict[int, tuple[str, str, str | None]] = {
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the fake model makes: the tool's ``name`` and its JSON ``arguments``."""
+
+    name: str
+    arguments: str = "{}"
+
+
+@dataclass(frozen=True)
 class Reply:
     """How the fake answers one request (consumed in order by :meth:`FakeResponses.enqueue`).
 
@@ -64,7 +76,8 @@ class Reply:
     many text deltas; ``hang_after`` stops sending (but keeps the connection) after that many
     deltas, or before any response at all when 0 and ``status`` is 200. ``token_delay`` overrides
     the server's delay for this reply. ``input_tokens``/``output_tokens`` replace the usage the
-    fake reports (by default: words of the input, deltas of the reply).
+    fake reports (by default: words of the input, deltas of the reply). ``tool`` (see
+    :meth:`call_tool`) asks the caller to run a function tool instead of answering text.
     """
 
     text: str | None = None
@@ -76,6 +89,12 @@ class Reply:
     token_delay: float | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
+    tool: ToolCall | None = None
+
+    @classmethod
+    def call_tool(cls, name: str, arguments: Mapping[str, Any] | None = None) -> Reply:
+        """Ask for the function tool ``name`` with ``arguments`` (a JSON object)."""
+        return cls(tool=ToolCall(name, json.dumps(dict(arguments or {}))))
 
     @classmethod
     def error(cls, status: int, message: str | None = None, **headers: str) -> Reply:
@@ -117,8 +136,9 @@ class FakeResponses(LoopbackServer):
     """In-process fake of the Responses API on a loopback socket.
 
     ``start()`` serves from a daemon thread; every public method is thread-safe. ``api_key``
-    (when set) must arrive as ``Authorization: Bearer KEY``, else 401. ``token_delay`` seconds
-    pass between text deltas and may be changed at runtime.
+    (when set) must arrive as ``Authorization: Bearer KEY``, else 401. ``models`` (when set)
+    are the model names it knows; another is a 404 ``model_not_found``, as OpenAI answers.
+    ``token_delay`` seconds pass between text deltas and may be changed at runtime.
     """
 
     _thread_name = "fake-responses"
@@ -132,10 +152,12 @@ class FakeResponses(LoopbackServer):
         api_key: str | None = None,
         token_delay: float = 0.0,
         max_history: int = 10_000,
+        models: Collection[str] | None = None,
     ) -> None:
         super().__init__(host, port, max_history=max_history)
         self.api_key = api_key
         self.token_delay = token_delay
+        self.models = None if models is None else frozenset(models)
         self._completed = 0
         self._aborts: list[Abort] = []
         self._queue: deque[Reply] = deque()
@@ -244,6 +266,12 @@ class FakeResponses(LoopbackServer):
             body = error_envelope("Missing required parameter: 'model'.", param="model")
             return self._write_json(writer, 400, body, keep_alive)
 
+        if self.models is not None and parsed["model"] not in self.models:
+            body = error_envelope(
+                f"The model `{parsed['model']}` does not exist or you do not have access to it.",
+                "invalid_request_error", None, "model_not_found",
+            )  # fmt: skip
+            return self._write_json(writer, 404, body, keep_alive)
         reply = self._next_reply()
         if reply.status != 200:
             body = reply.body if reply.body is not None else Reply.error(reply.status).body
@@ -252,7 +280,9 @@ class FakeResponses(LoopbackServer):
         if not parsed.get("stream"):
             if reply.hang_after is not None:
                 await self._until_client_leaves(reader, started, 0, path)
-            response = _response(parsed, text, _new_id("msg"), "completed", reply=reply)
+            item_id = _new_id("fc" if reply.tool else "msg")
+            output = [_function_call(reply.tool, item_id, "completed")] if reply.tool else None
+            response = _response(parsed, text, item_id, "completed", output=output, reply=reply)
             return self._write_json(writer, 200, response, keep_alive)
         return await self._stream(reader, writer, parsed, text, reply, started, path, keep_alive)
 
@@ -269,6 +299,8 @@ class FakeResponses(LoopbackServer):
     ) -> bool:
         if reply.hang_after == 0:
             await self._until_client_leaves(reader, started, 0, path)
+        if reply.tool is not None:
+            return await self._stream_tool_call(writer, request, reply.tool, keep_alive)
         # The client sends nothing more while it reads the answer, so any read completing
         # (EOF) means it hung up: that is how an abort is noticed between deltas.
         client_gone = asyncio.ensure_future(reader.read(1))
@@ -349,6 +381,49 @@ class FakeResponses(LoopbackServer):
                 await client_gone
         return keep_alive
 
+    async def _stream_tool_call(
+        self,
+        writer: asyncio.StreamWriter,
+        request: dict[str, Any],
+        tool: ToolCall,
+        keep_alive: bool,
+    ) -> bool:
+        """One function call, streamed the way the Responses API streams it (no text)."""
+        item_id = _new_id("fc")
+        seq = iter(range(1_000_000))
+
+        def event(kind: str, **fields: Any) -> bytes:
+            payload = {"type": kind, "sequence_number": next(seq), **fields}
+            return f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode()
+
+        call = _function_call(tool, item_id, "in_progress")
+        done = {**call, "arguments": tool.arguments, "status": "completed"}
+        in_progress = _response(request, "", item_id, "in_progress", output=[])
+        final = _response(request, "", item_id, "completed", output=[done])
+        body = (
+            event("response.created", response=in_progress)
+            + event("response.in_progress", response=in_progress)
+            + event("response.output_item.added", output_index=0, item=call)
+            + event("response.function_call_arguments.delta", item_id=item_id, output_index=0,
+                    delta=tool.arguments)
+            + event("response.function_call_arguments.done", item_id=item_id, output_index=0,
+                    name=tool.name, arguments=tool.arguments)
+            + event("response.output_item.done", output_index=0, item=done)
+            + event("response.completed", response=final)
+        )
+        head = [
+            "HTTP/1.1 200 OK",
+            "Content-Type: text/event-stream; charset=utf-8",
+            f"x-request-id: req_{secrets.token_hex(12)}",
+            f"Content-Length: {len(body)}",
+            "Connection: keep-alive" if keep_alive else "Connection: close",
+        ]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        with self._cond:
+            self._completed += 1
+        await writer.drain()
+        return keep_alive
+
     async def _send(
         self, writer: asyncio.StreamWriter, client_gone: asyncio.Future[bytes], data: bytes
     ) -> None:
@@ -396,6 +471,12 @@ class FakeResponses(LoopbackServer):
 # ------------------------------------------------------------------ payloads
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(16)}"
+
+
+def _function_call(tool: ToolCall, item_id: str, status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "call_id": "call_" + item_id[3:],
+            "name": tool.name, "arguments": "" if status == "in_progress" else tool.arguments,
+            "status": status}
 
 
 def _texts(content: Any) -> list[str]:
