@@ -37,19 +37,29 @@ RUN grep -viE '^(pytest|pytest-timeout|fakeredis|lupa|hypothesis|pyyaml|ruff|pla
 RUN groupadd --gid 10001 app \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin app \
-    && mkdir -p /data && chown 10001:10001 /data && chmod 0700 /data
+    && mkdir -p /data && chown 10001:10001 /data && chmod 0700 /data \
+    && ln -s /data /app/var
 # /data: server mode's SQLite thread store (a named volume in docker-compose.yml, which
-# copies this owner when it is first created). The only place the service writes.
+# copies this owner when it is first created). The only place the service writes. /app/var,
+# the service's instance folder in a checkout, points there, so with CHATKIT_STORE_URL unset
+# (plain `docker run`) threads land on /data too.
 
 # Source last. Files stay owned by root and read-only for the service user: a
 # compromised worker cannot modify the code it runs.
 COPY chatkit_flask/ ./chatkit_flask/
 COPY wsgi.py ./
 COPY config/ ./config/
+# The site's own code (CHATKIT_AGENT=my_agent:agent names site/my_agent.py): site/ is on the
+# import path. Copy your modules there before `docker build`, or mount a folder over /app/site
+# (docs/deploy.md, "Your own agent").
+COPY site/ ./site/
 
 USER 10001:10001
 
-# gunicorn binds 0.0.0.0:$PORT (default 8000), see config/gunicorn.conf.py.
+# gunicorn binds $HOST:$PORT (config/gunicorn.conf.py): 127.0.0.1 on a plain host, all
+# interfaces here, where the loopback is unreachable from the proxy.
+ENV HOST=0.0.0.0 \
+    PYTHONPATH=/app/site
 EXPOSE 8000
 
 # Python only (the slim image has no curl). /readyz answers non-2xx when the service

@@ -31,7 +31,7 @@ from .identity import client_network, hash_id
 from .limits import STORAGE_ERRORS, counter_args, describe, storage_of
 from .logs import SERVICE_ONLY_SETTINGS
 from .sanitize import escape_control, mask_url, redact_credentials
-from .settings import OPTIONS, ConfigError, _read
+from .settings import OPTIONS, ConfigError, _read, backend_of, options_in_reading_order
 from .upstream import (
     UpstreamBusy,
     UpstreamError,
@@ -88,10 +88,10 @@ def _shown(name: str, value: Any) -> str:
             return "(not set)"
         count = len(value) if isinstance(value, tuple | list) else 1
         return "(set)" if isinstance(value, str) else f"({count} set)"
-    if name in ("RATELIMIT_STORAGE_URI", "CHATKIT_STORE_URL"):  # may hold a password
-        return mask_storage_uri(value)
     if value is None or value == "" or value == ():
         return "(unset)"
+    if name in ("RATELIMIT_STORAGE_URI", "CHATKIT_STORE_URL"):  # may hold a password
+        return mask_storage_uri(value)
     if isinstance(value, tuple | list):
         return ",".join(map(str, value))
     return str(value)
@@ -138,8 +138,17 @@ def check_command(live: bool) -> None:
     settings = state.settings
     problems: list[str] = []
 
+    _echo(f"Backend: {settings.backend} ({settings.backend_reason})")
     _echo("Configuration (validated at start-up):")
-    for name in OPTIONS:
+    other = "hosted" if settings.backend == "server" else "server"
+    # The running backend's keys (and the shared ones) first; the other backend's last, marked.
+    ordered = sorted(options_in_reading_order(), key=lambda o: backend_of(o.name) == other)
+    heading_done = False
+    for option in ordered:
+        name = option.name
+        if backend_of(name) == other and not heading_done:
+            _echo(f"Not read in {settings.backend} mode ({other} mode's keys):")
+            heading_done = True
         try:
             value = _read(current_app.config, name)
         except ConfigError as exc:  # cannot normally happen: the app would not have started
@@ -147,7 +156,9 @@ def check_command(live: bool) -> None:
             problems.append("misconfigured")
             continue
         note = "  (service only: a host app configures the chatkit_flask logger)"
-        _echo(f"  {name} = {_shown(name, value)}{note if name in SERVICE_ONLY_SETTINGS else ''}")
+        if name not in SERVICE_ONLY_SETTINGS:
+            note = ""
+        _echo(f"  {name} = {_shown(name, value)}{note}")
 
     _echo("Limiter storage (Flask-Limiter's):")
     real = describe(state.limiter, current_app)

@@ -2,8 +2,8 @@
 
 Offline demo, no OpenAI key needed::
 
-    python -m chatkit_flask.demo                     # hosted mode, fake ChatKit API
-    python -m chatkit_flask.demo --backend server    # server mode, fake model echoing you
+    python -m chatkit_flask.demo                     # server mode, fake model echoing you
+    python -m chatkit_flask.demo --backend hosted    # hosted mode, fake ChatKit API
 
 then open http://127.0.0.1:8000/. The page configures the widget with ``ChatKitFlask.configure()``
 (``static/chatkit-secret.js``); the widget's own script always loads from OpenAI's CDN, and when
@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backend",
         choices=("hosted", "server"),
-        default="hosted",
-        help="hosted: mint fake client secrets (default); server: serve the ChatKit protocol "
-        "here, answered by a fake model that echoes you",
+        default="server",
+        help="server (default): serve the ChatKit protocol here, answered by a fake model that "
+        "echoes you; hosted: mint fake client secrets",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import weakref
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from .visitors import adopt_visitor_threads, connect_flask_login, forget_visitor
 from .web import BLUEPRINT_NAME
 
 __all__ = ["ChatKit", "ChatKitState"]
+
+log = logging.getLogger("chatkit_flask")
 
 UserLoader = Callable[[], Any]
 
@@ -86,7 +89,10 @@ class ChatKit:
         _check_no_clash(app, settings)
         limiter_cell: list[Limiter] = []
         server = client = None
-        if settings.backend == "server":  # imports the ChatKit and Agents SDKs
+        if settings.backend == "server":
+            from .server.workers import check_gunicorn_worker
+
+            check_gunicorn_worker()  # before the slow import of the ChatKit and Agents SDKs
             from .server.views import create_runtime, make_server_blueprint
 
             server = create_runtime(settings, lambda: limiter_cell[0], app)
@@ -117,6 +123,7 @@ class ChatKit:
         if server is not None:
             state.ready_checks["store"] = server.ready_problem
         app.extensions["chatkit"] = state
+        log.info("chatkit_flask: %s backend (%s)", settings.backend, settings.backend_reason)
         blueprint = (
             make_server_blueprint(state) if server is not None else make_hosted_blueprint(state)
         )

@@ -24,6 +24,9 @@ __all__ = ["DEFAULT_CONFIG_FILE", "DEFAULT_ENV_FILE", "create_app", "service_con
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = PROJECT_ROOT / "config" / "chatkit.toml"
 DEFAULT_ENV_FILE = PROJECT_ROOT / ".env"
+# The service's instance folder in a checkout or the image (the default thread store goes there);
+# an installed package has no var/ beside it and gets Flask's default instance folder.
+SERVICE_INSTANCE_DIR = PROJECT_ROOT / "var"
 
 
 def service_config(
@@ -93,7 +96,8 @@ def create_app(
     configure_logging(settings.log_level, settings.log_format)
     replay(held)
 
-    app = Flask("chatkit_flask")
+    instance = SERVICE_INSTANCE_DIR if SERVICE_INSTANCE_DIR.is_dir() else None
+    app = Flask("chatkit_flask", instance_path=str(instance) if instance else None)
     app.config.update(config)
     app.config["SECRET_KEY_FALLBACKS"] = list(settings.secret_key_fallbacks)
     app.json.sort_keys = False  # type: ignore[attr-defined]

@@ -19,7 +19,16 @@ from limits.storage import SCHEMES
 
 from .sanitize import mask_url
 
-__all__ = ["OPTIONS", "ConfigError", "Option", "Settings", "load_config", "read_env_file"]
+__all__ = [
+    "OPTIONS",
+    "ConfigError",
+    "Option",
+    "Settings",
+    "backend_of",
+    "load_config",
+    "options_in_reading_order",
+    "read_env_file",
+]
 
 
 class ConfigError(ValueError):
@@ -272,7 +281,13 @@ class Option:
 
 _OPTION_LIST = [
     Option(
-        "OPENAI_API_KEY", None, _as_str, "OpenAI API key of the workflow's project.", True, True
+        "OPENAI_API_KEY",
+        None,
+        _as_str,
+        "OpenAI API key: server mode calls the model with it, hosted mode mints with it (a key of "
+        "the workflow's project).",
+        True,
+        True,
     ),
     Option("SECRET_KEY", None, _as_str, "Flask secret key; signs the visitor cookie.", True, True),
     Option(
@@ -284,16 +299,18 @@ _OPTION_LIST = [
     ),
     Option(
         "CHATKIT_BACKEND",
-        "hosted",
+        "server",
         _choice("hosted", "server"),
-        "hosted: mint client secrets for an Agent Builder workflow; server: serve the ChatKit "
-        "protocol here with an Agents SDK agent.",
+        "server: serve the ChatKit protocol here with an Agents SDK agent; hosted: mint client "
+        "secrets for an Agent Builder workflow (shut down 2026-11-30). Unset: server, or hosted "
+        "when CHATKIT_WORKFLOW_ID is set.",
     ),
     Option(
         "CHATKIT_WORKFLOW_ID",
         None,
         _token,
-        "Agent Builder workflow id (wf_...); required in hosted mode.",
+        "Hosted mode: Agent Builder workflow id (wf_...); required there, and it implies "
+        "hosted mode when CHATKIT_BACKEND is unset.",
     ),
     Option(
         "CHATKIT_ALLOWED_WORKFLOWS",
@@ -406,27 +423,29 @@ _OPTION_LIST = [
         "CHATKIT_RATELIMIT_PER_USER",
         "10 per minute;100 per day",
         _limit,
-        "Mints per visitor or signed-in user; 'off' turns it off, empty means the default.",
+        "Per visitor or signed-in user: messages in server mode, mints in hosted mode; 'off' "
+        "turns it off, empty means the default.",
     ),
     Option(
         "CHATKIT_RATELIMIT_PER_IP",
         "30 per minute;200 per day",
         _limit,
-        "Mints per client IP (IPv6: per prefix, see CHATKIT_IPV6_PREFIX); 'off' turns it off.",
+        "Per client IP (IPv6: per prefix, see CHATKIT_IPV6_PREFIX): messages in server mode, "
+        "mints in hosted mode; 'off' turns it off.",
     ),
     Option(
         "CHATKIT_RATELIMIT_PER_IPV6_48",
         "60 per minute;200 per day",
         _limit,
-        "Mints per IPv6 /48 (all its /64s together; IPv4 clients are not counted); 'off' turns "
-        "it off.",
+        "Per IPv6 /48 (all its /64s together; IPv4 clients are not counted): messages in server "
+        "mode, mints in hosted mode; 'off' turns it off.",
     ),
     Option(
         "CHATKIT_RATELIMIT_GLOBAL",
         "2000 per day",
         _limit,
-        "Site-wide cap on mints (server mode: messages), a ceiling on the day's model spend; "
-        "'off': none.",
+        "Site-wide cap, a ceiling on the day's model spend: messages in server mode, mints in "
+        "hosted mode; 'off': none.",
     ),
     Option(
         "CHATKIT_REDIS_TIMEOUT",
@@ -498,7 +517,8 @@ _OPTION_LIST = [
         "CHATKIT_AGENT_INSTRUCTIONS",
         "@instructions.md",
         _as_str,
-        "Server mode: the plain agent's instructions, inline or @file (relative to config/).",
+        "Server mode: the plain agent's instructions, inline or @file (looked up in the app's "
+        "instance folder, the service's config/, then the package's default).",
     ),
     Option(
         "CHATKIT_HISTORY_ITEMS",
@@ -555,10 +575,11 @@ _OPTION_LIST = [
     ),
     Option(
         "CHATKIT_STORE_URL",
-        "sqlite:///var/chatkit-threads.db",
+        None,
         _store_url,
         "Server mode: where threads live: sqlite:///path (one host) or redis://host/db "
-        "(several hosts; keys must not be evicted).",
+        "(several hosts; keys must not be evicted). Unset: chatkit-threads.db in the app's "
+        "instance folder (the service: var/; docker-compose.yml: the chat_data volume).",
     ),
     Option(
         "CHATKIT_STORE_REQUIRE_PERSISTENCE",
@@ -687,6 +708,75 @@ _OPTION_LIST = [
 
 OPTIONS: dict[str, Option] = {option.name: option for option in _OPTION_LIST}
 
+# Which backend reads a key (any other key serves both): the README's table and `flask chatkit
+# check` show the required keys and server mode's first, hosted mode's last.
+_HOSTED_KEYS = frozenset(
+    {
+        "CHATKIT_WORKFLOW_ID",
+        "CHATKIT_ALLOWED_WORKFLOWS",
+        "CHATKIT_WORKFLOW_VERSION",
+        "CHATKIT_API_BASE",
+        "CHATKIT_SESSION_TTL",
+        "CHATKIT_UPSTREAM_TIMEOUT",
+        "CHATKIT_UPSTREAM_RETRIES",
+        "CHATKIT_BREAKER_FAILURES",
+        "CHATKIT_BREAKER_COOLDOWN",
+        "CHATKIT_SESSION_RATE_LIMIT",
+        "CHATKIT_FILE_UPLOAD_ENABLED",
+        "CHATKIT_FILE_UPLOAD_MAX_FILES",
+        "CHATKIT_FILE_UPLOAD_MAX_FILE_SIZE",
+        "CHATKIT_HISTORY_ENABLED",
+        "CHATKIT_HISTORY_RECENT_THREADS",
+        "CHATKIT_THREAD_TITLING_ENABLED",
+    }
+)
+_SERVER_KEYS = frozenset(
+    {
+        "CHATKIT_DOMAIN_KEY",
+        "CHATKIT_AGENT",
+        "CHATKIT_AGENT_MODEL",
+        "CHATKIT_AGENT_INSTRUCTIONS",
+        "CHATKIT_HISTORY_ITEMS",
+        "OPENAI_BASE_URL",
+        "CHATKIT_AGENT_TRACING",
+        "CHATKIT_MODEL_TIMEOUT",
+        "CHATKIT_STORE_URL",
+        "CHATKIT_THREAD_TTL",
+        "CHATKIT_RATELIMIT_REQUESTS_PER_IP",
+        "CHATKIT_TOKENS_PER_USER",
+        "CHATKIT_TOKENS_GLOBAL",
+        "CHATKIT_MAX_STREAMS_PER_USER",
+        "CHATKIT_MAX_INPUT_CHARS",
+        "CHATKIT_HISTORY_MAX_CHARS",
+        "CHATKIT_MAX_OUTPUT_TOKENS",
+        "CHATKIT_AGENT_MAX_TURNS",
+        "CHATKIT_REPLY_TIMEOUT",
+        "CHATKIT_STORE_REQUIRE_PERSISTENCE",
+        "CHATKIT_MAX_STREAMS_PER_IP",
+        "CHATKIT_MAX_STREAMS_PER_WORKER",
+        "CHATKIT_STREAM_SLOT_LEASE",
+        "CHATKIT_STREAM_WRITE_TIMEOUT",
+        "CHATKIT_ADOPT_VISITOR_THREADS",
+    }
+)
+
+
+def backend_of(name: str) -> str:
+    """``"server"`` or ``"hosted"`` for a key only that backend reads, ``""`` for a shared one."""
+    return "hosted" if name in _HOSTED_KEYS else "server" if name in _SERVER_KEYS else ""
+
+
+def options_in_reading_order() -> list[Option]:
+    """Every option, as a newcomer should meet them: the required keys and CHATKIT_BACKEND,
+    then server mode's keys, the shared ones, and hosted mode's last."""
+    rank = {"server": 1, "": 2, "hosted": 3}
+
+    def place(option: Option) -> int:
+        first = option.required or option.name == "CHATKIT_BACKEND"
+        return 0 if first else rank[backend_of(option.name)]
+
+    return sorted(OPTIONS.values(), key=place)  # stable: file order within a group
+
 
 def _read(config: Mapping[str, Any], name: str) -> Any:
     option = OPTIONS[name]
@@ -705,6 +795,7 @@ class Settings:
     """The validated configuration the extension runs with."""
 
     backend: str
+    backend_reason: str
     api_key: str
     secret_key: str
     secret_key_fallbacks: tuple[str, ...]
@@ -749,7 +840,7 @@ class Settings:
     agent_tracing: bool
     model_timeout: float
     reply_timeout: float
-    store_url: str
+    store_url: str | None
     store_require_persistence: bool
     stream_slot_lease: float
     max_streams_per_ip: int
@@ -776,6 +867,8 @@ class Settings:
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
         """Parse and check ``config`` (a Flask ``app.config`` or any mapping of key to value)."""
         v = {name: _read(config, name) for name in OPTIONS}
+        backend, backend_reason = _choose_backend(config, v)
+        v["CHATKIT_BACKEND"] = backend
         _check_secret_key(v["SECRET_KEY"], config)
         if v["CHATKIT_COOKIE_NAME"].startswith(("__Host-", "__Secure-")) and not v[
             "CHATKIT_COOKIE_SECURE"
@@ -804,7 +897,8 @@ class Settings:
         if isinstance(fallbacks, str):
             fallbacks = _list("SECRET_KEY_FALLBACKS", fallbacks)
         return cls(
-            backend=v["CHATKIT_BACKEND"],
+            backend=backend,
+            backend_reason=backend_reason,
             api_key=v["OPENAI_API_KEY"],
             secret_key=v["SECRET_KEY"],
             secret_key_fallbacks=tuple(str(key) for key in fallbacks),
@@ -872,6 +966,16 @@ class Settings:
             headers_enabled=v["RATELIMIT_HEADERS_ENABLED"],
             key_prefix=v["RATELIMIT_KEY_PREFIX"] or "",
         )
+
+
+def _choose_backend(config: Mapping[str, Any], v: Mapping[str, Any]) -> tuple[str, str]:
+    """The backend and why, for the start-up log line. A workflow id with no backend named keeps
+    a hosted site that predates server mode (it never set CHATKIT_BACKEND) on hosted mode."""
+    if not _blank(config.get("CHATKIT_BACKEND")):
+        return v["CHATKIT_BACKEND"], "CHATKIT_BACKEND is set"
+    if v["CHATKIT_WORKFLOW_ID"]:
+        return "hosted", "CHATKIT_BACKEND is unset and CHATKIT_WORKFLOW_ID is set"
+    return "server", "the default: CHATKIT_BACKEND and CHATKIT_WORKFLOW_ID are unset"
 
 
 def _chatkit_configuration(v: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -965,8 +1069,8 @@ def load_config(
 
 def markdown_table() -> str:
     """The configuration table of the README, generated from ``OPTIONS``."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-    for option in OPTIONS.values():
+    rows = ["| key | backend | default | meaning |", "|---|---|---|---|"]
+    for option in options_in_reading_order():
         if option.required:
             default = "**required**"
         elif _blank(option.default):
@@ -975,6 +1079,6 @@ def markdown_table() -> str:
             default = f"`{str(option.default).lower()}`"
         else:
             default = f"`{option.default}`"
-        rows.append(f"| `{option.name}` | {default} | {option.help} |")
+        backend = backend_of(option.name) or "both"
+        rows.append(f"| `{option.name}` | {backend} | {default} | {option.help} |")
     return "\n".join(rows)
-

@@ -89,12 +89,15 @@ def _bind():
     if explicit is not None:
         # Several addresses may be given, comma-separated ("0.0.0.0:8000,[::]:8000").
         return [part.strip() for part in explicit.split(",") if part.strip()]
-    # PORT is the conventional variable of PaaS platforms and of our compose file; 0.0.0.0
-    # because inside a container the loopback interface is unreachable from the host.
+    # PORT is the conventional variable of PaaS platforms and of our compose file. HOST is
+    # loopback unless told otherwise, so bin/serve on a laptop is not reachable from the
+    # network; the image sets HOST=0.0.0.0, since inside a container the loopback interface is
+    # unreachable from the host and the proxy.
+    host = _env("HOST", "127.0.0.1")
     port = _env_int("PORT", 8000, minimum=1)
     if port > 65535:
         raise ValueError(f"PORT must be <= 65535, got {port}")
-    return [f"0.0.0.0:{port}"]
+    return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
 
 
 bind = _bind()
@@ -109,12 +112,16 @@ bind = _bind()
 # a third process spreads the GIL. ~52 MB per worker. Each thread holds at most one Redis
 # and one upstream keep-alive connection.
 #
-# Server mode (CHATKIT_BACKEND=server in the environment or .env): each open reply holds a
+# Server mode (the default: CHATKIT_BACKEND=server, or unset without CHATKIT_WORKFLOW_ID, in the
+# environment or .env, as the app decides; see chatkit_flask/settings.py): each open reply holds a
 # thread for its whole duration, so the default is 128 threads per worker, 3 x 128 = 384
 # concurrent replies. Measured (docs/benchmark.md, "Server mode against OpenAI's official
 # sample server"): 3 x 32 held 96 streams and queued the rest; 3 x 128 held 300 with +15 ms
 # (p50) / +26 ms (p99) added time to first delta. Idle threads cost ~0.15 MB each.
-SERVER_MODE = _env("CHATKIT_BACKEND", "hosted").lower() == "server"
+_BACKEND = _env("CHATKIT_BACKEND", None)
+SERVER_MODE = (
+    _BACKEND.lower() == "server" if _BACKEND else _env("CHATKIT_WORKFLOW_ID", None) is None
+)
 workers = _env_int("GUNICORN_WORKERS", 3, minimum=1)
 threads = _env_int("GUNICORN_THREADS", 128 if SERVER_MODE else 32, minimum=1)
 worker_class = _env("GUNICORN_WORKER_CLASS", "gthread")
@@ -354,7 +361,12 @@ def when_ready(server):
             from chatkit_flask.settings import ConfigError, Settings
 
             configure_logging("INFO", LOG_FORMAT)  # its warnings in the service's format
-            Settings.from_mapping(service_config())
+            if Settings.from_mapping(service_config()).backend == "server":
+                # GUNICORN_WORKER_CLASS=sync would kill long replies: refuse it here, once,
+                # rather than in every worker (chatkit_flask/server/workers.py).
+                from chatkit_flask.server.workers import check_gunicorn_worker
+
+                check_gunicorn_worker()
         except ConfigError as error:
             server.log.error("chatkit-flask: configuration error: %s", error)
             code = 4

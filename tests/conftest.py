@@ -41,6 +41,7 @@ def base_config(upstream: FakeChatKit, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "OPENAI_API_KEY": TEST_API_KEY,
         "SECRET_KEY": TEST_SECRET_KEY,
+        "CHATKIT_BACKEND": "hosted",  # the default is server; these fixtures serve hosted mode
         "CHATKIT_WORKFLOW_ID": WORKFLOW,
         "CHATKIT_API_BASE": upstream.base_url,
         "CHATKIT_COOKIE_SECURE": False,

@@ -61,6 +61,39 @@ def test_check_prints_settings_without_secrets(redis_app: Callable[..., Flask]) 
     assert_no_secrets(result.output)
 
 
+def test_check_shows_server_mode_first_and_marks_the_keys_it_does_not_read(
+    real_redis: redis.Redis, tmp_path: Any
+) -> None:
+    from chatkit_flask.service import create_app
+    from chatkit_flask.settings import OPTIONS, backend_of
+
+    config = {
+        "OPENAI_API_KEY": TEST_API_KEY,
+        "SECRET_KEY": TEST_SECRET_KEY,
+        "CHATKIT_STORE_URL": f"sqlite:///{tmp_path}/threads.db",
+        "RATELIMIT_STORAGE_URI": REDIS_URL,
+        "TESTING": True,
+    }
+    app = create_app(config, environ={})
+    try:
+        result = run(app, "check")
+    finally:
+        app.extensions["chatkit"].server.bridge.close()
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == (
+        "Backend: server (the default: CHATKIT_BACKEND and CHATKIT_WORKFLOW_ID are unset)"
+    )
+    shown = [line.split(" = ")[0].strip() for line in lines if " = " in line]
+    assert shown[:3] == ["OPENAI_API_KEY", "SECRET_KEY", "CHATKIT_BACKEND"]
+    assert shown.index("CHATKIT_STORE_URL") < shown.index("CHATKIT_COOKIE_NAME")
+    hosted = [name for name in OPTIONS if backend_of(name) == "hosted"]
+    assert "CHATKIT_WORKFLOW_ID" in hosted and shown[-len(hosted):] == hosted  # last, marked
+    heading = lines.index("Not read in server mode (hosted mode's keys):")
+    assert lines[heading + 1] == "  CHATKIT_WORKFLOW_ID = (unset)"
+    assert_no_secrets(result.output)
+
+
 def test_check_says_the_log_settings_are_the_services_only(
     redis_app: Callable[..., Flask],
 ) -> None:

@@ -31,6 +31,14 @@ CASES = {
         "CHATKIT_RATELIMIT_PER_USER",
     ),
     "no-dotenv": ({}, "OPENAI_API_KEY"),
+    # Server mode (the default) under the sync worker, which would kill long replies: plain
+    # gunicorn's default, or GUNICORN_WORKER_CLASS=sync with our config (with one thread: with
+    # more, gunicorn itself runs gthread).
+    "sync-worker": (
+        {"OPENAI_API_KEY": "test-key-not-used", "SECRET_KEY": REQUIRED["SECRET_KEY"],
+         "GUNICORN_WORKER_CLASS": "sync", "GUNICORN_THREADS": "1"},
+        "worker_class",
+    ),
 }
 
 pytestmark = pytest.mark.slow
@@ -44,12 +52,12 @@ def run_gunicorn(command: list[str], settings: dict[str, str], tmp_path: Path) -
     }
     env = {
         **clean,
-        **settings,
         "CHATKIT_ENV_FILE": str(empty),  # never the developer's .env
         "GUNICORN_BIND": "127.0.0.1:0",
         "GUNICORN_WORKERS": "2",
         "GUNICORN_THREADS": "2",
         "RATELIMIT_STORAGE_URI": "memory://",
+        **settings,
     }
     started = time.monotonic()
     try:

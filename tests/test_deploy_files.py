@@ -17,6 +17,7 @@ import runpy
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,7 +61,7 @@ ENV_DEFAULTS: dict[str, str | None] = {
     "CHATKIT_HISTORY_ENABLED": None,
     "CHATKIT_HISTORY_RECENT_THREADS": None,
     "CHATKIT_THREAD_TITLING_ENABLED": None,
-    "CHATKIT_BACKEND": "hosted",
+    "CHATKIT_BACKEND": "server",
     "CHATKIT_AGENT": None,
     "CHATKIT_AGENT_MODEL": "gpt-4.1-mini",
     "CHATKIT_AGENT_INSTRUCTIONS": "@instructions.md",
@@ -93,7 +94,7 @@ ENV_DEFAULTS: dict[str, str | None] = {
     "CHATKIT_ALLOWED_ORIGINS": None,
     "CHATKIT_LOG_LEVEL": "INFO",
     "CHATKIT_LOG_FORMAT": "text",
-    "CHATKIT_DEMO": "false",
+    "CHATKIT_DEMO": "true",
     "RATELIMIT_STRATEGY": "fixed-window",
     "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": "true",
     "RATELIMIT_HEADERS_ENABLED": "false",
@@ -124,6 +125,10 @@ GUNICORN_ENV = [key for key in ENV_DEFAULTS if key.startswith("GUNICORN_")] + [
     "FORWARDED_ALLOW_IPS",
     "PORT",
     "PROMETHEUS_MULTIPROC_DIR",
+    "HOST",
+    # The backend decides the default thread count.
+    "CHATKIT_BACKEND",
+    "CHATKIT_WORKFLOW_ID",
 ]
 
 
@@ -470,8 +475,8 @@ def test_storage_uri_points_at_the_redis_service(compose_resolved):
     assert parts.password, "the compose Redis requires a password"
 
 
-def test_redis_password_comes_from_env_and_is_required(compose_raw):
-    reference = "${REDIS_PASSWORD:?REDIS_PASSWORD must be set in .env}"
+def test_redis_password_comes_from_env(compose_raw):
+    reference = "${REDIS_PASSWORD:-}"
     app, redis = compose_raw["services"]["app"], compose_raw["services"]["redis"]
     assert env_mapping(app)["RATELIMIT_STORAGE_URI"] == f"redis://:{reference}@redis:6379/0"
     args = command_args(redis)
@@ -491,6 +496,7 @@ def test_no_secrets_inline(compose_raw):
         "CHATKIT_TRUSTED_PROXY_NETWORKS",
         "CHATKIT_STORE_URL",
         "CHATKIT_STORE_REQUIRE_PERSISTENCE",
+        "HOST",
     }, "only what the compose file itself defines is inline"
     for name, service in compose_raw["services"].items():
         for key, value in env_mapping(service).items():
@@ -553,10 +559,34 @@ def test_compose_port_follows_port_variable(tmp_path):
     assert args[args.index("--maxmemory") + 1] == "128mb"
 
 
-def test_compose_refuses_to_start_without_a_redis_password(tmp_path):
-    result = run_compose_config(tmp_path, REDIS_PASSWORD="")
-    assert result.returncode != 0
-    assert "REDIS_PASSWORD must be set in .env" in result.stderr
+def test_compose_starts_from_a_env_with_only_the_two_keys(tmp_path):
+    """A fresh .env holding OPENAI_API_KEY and SECRET_KEY only: the file resolves, the app runs
+    server mode (no backend, no workflow id) with threads on the volume, and the limiter's Redis
+    runs without a password, reachable only on the internal backend network."""
+    (tmp_path / "docker-compose.yml").write_text(COMPOSE_FILE.read_text(encoding="utf-8"))
+    (tmp_path / ".env").write_text("OPENAI_API_KEY=sk-test-dummy\nSECRET_KEY=" + "k" * 40 + "\n")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [docker_compose_binary(), "-f", "docker-compose.yml", "config"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    app, redis = resolved["services"]["app"], resolved["services"]["redis"]
+    app_env = env_mapping(app)
+    assert "CHATKIT_BACKEND" not in app_env and "CHATKIT_WORKFLOW_ID" not in app_env
+    assert app_env["CHATKIT_STORE_URL"] == "sqlite:////data/chatkit-threads.db"
+    assert app_env["HOST"] == "0.0.0.0"  # the proxy reaches gunicorn over the network
+    assert urlsplit(app_env["RATELIMIT_STORAGE_URI"]).password in (None, "")
+    args = command_args(redis)
+    assert args[args.index("--requirepass") + 1] == ""
+    assert list(redis["networks"]) == ["backend"]
+    assert resolved["networks"]["backend"]["internal"] is True
+    assert "ports" not in redis
+    from chatkit_flask.settings import Settings
+
+    settings = Settings.from_mapping(app_env)
+    assert (settings.backend, settings.storage_uri) == ("server", "redis://:@redis:6379/0")
 
 
 def test_redis_command_and_healthcheck_work_against_a_real_redis(compose_resolved, tmp_path):
@@ -594,6 +624,43 @@ def test_redis_command_and_healthcheck_work_against_a_real_redis(compose_resolve
         assert redis_lib.Redis.from_url(local, socket_timeout=2).ping()
         with pytest.raises(redis_lib.AuthenticationError):
             redis_lib.Redis(port=port, socket_timeout=2).ping()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_redis_without_a_password_serves_the_app_and_the_healthcheck(tmp_path):
+    """REDIS_PASSWORD empty: the resolved redis command runs, the healthcheck passes (an empty
+    REDISCLI_AUTH only warns) and the app's storage URI reaches it."""
+    redis_lib = pytest.importorskip("redis")
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if not (server and cli):
+        pytest.skip("redis-server / redis-cli not installed")
+    result = run_compose_config(tmp_path, REDIS_PASSWORD="")
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    redis = resolved["services"]["redis"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [server, *command_args(redis)[1:], "--port", str(port), "--bind", "127.0.0.1",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        check = healthcheck_text(redis).replace("CMD-SHELL ", "", 1)
+        check = check.replace("redis-cli", f"{cli} -p {port}")
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env_mapping(redis)}
+        for _ in range(50):
+            if subprocess.run(["sh", "-c", check], env=env).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the healthcheck never passed without a password")
+        uri = env_mapping(resolved["services"]["app"])["RATELIMIT_STORAGE_URI"]
+        local = uri.replace("@redis:6379/", f"@127.0.0.1:{port}/")
+        assert redis_lib.Redis.from_url(local, socket_timeout=2).ping()
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -768,9 +835,9 @@ def test_env_example_covers_every_service_setting():
 
 def test_gunicorn_defaults(monkeypatch):
     conf = exec_gunicorn_conf(monkeypatch)
-    assert conf["bind"] == ["0.0.0.0:8000"]
+    assert conf["bind"] == ["127.0.0.1:8000"]  # bin/serve is not reachable from the network
     assert conf["workers"] == 3
-    assert conf["threads"] == 32
+    assert conf["threads"] == 128  # server mode, the default backend: one per open reply
     assert conf["worker_class"] == "gthread"
     assert conf["timeout"] == 30
     assert conf["graceful_timeout"] == 20
@@ -813,7 +880,7 @@ def test_gunicorn_env_vars_map_to_settings(monkeypatch):
         FORWARDED_ALLOW_IPS="10.0.0.1",
         GUNICORN_CONTROL_SOCKET="/tmp/gunicorn.ctl",
     )
-    assert conf["bind"] == ["0.0.0.0:9001"]
+    assert conf["bind"] == ["127.0.0.1:9001"]
     assert (conf["workers"], conf["threads"], conf["worker_class"]) == (5, 3, "sync")
     assert (conf["timeout"], conf["graceful_timeout"], conf["keepalive"]) == (45, 7, 9)
     assert (conf["max_requests"], conf["max_requests_jitter"]) == (1000, 50)
@@ -832,7 +899,15 @@ def test_gunicorn_bind_overrides_port(monkeypatch):
 def test_gunicorn_blank_values_mean_default(monkeypatch):
     conf = exec_gunicorn_conf(monkeypatch, GUNICORN_WORKERS="", GUNICORN_BIND=" ", PORT="")
     assert conf["workers"] == 3
-    assert conf["bind"] == ["0.0.0.0:8000"]
+    assert conf["bind"] == ["127.0.0.1:8000"]
+
+
+def test_gunicorn_host_and_the_image_binding_every_interface(monkeypatch):
+    assert exec_gunicorn_conf(monkeypatch, HOST="0.0.0.0")["bind"] == ["0.0.0.0:8000"]
+    assert exec_gunicorn_conf(monkeypatch, HOST="::", PORT="9")["bind"] == ["[::]:9"]
+    # Inside the container the proxy reaches the app over the network, not the loopback.
+    env = " ".join(args for kw, args in dockerfile_instructions() if kw == "ENV")
+    assert "HOST=0.0.0.0" in env.split()
 
 
 @pytest.mark.parametrize(
@@ -995,7 +1070,9 @@ def test_config_load_has_no_side_effects(monkeypatch):
 
 @pytest.mark.parametrize(
     ("env", "threads"),
-    [({}, "32"), ({"CHATKIT_BACKEND": "server"}, "128"),
+    [({}, "128"), ({"CHATKIT_BACKEND": "server"}, "128"),
+     ({"CHATKIT_BACKEND": "hosted"}, "32"), ({"CHATKIT_WORKFLOW_ID": "wf_x"}, "32"),
+     ({"CHATKIT_BACKEND": "server", "CHATKIT_WORKFLOW_ID": "wf_x"}, "128"),
      ({"CHATKIT_BACKEND": "server", "GUNICORN_THREADS": "48"}, "48")],
 )  # fmt: skip
 def test_gunicorn_threads_follow_the_backend(
@@ -1014,3 +1091,45 @@ def test_gunicorn_threads_follow_the_backend(
         cwd=ROOT, env={**environ, **env}, capture_output=True, text=True, timeout=30, check=False,
     ).stdout  # fmt: skip
     assert re.search(rf"^threads\s+= {threads}$", out, re.M), out
+
+
+def test_the_image_puts_the_sites_agent_module_on_the_import_path(tmp_path):
+    """CHATKIT_AGENT=my_agent:agent finds site/my_agent.py in the image: the Dockerfile copies
+    site/ to /app/site and puts that on PYTHONPATH (replayed here with /app mapped to tmp)."""
+    instructions = dockerfile_instructions()
+    workdir = [args for kw, args in instructions if kw == "WORKDIR"][-1]
+    assert ("COPY", "site/ ./site/") in instructions
+    assert (ROOT / "site").is_dir()
+    env = " ".join(args for kw, args in instructions if kw == "ENV").split()
+    pythonpath = next(item.split("=", 1)[1] for item in env if item.startswith("PYTHONPATH="))
+    assert pythonpath == f"{workdir}/site"
+    site_dir = tmp_path / pythonpath.lstrip("/")
+    site_dir.mkdir(parents=True)
+    (site_dir / "my_site_agent.py").write_text(
+        "from agents import Agent\nagent = Agent(name='Site agent', instructions='Be brief.')\n"
+    )
+    script = (
+        "from chatkit_flask.service import create_app\n"
+        "app = create_app({'OPENAI_API_KEY': 'k', 'SECRET_KEY': 's' * 40,"
+        " 'CHATKIT_AGENT': 'my_site_agent:agent',"
+        f" 'CHATKIT_STORE_URL': 'sqlite:///{tmp_path}/t.db'}}, environ={{}})\n"
+        "print(app.extensions['chatkit'].server.server.agent.name)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": f"{site_dir}:{ROOT}"},
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("Site agent")
+
+
+def test_the_images_instance_folder_is_the_data_volume():
+    """With CHATKIT_STORE_URL unset (plain `docker run`), threads land on /data, the only
+    writable place: the service's instance folder is <project>/var, which the image links there."""
+    from chatkit_flask.service import SERVICE_INSTANCE_DIR
+
+    assert SERVICE_INSTANCE_DIR == ROOT / "var"
+    workdir = [args for kw, args in dockerfile_instructions() if kw == "WORKDIR"][-1]
+    run = " ".join(args for kw, args in dockerfile_instructions() if kw == "RUN")
+    assert f"ln -s /data {workdir}/var" in run

@@ -51,6 +51,7 @@ def compose_app_environment(upstream: FakeChatKit, port: int, **extra: str) -> d
         RATELIMIT_STORAGE_URI=REDIS_URL,
         OPENAI_API_KEY=TEST_API_KEY,
         SECRET_KEY="deploy-test-secret-key-0123456789abcdef",
+        CHATKIT_BACKEND="hosted",  # .env.example names server, the default
         CHATKIT_WORKFLOW_ID=WORKFLOW,
         CHATKIT_API_BASE=upstream.base_url,
         CHATKIT_COOKIE_SECURE="false",
@@ -170,3 +171,72 @@ def test_sigterm_finishes_in_flight_mints(instances: list[Instance], upstream: F
     exit_code = instance.process.wait(timeout=30)
     assert results == [200] * 12
     assert exit_code == 0
+
+
+def test_compose_app_with_a_two_key_env_serves_a_server_mode_chat(
+    real_redis: Any, tmp_path: Path
+) -> None:
+    """`docker compose up` with a fresh .env (OPENAI_API_KEY and SECRET_KEY only), run as the
+    processes compose would start: the image's defaults (HOST, the /data instance folder), the
+    app service's environment with REDIS_PASSWORD unset (Redis without a password), the model at
+    the fake. The demo page loads and a message is answered through the model."""
+    from chatkit_flask.testing.fake_responses import FakeResponses
+    from tests.server_support import sse_events, user_input
+
+    port = free_port()
+    dotenv = {"OPENAI_API_KEY": TEST_API_KEY, "SECRET_KEY": "compose-two-keys-" + "s" * 24}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CHATKIT_", "RATELIMIT_", "GUNICORN_", "OPENAI_"))}  # fmt: skip
+    env.update(HOST="0.0.0.0", PYTHONPATH="/app/site")  # the Dockerfile's ENV
+    env.update(dotenv)  # env_file: .env
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for key, value in compose["services"]["app"]["environment"].items():
+        env[key] = re.sub(
+            r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: dotenv.get(m.group(1)) or m.group(2) or "",
+            str(value),
+        )  # fmt: skip
+    assert env["RATELIMIT_STORAGE_URI"] == "redis://:@redis:6379/0"  # no password
+    assert env["CHATKIT_STORE_URL"] == "sqlite:////data/chatkit-threads.db"
+    # What differs on this machine: the redis service's address, the volume's path, the model
+    # (the fake instead of api.openai.com) and loopback instead of the compose network.
+    env.update(
+        RATELIMIT_STORAGE_URI=REDIS_URL,
+        CHATKIT_STORE_URL=f"sqlite:///{tmp_path}/chatkit-threads.db",
+        GUNICORN_BIND=f"127.0.0.1:{port}",
+        GUNICORN_WORKERS="2",
+        CHATKIT_ENV_FILE=str(tmp_path / "empty.env"),  # not the checkout's own .env
+        OPENAI_AGENTS_DISABLE_TRACING="1",
+    )
+    (tmp_path / "empty.env").write_text("")
+    with FakeResponses(api_key=TEST_API_KEY) as fake:
+        env["OPENAI_BASE_URL"] = fake.base_url
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                assert process.poll() is None, process.stderr.read()
+                try:
+                    if requests.get(base + "/readyz", timeout=5).ok:
+                        break
+                except requests.RequestException:
+                    pass
+                assert time.monotonic() < deadline, "gunicorn did not start"
+                time.sleep(0.2)
+            page = requests.get(base + "/", timeout=10)
+            assert page.status_code == 200 and "<openai-chatkit" in page.text
+            body = {"type": "threads.create", "params": {"input": user_input("compose hello")}}
+            reply = requests.post(base + "/api/chatkit", json=body, timeout=30)
+            assert reply.status_code == 200
+            assert "compose hello" in str(sse_events(reply.content))
+            assert (tmp_path / "chatkit-threads.db").is_file()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -23,3 +23,26 @@ def test_readme_names_the_two_commands() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "bin/serve" in readme and "bash .ci/run" in readme
     assert (ROOT / "bin" / "serve").exists() and (ROOT / ".ci" / "run").exists()
+
+
+def test_readme_opens_with_the_two_commands_then_server_mode_then_hosted() -> None:
+    """A newcomer meets the set-up commands on the first screen, then server mode (the
+    default); hosted mode has its own later section that says Agent Builder is shut down."""
+    readme = (ROOT / "README.md").read_text()
+    headings = [line for line in readme.splitlines() if line.startswith("## ")]
+    assert headings[:2] == ["## Two commands", "## Server mode"]
+    hosted = next(h for h in headings if h.startswith("## Hosted mode"))
+    assert headings.index(hosted) > 1
+    first_screen = "\n".join(readme.splitlines()[:40])
+    assert "\nbin/serve " in first_screen and "\nbash .ci/run " in first_screen
+    hosted_text = readme.split(hosted, 1)[1].split("\n## ", 1)[0]
+    assert "shut down" in hosted_text and "2026-11-30" in hosted_text
+
+
+def test_readme_quotes_the_shipped_thread_counts() -> None:
+    """Figures that follow config/gunicorn.conf.py: 3 x 128 in server mode (not 3 x 32)."""
+    readme = (ROOT / "README.md").read_text()
+    conf = (ROOT / "config" / "gunicorn.conf.py").read_text()
+    assert '_env_int("GUNICORN_WORKERS", 3' in conf
+    assert "128 if SERVER_MODE else 32" in conf
+    assert "3 x 32" not in readme and "3 x 128" in readme

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
+from chatkit_flask import ChatKit
 from chatkit_flask.demo import CHATKIT_CDN_URL
+from chatkit_flask.testing.fake_chatkit import FakeChatKit
+from tests.conftest import base_config
 
 STATIC = Path(__file__).resolve().parents[1] / "chatkit_flask" / "static"
 JS_TYPES = {"text/javascript", "application/javascript"}
@@ -65,9 +68,17 @@ def test_helper_never_returns_the_current_secret() -> None:
     assert not re.search(r"return\s+currentClientSecret", source)
 
 
-def test_demo_page_is_off_by_default(make_app: Callable[..., Flask]) -> None:
-    client = make_app().test_client()
-    assert client.get("/").status_code == 404
+def test_demo_page_is_off_by_default_in_a_host_app_and_on_in_the_service(
+    make_app: Callable[..., Flask], upstream: FakeChatKit
+) -> None:
+    """A host app gets no page at / it did not ask for; the service shows a chat on a fresh
+    start (config/chatkit.toml), and CHATKIT_DEMO=false turns it off."""
+    host = Flask("host")
+    host.config.update(base_config(upstream))
+    ChatKit(host)
+    assert host.test_client().get("/").status_code == 404
+    assert make_app().test_client().get("/").status_code == 200
+    assert make_app(CHATKIT_DEMO=False).test_client().get("/").status_code == 404
 
 
 def test_demo_page_when_enabled(make_app: Callable[..., Flask]) -> None:

@@ -1055,11 +1055,11 @@ def test_a_store_password_never_appears_in_the_error(fake: FakeResponses, sqlite
 
 
 def test_hosted_mode_still_needs_a_workflow_id(fake: FakeResponses, sqlite_url: str) -> None:
-    config = server_config(fake, sqlite_url)
-    del config["CHATKIT_BACKEND"]
+    config = {**server_config(fake, sqlite_url), "CHATKIT_BACKEND": "hosted"}
     with pytest.raises(ConfigError) as caught:
         create_app(config, environ={})
     assert caught.value.key == "CHATKIT_WORKFLOW_ID"
+    del config["CHATKIT_BACKEND"]  # unnamed: the workflow id chooses hosted mode
     hosted = create_app({**config, "CHATKIT_WORKFLOW_ID": WORKFLOW}, environ={})
     assert hosted.extensions["chatkit"].server is None
 

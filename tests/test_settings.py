@@ -62,11 +62,33 @@ def test_a_limit_that_cannot_admit_or_parse_is_a_configuration_error(value: str)
 
 @pytest.mark.parametrize("key", sorted(REQUIRED))
 def test_a_missing_required_key_is_named(key: str) -> None:
+    # The workflow id is required by hosted mode, named here (unset, it would choose server).
     config = {k: v for k, v in REQUIRED.items() if k != key}
     with pytest.raises(ConfigError) as info:
-        Settings.from_mapping(config)
+        Settings.from_mapping({**config, "CHATKIT_BACKEND": "hosted"})
     assert info.value.key == key
     assert key in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "backend", "why"),
+    [
+        ({}, "server", "the default"),
+        ({"CHATKIT_BACKEND": ""}, "server", "the default"),
+        ({"CHATKIT_WORKFLOW_ID": "wf_1"}, "hosted", "CHATKIT_WORKFLOW_ID is set"),
+        ({"CHATKIT_BACKEND": "hosted", "CHATKIT_WORKFLOW_ID": "wf_1"}, "hosted", "BACKEND is set"),
+        ({"CHATKIT_BACKEND": "server", "CHATKIT_WORKFLOW_ID": "wf_1"}, "server", "BACKEND is set"),
+    ],
+)
+def test_server_mode_is_the_default_and_a_workflow_id_implies_hosted(
+    config: dict, backend: str, why: str
+) -> None:
+    """A site with only the API key and the secret key runs server mode; a hosted site from
+    before the change (a workflow id, no backend named) stays hosted; a named backend wins."""
+    keys = {"OPENAI_API_KEY": "k", "SECRET_KEY": "test-secret-key-of-at-least-32-bytes"}
+    settings = Settings.from_mapping({**keys, **config})
+    assert settings.backend == backend
+    assert why in settings.backend_reason
 
 
 @pytest.mark.parametrize(

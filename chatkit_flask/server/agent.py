@@ -31,9 +31,11 @@ __all__ = [
     "resolve_agent",
 ]
 
-# The service's config/ (a checkout or the image's /app/config); a host app that installed the
-# package keeps its files in ./config of its working directory, looked at first.
+# Where ``@file`` instructions are looked for, after the host app's instance folder: the
+# service's config/ (a checkout or the image's /app/config; absent from an installed package), then
+# the package itself, which ships the default instructions.md so that an installed site starts.
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 AgentFactory = Callable[[RequestContext], Agent]
 AgentSource = Agent | AgentFactory
@@ -81,27 +83,51 @@ def resolve_agent(source: AgentSource, context: RequestContext) -> Agent:
     return agent
 
 
-def read_instructions(instructions: str) -> str:
-    """``@path`` reads a file (relative to the project's ``config/``); anything else is literal."""
+def instruction_dirs(instance_path: str | Path | None) -> list[Path]:
+    """The folders a relative ``@file`` is looked up in, first match wins: the host app's
+    instance folder (Flask's place for a site's own files), the service's config/, the package."""
+    dirs = [Path(instance_path)] if instance_path else []
+    return [*dirs, CONFIG_DIR, PACKAGE_DIR]
+
+
+def read_instructions(instructions: str, search_dirs: list[Path] | None = None) -> str:
+    """``@path`` reads a file (a relative one from the first of ``search_dirs`` that has it,
+    default :func:`instruction_dirs` without an instance folder); anything else is literal.
+
+    Raises ``ConfigError("CHATKIT_AGENT_INSTRUCTIONS", ...)`` naming every place it looked.
+    """
     if not instructions.startswith("@"):
         return instructions
     path = Path(instructions[1:]).expanduser()
-    if not path.is_absolute():
-        local = Path.cwd() / "config" / path
-        path = local if local.exists() else CONFIG_DIR / path
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(
-            "CHATKIT_AGENT_INSTRUCTIONS", f"cannot read instructions file {str(path)!r}: {exc}"
-        ) from exc
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        candidates = [folder / path for folder in (search_dirs or instruction_dirs(None))]
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                return candidate.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(
+                    "CHATKIT_AGENT_INSTRUCTIONS",
+                    f"cannot read instructions file {str(candidate)!r}: {exc}",
+                ) from exc
+    looked = ", ".join(str(candidate) for candidate in candidates)
+    raise ConfigError(
+        "CHATKIT_AGENT_INSTRUCTIONS",
+        f"instructions file {str(path)!r} not found (looked in: {looked})",
+    )
 
 
-def build_plain_agent(model: str, instructions: str) -> Agent:
-    """``Agent(name="Assistant")`` with ``instructions`` (literal or ``@file``) and ``model``."""
+def build_plain_agent(
+    model: str, instructions: str, search_dirs: list[Path] | None = None
+) -> Agent:
+    """``Agent(name="Assistant")`` with ``instructions`` (literal or ``@file``, looked up in
+    ``search_dirs``) and ``model``."""
     if not model.strip():
-        raise ConfigError("CHATKIT_MODEL", "must name a model, e.g. 'gpt-4.1-mini'")
-    return Agent(name="Assistant", instructions=read_instructions(instructions), model=model)
+        raise ConfigError("CHATKIT_AGENT_MODEL", "must name a model, e.g. 'gpt-4.1-mini'")
+    text = read_instructions(instructions, search_dirs)
+    return Agent(name="Assistant", instructions=text, model=model)
 
 
 @dataclass

@@ -72,7 +72,7 @@ def check_store(runtime: ServerRuntime) -> list[Finding]:
     if not kept:
         return [Finding(f"the {store} did not give back or delete a thread", "misconfigured")]
     elapsed = (time.perf_counter() - started) * 1000
-    where = mask_url(runtime.settings.store_url)
+    where = mask_url(runtime.store_url)
     return [
         Finding(f"the {store} wrote, read back and deleted a probe thread in {elapsed:.0f} ms"),
         Finding(f"threads live at {where} (CHATKIT_STORE_URL)"),

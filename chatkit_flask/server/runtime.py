@@ -10,6 +10,7 @@ import atexit
 import logging
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,7 +18,7 @@ from chatkit.errors import CustomStreamError
 from flask import Flask
 
 from ..settings import ConfigError, Settings
-from .agent import ModelClient, build_plain_agent, load_agent_spec
+from .agent import ModelClient, build_plain_agent, instruction_dirs, load_agent_spec
 from .bridge import AsyncBridge
 from .budget import BudgetSpent, TokenBudget
 from .context import RequestContext
@@ -27,7 +28,16 @@ from .sitecode import SiteCode
 from .slots import StreamSlots
 from .store import REDIS_SCHEMES, STORE_URL_KEY, OwnerScopedStore, StoreUnusable, open_store
 
-__all__ = ["READY_PROBE_TIMEOUT", "STARTUP_PROBE_TIMEOUT", "ServerRuntime"]
+__all__ = [
+    "DEFAULT_STORE_FILE",
+    "READY_PROBE_TIMEOUT",
+    "STARTUP_PROBE_TIMEOUT",
+    "ServerRuntime",
+    "default_store_url",
+]
+
+# The thread store when CHATKIT_STORE_URL is unset: a SQLite file in the app's instance folder.
+DEFAULT_STORE_FILE = "chatkit-threads.db"
 
 log = logging.getLogger("chatkit_flask")
 
@@ -52,9 +62,10 @@ class ServerRuntime:
     ) -> None:
         self.settings = settings
         self.bridge = AsyncBridge()
-        self.store: OwnerScopedStore = open_store(
-            settings.store_url, thread_ttl=settings.thread_ttl
-        )
+        instance_path = app.instance_path if app is not None else None
+        # Unset: a SQLite file in the app's instance folder, never relative to the cwd.
+        self.store_url = settings.store_url or default_store_url(instance_path)
+        self.store: OwnerScopedStore = open_store(self.store_url, thread_ttl=settings.thread_ttl)
         try:
             self.check_store(write=True, timeout=STARTUP_PROBE_TIMEOUT, key=STORE_URL_KEY)
         except ConfigError:
@@ -64,7 +75,11 @@ class ServerRuntime:
         agent = (
             load_agent_spec(settings.agent)
             if settings.agent
-            else build_plain_agent(settings.agent_model, settings.agent_instructions)
+            else build_plain_agent(
+                settings.agent_model,
+                settings.agent_instructions,
+                instruction_dirs(instance_path),
+            )
         )
         if settings.agent_tracing:
             from agents import set_tracing_export_api_key
@@ -209,11 +224,29 @@ class ServerRuntime:
                 log.exception("chatkit_flask: usage hook failed")
 
 
+def default_store_url(instance_path: str | None) -> str:
+    """``sqlite:///<instance folder>/chatkit-threads.db``, the folder created if missing (Flask
+    leaves that to the app): a host app's threads live with its other files, whatever the
+    working directory of the process."""
+    if instance_path is None:
+        raise ConfigError(STORE_URL_KEY, "is required when the runtime is built without an app")
+    folder = Path(instance_path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            "CHATKIT_STORE_URL",
+            f"is unset, so threads go to the instance folder {folder}, which cannot be created "
+            f"({exc.strerror}); set CHATKIT_STORE_URL or the app's instance_path",
+        ) from None
+    return f"sqlite:///{(folder / DEFAULT_STORE_FILE).resolve()}"
+
+
 def store_findings(settings: Settings) -> list[str]:
     """Warn at start-up (and refuse, when ``CHATKIT_STORE_REQUIRE_PERSISTENCE`` asks) about a
     store that would lose threads; returns the findings for ``flask chatkit check``."""
-    if urlsplit(settings.store_url).scheme.lower() not in REDIS_SCHEMES:
-        return []
+    if not settings.store_url or urlsplit(settings.store_url).scheme.lower() not in REDIS_SCHEMES:
+        return []  # unset: SQLite in the instance folder
     from .store_redis import persistence_findings
 
     findings = persistence_findings(settings.store_url)

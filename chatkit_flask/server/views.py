@@ -118,7 +118,8 @@ def create_runtime(
 ) -> ServerRuntime:
     """Build server mode's parts (raises ``ConfigError`` naming the key); ``limiter`` gives
     the limiter once it exists (the stream slots count in its storage); the site's agent code
-    runs inside app contexts of ``app``."""
+    runs inside app contexts of ``app``, whose instance folder holds the default thread store
+    and ``@file`` instructions."""
     return ServerRuntime(settings, lambda: active_storage(limiter()), app)
 
 
