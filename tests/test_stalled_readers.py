@@ -37,6 +37,7 @@ def service(fake: FakeResponses, tmp_path: Path, real_redis: Any) -> Iterator[Se
         f"sqlite:///{tmp_path}/threads.db",
         CHATKIT_MAX_STREAMS_PER_USER="1",
         CHATKIT_STREAM_WRITE_TIMEOUT=str(WRITE_TIMEOUT),
+        CHATKIT_MAX_OUTPUT_TOKENS="100000",  # the long reply must not be cut by its length
         GUNICORN_WORKERS="1",
         GUNICORN_THREADS="2",
     )
