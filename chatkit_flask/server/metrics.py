@@ -13,23 +13,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from chatkit.store import NotFoundError, Store, StoreItemType
-from chatkit.types import ThreadMetadata
 from flask import Response, g
 from prometheus_client import Counter, Gauge, Histogram
 
 from .context import RequestContext
 from .endpoint import stream_outcome
-from .protocol import SUPPORTED_TYPES, UNSUPPORTED_TYPES, StoreFailed, TokenUsage, calls_model
+from .protocol import SUPPORTED_TYPES, UNSUPPORTED_TYPES, TokenUsage, calls_model
 
 if TYPE_CHECKING:
     from ..state import ChatKitState
 
 __all__ = [
-    "CountedStore",
     "first_answer",
     "first_event",
     "init_server_metrics",
@@ -200,60 +197,6 @@ def _on_usage(context: RequestContext, usage: TokenUsage) -> None:
         model_errors.inc()
 
 
-# ------------------------------------------------------------------- the store
-
-
-def _counted(name: str) -> Callable[..., Awaitable[Any]]:
-    async def method(self: CountedStore, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await getattr(self.inner, name)(*args, **kwargs)
-        except NotFoundError:  # a missing or foreign thread: an answer, not a failure
-            raise
-        except StoreFailed:  # logged once by the store guard
-            store_errors.inc()
-            raise
-        except Exception as exc:
-            store_errors.inc()
-            # The class only: a driver's message can quote a URL with its password.
-            log.warning("store %s failed: %s", name, type(exc).__name__)
-            raise
-
-    method.__name__ = method.__qualname__ = name
-    return method
-
-
-class CountedStore(Store[RequestContext]):
-    """``inner`` with its exceptions counted in ``chatkit_store_errors_total``; otherwise the
-    same store (every call and attribute goes to ``inner``)."""
-
-    def __init__(self, inner: Store[RequestContext]) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def generate_thread_id(self, context: RequestContext) -> str:
-        return self.inner.generate_thread_id(context)
-
-    def generate_item_id(
-        self, item_type: StoreItemType, thread: ThreadMetadata, context: RequestContext
-    ) -> str:
-        return self.inner.generate_item_id(item_type, thread, context)
-
-    load_thread = _counted("load_thread")
-    save_thread = _counted("save_thread")
-    load_thread_items = _counted("load_thread_items")
-    load_threads = _counted("load_threads")
-    add_thread_item = _counted("add_thread_item")
-    save_item = _counted("save_item")
-    load_item = _counted("load_item")
-    delete_thread = _counted("delete_thread")
-    delete_thread_item = _counted("delete_thread_item")
-    save_attachment = _counted("save_attachment")
-    load_attachment = _counted("load_attachment")
-    delete_attachment = _counted("delete_attachment")
-
-
 # ---------------------------------------------------------------------- wiring
 
 
@@ -262,6 +205,5 @@ def init_server_metrics(state: ChatKitState) -> None:
     runtime = state.server
     state.response_hooks.append(_on_response)
     runtime.usage_hooks.append(_on_usage)
-    # The ChatKit server (and the agent context it builds) reach the store through this
-    # attribute only; the CLI keeps the runtime's own, uncounted store.
-    runtime.server.store = CountedStore(runtime.server.store)
+    # The ChatKit server's store is the guard (store_guard.py): each failure it reports counts.
+    runtime.server.store.failure_hooks.append(store_errors.inc)

@@ -59,7 +59,10 @@ def _described(exc: BaseException) -> str:
 def _record(
     store: GuardedStore, name: str, what: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
-    """Log the failure once and mark the request's report (its outcome: ``failed``)."""
+    """Log the failure once, mark the request's report (its outcome: ``failed``) and tell the
+    store's failure hooks (the metrics count it)."""
+    for hook in store.failure_hooks:
+        hook()
     context = _context_of(args, kwargs)
     if context is not None:
         context.report["store_failed"] = True
@@ -97,6 +100,7 @@ class GuardedStore(Store[RequestContext]):
 
     def __init__(self, inner: Store[RequestContext]) -> None:
         self.inner = inner
+        self.failure_hooks: list[Callable[[], None]] = []  # called once per failure
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
