@@ -45,7 +45,7 @@ def server_env(store_url: str) -> dict[str, str]:
     "command",
     [
         ["-c", "config/gunicorn.conf.py", "wsgi:app"],
-        ["-w", "2", "-b", "127.0.0.1:0", "wsgi:app"],  # no config file
+        ["-w", "2", "-k", "gthread", "-b", "127.0.0.1:0", "wsgi:app"],  # no config file
     ],
     ids=["with-config", "plain"],
 )

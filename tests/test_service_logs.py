@@ -171,6 +171,8 @@ TEXT_MESSAGE = re.compile(
 )
 TEXT_HEALTH = re.compile(r'"GET /healthz" 200 ')
 TEXT_GUNICORN = re.compile(r"^\[[^]]+\] \[\d+\] \[INFO\] ")
+# Each process says once at start-up which backend runs and why (issue 17).
+TEXT_BACKEND = re.compile(r" INFO \[\d+\] chatkit_flask: chatkit_flask: server backend \(")
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
@@ -202,6 +204,8 @@ def test_a_conversation_logs_one_access_and_one_conversation_line_per_message(
             elif logger == "chatkit_flask.message":
                 assert entry["event"] == "message"
                 messages.setdefault(entry["request_id"], []).append(entry["outcome"])
+            elif logger == "chatkit_flask" and " server backend (" in entry["message"]:
+                assert entry["level"] == "info", line  # the start-up line
             else:
                 assert logger in ("gunicorn.error", "gunicorn.access"), line
                 assert entry["level"] == "info", line
@@ -212,7 +216,9 @@ def test_a_conversation_logs_one_access_and_one_conversation_line_per_message(
             assert outcome, line
             messages.setdefault(match.group(1), []).append(outcome.group(1))
         else:
-            assert TEXT_HEALTH.search(line) or TEXT_GUNICORN.search(line), line
+            assert (
+                TEXT_HEALTH.search(line) or TEXT_GUNICORN.search(line) or TEXT_BACKEND.search(line)
+            ), line
 
     assert len(messages) == MESSAGES + 1, text  # the hung-up one too
     assert set(access) == set(messages), text
