@@ -27,7 +27,7 @@ from flask import Flask, current_app, request
 
 from chatkit_flask import ChatKit
 from chatkit_flask.server.actions import ActionContext
-from chatkit_flask.server.protocol import MAX_ACTION_PAYLOAD_BYTES
+from chatkit_flask.server.protocol import FAILED_MESSAGE, MAX_ACTION_PAYLOAD_BYTES
 from chatkit_flask.testing.fake_responses import FakeResponses
 from tests.conftest import TEST_API_KEY
 from tests.server_support import sse_events
@@ -132,6 +132,15 @@ def site(fake: FakeResponses, store_url: str, calls: list[dict[str, Any]]) -> It
         record(ctx)
         async for event in ctx.model_turn():
             yield event
+
+    @chatkit.action("broken")
+    async def broken(ctx: ActionContext) -> AsyncIterator[ThreadStreamEvent]:
+        raise RuntimeError("secret-detail-of-the-site")
+        yield  # an async generator
+
+    @chatkit.action("broken_sync", sync=True)
+    async def broken_sync(ctx: ActionContext) -> ThreadItem | None:
+        raise RuntimeError("secret-detail-of-the-site")
 
     yield app
     close_app(app)
@@ -268,3 +277,35 @@ def test_a_streaming_action_counts_against_the_per_user_message_limit(
     assert fake.count == count and len(calls) == 2
     # Reads and sync actions are not messages.
     assert post(client, {"type": "threads.list", "params": {}}).status_code == 200
+
+
+def test_an_action_sent_from_an_item_that_is_not_a_widget_is_refused_before_the_handler(
+    site: Flask, calls: list[dict[str, Any]]
+) -> None:
+    client = site.test_client()
+    thread_id = create_thread(client)
+    message_id = item_list(client, thread_id)[0]["id"]  # the visitor's own message
+    response = post(client, action_body(thread_id, "book_slot", message_id, sync=True))
+    assert_json_error(response, 400, "invalid_request")
+    response = post(client, action_body(thread_id, "show_slots", message_id))
+    (event,) = sse_events(response.data)
+    assert event["type"] == "error"
+    assert calls == []
+
+
+
+def test_a_failing_handler_is_a_generic_error_and_its_text_is_not_logged(
+    site: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = site.test_client()
+    thread_id = create_thread(client)
+    response = post(client, action_body(thread_id, "broken"))
+    assert_stream_headers(response)
+    error = sse_events(response.data)[-1]
+    assert error["type"] == "error" and error["allow_retry"] is True
+    assert error["message"] == FAILED_MESSAGE
+    response = post(client, action_body(thread_id, "broken_sync", sync=True))
+    assert_json_error(response, 500, "action_failed")
+    assert "secret-detail" not in response.get_data(as_text=True)
+    assert "secret-detail" not in caplog.text
+    assert caplog.text.count("action broken") == 2  # broken, broken_sync: class names only

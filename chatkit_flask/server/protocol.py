@@ -76,6 +76,7 @@ __all__ = [
     "STREAMING_TYPES",
     "SUPPORTED_TYPES",
     "UNSUPPORTED_TYPES",
+    "ActionFailed",
     "FlaskChatKitServer",
     "InputTooLong",
     "InvalidRequest",
@@ -170,6 +171,10 @@ class UnsupportedAction(RequestRefused):
     code = "unsupported_action"
 
 
+class ActionFailed(Exception):
+    """A site's sync action handler raised; logged by class only (500 ``action_failed``)."""
+
+
 class InputTooLong(RequestRefused):
     """The user message is longer than ``max_input_chars``; the model was not called."""
 
@@ -250,6 +255,11 @@ AdmitCallback = Callable[[RequestContext, int], Awaitable[None]]
 
 
 UsageCallback = Callable[[RequestContext, TokenUsage], None]
+
+
+def _log_action_failure(name: str, exc: Exception, context: RequestContext) -> None:
+    """The action's name (registered, so the site's own word) and the exception's class only."""
+    log.warning("action %s failed: %s [%s]", name, type(exc).__name__, context.request_id)
 
 
 def _release_event_reader(agent_context: AgentContext[RequestContext]) -> None:
@@ -452,6 +462,13 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
                         event = await self.site.call_async(anext, events)
                 except StopAsyncIteration:
                     return
+                except (CustomStreamError, StoreFailed):  # a model turn's, already in words
+                    raise
+                except Exception as exc:
+                    # Not the SDK's log line: it prints the exception's text, which may quote
+                    # the site's data or a visitor's message.
+                    _log_action_failure(action.type, exc, context)
+                    raise CustomStreamError(FAILED_MESSAGE, allow_retry=True) from None
                 yield event
         finally:
             await events.aclose()
@@ -465,10 +482,16 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
     ) -> SyncCustomActionResponse:
         handler = self.actions[action.type].handler
         action_context = ActionContext(thread, action, sender, context, self)
-        if self.site is None:
-            updated = await handler(action_context)
-        else:
-            updated = await self.site.call_async(handler, action_context)
+        try:
+            if self.site is None:
+                updated = await handler(action_context)
+            else:
+                updated = await self.site.call_async(handler, action_context)
+        except (NotFoundError, StoreFailed):
+            raise
+        except Exception as exc:
+            _log_action_failure(action.type, exc, context)
+            raise ActionFailed from None
         if updated is not None:
             await self.store.save_item(thread.id, updated, context=context)
         return SyncCustomActionResponse(updated_item=updated)
