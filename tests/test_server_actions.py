@@ -10,6 +10,7 @@ thread or item is a 404 before the handler runs; an unknown name or an oversized
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -87,10 +88,18 @@ def calls() -> list[dict[str, Any]]:
 
 @pytest.fixture
 def site(fake: FakeResponses, store_url: str, calls: list[dict[str, Any]]) -> Iterator[Flask]:
-    """A site with three actions: one shows a widget, one books from it (sync), one asks the
-    model. Each records what it was called with."""
+    app = booking_site(fake, store_url, calls, CHATKIT_RATELIMIT_PER_USER="3 per minute")
+    yield app
+    close_app(app)
+
+
+def booking_site(
+    fake: FakeResponses, store_url: str, calls: list[dict[str, Any]], **config: Any
+) -> Flask:
+    """A site with actions: one shows a widget, one books from it (sync), one asks the model,
+    two fail. Each records what it was called with."""
     app = Flask("booking_site")
-    app.config.update(server_config(fake, store_url, CHATKIT_RATELIMIT_PER_USER="3 per minute"))
+    app.config.update(server_config(fake, store_url, **config))
     chatkit = ChatKit(app)
 
     @chatkit.user_loader
@@ -142,8 +151,7 @@ def site(fake: FakeResponses, store_url: str, calls: list[dict[str, Any]]) -> It
     async def broken_sync(ctx: ActionContext) -> ThreadItem | None:
         raise RuntimeError("secret-detail-of-the-site")
 
-    yield app
-    close_app(app)
+    return app
 
 
 def action_body(
@@ -293,7 +301,6 @@ def test_an_action_sent_from_an_item_that_is_not_a_widget_is_refused_before_the_
     assert calls == []
 
 
-
 def test_a_failing_handler_is_a_generic_error_and_its_text_is_not_logged(
     site: Flask, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -309,3 +316,26 @@ def test_a_failing_handler_is_a_generic_error_and_its_text_is_not_logged(
     assert "secret-detail" not in response.get_data(as_text=True)
     assert "secret-detail" not in caplog.text
     assert caplog.text.count("action broken") == 2  # broken, broken_sync: class names only
+
+
+def test_an_actions_model_turn_is_charged_to_the_token_budget_which_then_refuses_it(
+    fake: FakeResponses, store_url: str, calls: list[dict[str, Any]]
+) -> None:
+    app = booking_site(fake, store_url, calls, CHATKIT_TOKENS_PER_USER="100 per day")
+    try:
+        client = app.test_client()
+        thread_id = create_thread(client, "a first question that costs tokens")
+        while True:  # only the actions' model turns from here on
+            time.sleep(0.2)  # the charge is made off the event loop, once the stream ends
+            events = sse_events(post(client, action_body(thread_id, "ask_model")).data)
+            if events[0]["type"] == "error":
+                break
+            assert len(calls) < 20, "the budget never ran out"
+        assert "share of the assistant" in events[0]["message"]
+        count, ran = fake.count, len(calls)
+        assert ran >= 1  # model turns of actions spent the budget (uncharged, it never ends)
+        refused = sse_events(post(client, action_body(thread_id, "show_slots")).data)
+        assert [event["type"] for event in refused] == ["error"]
+        assert fake.count == count and len(calls) == ran  # neither the handler nor the model
+    finally:
+        close_app(app)
