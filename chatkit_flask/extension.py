@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import weakref
@@ -82,6 +83,14 @@ class ChatKit:
         def register(handler: Handler) -> Handler:
             if name in self._actions:
                 raise ValueError(f"the action {name!r} already has a handler")
+            # Checked here, at import of the site's code, not on a visitor's first click.
+            if sync and not inspect.iscoroutinefunction(handler):
+                raise TypeError(f"the sync action {name!r} needs an 'async def' handler")
+            if not sync and not inspect.isasyncgenfunction(handler):
+                raise TypeError(
+                    f"the action {name!r} needs an 'async def' handler that yields events "
+                    "(or sync=True for one that returns the updated item)"
+                )
             self._actions[name] = RegisteredAction(handler, sync)
             return handler
 

@@ -340,3 +340,22 @@ def test_an_actions_model_turn_is_charged_to_the_token_budget_which_then_refuses
         assert fake.count == count and len(calls) == ran  # neither the handler nor the model
     finally:
         close_app(app)
+
+
+def test_a_handler_of_the_wrong_kind_or_a_second_one_is_refused_at_registration() -> None:
+    chatkit = ChatKit()
+
+    async def returns(ctx: ActionContext) -> None:
+        return None
+
+    async def streams(ctx: ActionContext) -> AsyncIterator[ThreadStreamEvent]:
+        return
+        yield
+
+    with pytest.raises(TypeError, match="'show' needs an 'async def' handler that yields"):
+        chatkit.action("show")(returns)
+    with pytest.raises(TypeError, match="sync action 'book' needs an 'async def' handler"):
+        chatkit.action("book", sync=True)(streams)
+    chatkit.action("show")(streams)
+    with pytest.raises(ValueError, match="'show' already has a handler"):
+        chatkit.action("show", sync=True)(returns)
