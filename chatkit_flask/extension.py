@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Flask, current_app
 from flask_cors import CORS
@@ -18,7 +19,7 @@ from .identity import VisitorCookie
 from .limits import guard_header_hook, prepare_limiter
 from .logs import init_app_logging
 from .settings import OPTIONS, ConfigError, Settings, _read
-from .state import ChatKitState
+from .state import ChatKitState, RegisteredAction
 from .upstream import ChatKitClient
 from .visitors import adopt_visitor_threads, connect_flask_login, forget_visitor
 from .web import BLUEPRINT_NAME
@@ -28,6 +29,7 @@ __all__ = ["ChatKit", "ChatKitState"]
 log = logging.getLogger("chatkit_flask")
 
 UserLoader = Callable[[], Any]
+Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 # Flask-Limiter reads these from app.config itself; they are written back typed, so that the
 # string "false" from an environment variable means false to it too.
@@ -54,6 +56,8 @@ class ChatKit:
         self._limiter = limiter
         self._client = client
         self._user_loader: UserLoader | None = None
+        # Shared with every app's server: handlers registered after init_app count too.
+        self._actions: dict[str, RegisteredAction] = {}
         self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
         if app is not None:
             self.init_app(app)
@@ -64,6 +68,33 @@ class ChatKit:
         means the anonymous visitor cookie."""
         self._user_loader = func
         return func
+
+    def action(self, name: str, *, sync: bool = False) -> Callable[[Handler], Handler]:
+        """Register the handler of the widget action ``name`` (server mode).
+
+        ``async def handler(ctx)`` receives an ``ActionContext`` (``thread``, ``action``,
+        ``payload``, ``sender`` widget, request ``context``). By default it is an async generator
+        of ChatKit events (``threads.custom_action``): widget updates, new items, or the events
+        of ``ctx.model_turn()``. With ``sync=True`` it answers ``threads.sync_custom_action``
+        and returns the sender's updated item (or None). It runs inside an app context of the
+        host app; a name nobody registered is refused with 400 ``unsupported_action``.
+        """
+
+        def register(handler: Handler) -> Handler:
+            if name in self._actions:
+                raise ValueError(f"the action {name!r} already has a handler")
+            # Checked here, at import of the site's code, not on a visitor's first click.
+            if sync and not inspect.iscoroutinefunction(handler):
+                raise TypeError(f"the sync action {name!r} needs an 'async def' handler")
+            if not sync and not inspect.isasyncgenfunction(handler):
+                raise TypeError(
+                    f"the action {name!r} needs an 'async def' handler that yields events "
+                    "(or sync=True for one that returns the updated item)"
+                )
+            self._actions[name] = RegisteredAction(handler, sync)
+            return handler
+
+        return register
 
     def forget_visitor(self) -> None:
         """Call in the site's log-out view: the response drops the anonymous visitor cookie, so
@@ -95,7 +126,7 @@ class ChatKit:
             check_gunicorn_worker()  # before the slow import of the ChatKit and Agents SDKs
             from .server.views import create_runtime, make_server_blueprint
 
-            server = create_runtime(settings, lambda: limiter_cell[0], app)
+            server = create_runtime(settings, lambda: limiter_cell[0], app, self._actions)
         else:
             client = self._client or ChatKitClient(
                 settings.api_key,

@@ -14,7 +14,16 @@ from .identity import VisitorCookie
 from .limits import LimitRule
 from .settings import Settings
 
-__all__ = ["ChatKitState"]
+__all__ = ["ChatKitState", "RegisteredAction"]
+
+
+@dataclass(frozen=True)
+class RegisteredAction:
+    """A site's widget-action handler (``@chatkit.action``); ``sync`` ones answer
+    ``threads.sync_custom_action``, the others ``threads.custom_action``."""
+
+    handler: Callable[..., Any]
+    sync: bool = False
 
 
 @dataclass

@@ -658,8 +658,6 @@ def test_a_message_too_long_is_400_before_the_model(
 UNSUPPORTED = {
     "attachments.create": {"name": "a.png", "size": 1, "mime_type": "image/png"},
     "input.transcribe": {"audio_base64": "AAAA", "mime_type": "audio/webm"},
-    "threads.custom_action": {"thread_id": "thr_x", "item_id": None,
-                              "action": {"type": "x", "payload": {}}},
     "threads.add_client_tool_output": {"thread_id": "thr_x", "result": {"ok": True}},
 }
 

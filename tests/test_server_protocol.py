@@ -283,8 +283,6 @@ def test_random_garbage_is_never_a_500(client: FlaskClient) -> None:
         {"type": "input.transcribe", "params": {"audio_base64": "", "mime_type": "audio/webm"}},
         {"type": "threads.add_client_tool_output", "params": {"thread_id": "t", "result": 1}},
         {"type": "threads.add_structured_input", "params": {}},
-        {"type": "threads.custom_action", "params": {"thread_id": "t", "action": {}}},
-        {"type": "threads.sync_custom_action", "params": {"thread_id": "t", "action": {}}},
         {"type": "threads.create", "params": {"input": {**user_input("see file"),
                                                         "attachments": ["atc_1"]}}},
     ],
@@ -296,6 +294,17 @@ def test_unsupported_requests_are_400(
     response = post(client, body)
     assert response.status_code == 400
     assert response.get_json()["error"] == "unsupported_request"
+    assert fake.count == 0
+
+
+@pytest.mark.parametrize("kind", ["threads.custom_action", "threads.sync_custom_action"])
+@pytest.mark.parametrize("action", [{}, {"type": "book_slot", "payload": {}}])
+def test_actions_are_400_when_the_site_registered_no_handler(
+    client: FlaskClient, fake: FakeResponses, kind: str, action: dict[str, Any]
+) -> None:
+    response = post(client, {"type": kind, "params": {"thread_id": "t", "action": action}})
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "unsupported_action"
     assert fake.count == 0
 
 

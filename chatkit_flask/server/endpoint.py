@@ -19,7 +19,13 @@ from flask import Response
 from ..errors import ApiError
 from .bridge import AsyncBridge
 from .context import RequestContext
-from .protocol import FlaskChatKitServer, NotFoundError, RequestRefused, StoreFailed
+from .protocol import (
+    ActionFailed,
+    FlaskChatKitServer,
+    NotFoundError,
+    RequestRefused,
+    StoreFailed,
+)
 from .store import STORE_ERRORS
 from .store_guard import STORE_DOWN_MESSAGE
 
@@ -34,6 +40,7 @@ STREAM_HEADERS = {
 HEARTBEAT_FRAME = b": keep-alive\n\n"  # an SSE comment: EventSource-style parsers skip it
 NOT_FOUND_MESSAGE = "No such conversation."
 MISFIT_MESSAGE = "The request does not fit this conversation."
+ACTION_FAILED_MESSAGE = "The action could not be completed. Please try again."
 RESTART_MESSAGE = "The chat is restarting. Please send your message again in a moment."
 
 
@@ -52,8 +59,9 @@ def handle(
     """Answer one ChatKit request body for ``context.owner``.
 
     Raises :class:`~chatkit_flask.errors.ApiError`: 400 ``invalid_request`` /
-    ``unsupported_request`` / ``input_too_long`` before any work, 404 ``not_found`` for a thread
-    or item that is missing or not the owner's, 503 ``store_unavailable`` when the thread store
+    ``unsupported_request`` / ``unsupported_action`` / ``input_too_long`` before any work, 404
+    ``not_found`` for a thread or item that is missing or not the owner's, 500 ``action_failed``
+    when a site's sync action handler raised, 503 ``store_unavailable`` when the thread store
     fails before the answer starts. ``timeout`` bounds a non-streaming request;
     ``stream_idle_timeout`` (None: the model client's own timeout applies) bounds each wait for
     the next frame. ``heartbeat`` (seconds; off by default) sends an SSE comment line during
@@ -77,6 +85,8 @@ def handle(
             raise ApiError(400, "invalid_request", MISFIT_MESSAGE) from None
         except TimeoutError:
             raise ApiError(503, "timeout", "The request took too long. Please try again.") from None
+        except ActionFailed:
+            raise ApiError(500, "action_failed", ACTION_FAILED_MESSAGE) from None
         except (StoreFailed, *STORE_ERRORS) as exc:
             raise _store_unavailable(exc, context) from None
         response = Response(payload, mimetype="application/json")

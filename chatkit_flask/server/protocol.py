@@ -20,12 +20,13 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
 from agents import Agent, ModelSettings, RunConfig, Runner
+from chatkit.actions import Action
 from chatkit.agents import AgentContext, ThreadItemConverter, stream_agent_response
 from chatkit.errors import CustomStreamError
 from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
@@ -38,6 +39,7 @@ from chatkit.types import (
     ItemsFeedbackReq,
     ItemsListReq,
     SDKHiddenContextItem,
+    SyncCustomActionResponse,
     ThreadItem,
     ThreadItemAddedEvent,
     ThreadItemDoneEvent,
@@ -45,18 +47,23 @@ from chatkit.types import (
     ThreadMetadata,
     ThreadsAddUserMessageReq,
     ThreadsCreateReq,
+    ThreadsCustomActionReq,
     ThreadsListReq,
+    ThreadsSyncCustomActionReq,
     ThreadStreamEvent,
     ThreadsUpdateReq,
     UserMessageInput,
     UserMessageItem,
     UserMessageTagContent,
+    WidgetItem,
     is_streaming_req,
 )
 from openai import RateLimitError
 from openai.types.responses import ResponseInputTextParam
 from pydantic import TypeAdapter, ValidationError
 
+from ..state import RegisteredAction
+from .actions import ActionContext
 from .agent import AgentSource, ModelClient, resolve_agent
 from .context import RequestContext
 from .costs import ReplyMeter, estimate_input_tokens, model_calls, newest_within
@@ -64,10 +71,12 @@ from .sitecode import SiteCode
 from .store_guard import GuardedStore, StoreFailed
 
 __all__ = [
+    "MAX_ACTION_PAYLOAD_BYTES",
     "MODEL_TYPES",
     "STREAMING_TYPES",
     "SUPPORTED_TYPES",
     "UNSUPPORTED_TYPES",
+    "ActionFailed",
     "FlaskChatKitServer",
     "InputTooLong",
     "InvalidRequest",
@@ -75,6 +84,7 @@ __all__ = [
     "RequestRefused",
     "StoreFailed",
     "TokenUsage",
+    "UnsupportedAction",
     "UnsupportedRequest",
     "calls_model",
     "request_type",
@@ -84,10 +94,18 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STREAMING_TYPES = frozenset(
-    {"threads.create", "threads.add_user_message", "threads.retry_after_item"}
+    {
+        "threads.create",
+        "threads.add_user_message",
+        "threads.retry_after_item",
+        "threads.custom_action",
+    }
 )
-MODEL_TYPES = STREAMING_TYPES  # every stream we serve calls the model; reads never do
+# Every stream we serve may call the model (a streaming action's handler may start a model
+# turn: it counts as a message whether or not it does); reads and sync actions never do.
+MODEL_TYPES = STREAMING_TYPES
 SUPPORTED_TYPES = STREAMING_TYPES | {
+    "threads.sync_custom_action",
     "threads.get_by_id",
     "threads.list",
     "items.list",
@@ -95,13 +113,11 @@ SUPPORTED_TYPES = STREAMING_TYPES | {
     "threads.delete",
     "items.feedback",
 }
-# ChatKit types we refuse: client tools, structured input, custom actions, dictation, uploads.
+# ChatKit types we refuse: client tools, structured input, dictation, uploads.
 UNSUPPORTED_TYPES = frozenset(
     {
         "threads.add_client_tool_output",
         "threads.add_structured_input",
-        "threads.custom_action",
-        "threads.sync_custom_action",
         "input.transcribe",
         "attachments.create",
         "attachments.delete",
@@ -115,6 +131,7 @@ THREAD_ID = re.compile(r"thr_[0-9a-f]{32}")
 ITEM_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 MAX_TITLE_CHARS = 200
 MAX_FEEDBACK_ITEMS = 100
+MAX_ACTION_PAYLOAD_BYTES = 16 * 1024  # an action's payload, as compact JSON
 
 BUSY_MESSAGE = "The assistant is busy right now. Please try again in a moment."
 FAILED_MESSAGE = "The assistant could not answer just now. Please try again."
@@ -146,6 +163,16 @@ class UnsupportedRequest(RequestRefused):
     """A valid ChatKit request type this server does not serve (attachments, tools, ...)."""
 
     code = "unsupported_request"
+
+
+class UnsupportedAction(RequestRefused):
+    """A widget action no handler is registered for (or not for this request type)."""
+
+    code = "unsupported_action"
+
+
+class ActionFailed(Exception):
+    """A site's sync action handler raised; logged by class only (500 ``action_failed``)."""
 
 
 class InputTooLong(RequestRefused):
@@ -230,6 +257,11 @@ AdmitCallback = Callable[[RequestContext, int], Awaitable[None]]
 UsageCallback = Callable[[RequestContext, TokenUsage], None]
 
 
+def _log_action_failure(name: str, exc: Exception, context: RequestContext) -> None:
+    """The action's name (registered, so the site's own word) and the exception's class only."""
+    log.warning("action %s failed: %s [%s]", name, type(exc).__name__, context.request_id)
+
+
 def _release_event_reader(agent_context: AgentContext[RequestContext]) -> None:
     """Cancel the task ``stream_agent_response`` leaves waiting on the context's event queue
     when a run fails or is cancelled (else it lingers until garbage collection, then logs
@@ -287,9 +319,11 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         reply_timeout: float = 180.0,
         admit: AdmitCallback | None = None,
         site: SiteCode | None = None,
+        actions: Mapping[str, RegisteredAction] | None = None,
     ) -> None:
         super().__init__(GuardedStore(store))
         self.site = site
+        self.actions: Mapping[str, RegisteredAction] = actions if actions is not None else {}
         # A fixed agent is wrapped once; a factory's agent on every request.
         self.agent = site.agent(agent) if site is not None and isinstance(agent, Agent) else agent
         self.model = model
@@ -320,6 +354,10 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         return request
 
     def _check(self, request: ChatKitReq) -> None:
+        if isinstance(request, ThreadsCustomActionReq | ThreadsSyncCustomActionReq):
+            # Before the ids: an action nobody handles is refused as such, for any thread.
+            sync = isinstance(request, ThreadsSyncCustomActionReq)
+            self._check_action(request.params.action, sync)
         _check_ids(request)
         match request:
             case ThreadsCreateReq() | ThreadsAddUserMessageReq():
@@ -333,6 +371,18 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
                 raise InvalidRequest(f"A title has at most {MAX_TITLE_CHARS} characters.")
             case ItemsFeedbackReq() if len(request.params.item_ids) > MAX_FEEDBACK_ITEMS:
                 raise InvalidRequest(f"Feedback names at most {MAX_FEEDBACK_ITEMS} items.")
+
+    def _check_action(self, action: Action[str, Any], sync: bool) -> None:
+        name = action.type if isinstance(action.type, str) else ""  # the SDK lets it be unset
+        registered = self.actions.get(name)
+        if registered is None or registered.sync != sync:
+            # The name is not echoed: an unknown one is the caller's text.
+            raise UnsupportedAction("This site has no handler for that action.")
+        size = len(json.dumps(action.payload, separators=(",", ":")).encode())
+        if size > MAX_ACTION_PAYLOAD_BYTES:
+            raise InvalidRequest(
+                f"An action's payload has at most {MAX_ACTION_PAYLOAD_BYTES} bytes of JSON."
+            )
 
     def _check_input(self, user_input: UserMessageInput) -> None:
         if user_input.attachments:
@@ -389,6 +439,62 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         # The SDK accepts feedback on any thread id; only the owner may give it.
         await self.store.load_thread(thread_id, context=context)
         log.info("feedback %s on %d item(s) [%s]", feedback, len(item_ids), context.request_id)
+
+    # ------------------------------------------------------------- actions
+    async def action(
+        self,
+        thread: ThreadMetadata,
+        action: Action[str, Any],
+        sender: WidgetItem | None,
+        context: RequestContext,
+    ) -> AsyncIterator[ThreadStreamEvent]:
+        # The SDK loaded thread and sender through the owner-scoped store: a foreign one was a
+        # 404 before this runs. Each step of the site's generator runs in an app context.
+        events = self.actions[action.type].handler(
+            ActionContext(thread, action, sender, context, self)
+        )
+        try:
+            while True:
+                try:
+                    if self.site is None:
+                        event = await anext(events)
+                    else:
+                        event = await self.site.call_async(anext, events)
+                except StopAsyncIteration:
+                    return
+                except (CustomStreamError, StoreFailed):  # a model turn's, already in words
+                    raise
+                except Exception as exc:
+                    # Not the SDK's log line: it prints the exception's text, which may quote
+                    # the site's data or a visitor's message.
+                    _log_action_failure(action.type, exc, context)
+                    raise CustomStreamError(FAILED_MESSAGE, allow_retry=True) from None
+                yield event
+        finally:
+            await events.aclose()
+
+    async def sync_action(
+        self,
+        thread: ThreadMetadata,
+        action: Action[str, Any],
+        sender: WidgetItem | None,
+        context: RequestContext,
+    ) -> SyncCustomActionResponse:
+        handler = self.actions[action.type].handler
+        action_context = ActionContext(thread, action, sender, context, self)
+        try:
+            if self.site is None:
+                updated = await handler(action_context)
+            else:
+                updated = await self.site.call_async(handler, action_context)
+        except (NotFoundError, StoreFailed):
+            raise
+        except Exception as exc:
+            _log_action_failure(action.type, exc, context)
+            raise ActionFailed from None
+        if updated is not None:
+            await self.store.save_item(thread.id, updated, context=context)
+        return SyncCustomActionResponse(updated_item=updated)
 
     # ------------------------------------------------------------- answers
     async def respond(

@@ -9,7 +9,7 @@ import asyncio
 import atexit
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +18,7 @@ from chatkit.errors import CustomStreamError
 from flask import Flask
 
 from ..settings import ConfigError, Settings
+from ..state import RegisteredAction
 from .agent import ModelClient, build_plain_agent, instruction_dirs, load_agent_spec
 from .bridge import AsyncBridge
 from .budget import BudgetSpent, TokenBudget
@@ -58,7 +59,11 @@ class ServerRuntime:
     client) are made on the bridge's loop, once per worker process."""
 
     def __init__(
-        self, settings: Settings, limiter_storage: Callable[[], Any], app: Flask | None = None
+        self,
+        settings: Settings,
+        limiter_storage: Callable[[], Any],
+        app: Flask | None = None,
+        actions: Mapping[str, RegisteredAction] | None = None,
     ) -> None:
         self.settings = settings
         self.bridge = AsyncBridge()
@@ -105,6 +110,7 @@ class ServerRuntime:
             reply_timeout=settings.reply_timeout,
             admit=self._admit,
             site=SiteCode(app) if app is not None else None,
+            actions=actions,
         )
         self.budget = TokenBudget(
             limiter_storage, settings.tokens_per_user, settings.tokens_global

@@ -14,7 +14,7 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response, g, jsonify, request, url_for
@@ -25,6 +25,7 @@ from ..identity import hash_id
 from ..limits import LimitRule, active_storage, limit_rules, limited, network_key
 from ..logs import log_message
 from ..settings import Settings
+from ..state import RegisteredAction
 from ..web import (
     begin_request,
     new_blueprint,
@@ -114,13 +115,16 @@ def _socket_shutdown(environ: dict[str, Any]) -> Callable[[], None] | None:
 
 
 def create_runtime(
-    settings: Settings, limiter: Callable[[], Limiter], app: Flask
+    settings: Settings,
+    limiter: Callable[[], Limiter],
+    app: Flask,
+    actions: Mapping[str, RegisteredAction] | None = None,
 ) -> ServerRuntime:
     """Build server mode's parts (raises ``ConfigError`` naming the key); ``limiter`` gives
     the limiter once it exists (the stream slots count in its storage); the site's agent code
     runs inside app contexts of ``app``, whose instance folder holds the default thread store
-    and ``@file`` instructions."""
-    return ServerRuntime(settings, lambda: active_storage(limiter()), app)
+    and ``@file`` instructions; ``actions`` are the site's widget-action handlers by name."""
+    return ServerRuntime(settings, lambda: active_storage(limiter()), app, actions)
 
 
 def _is_read() -> bool:
