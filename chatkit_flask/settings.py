@@ -188,6 +188,11 @@ def _prefix(key: str, value: Any) -> str:
     return text
 
 
+def _title_model(key: str, value: Any) -> str:
+    text = _as_str(key, value)
+    return text.lower() if text.lower() == "off" else (_token(key, text) if text else "")
+
+
 def _token(key: str, value: Any) -> str:
     text = _as_str(key, value)
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", text):
@@ -521,6 +526,14 @@ _OPTION_LIST = [
         "instance folder, the service's config/, then the package's default).",
     ),
     Option(
+        "CHATKIT_TITLE_MODEL",
+        "",
+        _title_model,
+        "Server mode: the model that titles a thread after its first answer (a short call, "
+        "charged to the visitor's tokens); empty: the agent's model; off: titles are the start "
+        "of the first message.",
+    ),
+    Option(
         "CHATKIT_HISTORY_ITEMS",
         30,
         _int_range(1, 500),
@@ -736,6 +749,7 @@ _SERVER_KEYS = frozenset(
         "CHATKIT_AGENT",
         "CHATKIT_AGENT_MODEL",
         "CHATKIT_AGENT_INSTRUCTIONS",
+        "CHATKIT_TITLE_MODEL",
         "CHATKIT_HISTORY_ITEMS",
         "OPENAI_BASE_URL",
         "CHATKIT_AGENT_TRACING",
@@ -832,6 +846,7 @@ class Settings:
     agent: str | None
     agent_model: str
     agent_instructions: str
+    title_model: str
     history_items: int
     history_max_chars: int
     max_output_tokens: int
@@ -935,6 +950,7 @@ class Settings:
             agent=v["CHATKIT_AGENT"],
             agent_model=v["CHATKIT_AGENT_MODEL"],
             agent_instructions=v["CHATKIT_AGENT_INSTRUCTIONS"],
+            title_model=v["CHATKIT_TITLE_MODEL"],
             history_items=v["CHATKIT_HISTORY_ITEMS"],
             history_max_chars=v["CHATKIT_HISTORY_MAX_CHARS"],
             max_output_tokens=v["CHATKIT_MAX_OUTPUT_TOKENS"],

@@ -52,6 +52,7 @@ def host_config(fake: FakeResponses, tmp: Path) -> dict[str, Any]:
         "CHATKIT_BACKEND": "server",
         "OPENAI_API_KEY": TEST_API_KEY,
         "OPENAI_BASE_URL": fake.base_url,
+        "CHATKIT_TITLE_MODEL": "off",  # one model call per message
         "SECRET_KEY": TEST_SECRET_KEY,
         "CHATKIT_STORE_URL": f"sqlite:///{tmp}/threads.db",
         "CHATKIT_COOKIE_SECURE": False,

@@ -479,6 +479,7 @@ def test_server_mode_messages_count_against_the_48(tmp_path: Any) -> None:
                 "CHATKIT_BACKEND": "server",
                 "OPENAI_API_KEY": "test-model-key",
                 "OPENAI_BASE_URL": fake.base_url,
+                "CHATKIT_TITLE_MODEL": "off",  # one model call per message
                 "SECRET_KEY": TEST_SECRET_KEY,
                 "CHATKIT_STORE_URL": f"sqlite:///{tmp_path / 'threads.db'}",
                 "CHATKIT_AGENT_INSTRUCTIONS": "Be brief.",

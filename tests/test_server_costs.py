@@ -61,6 +61,7 @@ def make_server_app(
             "CHATKIT_MAX_STREAMS_PER_IP": 50,
             "CHATKIT_RATELIMIT_PER_USER": "1000 per minute",
             "CHATKIT_RATELIMIT_PER_IP": "1000 per minute",
+            "CHATKIT_TITLE_MODEL": "off",  # one model call per message: the figures below
             "RATELIMIT_STORAGE_URI": REDIS_URL,
             "TESTING": True,
             **overrides,

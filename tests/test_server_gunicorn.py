@@ -62,6 +62,7 @@ class Service:
             CHATKIT_MAX_STREAMS_PER_USER="50",
             CHATKIT_MAX_STREAMS_PER_IP="1000",
             CHATKIT_MAX_STREAMS_PER_WORKER="1000",
+            CHATKIT_TITLE_MODEL="off",  # one model call per message (the fake counts them)
             RATELIMIT_STORAGE_URI=REDIS_URL,
             GUNICORN_BIND=f"127.0.0.1:{self.port}",
             GUNICORN_WORKERS="3",

@@ -91,6 +91,7 @@ def make_server_app(fake: FakeResponses, tmp_path: Path) -> Iterator[Callable[..
             "CHATKIT_BACKEND": "server",
             "OPENAI_API_KEY": MODEL_KEY,
             "OPENAI_BASE_URL": fake.base_url,
+            "CHATKIT_TITLE_MODEL": "off",  # one model call per message
             "SECRET_KEY": TEST_SECRET_KEY,
             "CHATKIT_STORE_URL": f"sqlite:///{tmp_path}/threads-{len(apps)}.db",
             "CHATKIT_COOKIE_SECURE": False,

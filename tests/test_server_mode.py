@@ -79,6 +79,7 @@ def server_config(fake: FakeResponses, store_url: str, **overrides: Any) -> dict
         "CHATKIT_AGENT_INSTRUCTIONS": "Answer briefly.",
         "CHATKIT_COOKIE_SECURE": False,
         "CHATKIT_MODEL_TIMEOUT": 10,
+        "CHATKIT_TITLE_MODEL": "off",  # one model call per message (test_server_titles: on)
         "RATELIMIT_STORAGE_URI": "memory://",
         "TESTING": True,
     }

@@ -7,7 +7,8 @@ the NEWEST items (as many as fit ``history_max_chars``), a generic message inste
 provider's error body, the model request aborted when the visitor goes away or the reply's
 deadline passes (the partial answer kept), ``max_output_tokens`` and ``max_turns`` on every run,
 a reservation of the reply's worst-case cost before the model is called (``admit``), and its
-real cost reported per answer, cancelled ones included (see ``costs``).
+real cost reported per answer, cancelled ones included (see ``costs``), and a title for a
+thread after its first answer (see ``titles``), its cost in the same report.
 
 Built against openai-chatkit 1.6.x: :meth:`stream` and :meth:`call` use the SDK's
 ``_process_streaming_impl`` / ``_process_non_streaming`` to skip its per-call parser (pinned range).
@@ -69,6 +70,7 @@ from .context import RequestContext
 from .costs import ReplyMeter, estimate_input_tokens, model_calls, newest_within
 from .sitecode import SiteCode
 from .store_guard import GuardedStore, StoreFailed
+from .titles import TitleCost, first_message_text, make_title, title_reservation
 
 __all__ = [
     "MAX_ACTION_PAYLOAD_BYTES",
@@ -298,9 +300,10 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
     sent to the model; each costs CPU in the openai client's request transform (measured: about
     16-21 ms per message with 1 item, 30 ms with 30); ``history_max_chars`` bounds their JSON.
     ``max_output_tokens`` and ``max_turns`` bound every run; ``reply_timeout`` (seconds) bounds
-    a whole reply. ``admit(context, tokens)`` is awaited before the model is called.
-    16-21 ms per message with 1 item, 30 ms with 30). With ``site``, the agent factory and
-    every function tool run inside a fresh app context of the host app (see
+    a whole reply. ``admit(context, tokens)`` is awaited before the model is called. With
+    ``titles``, a thread without a title gets one after its first answer, from ``title_model``
+    (None: the agent's model), or the start of its first message. With ``site``, the agent
+    factory and every function tool run inside a fresh app context of the host app (see
     :class:`~chatkit_flask.server.sitecode.SiteCode`).
     """
 
@@ -320,6 +323,8 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         admit: AdmitCallback | None = None,
         site: SiteCode | None = None,
         actions: Mapping[str, RegisteredAction] | None = None,
+        titles: bool = False,
+        title_model: str | None = None,
     ) -> None:
         super().__init__(GuardedStore(store))
         self.site = site
@@ -335,6 +340,8 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         self.max_turns = max_turns
         self.reply_timeout = reply_timeout
         self.admit = admit
+        self.titles = titles
+        self.title_model = title_model
         self.converter: ThreadItemConverter = _Converter()
 
     # ------------------------------------------------------------- parsing
@@ -512,9 +519,18 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         agent_input = await self.converter.to_agent_input(history)
         agent_context = AgentContext(thread=thread, store=self.store, request_context=context)
         meter = ReplyMeter(estimate_input_tokens(agent, agent_input))
+        # Only an untitled thread: a title the visitor (or an earlier answer) set stays.
+        title_text: str | None = None
+        if self.titles and thread.title is None:
+            first = [*history, *([input_user_message] if input_user_message else [])]
+            title_text = first_message_text(first) or None
+        title_cost = TitleCost()
         if self.admit is not None:
             calls = model_calls(agent, self.max_turns)
-            await self.admit(context, calls * (meter.input_estimate + self.max_output_tokens))
+            reserve = calls * (meter.input_estimate + self.max_output_tokens)
+            if title_text is not None:
+                reserve += title_reservation(title_text)
+            await self.admit(context, reserve)
         result = Runner.run_streamed(
             agent,
             agent_input,
@@ -537,6 +553,8 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
             if meter.timed_out:  # the run was stopped: its stream just ends
                 raise TimeoutError
             outcome = "completed"
+            if title_text is not None:  # after the last delta: the answer never waits for it
+                await self._set_title(thread, title_text, agent, context, title_cost)
         except StoreFailed:  # logged by the store guard; the SDK shows its message
             outcome = "failed"
             raise
@@ -566,7 +584,7 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
             result.cancel()
             if outcome != "completed":
                 _release_event_reader(agent_context)
-            self._report_usage(context, result.context_wrapper.usage, outcome, meter)
+            self._report_usage(context, result.context_wrapper.usage, outcome, meter, title_cost)
 
     def _run_config(self, agent: Any) -> RunConfig:
         """The model client's run config with ``max_output_tokens`` (an agent's own lower
@@ -614,6 +632,25 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
             kept.append(ThreadItemDoneEvent(item=note))
         return kept
 
+    async def _set_title(
+        self,
+        thread: ThreadMetadata,
+        text: str,
+        agent: Agent[Any],
+        context: RequestContext,
+        cost: TitleCost,
+    ) -> None:
+        """Give ``thread`` a title; the SDK saves it and sends ``thread.updated``."""
+        model = self.title_model or agent.model  # None: the Agents SDK default, as the agent's
+        config = self.model.run_config() if self.model is not None else RunConfig()
+        title = await make_title(text, model, config, cost, context.request_id)
+        try:  # the visitor may have named the thread while the answer streamed
+            current = await self.store.load_thread(thread.id, context=context)
+        except (StoreFailed, NotFoundError):
+            return
+        if current.title is None:
+            thread.title = title[:MAX_TITLE_CHARS]
+
     def _agent_for(self, context: RequestContext) -> Agent[Any]:
         if self.site is None or isinstance(self.agent, Agent):
             return resolve_agent(self.agent, context)
@@ -625,17 +662,20 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         usage: object,
         outcome: Literal["completed", "failed", "cancelled"],
         meter: ReplyMeter,
+        title: TitleCost,
     ) -> None:
         if self.on_usage is None:
             return
         charge = meter.charge(outcome, usage)
+        input_tokens = charge.input_tokens + title.input_tokens
+        output_tokens = charge.output_tokens + title.output_tokens
         report = TokenUsage(
-            input_tokens=charge.input_tokens,
-            output_tokens=charge.output_tokens,
-            total_tokens=charge.input_tokens + charge.output_tokens,
-            requests=max(getattr(usage, "requests", 0), meter.finished_calls),
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            total_tokens=input_tokens + output_tokens,
+            requests=max(getattr(usage, "requests", 0), meter.finished_calls) + title.requests,
             outcome=outcome,
-            charged_tokens=charge.total,
+            charged_tokens=charge.total + title.total,
         )
         try:
             self.on_usage(context, report)

@@ -111,6 +111,8 @@ class ServerRuntime:
             admit=self._admit,
             site=SiteCode(app) if app is not None else None,
             actions=actions,
+            titles=settings.title_model != "off",
+            title_model=settings.title_model or None,
         )
         self.budget = TokenBudget(
             limiter_storage, settings.tokens_per_user, settings.tokens_global

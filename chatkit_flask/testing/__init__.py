@@ -65,7 +65,9 @@ def chatkit_test_config(
 
     With a :class:`FakeChatKit`: hosted mode against it. With a ``FakeResponses``: server mode
     with the model at the fake (``OPENAI_BASE_URL``) and threads in a SQLite file of a new
-    temporary directory (removed at exit; no Redis needed). ``overrides`` win over both.
+    temporary directory (removed at exit; no Redis needed) and thread titles off
+    (``CHATKIT_TITLE_MODEL=off``: one model call per message, so the replies a test enqueues
+    answer its messages). ``overrides`` win over both.
     """
     config: dict[str, Any] = {
         "OPENAI_API_KEY": TEST_API_KEY,
@@ -80,6 +82,7 @@ def chatkit_test_config(
         config["CHATKIT_BACKEND"] = "server"
         config["OPENAI_BASE_URL"] = fake.base_url
         config["CHATKIT_STORE_URL"] = f"sqlite:///{_temporary_dir() / 'chatkit-threads.db'}"
+        config["CHATKIT_TITLE_MODEL"] = "off"
     else:
         config["CHATKIT_WORKFLOW_ID"] = TEST_WORKFLOW_ID
         if fake is not None:
