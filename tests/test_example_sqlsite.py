@@ -330,6 +330,7 @@ def site_env(fake: FakeResponses, tmp: Path) -> dict[str, str]:
         FLASK_CHATKIT_COOKIE_SECURE="false",
         FLASK_RATELIMIT_STORAGE_URI="memory://",
         FLASK_CHATKIT_RATELIMIT_PER_USER="100 per minute",  # the default 10 is under 20
+        FLASK_CHATKIT_TITLE_MODEL="off",  # one model call per message: the scripted tool calls
         FLASK_SITE_POOL_STATUS="true",
         OPENAI_AGENTS_DISABLE_TRACING="1",
     )
