@@ -133,6 +133,7 @@ def start_server_mode(
             "CHATKIT_STORE_URL": f"sqlite:///{tmp_path}/threads.db",
             "CHATKIT_COOKIE_SECURE": False,
             "CHATKIT_DEMO": True,
+            "CHATKIT_TITLE_MODEL": "off",  # one model call per message, as the counts expect
             "RATELIMIT_STORAGE_URI": REDIS_URL,
             "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": False,
             **overrides,
