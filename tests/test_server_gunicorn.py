@@ -38,6 +38,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_gunicorn(
+    args: list[str], env: dict[str, str], log_path: Path, base: str
+) -> subprocess.Popen[bytes]:
+    """``gunicorn -c config/gunicorn.conf.py [args] wsgi:app`` from the checkout, stdout and
+    stderr into ``log_path``; returns once ``base``/healthz answers (RuntimeError with the log
+    if it exits or does not answer within 40 s)."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py", *args, "wsgi:app"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(log_path.read_text())
+        try:
+            if requests.get(base + "/healthz", timeout=1).status_code == 200:
+                return process
+        except requests.RequestException:
+            time.sleep(0.1)
+    process.terminate()
+    process.wait(20)
+    raise RuntimeError("gunicorn did not start:\n" + log_path.read_text())
+
+
 class Service:
     """``gunicorn -c config/gunicorn.conf.py wsgi:app`` in server mode; the access log names the
     worker pid of every request id."""
@@ -69,25 +94,9 @@ class Service:
             GUNICORN_THREADS="32",
         )
         env.update(extra)
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py",
-                    "--access-logformat", "%(p)s %({x-request-id}o)s", "wsgi:app",
-                ],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(self.log_path.read_text())
-            try:
-                if requests.get(self.base + "/healthz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("gunicorn did not start:\n" + self.log_path.read_text())
+        self.process = start_gunicorn(
+            ["--access-logformat", "%(p)s %({x-request-id}o)s"], env, self.log_path, self.base
+        )
 
     def post(self, body: dict[str, Any], cookie: str | None = None) -> requests.Response:
         """One request on its own connection (so gunicorn may hand it to any worker)."""

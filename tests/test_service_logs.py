@@ -26,6 +26,7 @@ import requests
 from chatkit_flask.testing.fake_responses import FakeResponses
 from tests.conftest import REDIS_URL, TEST_SECRET_KEY
 from tests.server_support import sse_events, user_input
+from tests.test_server_gunicorn import start_gunicorn
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_KEY = "test-model-key-not-a-real-one"
@@ -66,22 +67,7 @@ class LoggedService:
             PYTHONWARNINGS="default",
         )
         (tmp / "empty.env").write_text("")
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py", "wsgi:app"],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(self.log_path.read_text())
-            try:
-                if requests.get(self.base + "/healthz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("gunicorn did not start:\n" + self.log_path.read_text())
+        self.process = start_gunicorn([], env, self.log_path, self.base)
 
     def post(self, body: dict[str, Any], cookie: str | None = None) -> requests.Response:
         with requests.Session() as session:
