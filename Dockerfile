@@ -21,13 +21,14 @@ WORKDIR /app
 # Dependencies get their own layer, copied before the source, so code edits do not
 # reinstall them. requirements.txt pins runtime AND test/tooling packages; the image
 # installs everything EXCEPT the test/tooling packages named below (pytest, fakeredis,
-# lupa, hypothesis, pyyaml, ruff, playwright, schemathesis, profilers: none is imported at
-# run time). An exclusion list is
+# lupa, hypothesis, pyyaml, ruff, playwright, schemathesis, profilers, moto, the example hosts'
+# extensions: none is imported at run time; SQLAlchemy, psycopg and Alembic stay, for the
+# PostgreSQL store and its migrate one-shot). An exclusion list is
 # chosen over "keep only the # Runtime section" because it fails safe: a runtime
 # dependency added anywhere in the file is always installed; the worst case is that a
 # newly added test tool also lands in the image (bloat, not a broken service).
 COPY requirements.txt ./
-RUN grep -viE '^(pytest|pytest-timeout|fakeredis|lupa|hypothesis|pyyaml|ruff|playwright|schemathesis|pyinstrument|py-spy|flask-wtf|wtforms|flask-login|flask-sqlalchemy|sqlalchemy)\b' \
+RUN grep -viE '^(pytest|pytest-timeout|fakeredis|lupa|hypothesis|pyyaml|ruff|playwright|schemathesis|pyinstrument|py-spy|flask-wtf|wtforms|flask-login|flask-sqlalchemy|moto)\b' \
         requirements.txt > /tmp/requirements-runtime.txt \
     && pip install --no-cache-dir -r /tmp/requirements-runtime.txt \
     && rm -f /tmp/requirements-runtime.txt

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Shared set-up: a virtualenv with the pinned requirements and the redis-server binary.
+# Shared set-up: a virtualenv with the pinned requirements, the redis-server binary and
+# PostgreSQL's server binaries.
 # Idempotent; sourced by .ci/run and bin/serve.
 set -euo pipefail
 
@@ -21,6 +22,18 @@ fi
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "== installing redis-server"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+
+# The SQL store's tests start their own PostgreSQL cluster in a temporary directory: they need
+# the server binaries (initdb, postgres), never a running service. No default cluster is made.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  echo "== installing PostgreSQL's server binaries"
+  mkdir -p /etc/postgresql-common
+  [ -f /etc/postgresql-common/createcluster.conf ] ||
+    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
 
 # For bin/serve only (the tests never use it): a Redis answering on 127.0.0.1:6379, started when

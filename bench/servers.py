@@ -1,181 +1,254 @@
-"""The processes bench/server.py compares: the fake Responses API, our service under gunicorn as
-shipped, and OpenAI's official advanced-samples server (FastAPI + uvicorn), all on loopback.
+"""The processes bench/server.py measures, each in its own process group on 127.0.0.1: the fake
+Responses API, our service as shipped, and OpenAI's official customer-support sample server.
 
-The official sample is never vendored: it is copied at run time out of a git directory the
-caller names (``fetch github:openai/openai-chatkit-advanced-samples`` or ``git clone --bare``),
-and installed into its own virtualenv with the SDK versions this project's .venv has.
+A server's figures are those of its whole process group (gunicorn's master and workers; uvicorn's
+one process): the command may be a shell line (``--ours-cmd``), so its children are found by
+group, not by parent. The official sample is set up outside the repository by
+``bench/setup_official.sh`` (pinned commit, unmodified, its own ``uv.lock``).
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import os
+import signal
 import subprocess
 import sys
-import tarfile
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
-from run import children, free_port, proc_cpu, proc_status, stop, wait_http
+from procs import CLK_TCK, free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 MODEL_KEY = "sk-bench-not-a-real-key"
 SECRET_KEY = "bench-secret-key-0123456789abcdef-server"
-HIGH = "1000000 per minute"
-OFFICIAL_EXAMPLE = "examples/cat-lounge/backend"  # the one sample with one model call per message
-# Same SDK versions as ours, so that the comparison is about the servers around them. The
-# sample pins fastapi<0.116, which cannot install next to openai-agents 0.24 (starlette>=1.3.1):
-# fastapi is left to pip.
-MATCHED = ("openai-chatkit", "openai-agents", "openai", "pydantic", "uvicorn")
+# The shipped limits' shape (config/chatkit.toml: two windows per visitor and per IP, one
+# global, one on all requests per IP: 6 counters a message), set high enough never to refuse.
+HIGH = "1000000 per minute;100000000 per day"
+HIGH_DAY = "100000000 per day"
+HIGH_MINUTE = "1000000 per minute"
+OURS_CMD = f"exec {sys.executable} -m gunicorn -c config/gunicorn.conf.py wsgi:app"
+PEER = Path("/tmp/peer")
+OFFICIAL_DIR = PEER / "official" / "examples" / "customer-support" / "backend"
+OFFICIAL_PYTHON = PEER / "official-venv-customer-support" / "bin" / "python"
+OFFICIAL_CMD = "exec {python} -m uvicorn app.main:app --host 127.0.0.1 --port {port}"
 
-__all__ = ["Served", "fake_model", "official_server", "official_venv", "our_server"]
+__all__ = ["Served", "fake_model", "official_server", "our_server"]
 
 
 @dataclass
 class Served:
-    """One server process tree on 127.0.0.1."""
+    """One server: the leader of a process group, the port it answers on, the ChatKit path."""
 
     name: str
     proc: subprocess.Popen
     port: int
     path: str
-    cookie_path: str | None = None  # GET it for a visitor cookie (ours)
-    log: Path | None = None
+    log: Path
     info: dict[str, str] = field(default_factory=dict)
 
     def pids(self) -> list[int]:
-        return [self.proc.pid, *children(self.proc.pid)]
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(stat[2]) == self.proc.pid:
+                    pids.append(int(entry))
+        return pids
 
     def cpu(self) -> float:
-        return sum(proc_cpu(p) for p in self.pids())
-
-    def rss_kb(self) -> int:
-        return sum(proc_status(p, "VmRSS") for p in self.pids())
-
-    def pss_kb(self) -> int:
-        """Proportional set size: shared pages split between the processes sharing them."""
+        """utime+stime seconds of the group, reaped children (restarted workers) included."""
         total = 0
         for pid in self.pids():
             try:
-                text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            total += next((int(x.split()[1]) for x in text.splitlines() if x.startswith("Pss:")), 0)
+            total += sum(int(fields[i]) for i in (11, 12, 13, 14))
+        return total / CLK_TCK
+
+    def _sum(self, name: str, key: str) -> int:
+        total = 0
+        for pid in self.pids():
+            try:
+                text = Path(f"/proc/{pid}/{name}").read_text()
+            except OSError:
+                continue
+            total += next((int(x.split()[1]) for x in text.splitlines() if x.startswith(key)), 0)
         return total
 
+    def rss_kb(self) -> int:
+        return self._sum("status", "VmRSS:")
+
+    def pss_kb(self) -> int:
+        """Proportional set size: pages shared between the group's processes counted once."""
+        return self._sum("smaps_rollup", "Pss:")
+
     def stop(self) -> None:
-        stop(self.proc)
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        # whatever is left of the group (workers of a master that did not wait for them)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
 
-def _spawn(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+def _start(
+    name: str,
+    cmd: str,
+    cwd: Path,
+    env: dict[str, str],
+    port: int,
+    path: str,
+    ready: str,
+    log: Path,
+    timeout: float = 60,
+) -> Served:
     with open(log, "wb") as out:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            ["bash", "-c", cmd],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    served = Served(name, proc, port, path, log, {"command": cmd})
+    try:
+        wait_http(port, ready, timeout, proc)
+    except RuntimeError as exc:
+        served.stop()
+        tail = log.read_text(errors="replace")[-1500:]
+        raise SystemExit(f"{name} did not start ({exc}); its log ends:\n{tail}") from None
+    return served
 
 
 def _clean_env() -> dict[str, str]:
-    prefixes = ("CHATKIT_", "GUNICORN_", "OPENAI_", "RATELIMIT_")
-    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    prefixes = ("CHATKIT_", "GUNICORN_", "OPENAI_", "RATELIMIT_", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
 
 
-def fake_model(token_delay: float, workdir: Path) -> Served:
-    """``python -m chatkit_flask.testing.fake_responses`` with ``token_delay`` between deltas."""
+def fake_model(workdir: Path, token_delay: float, words: int | None = None) -> Served:
+    """``python -m chatkit_flask.testing.fake_responses``: an echo (or ``words`` words), one
+    text delta per word, ``token_delay`` apart."""
     port = free_port()
-    proc = _spawn(
-        [sys.executable, "-m", "chatkit_flask.testing.fake_responses", "--port", str(port),
-         "--token-delay", str(token_delay)],
-        ROOT, _clean_env(), workdir / f"fake-{port}.log",
-    )  # fmt: skip
-    wait_http(port, "/", 15, proc)
-    return Served("fake model", proc, port, "/v1/responses")
+    cmd = (
+        f"exec {sys.executable} -m chatkit_flask.testing.fake_responses --port {port} "
+        f"--token-delay {token_delay}" + (f" --words {words}" if words else "")
+    )
+    return _start(
+        "model",
+        cmd,
+        ROOT,
+        _clean_env(),
+        port,
+        "/v1/responses",
+        "/",
+        workdir / f"fake-{port}.log",
+        20,
+    )
+
+
+def _model_env(fake: Served) -> dict[str, str]:
+    return {
+        "OPENAI_API_KEY": MODEL_KEY,
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{fake.port}/v1",
+        "OPENAI_AGENTS_DISABLE_TRACING": "1",
+    }
 
 
 def our_server(
-    name: str, fake: Served, store_url: str, workdir: Path, redis_url: str, extra: list[str]
+    fake: Served,
+    workdir: Path,
+    redis_url: str,
+    cmd: str | None,
+    extra: list[str],
+    name: str = "ours",
 ) -> Served:
-    """``gunicorn -c config/gunicorn.conf.py wsgi:app`` in server mode, limits on in Redis."""
+    """Ours as shipped (``cmd`` overrides the command, run by bash in the repository root with
+    ``$BENCH_PORT`` and ``GUNICORN_BIND`` set): server mode, the Redis store, limits on in
+    Redis (high enough never to refuse), visitors told apart by X-Forwarded-For from the
+    loopback proxy so that per-IP limits and stream caps see many clients."""
     port = free_port()
     env = _clean_env()
     env.update(
+        _model_env(fake),
         CHATKIT_BACKEND="server",
-        OPENAI_API_KEY=MODEL_KEY,
-        OPENAI_BASE_URL=f"http://127.0.0.1:{fake.port}/v1",
         SECRET_KEY=SECRET_KEY,
-        CHATKIT_STORE_URL=store_url,
         CHATKIT_COOKIE_SECURE="false",
-        # Every limit is checked in Redis; none is low enough to refuse (one client IP).
+        CHATKIT_STORE_URL=f"{redis_url}/0",
+        RATELIMIT_STORAGE_URI=f"{redis_url}/1",
+        CHATKIT_TRUSTED_PROXIES="1",
         CHATKIT_RATELIMIT_PER_USER=HIGH,
         CHATKIT_RATELIMIT_PER_IP=HIGH,
-        CHATKIT_RATELIMIT_REQUESTS_PER_IP=HIGH,
-        RATELIMIT_STORAGE_URI=redis_url,
+        CHATKIT_RATELIMIT_GLOBAL=HIGH_DAY,
+        CHATKIT_RATELIMIT_REQUESTS_PER_IP=HIGH_MINUTE,
         GUNICORN_BIND=f"127.0.0.1:{port}",
-        PYTHONDONTWRITEBYTECODE="1",
+        BENCH_PORT=str(port),
     )
     for item in extra:
         key, _, value = item.partition("=")
         env[key] = value
-    log = workdir / f"ours-{port}.log"
-    proc = _spawn([str(BIN / "gunicorn"), "-c", "config/gunicorn.conf.py", "wsgi:app"],
-                  ROOT, env, log)  # fmt: skip
-    wait_http(port, "/healthz", 40, proc)
-    return Served(name, proc, port, "/api/chatkit", "/api/chatkit/config", log)
+    return _start(
+        name,
+        cmd or OURS_CMD,
+        ROOT,
+        env,
+        port,
+        "/api/chatkit",
+        "/healthz",
+        workdir / f"ours-{port}.log",
+    )
 
 
-def official_venv(venv: Path | None, workdir: Path) -> Path:
-    """The python of a virtualenv for the sample: ``venv`` if it has one, else a new one."""
-    venv = venv or workdir / "official-venv"
-    python = venv / "bin" / "python"
-    if python.exists():
-        return python
-    subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-    pins = [f"{name}=={metadata.version(name)}" for name in MATCHED]
-    pins[-1] = pins[-1].replace("uvicorn==", "uvicorn[standard]==")  # as the sample ships
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "fastapi", "jinja2", *pins],
-                   check=True)  # fmt: skip
-    return python
-
-
-def official_server(repo: Path, python: Path, fake: Served, workdir: Path) -> Served:
-    """The cat-lounge backend of openai-chatkit-advanced-samples, as its run script starts it
-    (``uvicorn app.main:app``, one process, its in-memory store) minus ``--reload``."""
-    dest = workdir / "official"
-    if not (dest / OFFICIAL_EXAMPLE).exists():
-        archive = subprocess.run(
-            ["git", "--git-dir", str(repo), "archive", "HEAD", OFFICIAL_EXAMPLE],
-            check=True, capture_output=True,
-        ).stdout  # fmt: skip
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(dest, filter="data")
-    commit = subprocess.run(["git", "--git-dir", str(repo), "rev-parse", "HEAD"], check=True,
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+def official_server(
+    fake: Served, workdir: Path, backend: Path = OFFICIAL_DIR, python: Path = OFFICIAL_PYTHON
+) -> Served:
+    """The customer-support backend of openai-chatkit-advanced-samples as its README starts it
+    (``uvicorn app.main:app``: one process, its in-memory store, no limits)."""
+    if not (backend / "app" / "main.py").exists() or not python.exists():
+        raise SystemExit(
+            f"no official sample at {backend} (python {python}): run "
+            "bench/setup_official.sh first, or pass --no-official"
+        )
     port = free_port()
     env = _clean_env()
-    env.update(
-        OPENAI_API_KEY=MODEL_KEY,
-        OPENAI_BASE_URL=f"http://127.0.0.1:{fake.port}/v1",
-        # Like ours: the default trace exporter would try to reach api.openai.com.
-        OPENAI_AGENTS_DISABLE_TRACING="1",
-        PYTHONDONTWRITEBYTECODE="1",
+    env.update(_model_env(fake))
+    cmd = OFFICIAL_CMD.format(python=python, port=port)
+    served = _start(
+        "official",
+        cmd,
+        backend,
+        env,
+        port,
+        "/support/chatkit",
+        "/",
+        workdir / f"official-{port}.log",
     )
-    log = workdir / f"official-{port}.log"
-    proc = _spawn(
-        [str(python), "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        dest / OFFICIAL_EXAMPLE, env, log,
-    )  # fmt: skip
-    wait_http(port, "/docs", 40, proc)
-    versions = subprocess.run(
-        [str(python), "-c", "from importlib import metadata as m;print(' '.join(n+'=='+"
-         "m.version(n) for n in ('fastapi','starlette','uvicorn','uvloop','openai-chatkit',"
-         "'openai-agents','openai','pydantic')))"],
+    commit = subprocess.run(
+        ["git", "-C", str(backend), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    served.info["commit"] = commit
+    served.info["packages"] = subprocess.run(
+        [str(python), "-c", "from importlib import metadata as m; print(' '.join(n + '==' + "
+         "m.version(n) for n in ('openai-chatkit', 'openai-agents', 'openai', 'pydantic', "
+         "'fastapi', 'uvicorn')))"],
         capture_output=True, text=True, check=False,
     ).stdout.strip()  # fmt: skip
-    return Served(
-        "official (uvicorn)",
-        proc,
-        port,
-        "/chatkit",
-        None,
-        log,
-        {"commit": commit, "example": OFFICIAL_EXAMPLE, "packages": versions},
-    )
+    return served

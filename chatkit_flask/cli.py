@@ -6,6 +6,7 @@
     flask --app wsgi chatkit usage --visitor ID what is left of each limit for one key
     flask --app wsgi chatkit reset --ip ADDR    clear one key's counters
     flask --app wsgi chatkit threads|purge|prune  server mode: stored threads
+    flask --app wsgi chatkit db upgrade|current   server mode, SQL store: its tables' migrations
 
 Both backends: in server mode ``usage`` and ``reset`` cover the message and request limits,
 the stream slots and the token budgets.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -41,7 +43,7 @@ from .upstream import (
 if TYPE_CHECKING:
     from .state import ChatKitState
 
-__all__ = ["chatkit_cli", "mask_api_key", "mask_storage_uri"]
+__all__ = ["chatkit_cli", "db_command_running", "mask_api_key", "mask_storage_uri"]
 
 CHECK_USER = "chatkit-flask-check"
 
@@ -571,15 +573,82 @@ def purge_command(visitor: str | None, user: str | None, yes: bool) -> None:
     owner = _owner(state, visitor, user)
     if not yes:
         click.confirm(f"Delete every thread of {owner}?", abort=True)
+    files = 0
+    if server.attachments is not None:  # the bytes first: their metadata names them
+        files = server.attachments.purge_owner_files(owner, lambda f: server.bridge.run(f, 60))
     deleted = server.bridge.run(lambda: server.store.purge_owner(owner), 60)
-    _echo(f"Deleted {deleted} thread(s) of {owner} and their items.")
+    attached = f" and {files} attachment(s)" if server.attachments is not None else ""
+    _echo(f"Deleted {deleted} thread(s) of {owner} and their items{attached}.")
 
 
 @chatkit_cli.command("prune")
 def prune_command() -> None:
     """Apply CHATKIT_THREAD_TTL to every stored thread: delete those inactive for longer (Redis:
-    re-expire the others from their last activity). Run it after shortening the TTL."""
+    re-expire the others from their last activity), with their attachments, and sweep
+    attachment files nothing refers to. Run it daily, and after shortening the TTL."""
     server = _server(_state())
     pruned = server.bridge.run(lambda: server.store.prune(), 600)
     ttl = server.settings.thread_ttl
     _echo(f"Pruned {pruned} thread(s) inactive for CHATKIT_THREAD_TTL={ttl}s or more.")
+    if server.attachments is not None:  # then the bytes whose metadata went with them
+        swept = server.attachments.sweep(lambda f: server.bridge.run(f, 600))
+        _echo(f"Deleted {swept} attachment file(s) no thread or upload refers to.")
+
+
+# ------------------------------------------------------------- server mode: the SQL store's tables
+
+db_cli = AppGroup("db", help="The SQL store's tables (CHATKIT_STORE_URL=postgresql+psycopg://...): "
+                  "the migrations shipped with the package.")  # fmt: skip
+chatkit_cli.add_command(db_cli)
+
+
+def db_command_running() -> bool:
+    """Whether this process runs ``flask chatkit db ...``. Flask loads the app before it finds
+    the command, and start-up refuses a SQL store whose tables are behind: that refusal must let
+    the one command that brings them up run."""
+    if click.get_current_context(silent=True) is None:
+        return False  # not under the flask command line (gunicorn, a test)
+    args = sys.argv[1:]
+    return any(args[i : i + 2] == ["chatkit", "db"] for i in range(len(args)))
+
+
+def _sql_store(state: ChatKitState) -> Any:
+    store = _server(state).store
+    if not hasattr(store, "upgrade_schema"):
+        raise click.ClickException(
+            f"the {store} has no tables to migrate: only the SQL store "
+            "(CHATKIT_STORE_URL=postgresql+psycopg://...) does"
+        )
+    return store
+
+
+@db_cli.command("upgrade")
+@click.option("--sql", is_flag=True, help="Print the SQL it would run (from the tables' current "
+              "revision), for a database administrator; change nothing.")  # fmt: skip
+def db_upgrade_command(sql: bool) -> None:
+    """Create or upgrade the SQL store's tables to this version (run before starting a new
+    version; safe to run again: it does nothing when they are up to date)."""
+    store = _sql_store(_state())
+    before, head = store.schema_revisions()
+    if sql:
+        click.echo(store.upgrade_script(before) if before != head else f"-- at {head} already")
+        return
+    if before == head:
+        _echo(f"The {store}'s tables are up to date (revision {head}).")
+        return
+    reached = store.upgrade_schema()
+    _echo(f"Upgraded the {store}'s tables from {before or 'nothing'} to revision {reached} "
+          f"(tables {store.tables.prefix}*).")  # fmt: skip
+
+
+@db_cli.command("current")
+def db_current_command() -> None:
+    """Show the revision the SQL store's tables are at and the one this version needs; exit 1
+    when they are behind."""
+    store = _sql_store(_state())
+    current, head = store.schema_revisions()
+    _echo(f"{store} tables {store.tables.prefix}*: at {current or 'nothing (never created)'}, "
+          f"this version needs {head}.")  # fmt: skip
+    if current != head:
+        _echo("Run `flask chatkit db upgrade`.")
+        raise SystemExit(1)

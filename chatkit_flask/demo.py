@@ -2,7 +2,7 @@
 
 Offline demo, no OpenAI key needed::
 
-    python -m chatkit_flask.demo                     # server mode, fake model echoing you
+    python -m chatkit_flask.demo                     # server mode: a card of choices, then echoes
     python -m chatkit_flask.demo --backend hosted    # hosted mode, fake ChatKit API
 
 then open http://127.0.0.1:8000/. The page configures the widget with ``ChatKitFlask.configure()``
@@ -30,6 +30,8 @@ CHATKIT_CDN_URL = "https://cdn.platform.openai.com/deployments/chatkit/chatkit.j
 DEMO_API_KEY = "offline-demo-key-not-a-real-openai-key"
 DEMO_SECRET_KEY = "offline-demo-secret-key-not-for-production"  # noqa: S105
 DEMO_WORKFLOW_ID = "wf_offline_demo"
+DEMO_CARD = {"question": "Which example should I show?", "choices": ["A widget", "An action"]}
+DEMO_CARD_TEXT = "Pick one above: its button is answered by this app's @chatkit.action handler."
 _CHATKIT_ORIGIN = "https://cdn.platform.openai.com"
 # Only our own files and ChatKit's component: no inline script or style, no plugins, no <base>
 # or form hijack, and the page may not be framed (clickjacking the mint button).
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("hosted", "server"),
         default="server",
         help="server (default): serve the ChatKit protocol here, answered by a fake model that "
-        "echoes you; hosted: mint fake client secrets",
+        "echoes you (its first answer is a card of buttons); hosted: mint fake client secrets",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
@@ -127,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://{args.host}:{args.port}/"
     with contextlib.ExitStack() as stack:
         if args.backend == "server":
-            from .testing.fake_responses import FakeResponses
+            from .testing.fake_responses import FakeResponses, Reply
 
             model = stack.enter_context(
                 FakeResponses(api_key=DEMO_API_KEY, token_delay=args.token_delay)
             )
+            # The first answer is the demo agent's card (server/demo_site.py), then echoes.
+            model.enqueue(Reply.call_tool("offer_choices", DEMO_CARD), DEMO_CARD_TEXT)
             threads = stack.enter_context(tempfile.TemporaryDirectory(prefix="chatkit-demo-"))
             config.update(
                 CHATKIT_BACKEND="server",
@@ -140,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 CHATKIT_STORE_URL=f"sqlite:///{threads}/threads.db",
             )
             fakes = (
-                f"  fake model (Responses API) at {model.base_url}, echoing with "
-                f"{args.token_delay} s per word; threads in {threads} (deleted on exit)"
+                f"  fake model (Responses API) at {model.base_url}: a card of choices first, then "
+                f"echoes at {args.token_delay} s per word; threads in {threads} (deleted on exit)"
             )
         else:
             from .testing.fake_chatkit import FakeChatKit

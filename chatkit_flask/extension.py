@@ -44,6 +44,10 @@ class ChatKit:
     app before or after this extension, enabled or not); the chat's limits are declared on it.
     By default the extension builds its own from the ``RATELIMIT_*`` keys.
     ``client``: a ``ChatKitClient`` to use instead of one built from the settings.
+    ``store_engine``: server mode keeps threads in the host's own database: Flask-SQLAlchemy's
+    ``db`` (its default engine, or the bind ``CHATKIT_STORE_BIND``), a SQLAlchemy engine or a
+    URL. The store makes its own async engine on that database (tables under
+    ``CHATKIT_STORE_TABLE_PREFIX``, made by ``flask chatkit db upgrade``).
     """
 
     def __init__(
@@ -52,9 +56,11 @@ class ChatKit:
         *,
         limiter: Limiter | None = None,
         client: ChatKitClient | None = None,
+        store_engine: Any = None,
     ) -> None:
         self._limiter = limiter
         self._client = client
+        self._store_engine = store_engine
         self._user_loader: UserLoader | None = None
         # Shared with every app's server: handlers registered after init_app count too.
         self._actions: dict[str, RegisteredAction] = {}
@@ -126,7 +132,9 @@ class ChatKit:
             check_gunicorn_worker()  # before the slow import of the ChatKit and Agents SDKs
             from .server.views import create_runtime, make_server_blueprint
 
-            server = create_runtime(settings, lambda: limiter_cell[0], app, self._actions)
+            server = create_runtime(
+                settings, lambda: limiter_cell[0], app, self._actions, self._store_engine
+            )
         else:
             client = self._client or ChatKitClient(
                 settings.api_key,

@@ -101,7 +101,11 @@ _MESSAGE_FIELDS = (
     "cause",
     "tokens_in",
     "tokens_out",
+    "queued_ms",
+    "admitted_ms",
     "ttfe_ms",
+    "model_called_ms",
+    "model_delta_ms",
     "first_answer_ms",
     "duration_ms",
 )

@@ -101,7 +101,14 @@ def create_app(
     app.config.update(config)
     app.config["SECRET_KEY_FALLBACKS"] = list(settings.secret_key_fallbacks)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    chatkit = ChatKit(app)
+    chatkit = ChatKit()
+    if settings.demo and settings.backend == "server" and not settings.agent:
+        # The demo agent's card (server/demo_site.py): its action registered before init_app,
+        # which then gives the plain agent the card's tool.
+        from .server.demo_site import register_demo_actions
+
+        register_demo_actions(chatkit)
+    chatkit.init_app(app)
     state = chatkit.state(app)
     app.register_blueprint(health_blueprint(state))
     prefix = state.settings.url_prefix + "/"

@@ -193,6 +193,12 @@ def _title_model(key: str, value: Any) -> str:
     return text.lower() if text.lower() == "off" else (_token(key, text) if text else "")
 
 
+def _model_or_off(key: str, value: Any) -> str:
+    """A model name, or "" for ``off`` (the feature is off)."""
+    text = _as_str(key, value)
+    return "" if text.lower() == "off" else _token(key, text)
+
+
 def _token(key: str, value: Any) -> str:
     text = _as_str(key, value)
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", text):
@@ -210,9 +216,65 @@ def _agent_spec(key: str, value: Any) -> str:
 def _store_url(key: str, value: Any) -> str:
     text = _as_str(key, value)
     scheme = text.split("://", 1)[0].lower() if "://" in text else ""
-    if scheme not in {"sqlite", "redis", "rediss", "unix"}:
-        raise ConfigError(key, "must be sqlite:///path or redis://host:6379/db")
+    database = scheme.partition("+")[0]  # SQLAlchemy URLs name a driver: postgresql+psycopg
+    if scheme not in {"sqlite", "redis", "rediss", "unix"} and database not in _SQL_DATABASES:
+        raise ConfigError(
+            key, "must be sqlite:///path, redis://host:6379/db or postgresql+psycopg://host/db"
+        )
     return text
+
+
+_SQL_DATABASES = frozenset({"postgresql", "mysql", "mariadb", "sqlite"})
+
+
+def _table_prefix(key: str, value: Any) -> str:
+    text = _as_str(key, value)
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,29}", text):
+        raise ConfigError(
+            key, f"must be lower-case letters, digits and _ (at most 30), got {text!r}"
+        )
+    return text
+
+
+def _files_url(key: str, value: Any) -> str:
+    text = _as_str(key, value)
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme not in {"file", "s3"}:
+        raise ConfigError(
+            key, f"must be file:///path or s3://bucket/prefix, got {mask_url(text)!r}"
+        )
+    return text
+
+
+def _endpoint_url(key: str, value: Any) -> str:
+    """An S3-compatible service's URL: http(s), a host, no user or password (credentials come
+    from the AWS variables)."""
+    text = _as_str(key, value).rstrip("/")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(key, f"must be an http(s) URL, got {mask_url(text)!r}") from None
+    if parts.scheme not in {"http", "https"} or not parts.hostname or "@" in parts.netloc:
+        raise ConfigError(
+            key, f"must be an http(s) URL without credentials, got {mask_url(text)!r}"
+        )
+    return text
+
+
+def _attachment_types(key: str, value: Any) -> tuple[str, ...]:
+    types = tuple(item.lower() for item in _list(key, value))
+    for mime in types:
+        if mime == "image/svg+xml":
+            raise ConfigError(key, "image/svg+xml is refused: an SVG is a document that can run "
+                              "scripts, and has no signature to check it by")  # fmt: skip
+        if not re.fullmatch(r"image/[a-z0-9.+-]+|application/pdf", mime):
+            raise ConfigError(
+                key, f"lists MIME types the model reads: image/... or application/pdf, got {mime!r}"
+            )
+    if not types:
+        raise ConfigError(key, "must name at least one type (or set CHATKIT_ATTACHMENTS=false)")
+    return types
 
 
 def _key_prefix(key: str, value: Any) -> str:
@@ -534,6 +596,21 @@ _OPTION_LIST = [
         "of the first message.",
     ),
     Option(
+        "CHATKIT_TRANSCRIBE_MODEL",
+        "off",
+        _model_or_off,
+        "Server mode: dictation (the composer's microphone) transcribes with this OpenAI model, "
+        "e.g. gpt-4o-mini-transcribe, each recording counted as a message and its tokens "
+        "reserved before the call and charged; off: dictation requests are refused (400).",
+    ),
+    Option(
+        "CHATKIT_TRANSCRIBE_MAX_BYTES",
+        3_000_000,
+        _int_range(1000, 25_000_000),
+        "Server mode: largest dictation recording in bytes (larger: 413 before the model); "
+        "it also bounds a recording's length (3 MB: about 3 to 12 minutes).",
+    ),
+    Option(
         "CHATKIT_HISTORY_ITEMS",
         30,
         _int_range(1, 500),
@@ -590,9 +667,39 @@ _OPTION_LIST = [
         "CHATKIT_STORE_URL",
         None,
         _store_url,
-        "Server mode: where threads live: sqlite:///path (one host) or redis://host/db "
-        "(several hosts; keys must not be evicted). Unset: chatkit-threads.db in the app's "
-        "instance folder (the service: var/; docker-compose.yml: the chat_data volume).",
+        "Server mode: where threads live: sqlite:///path (one host), redis://host/db "
+        "(several hosts; keys must not be evicted) or postgresql+psycopg://user@host/db (the "
+        "site's database; tables from `flask chatkit db upgrade`). Unset: chatkit-threads.db "
+        "in the app's instance folder (the service: var/; docker-compose.yml: the chat_data "
+        "volume).",
+    ),
+    Option(
+        "CHATKIT_STORE_TABLE_PREFIX",
+        "chatkit_",
+        _table_prefix,
+        "Server mode, SQL store: the prefix of its table names (threads, items, attachments and "
+        "the migrations' alembic_version), so they sit beside the site's own tables.",
+    ),
+    Option(
+        "CHATKIT_STORE_BIND",
+        None,
+        _token,
+        "Server mode, SQL store handed a Flask-SQLAlchemy object (ChatKit(app, store_engine=db)):"
+        " the bind key of the engine to use; unset: its default engine.",
+    ),
+    Option(
+        "CHATKIT_STORE_POOL_SIZE",
+        5,
+        _int_range(1, 100),
+        "Server mode, SQL store: database connections per worker process (as many again on "
+        "bursts); with pool_pre_ping, a connection the database closed is replaced.",
+    ),
+    Option(
+        "CHATKIT_STORE_TIMEOUT",
+        10,
+        _float_range(0.5, 300),
+        "Server mode, SQL store: seconds one statement may take (PostgreSQL statement_timeout) "
+        "and to connect; a whole operation gives up after twice that.",
     ),
     Option(
         "CHATKIT_STORE_REQUIRE_PERSISTENCE",
@@ -606,6 +713,57 @@ _OPTION_LIST = [
         2592000,
         _int_range(60, None),
         "Server mode: seconds a thread is kept after its last write (default 30 days).",
+    ),
+    Option(
+        "CHATKIT_ATTACHMENTS",
+        False,
+        _bool,
+        "Server mode: visitors may attach files (images and PDFs by default) to messages; the "
+        "model sees them. See docs/attachments.md.",
+    ),
+    Option(
+        "CHATKIT_FILES_URL",
+        None,
+        _files_url,
+        "Server mode, attachments: where their bytes live: file:///path or s3://bucket/prefix "
+        "(credentials from the AWS_* variables). Unset: chatkit-files in the instance folder.",
+    ),
+    Option(
+        "CHATKIT_S3_ENDPOINT_URL",
+        None,
+        _endpoint_url,
+        "Server mode, attachments: the S3-compatible service's URL (MinIO, R2, ...); unset: AWS.",
+    ),
+    Option(
+        "CHATKIT_ATTACHMENT_MAX_BYTES",
+        5 * 1024 * 1024,
+        _int_range(1, 100 * 1024 * 1024),
+        "Server mode: largest attachment in bytes (default 5 MiB).",
+    ),
+    Option(
+        "CHATKIT_ATTACHMENT_DAILY_BYTES",
+        50 * 1024 * 1024,
+        _int_range(0, None),
+        "Server mode: bytes one visitor or user may upload per day, counted in the limiter's "
+        "storage (default 50 MiB; 0: no daily total).",
+    ),
+    Option(
+        "CHATKIT_ATTACHMENT_TYPES",
+        "image/png,image/jpeg,image/gif,image/webp,application/pdf",
+        _attachment_types,
+        "Server mode: MIME types an attachment may have, checked against the file's content.",
+    ),
+    Option(
+        "CHATKIT_ATTACHMENT_UPLOAD_TTL",
+        300,
+        _int_range(10, 86_400),
+        "Server mode: seconds an upload URL stays valid (each works once).",
+    ),
+    Option(
+        "CHATKIT_ATTACHMENTS_PER_MESSAGE",
+        4,
+        _int_range(1, 20),
+        "Server mode: attachments one message may carry.",
     ),
     Option(
         "CHATKIT_RATELIMIT_REQUESTS_PER_IP",
@@ -643,9 +801,9 @@ _OPTION_LIST = [
         "CHATKIT_MAX_STREAMS_PER_WORKER",
         0,
         _int_range(0, 100_000),
-        "Server mode: replies one worker process streams at once (each holds a thread); 0 = no "
-        "cap. config/gunicorn.conf.py sets GUNICORN_THREADS - 8 when unset: the instance holds "
-        "workers x that many.",
+        "Server mode: replies one worker process streams at once; 0 = no cap. "
+        "config/gunicorn.conf.py sets 500 when unset (server mode's worker; under gthread, where "
+        "each reply holds a thread, GUNICORN_THREADS - 8): the instance holds workers x that many.",
     ),
     Option(
         "CHATKIT_STREAM_SLOT_LEASE",
@@ -666,6 +824,13 @@ _OPTION_LIST = [
         4000,
         _int_range(1, 100_000),
         "Server mode: longest user message in characters (longer: 400 before the model).",
+    ),
+    Option(
+        "CHATKIT_CLIENT_TOOL_MAX_CHARS",
+        8000,
+        _int_range(1, 100_000),
+        "Server mode: longest client tool output (the browser's result for a client tool "
+        "call, as JSON) in characters (longer: 400 tool_output_too_large before the model).",
     ),
     Option(
         "CHATKIT_HOST_DEFAULT_LIMITS",
@@ -750,6 +915,8 @@ _SERVER_KEYS = frozenset(
         "CHATKIT_AGENT_MODEL",
         "CHATKIT_AGENT_INSTRUCTIONS",
         "CHATKIT_TITLE_MODEL",
+        "CHATKIT_TRANSCRIBE_MODEL",
+        "CHATKIT_TRANSCRIBE_MAX_BYTES",
         "CHATKIT_HISTORY_ITEMS",
         "OPENAI_BASE_URL",
         "CHATKIT_AGENT_TRACING",
@@ -761,16 +928,29 @@ _SERVER_KEYS = frozenset(
         "CHATKIT_TOKENS_GLOBAL",
         "CHATKIT_MAX_STREAMS_PER_USER",
         "CHATKIT_MAX_INPUT_CHARS",
+        "CHATKIT_CLIENT_TOOL_MAX_CHARS",
         "CHATKIT_HISTORY_MAX_CHARS",
         "CHATKIT_MAX_OUTPUT_TOKENS",
         "CHATKIT_AGENT_MAX_TURNS",
         "CHATKIT_REPLY_TIMEOUT",
         "CHATKIT_STORE_REQUIRE_PERSISTENCE",
+        "CHATKIT_STORE_TABLE_PREFIX",
+        "CHATKIT_STORE_BIND",
+        "CHATKIT_STORE_POOL_SIZE",
+        "CHATKIT_STORE_TIMEOUT",
         "CHATKIT_MAX_STREAMS_PER_IP",
         "CHATKIT_MAX_STREAMS_PER_WORKER",
         "CHATKIT_STREAM_SLOT_LEASE",
         "CHATKIT_STREAM_WRITE_TIMEOUT",
         "CHATKIT_ADOPT_VISITOR_THREADS",
+        "CHATKIT_ATTACHMENTS",
+        "CHATKIT_FILES_URL",
+        "CHATKIT_S3_ENDPOINT_URL",
+        "CHATKIT_ATTACHMENT_MAX_BYTES",
+        "CHATKIT_ATTACHMENT_DAILY_BYTES",
+        "CHATKIT_ATTACHMENT_TYPES",
+        "CHATKIT_ATTACHMENT_UPLOAD_TTL",
+        "CHATKIT_ATTACHMENTS_PER_MESSAGE",
     }
 )
 
@@ -847,6 +1027,8 @@ class Settings:
     agent_model: str
     agent_instructions: str
     title_model: str
+    transcribe_model: str
+    transcribe_max_bytes: int
     history_items: int
     history_max_chars: int
     max_output_tokens: int
@@ -857,16 +1039,29 @@ class Settings:
     reply_timeout: float
     store_url: str | None
     store_require_persistence: bool
+    store_table_prefix: str
+    store_bind: str | None
+    store_pool_size: int
+    store_timeout: float
     stream_slot_lease: float
     max_streams_per_ip: int
     max_streams_per_worker: int
     stream_write_timeout: float
     thread_ttl: int
+    attachments: bool
+    files_url: str | None
+    s3_endpoint_url: str | None
+    attachment_max_bytes: int
+    attachment_daily_bytes: int
+    attachment_types: tuple[str, ...]
+    attachment_upload_ttl: int
+    attachments_per_message: int
     limit_requests_per_ip: str
     tokens_per_user: str
     tokens_global: str
     max_streams_per_user: int
     max_input_chars: int
+    client_tool_max_chars: int
     host_default_limits: bool
     forget_visitor_on_logout: bool
     adopt_visitor_threads: bool
@@ -907,6 +1102,13 @@ class Settings:
                 "CHATKIT_HISTORY_MAX_CHARS",
                 "must hold the longest message: at least CHATKIT_MAX_INPUT_CHARS + 1000 "
                 f"({v['CHATKIT_MAX_INPUT_CHARS'] + 1000})",
+            )
+        daily = v["CHATKIT_ATTACHMENT_DAILY_BYTES"]
+        if daily and daily < v["CHATKIT_ATTACHMENT_MAX_BYTES"]:
+            raise ConfigError(
+                "CHATKIT_ATTACHMENT_DAILY_BYTES",
+                f"must hold one file: at least CHATKIT_ATTACHMENT_MAX_BYTES "
+                f"({v['CHATKIT_ATTACHMENT_MAX_BYTES']}), or 0 for no daily total",
             )
         fallbacks = config.get("SECRET_KEY_FALLBACKS") or ()
         if isinstance(fallbacks, str):
@@ -951,6 +1153,8 @@ class Settings:
             agent_model=v["CHATKIT_AGENT_MODEL"],
             agent_instructions=v["CHATKIT_AGENT_INSTRUCTIONS"],
             title_model=v["CHATKIT_TITLE_MODEL"],
+            transcribe_model=v["CHATKIT_TRANSCRIBE_MODEL"],
+            transcribe_max_bytes=v["CHATKIT_TRANSCRIBE_MAX_BYTES"],
             history_items=v["CHATKIT_HISTORY_ITEMS"],
             history_max_chars=v["CHATKIT_HISTORY_MAX_CHARS"],
             max_output_tokens=v["CHATKIT_MAX_OUTPUT_TOKENS"],
@@ -961,16 +1165,29 @@ class Settings:
             reply_timeout=v["CHATKIT_REPLY_TIMEOUT"],
             store_url=v["CHATKIT_STORE_URL"],
             store_require_persistence=v["CHATKIT_STORE_REQUIRE_PERSISTENCE"],
+            store_table_prefix=v["CHATKIT_STORE_TABLE_PREFIX"],
+            store_bind=v["CHATKIT_STORE_BIND"],
+            store_pool_size=v["CHATKIT_STORE_POOL_SIZE"],
+            store_timeout=v["CHATKIT_STORE_TIMEOUT"],
             stream_slot_lease=v["CHATKIT_STREAM_SLOT_LEASE"],
             max_streams_per_ip=v["CHATKIT_MAX_STREAMS_PER_IP"],
             max_streams_per_worker=v["CHATKIT_MAX_STREAMS_PER_WORKER"],
             stream_write_timeout=v["CHATKIT_STREAM_WRITE_TIMEOUT"],
             thread_ttl=v["CHATKIT_THREAD_TTL"],
+            attachments=v["CHATKIT_ATTACHMENTS"],
+            files_url=v["CHATKIT_FILES_URL"],
+            s3_endpoint_url=v["CHATKIT_S3_ENDPOINT_URL"],
+            attachment_max_bytes=v["CHATKIT_ATTACHMENT_MAX_BYTES"],
+            attachment_daily_bytes=v["CHATKIT_ATTACHMENT_DAILY_BYTES"],
+            attachment_types=v["CHATKIT_ATTACHMENT_TYPES"],
+            attachment_upload_ttl=v["CHATKIT_ATTACHMENT_UPLOAD_TTL"],
+            attachments_per_message=v["CHATKIT_ATTACHMENTS_PER_MESSAGE"],
             limit_requests_per_ip=v["CHATKIT_RATELIMIT_REQUESTS_PER_IP"] or "",
             tokens_per_user=v["CHATKIT_TOKENS_PER_USER"] or "",
             tokens_global=v["CHATKIT_TOKENS_GLOBAL"] or "",
             max_streams_per_user=v["CHATKIT_MAX_STREAMS_PER_USER"],
             max_input_chars=v["CHATKIT_MAX_INPUT_CHARS"],
+            client_tool_max_chars=v["CHATKIT_CLIENT_TOOL_MAX_CHARS"],
             host_default_limits=v["CHATKIT_HOST_DEFAULT_LIMITS"],
             forget_visitor_on_logout=v["CHATKIT_FORGET_VISITOR_ON_LOGOUT"],
             adopt_visitor_threads=v["CHATKIT_ADOPT_VISITOR_THREADS"],

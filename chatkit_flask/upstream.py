@@ -11,14 +11,16 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import requests
-import urllib3
-from requests.adapters import HTTPAdapter
+from typing import TYPE_CHECKING, Any
 
 from .breaker import CircuitBreaker
 from .sanitize import redact_credentials
+
+if TYPE_CHECKING:
+    import requests
+
+# requests and urllib3 are imported where a mint uses them: server mode never does, and its
+# processes are spared their ~4 MB.
 
 __all__ = [
     "ChatKitClient",
@@ -179,6 +181,9 @@ class ChatKitClient:
         # keep-alive benefit without sharing a pool across threads.
         session = getattr(self._local, "session", None)
         if session is None:
+            import requests
+            from requests.adapters import HTTPAdapter
+
             session = requests.Session()
             adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self._pool_size, max_retries=0)
             session.mount("http://", adapter)
@@ -265,6 +270,8 @@ class ChatKitClient:
         return self._check(response, (time.monotonic() - started) * 1000, attempts)
 
     def _post(self, path: str, body: dict[str, Any] | None) -> tuple[_Answer, float, int]:
+        import requests
+
         url = self._base + path
         payload = json.dumps(body, separators=(",", ":")) if body is not None else None
         started = time.monotonic()
@@ -317,6 +324,8 @@ class ChatKitClient:
     ) -> _Answer:
         """The body, read within the deadline (checked between reads, each read bounded by the
         time left) and the size cap; never decompressed (we ask for identity)."""
+        import urllib3
+
         status = response.status_code
         common: dict[str, Any] = {
             "status": status,

@@ -113,23 +113,27 @@ bind = _bind()
 # and one upstream keep-alive connection.
 #
 # Server mode (the default: CHATKIT_BACKEND=server, or unset without CHATKIT_WORKFLOW_ID, in the
-# environment or .env, as the app decides; see chatkit_flask/settings.py): each open reply holds a
-# thread for its whole duration, so the default is 128 threads per worker, 3 x 128 = 384
-# concurrent replies. Measured (docs/benchmark.md, "Server mode against OpenAI's official
-# sample server"): 3 x 32 held 96 streams and queued the rest; 3 x 128 held 300 with +15 ms
-# (p50) / +26 ms (p99) added time to first delta. Idle threads cost ~0.15 MB each.
+# environment or .env, as the app decides; see chatkit_flask/settings.py) runs its own worker
+# (chatkit_flask/server/asgi_worker.py): one asyncio loop per process writes every reply, the
+# Flask app runs in `threads` pool threads per process, so an open reply holds no thread.
+# Two processes (one per core of the 2-core machine it is measured on: in a container the core
+# count Python sees is the host's, not the container's share, so it is not guessed); each holds
+# up to CHATKIT_MAX_STREAMS_PER_WORKER replies (500 unless set). Idle after traffic, the master
+# is ~75 MB PSS and a worker ~80 MB (most shared with the master: see when_ready). Measured
+# in docs/benchmark.md ("Server mode under load"), against the gthread set-up this replaces
+# (3 x 128 threads, one reply per thread) and OpenAI's official sample server.
 _BACKEND = _env("CHATKIT_BACKEND", None)
 SERVER_MODE = (
     _BACKEND.lower() == "server" if _BACKEND else _env("CHATKIT_WORKFLOW_ID", None) is None
 )
-workers = _env_int("GUNICORN_WORKERS", 3, minimum=1)
-threads = _env_int("GUNICORN_THREADS", 128 if SERVER_MODE else 32, minimum=1)
-worker_class = _env("GUNICORN_WORKER_CLASS", "gthread")
-# Server mode: a worker refuses a new reply ("very busy") while threads - 8 of its threads
-# stream, so reads and page loads always find a thread (the app's CHATKIT_MAX_STREAMS_PER_WORKER;
-# set it to override).
+SERVER_WORKER = "chatkit_flask.server.asgi_worker.ChatKitWorker"
+workers = _env_int("GUNICORN_WORKERS", 2 if SERVER_MODE else 3, minimum=1)
+threads = _env_int("GUNICORN_THREADS", 32, minimum=1)
+worker_class = _env("GUNICORN_WORKER_CLASS", SERVER_WORKER if SERVER_MODE else "gthread")
 if SERVER_MODE and _env("CHATKIT_MAX_STREAMS_PER_WORKER", None) is None:
-    os.environ["CHATKIT_MAX_STREAMS_PER_WORKER"] = str(max(1, threads - 8))
+    # Under gthread each reply holds a thread: keep 8 of them for reads and page loads.
+    per_worker = 500 if worker_class == SERVER_WORKER else max(1, threads - 8)
+    os.environ["CHATKIT_MAX_STREAMS_PER_WORKER"] = str(per_worker)
 
 # For gthread `timeout` only detects a stuck worker loop (a sync worker would be killed
 # mid-request). Keep CHATKIT_UPSTREAM_TIMEOUT (default 15 s, retries included) below it.
@@ -211,8 +215,8 @@ class _EscapingLogger(_GunicornLogger):
 
     def atoms(self, resp, req, environ, request_time):
         atoms = super().atoms(resp, req, environ, request_time)
-        # Imported here, in a worker (which has loaded the app): the master imports nothing of
-        # the app, see when_ready.
+        # Imported here, in a worker (which has loaded the app): the master may not have (the
+        # warm-up is optional, see when_ready).
         from chatkit_flask.sanitize import escape_control
 
         for name in _access_log_fields(self.cfg.access_log_format):
@@ -344,16 +348,19 @@ def when_ready(server):
     """Check the app's settings once, before any worker is forked: a bad or missing one stops
     gunicorn with the message naming the key (exit 4), instead of workers failing one by one.
 
-    The check runs in a forked child so that the master imports nothing of the app: workers
-    still import it fresh (SIGHUP reloads code) and prometheus-client is first imported in a
-    worker, after on_starting has set PROMETHEUS_MULTIPROC_DIR.
+    The check runs in a forked child so that the master neither reads the settings nor makes
+    the app. The warm-up below imports the app's modules, never its metrics: prometheus-client is
+    first imported in a worker, after on_starting has set PROMETHEUS_MULTIPROC_DIR; on SIGHUP
+    on_reload imports the app's modules again, so new workers run new code.
     """
     import sys
 
     if getattr(server.app, "app_uri", None) not in _SERVICE_APPS:
         return  # this file serving another app (as tests/test_proxy.py does): not our settings
+    told, tell = os.pipe()  # the child names the SQL store's database (never the URL) here
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
+        os.close(told)
         code = 0
         try:
             from chatkit_flask.logs import configure_logging
@@ -361,12 +368,18 @@ def when_ready(server):
             from chatkit_flask.settings import ConfigError, Settings
 
             configure_logging("INFO", LOG_FORMAT)  # its warnings in the service's format
-            if Settings.from_mapping(service_config()).backend == "server":
+            settings = Settings.from_mapping(service_config())
+            if settings.backend == "server":
                 # GUNICORN_WORKER_CLASS=sync would kill long replies: refuse it here, once,
                 # rather than in every worker (chatkit_flask/server/workers.py).
+                from chatkit_flask.server.store import is_sql_url
                 from chatkit_flask.server.workers import check_gunicorn_worker
 
                 check_gunicorn_worker()
+                url = settings.store_url or ""
+                if is_sql_url(url):
+                    database = url.strip().partition("://")[0].partition("+")[0].lower()
+                    os.write(tell, database.encode()[:32])
         except ConfigError as error:
             server.log.error("chatkit-flask: configuration error: %s", error)
             code = 4
@@ -376,13 +389,33 @@ def when_ready(server):
         finally:
             sys.stderr.flush()
             os._exit(code)
+    os.close(tell)
     _, status = os.waitpid(pid, 0)
+    sql_database = os.read(told, 32).decode() or None
+    os.close(told)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         server.log.error("configuration check failed (exit %s): stopping", code)
         on_exit(server)
         # The APP_LOAD_ERROR code, as when a worker fails to load the app.
         sys.exit(4)
+    if SERVER_MODE and worker_class == SERVER_WORKER and _env_bool("CHATKIT_WARM_SDKS", True):
+        # The SDKs imported and their lazy models built here, once, before the fork, with the
+        # app's modules imported (not run: no app, no settings, no metrics): no worker spends
+        # its first visitor's second on it, and the workers share those pages.
+        from chatkit_flask.server.warmup import warm_sdks
+
+        warm_sdks(sql_database)
+
+
+def on_reload(server):
+    """SIGHUP: the app's modules the master imported (when_ready) are imported again, so the
+    workers it starts run the app's current code, as without the warm-up."""
+    import sys
+
+    warmup = sys.modules.get("chatkit_flask.server.warmup")
+    if warmup is not None:
+        warmup.reimport_app_modules()
 
 
 def post_worker_init(worker):
@@ -393,6 +426,8 @@ def post_worker_init(worker):
     same way at once."""
     import signal
 
+    if type(worker).__module__ == "chatkit_flask.server.asgi_worker":
+        return  # that worker drains on its own signal handler
     stop = worker.handle_exit
 
     def handle_exit(sig, frame):

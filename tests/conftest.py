@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import fakeredis
@@ -18,11 +20,31 @@ from flask.testing import FlaskClient
 from chatkit_flask import testing
 from chatkit_flask.service import create_app
 from chatkit_flask.testing.fake_chatkit import FakeChatKit
+from chatkit_flask.testing.fake_responses import FakeResponses
+from chatkit_flask.testing.mariadb_server import MariaDBServer
+from chatkit_flask.testing.postgres_server import PostgresServer
 from chatkit_flask.testing.redis_server import RedisServer
-from tests.services import REDIS_URL, SUITE_REDIS, start_redis_or_skip
+from tests.services import (
+    MYSQL_URL,
+    POSTGRES_URL,
+    REDIS_URL,
+    STORE_REDIS_URL,
+    SUITE_MYSQL,
+    SUITE_POSTGRES,
+    SUITE_REDIS,
+    start_mysql_or_skip,
+    start_postgres_or_skip,
+    start_redis_or_skip,
+)
 
 # Deliberately not shaped like a real key (the repo's secret scan looks for sk-...).
 TEST_API_KEY = testing.TEST_API_KEY
+
+# An object of an earlier test collected deep inside a hypothesis test (an asyncio stream left
+# to the garbage collector) once made pytest's unraisable-exception hook run out of stack while
+# formatting its traceback, failing an unrelated test. Room enough for the hook to report it
+# as the warning it is.
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 4000))
 TEST_SECRET_KEY = "test-secret-key-for-signing-visitor-cookies"
 WORKFLOW = "wf_test_main"
 
@@ -58,6 +80,105 @@ def redis_server() -> Iterator[RedisServer]:
     """The suite's ``redis-server`` (a free port, a temporary directory, no persistence)."""
     yield start_redis_or_skip(SUITE_REDIS)
     SUITE_REDIS.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """The suite's own PostgreSQL (started on first use, stopped with its data at the end)."""
+    yield start_postgres_or_skip(SUITE_POSTGRES)
+    SUITE_POSTGRES.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_schema(postgres_server: PostgresServer) -> str:
+    """The suite's PostgreSQL with the SQL store's tables made by the migrations (once)."""
+    from chatkit_flask.server.sql_schema import upgrade
+
+    upgrade(POSTGRES_URL)
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def postgres_tables(postgres_schema: str) -> str:
+    """The URL of the suite's PostgreSQL, the store's tables empty."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(postgres_schema, poolclass=sa.NullPool)
+    with engine.begin() as db:
+        db.execute(sa.text("TRUNCATE chatkit_threads, chatkit_items, chatkit_attachments"))
+    engine.dispose()
+    return postgres_schema
+
+
+@pytest.fixture(scope="session")
+def mysql_server() -> Iterator[MariaDBServer]:
+    """The suite's own MariaDB (started on first use, stopped with its data at the end)."""
+    yield start_mysql_or_skip(SUITE_MYSQL)
+    SUITE_MYSQL.stop()
+
+
+@pytest.fixture(scope="session")
+def mysql_schema(mysql_server: MariaDBServer) -> str:
+    """The suite's MariaDB with the SQL store's tables made by the migrations (once)."""
+    pytest.importorskip("aiomysql")
+    from chatkit_flask.server.sql_schema import upgrade
+
+    upgrade(MYSQL_URL)
+    return MYSQL_URL
+
+
+@pytest.fixture
+def mysql_tables(mysql_schema: str) -> str:
+    """The URL of the suite's MariaDB, the store's tables empty (``DELETE``: InnoDB refuses to
+    ``TRUNCATE`` a table a foreign key names)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(mysql_schema, poolclass=sa.NullPool)
+    with engine.begin() as db:
+        for table in ("chatkit_attachments", "chatkit_items", "chatkit_threads"):
+            db.execute(sa.text(f"DELETE FROM {table}"))
+    engine.dispose()
+    return mysql_schema
+
+
+@pytest.fixture(scope="module")
+def _fake() -> Iterator[FakeResponses]:
+    """One fake Responses API per test module (a loopback socket)."""
+    with FakeResponses(api_key=TEST_API_KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def fake(_fake: FakeResponses) -> FakeResponses:
+    """The module's fake model, cleared: it echoes the last user message."""
+    _fake.clear()
+    return _fake
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ]
+)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Every thread store, for the server-mode tests that take it: a SQLite file, the suite's
+    Redis (its own database, emptied) or the suite's PostgreSQL or MariaDB (the SQL store's
+    tables emptied)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/threads.db"
+        return
+    if request.param in ("postgres", "mysql"):
+        yield request.getfixturevalue(f"{request.param}_tables")
+        return
+    request.getfixturevalue("redis_server")
+    client = redis.Redis.from_url(STORE_REDIS_URL, socket_timeout=1)
+    client.flushdb()
+    yield STORE_REDIS_URL
+    client.flushdb()
+    client.close()
 
 
 @pytest.fixture

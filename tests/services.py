@@ -1,4 +1,5 @@
-"""Services the suite starts itself: its own ``redis-server`` (see ``redis_server`` in conftest).
+"""Services the suite starts itself: its own ``redis-server`` (see ``redis_server`` in conftest),
+its own PostgreSQL (``postgres_server``) and its own MariaDB (``mysql_server``).
 
 Kept out of conftest.py because pytest imports that file as ``conftest`` while test modules import
 ``tests.conftest``: two module objects. Everything here is imported as ``tests.services`` only, so
@@ -11,6 +12,8 @@ import os
 
 import pytest
 
+from chatkit_flask.testing.mariadb_server import MariaDBServer, MariaDBServerMissing
+from chatkit_flask.testing.postgres_server import PostgresServer, PostgresServerMissing
 from chatkit_flask.testing.redis_server import RedisServer, RedisServerMissing
 
 # Started by the ``redis_server`` fixture on first use, stopped at the end of the session. The
@@ -18,6 +21,7 @@ from chatkit_flask.testing.redis_server import RedisServer, RedisServerMissing
 # Redis it did not start (a developer's data on 6379 stays untouched).
 SUITE_REDIS = RedisServer()
 REDIS_URL = SUITE_REDIS.url(15)  # the limiter's database in tests (``real_redis``)
+STORE_REDIS_URL = SUITE_REDIS.url(8)  # the thread store of the ``store_url`` fixture
 
 
 def start_redis_or_skip(server: RedisServer) -> RedisServer:
@@ -25,6 +29,40 @@ def start_redis_or_skip(server: RedisServer) -> RedisServer:
     try:
         server.start()
     except RedisServerMissing as missing:
+        if os.environ.get("CI"):
+            pytest.fail(str(missing))
+        pytest.skip(str(missing))
+    return server
+
+
+# The same for PostgreSQL: a cluster in a temporary directory, started on first use.
+SUITE_POSTGRES = PostgresServer()
+POSTGRES_URL = SUITE_POSTGRES.url()
+
+
+def start_postgres_or_skip(server: PostgresServer) -> PostgresServer:
+    """Start ``server``; without PostgreSQL's binaries skip, or fail under CI (``.ci/setup.sh``
+    installs them)."""
+    try:
+        server.start()
+    except PostgresServerMissing as missing:
+        if os.environ.get("CI"):
+            pytest.fail(str(missing))
+        pytest.skip(str(missing))
+    return server
+
+
+# The same for MySQL: a MariaDB data directory in a temporary directory, started on first use.
+SUITE_MYSQL = MariaDBServer()
+MYSQL_URL = SUITE_MYSQL.url()
+
+
+def start_mysql_or_skip(server: MariaDBServer) -> MariaDBServer:
+    """Start ``server``; without MariaDB's binaries skip, or fail under CI
+    (``.ci/install-mariadb.sh`` installs them)."""
+    try:
+        server.start()
+    except MariaDBServerMissing as missing:
         if os.environ.get("CI"):
             pytest.fail(str(missing))
         pytest.skip(str(missing))

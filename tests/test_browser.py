@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,10 @@ from typing import Any
 import pytest
 from conftest import REDIS_URL, base_config
 from flask import Flask
-from werkzeug.serving import BaseWSGIServer, make_server
 
 from chatkit_flask.service import create_app
 from chatkit_flask.testing.fake_chatkit import Behaviour, FakeChatKit
-from tests.browser_support import CDN_PATTERN, launch_browser
+from tests.browser_support import CDN_PATTERN, launch_browser, wsgi_servers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -64,31 +62,9 @@ def page(context: Any) -> Any:
     return context.new_page()
 
 
-def _serve(app: Any) -> tuple[BaseWSGIServer, threading.Thread]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="wsgi", daemon=True
-    )
-    thread.start()
-    return server, thread
-
-
 @pytest.fixture
 def serve() -> Iterator[Callable[..., str]]:
-    """``serve(wsgi_app, host="127.0.0.1")`` -> base URL (the socket is always on 127.0.0.1;
-    ``host="localhost"`` names it as another origin). Servers stop after the test."""
-    running: list[tuple[BaseWSGIServer, threading.Thread]] = []
-
-    def start(app: Any, host: str = "127.0.0.1") -> str:
-        server, thread = _serve(app)
-        running.append((server, thread))
-        return f"http://{host}:{server.server_port}"
-
-    yield start
-    for server, thread in running:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    yield from wsgi_servers()
 
 
 @pytest.fixture

@@ -15,13 +15,13 @@ Screenshot: ``test-artifacts/demo-server.png``; ``CHATKIT_UPDATE_SCREENSHOT=1`` 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,12 +30,18 @@ from typing import Any
 import pytest
 import requests
 from conftest import REDIS_URL, TEST_SECRET_KEY, base_config
-from werkzeug.serving import BaseWSGIServer, make_server
 
 from chatkit_flask.service import create_app
 from chatkit_flask.testing.fake_chatkit import FakeChatKit
-from chatkit_flask.testing.fake_responses import FakeResponses
-from tests.browser_support import CDN_PATTERN, CHROMIUM, CHROMIUM_ARGS, launch_browser
+from chatkit_flask.testing.fake_responses import FakeResponses, Reply
+from tests.browser_support import (
+    CDN_PATTERN,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    browser_contexts,
+    launch_browser,
+    wsgi_servers,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -74,19 +80,7 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def new_context(browser: Any) -> Iterator[Callable[[], Any]]:
-    """``new_context()`` -> a fresh browser context (its own cookie jar), CDN blocked."""
-    contexts: list[Any] = []
-
-    def make() -> Any:
-        ctx = browser.new_context(viewport={"width": 820, "height": 900})
-        ctx.set_default_timeout(15_000)
-        ctx.route(CDN_PATTERN, lambda route: route.abort())
-        contexts.append(ctx)
-        return ctx
-
-    yield make
-    for ctx in contexts:
-        ctx.close()
+    yield from browser_contexts(browser, viewport={"width": 820, "height": 900})
 
 
 @pytest.fixture(scope="module")
@@ -96,24 +90,8 @@ def model() -> Iterator[FakeResponses]:
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[Any], str]]:
-    """``serve(wsgi_app)`` -> base URL on 127.0.0.1; servers stop after the test."""
-    running: list[tuple[BaseWSGIServer, threading.Thread]] = []
-
-    def start(app: Any) -> str:
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-        thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        thread.start()
-        running.append((server, thread))
-        return f"http://127.0.0.1:{server.server_port}"
-
-    yield start
-    for server, thread in running:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+def serve() -> Iterator[Callable[..., str]]:
+    yield from wsgi_servers()
 
 
 @pytest.fixture
@@ -248,6 +226,42 @@ def test_the_demo_page_says_the_widget_is_missing_and_chats_without_it(
         shutil.copyfile(shot, docs)
 
 
+def test_a_widget_button_reaches_the_sites_action_and_the_page_shows_its_answer(
+    new_context: Callable[[], Any], start_server_mode: Callable[..., str], model: FakeResponses
+) -> None:
+    """The demo agent's card (the model calls offer_choices): the page draws it, a click sends
+    threads.custom_action, and the @chatkit.action handler's answer shows in place."""
+    base = start_server_mode()
+    card = {"question": "Which fruit?", "choices": ["Apple", "Banana", "Cherry"]}
+    model.enqueue(Reply.call_tool("offer_choices", card), "Pick one above.")
+    page = _open(new_context(), base)
+
+    page.fill("#try-input", "let me choose a fruit")
+    page.click("#try-send")
+    widget = page.locator('#transcript li[data-who="widget"]')
+    widget.get_by_role("button", name="Banana").wait_for()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#transcript li[data-who=assistant]')]"
+        ".some((li) => li.textContent === 'Pick one above.')"
+    )
+    assert widget.locator("strong").inner_text() == "Which fruit?"
+    assert widget.get_by_role("button").all_inner_texts() == ["Apple", "Banana", "Cherry"]
+
+    widget.get_by_role("button", name="Banana").click()
+
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#transcript li[data-who=assistant]')]"
+        ".some((li) => li.textContent === 'You picked Banana.')"
+    )
+    assert widget.count() == 1  # the same card, redrawn from thread.item.replaced
+    assert "You picked Banana" in widget.inner_text()
+    assert widget.get_by_role("button").count() == 0
+    assert "Action demo.choose answered by /api/chatkit" in page.inner_text("#status")
+    assert model.count == 2  # the tool call and the text after it; the click asked no model
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "demo-server-card.png"), full_page=True)
+
+
 def test_the_visitor_keeps_their_threads_across_reloads(
     new_context: Callable[[], Any], start_server_mode: Callable[..., str]
 ) -> None:
@@ -372,6 +386,68 @@ def test_another_visitor_cannot_reach_a_thread(
     ]
 
 
+# A stand-in for chatkit-js's <openai-chatkit> (its CDN bundle cannot load here): it keeps the
+# options the page gives it, so a test can do what the widget does with them.
+CHATKIT_ELEMENT_STUB = """customElements.define("openai-chatkit", class extends HTMLElement {
+  setOptions(options) { window.chatkitOptions = options; }
+});"""
+
+# What chatkit-js does with a reply that ends on a client tool call: call the page's
+# onClientTool({name, params}) and send its answer as threads.add_client_tool_output.
+CLIENT_TOOL_ROUND = """async (text) => {
+  const { api, onClientTool } = window.chatkitOptions;
+  const input = { content: [{ type: "input_text", text }], attachments: [], inference_options: {} };
+  const asked = await ChatKitFlask.send(api, "threads.create", { input });
+  const call = asked[asked.length - 1].item;
+  const result = await onClientTool({ name: call.name, params: call.arguments });
+  const answered = await ChatKitFlask.send(api, "threads.add_client_tool_output",
+                                           { thread_id: asked[0].thread.id, result });
+  const again = await ChatKitFlask.send(api, "threads.add_client_tool_output",
+                                        { thread_id: asked[0].thread.id, result });
+  return { call, result, answered, again };
+}"""
+
+
+def test_the_demo_agents_client_tool_is_answered_by_the_page(
+    new_context: Callable[[], Any], start_server_mode: Callable[..., str], model: FakeResponses
+) -> None:
+    """The model calls get_page_info: the reply ends on the call, the page's onClientTool
+    answers from the browser and lists it, and the answer continues the run."""
+    base = start_server_mode()
+    ctx = new_context()
+    ctx.add_init_script(CHATKIT_ELEMENT_STUB)
+    page = _open(ctx, base)
+    page.wait_for_function("() => !!window.chatkitOptions")
+    model.enqueue(Reply.call_tool("get_page_info"), "You are on the chatkit-flask demo page.")
+
+    round_trip = page.evaluate(CLIENT_TOOL_ROUND, "which page am I on?")
+
+    call = round_trip["call"]
+    assert (call["type"], call["name"], call["status"]) == ("client_tool_call", "get_page_info",
+                                                           "pending")  # fmt: skip
+    result = round_trip["result"]
+    assert result["title"] == "chatkit-flask demo" and result["path"] == "/"
+    assert result["language"] and result["localTime"]
+    events = round_trip["answered"]
+    assert events[-1]["item"]["content"][0]["text"] == "You are on the chatkit-flask demo page."
+    # The model got the browser's answer as the tool's output.
+    request = model.requests[-1].json
+    outputs = [i["output"] for i in request["input"] if i.get("type") == "function_call_output"]
+    assert [json.loads(output)["title"] for output in outputs] == ["chatkit-flask demo"]
+    # A second answer to the same call is refused inside the stream, in words.
+    (refused,) = round_trip["again"]
+    assert refused["type"] == "error" and "not waiting" in refused["message"]
+    assert model.count == 2
+
+    listed = page.locator('#client-tool-calls li[data-who="client-tool"]')
+    assert listed.count() == 1
+    assert listed.inner_text().startswith('get_page_info({}) \u2192 {"title":"chatkit-flask demo"')
+    # The helper reported the refusal (configure's onError): the page says it in words.
+    assert "not waiting for a client tool's output" in page.inner_text("#status")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "demo-server-client-tool.png"), full_page=True)
+
+
 def test_the_server_fetch_contract_with_a_stub(
     new_context: Callable[[], Any], start_server_mode: Callable[..., str]
 ) -> None:
@@ -494,12 +570,20 @@ def test_the_demo_command_serves_server_mode(tmp_path: Path) -> None:
                     assert demo.poll() is None and time.monotonic() < deadline, log.read_text()
                     time.sleep(0.2)
             assert config.json()["backend"] == "server"
-            reply = session.post(
-                f"{base}{config.json()['url']}",
-                json={"type": "threads.create", "params": _input("hi demo")},
-                timeout=30,
+            url = f"{base}{config.json()['url']}"
+            card = session.post(
+                url, json={"type": "threads.create", "params": _input("hi")}, timeout=30
             )
-            assert reply.headers["Content-Type"].startswith("text/event-stream")
+            assert card.headers["Content-Type"].startswith("text/event-stream")
+            # The first answer shows the demo agent's card, its buttons wired to demo.choose.
+            assert '"type":"widget"' in card.text and '"demo.choose"' in card.text, card.text
+            thread_id = re.search(r'"id":"(thr_[0-9a-f]+)"', card.text).group(1)
+            reply = session.post(
+                url,
+                json={"type": "threads.add_user_message",
+                      "params": {**_input("hi demo"), "thread_id": thread_id}},
+                timeout=30,
+            )  # fmt: skip
             assert '"delta":" demo"' in reply.text, reply.text
             assert session.get(f"{base}/", timeout=5).status_code == 200
     finally:

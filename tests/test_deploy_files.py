@@ -39,8 +39,11 @@ DUMMY_SECRETS = {
     "SECRET_KEY": "test-secret-key-dummy",
     "CHATKIT_WORKFLOW_ID": "wf_dummy",
     "REDIS_PASSWORD": "0123456789abcdef0123456789abcdef",
+    "POSTGRES_PASSWORD": "fedcba9876543210fedcba9876543210",
 }
-SECRET_KEYS = {"OPENAI_API_KEY", "SECRET_KEY", "SECRET_KEY_FALLBACKS", "REDIS_PASSWORD"}
+SECRET_KEYS = {
+    "OPENAI_API_KEY", "SECRET_KEY", "SECRET_KEY_FALLBACKS", "REDIS_PASSWORD", "POSTGRES_PASSWORD"
+}  # fmt: skip
 
 # Every key the service reads, with the default .env.example must show (None = blank).
 ENV_DEFAULTS: dict[str, str | None] = {
@@ -74,12 +77,17 @@ ENV_DEFAULTS: dict[str, str | None] = {
     "CHATKIT_MODEL_TIMEOUT": "120",
     "CHATKIT_REPLY_TIMEOUT": "180",
     "CHATKIT_STORE_URL": None,
+    "CHATKIT_STORE_TABLE_PREFIX": "chatkit_",
+    "CHATKIT_STORE_BIND": None,
+    "CHATKIT_STORE_POOL_SIZE": "5",
+    "CHATKIT_STORE_TIMEOUT": "10",
     "CHATKIT_THREAD_TTL": "2592000",
     "CHATKIT_RATELIMIT_REQUESTS_PER_IP": "300 per minute",
     "CHATKIT_TOKENS_PER_USER": "off",
     "CHATKIT_TOKENS_GLOBAL": "off",
     "CHATKIT_MAX_STREAMS_PER_USER": "2",
     "CHATKIT_MAX_INPUT_CHARS": "4000",
+    "CHATKIT_CLIENT_TOOL_MAX_CHARS": "8000",
     "CHATKIT_COOKIE_NAME": "chatkit_session_id",
     "CHATKIT_COOKIE_SECURE": "true",
     "CHATKIT_COOKIE_MAX_AGE": "2592000",
@@ -101,9 +109,9 @@ ENV_DEFAULTS: dict[str, str | None] = {
     "RATELIMIT_ENABLED": "true",
     "RATELIMIT_SWALLOW_ERRORS": "false",
     "GUNICORN_BIND": None,
-    "GUNICORN_WORKERS": "3",
-    "GUNICORN_THREADS": None,
-    "GUNICORN_WORKER_CLASS": "gthread",
+    "GUNICORN_WORKERS": None,
+    "GUNICORN_THREADS": "32",
+    "GUNICORN_WORKER_CLASS": None,
     "GUNICORN_TIMEOUT": "30",
     "GUNICORN_GRACEFUL_TIMEOUT": "20",
     "GUNICORN_KEEPALIVE": "5",
@@ -115,6 +123,7 @@ ENV_DEFAULTS: dict[str, str | None] = {
     "PORT": "8000",
     "REDIS_MAXMEMORY": "64mb",
     "REDIS_PASSWORD": None,
+    "POSTGRES_PASSWORD": None,
     "CHATKIT_SITE_HOST": "localhost",
     "PROXY_SUBNET": "10.203.47.0/24",
 }
@@ -293,12 +302,19 @@ def compose(request) -> dict:
 
 
 def test_compose_services(compose):
-    # store-redis only runs with --profile redis-store (server mode on several hosts).
-    assert set(compose["services"]) == {"proxy", "app", "redis", "store-redis"}
+    # store-redis only runs with --profile redis-store, postgres and migrate with --profile
+    # postgres (server mode on several hosts).
+    assert set(compose["services"]) == {
+        "proxy", "app", "redis", "store-redis", "postgres", "migrate"
+    }  # fmt: skip
     assert compose["services"]["store-redis"]["profiles"] == ["redis-store"]
+    assert compose["services"]["postgres"]["profiles"] == ["postgres"]
+    assert compose["services"]["migrate"]["profiles"] == ["postgres"]
     # Caddy's certificates and server mode's threads persist; the counters do not (no volume
     # for the limiter's Redis).
-    assert set(compose.get("volumes") or {}) == {"caddy_data", "chat_data", "store_data"}
+    assert set(compose.get("volumes") or {}) == {
+        "caddy_data", "chat_data", "store_data", "pg_data"
+    }  # fmt: skip
     assert "volumes" not in compose["services"]["redis"]
 
 
@@ -314,6 +330,30 @@ def test_server_mode_threads_survive_restarts(compose):
     assert "--maxmemory-policy noeviction" in command
     assert "--appendonly yes" in command
     assert "--requirepass" in command
+
+
+def test_the_postgres_profile_keeps_its_data_and_migrates_before_the_chat_uses_it(compose):
+    """The several-host setup: the official image with its data on a volume, a healthcheck,
+    the password from .env (never inline), reachable only on the internal network; a one-shot
+    `flask chatkit db upgrade` once it is healthy (the app never changes the schema)."""
+    postgres = compose["services"]["postgres"]
+    assert str(postgres["image"]).startswith("postgres:")
+    env = env_mapping(postgres)
+    assert env["POSTGRES_PASSWORD"] in (
+        "${POSTGRES_PASSWORD:-}", DUMMY_SECRETS["POSTGRES_PASSWORD"]
+    )  # fmt: skip
+    assert any(str(v).startswith("pg_data:/var/lib/postgresql/data") or (
+        isinstance(v, dict) and v.get("source") == "pg_data"
+        and v.get("target") == "/var/lib/postgresql/data"
+    ) for v in postgres["volumes"])
+    assert "pg_isready" in healthcheck_text(postgres)
+    assert "ports" not in postgres
+    assert list(postgres["networks"]) == ["backend"]  # a list, or a mapping once resolved
+    migrate = compose["services"]["migrate"]
+    assert command_args(migrate) == ["flask", "--app", "wsgi", "chatkit", "db", "upgrade"]
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert migrate.get("restart") in ("no", None)
+    assert "migrate" not in (compose["services"]["app"].get("depends_on") or {})
 
 
 def test_dockerfile_gives_the_service_user_its_data_directory():
@@ -363,6 +403,9 @@ def test_app_healthcheck_uses_python_against_readyz(compose):
 
 def test_every_service_restarts_unless_stopped(compose):
     for name, service in compose["services"].items():
+        if name == "migrate":  # a one-shot: it runs the migrations and exits
+            assert service["restart"] == "no"
+            continue
         assert service["restart"] == "unless-stopped", name
 
 
@@ -764,7 +807,8 @@ def test_dockerfile_runtime_filter_keeps_runtime_and_drops_test_tools():
         for line in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.lstrip().startswith("#") and not pattern.search(line)
     }
-    for runtime in ("flask", "flask-limiter", "limits", "redis", "requests", "gunicorn"):
+    for runtime in ("flask", "flask-limiter", "limits", "redis", "requests", "gunicorn",
+                    "sqlalchemy", "psycopg", "psycopg-binary", "alembic"):  # fmt: skip
         assert runtime in kept, f"{runtime} would not be installed in the image"
     text = (ROOT / "requirements.txt").read_text(encoding="utf-8")
     tooling = text.split("# Tests and tooling", 1)[1]
@@ -836,9 +880,9 @@ def test_env_example_covers_every_service_setting():
 def test_gunicorn_defaults(monkeypatch):
     conf = exec_gunicorn_conf(monkeypatch)
     assert conf["bind"] == ["127.0.0.1:8000"]  # bin/serve is not reachable from the network
-    assert conf["workers"] == 3
-    assert conf["threads"] == 128  # server mode, the default backend: one per open reply
-    assert conf["worker_class"] == "gthread"
+    assert conf["workers"] == 2  # server mode, the default: one per core of a 2-core host
+    assert conf["threads"] == 32  # the Flask app's requests; a reply holds none
+    assert conf["worker_class"] == "chatkit_flask.server.asgi_worker.ChatKitWorker"
     assert conf["timeout"] == 30
     assert conf["graceful_timeout"] == 20
     assert conf["keepalive"] == 5
@@ -898,7 +942,7 @@ def test_gunicorn_bind_overrides_port(monkeypatch):
 
 def test_gunicorn_blank_values_mean_default(monkeypatch):
     conf = exec_gunicorn_conf(monkeypatch, GUNICORN_WORKERS="", GUNICORN_BIND=" ", PORT="")
-    assert conf["workers"] == 3
+    assert conf["workers"] == 2
     assert conf["bind"] == ["127.0.0.1:8000"]
 
 
@@ -1068,29 +1112,41 @@ def test_config_load_has_no_side_effects(monkeypatch):
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
 
 
+SERVER_WORKER = "chatkit_flask.server.asgi_worker.ChatKitWorker"
+
+
 @pytest.mark.parametrize(
-    ("env", "threads"),
-    [({}, "128"), ({"CHATKIT_BACKEND": "server"}, "128"),
-     ({"CHATKIT_BACKEND": "hosted"}, "32"), ({"CHATKIT_WORKFLOW_ID": "wf_x"}, "32"),
-     ({"CHATKIT_BACKEND": "server", "CHATKIT_WORKFLOW_ID": "wf_x"}, "128"),
-     ({"CHATKIT_BACKEND": "server", "GUNICORN_THREADS": "48"}, "48")],
+    ("env", "worker_class", "workers", "streams"),
+    [({}, SERVER_WORKER, 2, "500"),
+     ({"CHATKIT_BACKEND": "server"}, SERVER_WORKER, 2, "500"),
+     ({"CHATKIT_BACKEND": "hosted"}, "gthread", 3, None),
+     ({"CHATKIT_WORKFLOW_ID": "wf_x"}, "gthread", 3, None),
+     ({"CHATKIT_BACKEND": "server", "CHATKIT_WORKFLOW_ID": "wf_x"}, SERVER_WORKER,
+      2, "500"),
+     ({"CHATKIT_BACKEND": "server", "GUNICORN_WORKER_CLASS": "gthread", "GUNICORN_THREADS": "48"},
+      "gthread", 2, "40")],
 )  # fmt: skip
-def test_gunicorn_threads_follow_the_backend(
-    env: dict, threads: str, tmp_path: Path
+def test_gunicorn_worker_class_follows_the_backend(
+    env: dict, worker_class: str, workers: int, streams: str | None, tmp_path: Path
 ) -> None:
-    """Server mode holds one thread per open reply: 3 x 128 by default (docs/deploy.md)."""
+    """Server mode runs its own worker, one process per core, 500 replies each; under gthread a
+    reply holds a thread, so the per-worker cap keeps 8 threads for reads (docs/deploy.md)."""
     import subprocess
     import sys
 
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("GUNICORN_", "CHATKIT_"))}
     (tmp_path / "empty.env").write_text("")
     environ["CHATKIT_ENV_FILE"] = str(tmp_path / "empty.env")
+    probe = (
+        "import os, runpy; conf = runpy.run_path('config/gunicorn.conf.py'); "
+        "print(conf['worker_class'], conf['workers'], "
+        "os.environ.get('CHATKIT_MAX_STREAMS_PER_WORKER'))"
+    )
     out = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py", "--print-config",
-         "wsgi:app"],
-        cwd=ROOT, env={**environ, **env}, capture_output=True, text=True, timeout=30, check=False,
-    ).stdout  # fmt: skip
-    assert re.search(rf"^threads\s+= {threads}$", out, re.M), out
+        [sys.executable, "-c", probe], cwd=ROOT, env={**environ, **env}, capture_output=True,
+        text=True, timeout=30, check=True,
+    ).stdout.split()  # fmt: skip
+    assert out == [worker_class, str(workers), str(streams)]
 
 
 def test_the_image_puts_the_sites_agent_module_on_the_import_path(tmp_path):

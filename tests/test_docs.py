@@ -39,10 +39,12 @@ def test_readme_opens_with_the_two_commands_then_server_mode_then_hosted() -> No
     assert "shut down" in hosted_text and "2026-11-30" in hosted_text
 
 
-def test_readme_quotes_the_shipped_thread_counts() -> None:
-    """Figures that follow config/gunicorn.conf.py: 3 x 128 in server mode (not 3 x 32)."""
+def test_readme_quotes_the_shipped_worker_and_its_caps() -> None:
+    """Figures that follow config/gunicorn.conf.py: server mode's worker, 500 replies each."""
     readme = (ROOT / "README.md").read_text()
     conf = (ROOT / "config" / "gunicorn.conf.py").read_text()
-    assert '_env_int("GUNICORN_WORKERS", 3' in conf
-    assert "128 if SERVER_MODE else 32" in conf
-    assert "3 x 32" not in readme and "3 x 128" in readme
+    assert 'SERVER_WORKER = "chatkit_flask.server.asgi_worker.ChatKitWorker"' in conf
+    assert "per_worker = 500 if worker_class == SERVER_WORKER" in conf
+    assert "chatkit_flask.server.asgi_worker.ChatKitWorker" in readme
+    assert "`CHATKIT_MAX_STREAMS_PER_WORKER` replies (500)" in readme
+    assert "3 x 128" not in readme

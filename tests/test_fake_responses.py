@@ -16,11 +16,11 @@ import pytest
 
 pytest.importorskip("agents")
 
-from agents import Agent, RunConfig, Runner, set_tracing_disabled
+from agents import Agent, RunConfig, Runner, function_tool, set_tracing_disabled
 from agents.models.openai_provider import OpenAIProvider
 from openai import APIConnectionError, AsyncOpenAI, AuthenticationError, RateLimitError
 
-from chatkit_flask.testing.fake_responses import FakeResponses, Reply
+from chatkit_flask.testing.fake_responses import FakeResponses, Reply, Turn
 
 KEY = "test-model-key-not-a-real-one"
 set_tracing_disabled(True)
@@ -79,6 +79,68 @@ def test_real_agents_sdk_streams_a_scripted_reply(fake: FakeResponses) -> None:
     result = asyncio.run(run())
     assert result.final_output == "Scripted answer."
     assert result.context_wrapper.usage.output_tokens == 2
+
+
+def run_agent(fake: FakeResponses, agent: Agent[Any], *texts: str) -> list[Any]:
+    """Each text through the real Agents SDK, all at once; their final outputs."""
+
+    async def one(text: str) -> Any:
+        client = AsyncOpenAI(api_key=KEY, base_url=fake.base_url, max_retries=0)
+        config = RunConfig(model_provider=OpenAIProvider(openai_client=client, use_responses=True))
+        result = Runner.run_streamed(agent, text, run_config=config)
+        async for _ in result.stream_events():
+            pass
+        return result.final_output
+
+    async def every() -> list[Any]:
+        return list(await asyncio.gather(*(one(text) for text in texts)))
+
+    return asyncio.run(every())
+
+
+def test_a_turn_calls_its_tools_then_answers_each_conversation_at_once(
+    fake: FakeResponses,
+) -> None:
+    ran: list[tuple[str, str]] = []
+
+    @function_tool
+    async def lookup(day: str) -> str:
+        """Free slots."""
+        ran.append(("lookup", day))
+        await asyncio.sleep(0.05)  # the other conversation's requests arrive meanwhile
+        return "10:00"
+
+    @function_tool
+    def book(slot: str) -> str:
+        """Book a slot."""
+        ran.append(("book", slot))
+        return "booked"
+
+    agent = Agent(name="A", model="m", tools=[lookup, book])
+    fake.token_delay = 0.01
+    fake.set_default(Turn.of(("lookup", {"day": "Mon"}), ("book", {"slot": "10:00"}),
+                             reply="Booked."))  # fmt: skip
+    assert run_agent(fake, agent, "one", "two") == ["Booked.", "Booked."]
+    assert sorted(ran) == [("book", "10:00")] * 2 + [("lookup", "Mon")] * 2
+    assert len(fake.requests) == 6
+
+
+def test_a_queued_turn_answers_one_message_and_a_title_call_does_not_use_it_up(
+    fake: FakeResponses,
+) -> None:
+    @function_tool
+    def lookup(day: str) -> str:
+        """Free slots."""
+        return "10:00"
+
+    agent = Agent(name="A", model="m", tools=[lookup])
+    fake.enqueue(Turn.of(("lookup", {"day": "Tue"}), reply="Queued."))
+    no_tools = raw_stream(fake, {"model": "m", "stream": True, "input": "Title this"})
+    assert "".join(e["delta"] for e in no_tools if "delta" in e) == "Queued."
+    assert fake.pending == 1
+    assert run_agent(fake, agent, "first") == ["Queued."]
+    assert fake.pending == 0
+    assert run_agent(fake, agent, "second") == ["You said: second"]
 
 
 @pytest.mark.parametrize(
@@ -144,3 +206,44 @@ def test_cli_serves_until_terminated() -> None:
     finally:
         proc.terminate()
         assert proc.wait(5) == 0
+
+
+def test_transcriptions_answer_the_openai_client_with_the_scripted_text(
+    fake: FakeResponses,
+) -> None:
+    """Dictation's endpoint: the real client's multipart upload is read, recorded and answered
+    (a default naming the size, or the scripted text and usage); a scripted error is raised
+    as the client's own error; a wrong key is refused like the real API."""
+
+    async def talk() -> list[Any]:
+        client = AsyncOpenAI(api_key=KEY, base_url=fake.base_url, max_retries=0)
+        wrong = AsyncOpenAI(api_key="sk-wrong", base_url=fake.base_url, max_retries=0)
+        audio = ("audio.webm", b"x" * 1234, "audio/webm")
+        model = "gpt-4o-mini-transcribe"
+        fake.enqueue_transcription(Reply(text="hello there", input_tokens=7))
+        results: list[Any] = [
+            await client.audio.transcriptions.create(model=model, file=audio),
+            await client.audio.transcriptions.create(model=model, file=audio),
+        ]
+        fake.enqueue_transcription(Reply.rate_limited())
+        for who in (client, wrong):
+            try:
+                await who.audio.transcriptions.create(model=model, file=audio)
+            except (RateLimitError, AuthenticationError) as exc:
+                results.append(type(exc))
+        await client.close()
+        await wrong.close()
+        return results
+
+    scripted, default, limited, refused = asyncio.run(talk())
+    assert scripted.text == "hello there"
+    assert (scripted.usage.type, scripted.usage.input_tokens, scripted.usage.output_tokens) == (
+        "tokens", 7, 2)
+    assert default.text == "Transcribed 1234 bytes of audio."
+    assert default.usage.input_tokens == 12  # one per 100 bytes
+    assert (limited, refused) == (RateLimitError, AuthenticationError)
+    sent = fake.requests[0]
+    assert sent.path == "/v1/audio/transcriptions"
+    assert sent.json == {"model": "gpt-4o-mini-transcribe",
+                         "file": {"filename": "audio.webm", "size": 1234,
+                                  "content_type": "audio/webm"}}

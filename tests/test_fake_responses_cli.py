@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 import pytest
 import requests
+
+from chatkit_flask.testing import chatkit_test_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "chatkit_flask.testing.fake_responses"]
@@ -84,7 +87,7 @@ def test_help_offers_every_knob() -> None:
     assert result.returncode == 0, result.stderr
     for option in ("--host", "--port", "--token-delay", "--reply", "--words", "--status",
                    "--retry-after", "--stall-after", "--cut-after", "--input-tokens",
-                   "--output-tokens", "--times"):  # fmt: skip
+                   "--output-tokens", "--call-tool", "--times"):  # fmt: skip
         assert option in result.stdout, option
 
 
@@ -161,9 +164,133 @@ def test_a_stall_keeps_the_connection_silent(fake_cli: Callable[..., str]) -> No
         (["--cut-after", "2", "--stall-after", "2"], "not allowed with argument"),
         (["--words", "-1"], "--words must be 0 or more"),
         (["--status", "1000"], "--status must be an HTTP status code"),
+        (["--call-tool", "book", "[1]"], "--call-tool book: JSON must be an object"),
+        (["--call-tool", "book", "{not json"], "--call-tool book: JSON must be an object"),
+        (["--call-tool", "book slot", "{}"], "--call-tool NAME must be a function name"),
+        (["--call-tool", "book"], "expected 2 arguments"),
     ],
 )
 def test_contradictory_options_stop_it_with_a_message(options: list[str], message: str) -> None:
     result = subprocess.run([*CLI, *options], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+# ------------------------------------------------------------------ tool calls
+TOOLS = [{"type": "function", "name": name, "parameters": {"type": "object", "properties": {}}}
+         for name in ("lookup", "book")]  # fmt: skip
+
+
+def call(base: str, items: list[dict[str, Any]], tools: bool = True) -> Stream:
+    """A model request as the Agents SDK makes it: the conversation so far, the tools offered."""
+    body: dict[str, Any] = {"model": "gpt-test", "stream": True, "input": items}
+    if tools:
+        body["tools"] = TOOLS
+    with requests.post(f"{base}/responses", json=body, stream=True, timeout=10) as response:
+        stream = Stream(response.status_code)
+        for line in response.iter_lines():
+            if line.startswith(b"data: "):
+                stream.events.append(json.loads(line[6:]))
+    return stream
+
+
+def function_call(stream: Stream) -> tuple[str, dict[str, Any]]:
+    """The tool the model asked for, and its arguments (the stream has no text)."""
+    assert stream.status == 200 and stream.text == ""
+    (done,) = stream.of("response.output_item.done")
+    item = done["item"]
+    assert item["type"] == "function_call" and stream.of("response.completed")
+    return item["name"], json.loads(item["arguments"])
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+def ran(name: str, output: str = "ok") -> list[dict[str, Any]]:
+    """What the Agents SDK appends after running a tool: the call, then its output."""
+    call_id = f"call_{name}"
+    return [{"type": "function_call", "call_id": call_id, "name": name, "arguments": "{}"},
+            {"type": "function_call_output", "call_id": call_id, "output": output}]  # fmt: skip
+
+
+def test_tool_calls_then_the_answer_for_every_message(fake_cli: Callable[..., str]) -> None:
+    base = fake_cli("--call-tool", "lookup", '{"day": "Monday", "size": 2}', "--call-tool", "book",
+                    "{}", "--reply", "Booked.", "--token-delay", "0")  # fmt: skip
+    first = [user("a table on Monday")]
+    assert function_call(call(base, first)) == ("lookup", {"day": "Monday", "size": 2})
+    # Another visitor's message arrives in between: it starts its own turn.
+    assert function_call(call(base, [user("and me?")]))[0] == "lookup"
+    assert function_call(call(base, first + ran("lookup"))) == ("book", {})
+    answer = call(base, first + ran("lookup") + ran("book"))
+    assert answer.text == "Booked."
+    assert [done["item"]["type"] for done in answer.of("response.output_item.done")] == ["message"]
+    # The next message of the same conversation: the calls again, then the answer.
+    later = first + ran("lookup") + ran("book") + [{"role": "assistant", "content": "Booked."},
+                                                   user("thanks")]  # fmt: skip
+    assert function_call(call(base, later))[0] == "lookup"
+    # A request that offers no tools (a thread title) gets the answer.
+    assert call(base, [user("Title this thread")], tools=False).text == "Booked."
+
+
+def test_tool_calls_for_the_first_messages_only_then_the_echo(
+    fake_cli: Callable[..., str],
+) -> None:
+    base = fake_cli("--call-tool", "lookup", "{}", "--times", "1", "--token-delay", "0")
+    assert function_call(call(base, [user("one")]))[0] == "lookup"
+    assert call(base, [user("one"), *ran("lookup")]).text == "You said: one"
+    assert call(base, [user("two")]).text == "You said: two"  # --times 1: one message
+
+
+def test_a_fault_after_the_tool_calls(fake_cli: Callable[..., str]) -> None:
+    base = fake_cli("--call-tool", "lookup", "{}", "--status", "500")
+    assert function_call(call(base, [user("one")]))[0] == "lookup"
+    assert call(base, [user("one"), *ran("lookup")]).status == 500
+
+
+def test_a_site_runs_its_tool_against_the_cli(
+    fake_cli: Callable[..., str], tmp_path: Path
+) -> None:
+    """The service's view: the Agents SDK calls the site's tool as the CLI scripts it, then the
+    answer streams; the thread's title call (titles on) gets the answer too."""
+    pytest.importorskip("chatkit_flask.server.actions")
+    from agents import Agent, function_tool
+    from flask import Flask
+
+    from chatkit_flask import ChatKit
+    from chatkit_flask.testing import ChatKitDriver
+
+    seen: list[str] = []
+
+    @function_tool
+    def lookup(day: str) -> str:
+        """Free slots of a day."""
+        seen.append(day)
+        return "10:00"
+
+    module = types.ModuleType("fake_cli_site")
+    module.agent = Agent(name="Site", model="gpt-test", tools=[lookup])  # type: ignore[attr-defined]
+    sys.modules[module.__name__] = module
+    base = fake_cli("--call-tool", "lookup", '{"day": "Monday"}', "--reply", "10:00 is free.",
+                    "--token-delay", "0")  # fmt: skip
+    app = Flask("cli_site")
+    app.config.update(
+        chatkit_test_config(
+            None,
+            CHATKIT_BACKEND="server",
+            OPENAI_BASE_URL=base,
+            CHATKIT_STORE_URL=f"sqlite:///{tmp_path}/threads.db",
+            CHATKIT_AGENT="fake_cli_site:agent",
+            CHATKIT_TITLE_MODEL="",  # on: the agent's model
+        )
+    )
+    chatkit = ChatKit(app)
+    try:
+        chat = ChatKitDriver(app)
+        reply = chat.send("Monday?")
+        assert reply.text == "10:00 is free." and seen == ["Monday"]
+        assert reply.title == "10:00 is free"  # the title call got the answer too
+        assert chat.send("Tuesday too?").text == "10:00 is free." and seen == ["Monday"] * 2
+    finally:
+        chatkit.close(app)
+        del sys.modules[module.__name__]

@@ -419,7 +419,11 @@ def test_breaker_frees_threads_when_the_upstream_hangs(upstream: FakeChatKit) ->
 def test_graceful_restart_loses_no_in_flight_mint(
     upstream: FakeChatKit, sig: signal.Signals
 ) -> None:
-    service = start_service(upstream, "-w", "2", "-k", "gthread", "--threads", "4")
+    # An upstream timeout well above the 0.5 s latency: this test is about the restart, and a
+    # busy machine once stretched two mints past the file's 1 s.
+    service = start_service(
+        upstream, "-w", "2", "-k", "gthread", "--threads", "4", CHATKIT_UPSTREAM_TIMEOUT="3"
+    )
     upstream.latency = 0.5
     signalled = threading.Event()
     signal_at: list[float] = []

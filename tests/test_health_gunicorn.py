@@ -129,18 +129,26 @@ def test_metrics_add_up_every_worker_without_the_config_file(
     plain_gunicorn: tuple[str, int],
 ) -> None:
     base, master = plain_gunicorn
-    mints = 24
-    for _ in range(mints):
-        with requests.Session() as session:  # one connection each: both workers answer
+    directory = Path(tempfile.gettempdir()) / f"chatkit-prometheus-{os.getuid()}-{master}"
+
+    def workers() -> set[str]:
+        return {p.name.rsplit("_", 1)[1] for p in directory.glob("counter_*.db")}
+
+    # Until both workers have minted (one connection each; the second worker may still be
+    # loading the app when the first answers), at least 24 mints.
+    mints = 0
+    deadline = time.monotonic() + 30
+    while mints < 24 or len(workers()) < 2:
+        assert time.monotonic() < deadline, sorted(directory.iterdir())
+        with requests.Session() as session:
             response = session.post(base + "/api/chatkit/secret", json={}, timeout=10)
             assert response.status_code == 200
+        mints += 1
     for _ in range(6):  # whichever worker answers the scrape
         text = _scrape(base)
         assert _value(text, 'chatkit_mints_total{outcome="minted"}') == mints
         assert _value(text, "chatkit_metrics_multiprocess") == 1
-    directory = Path(tempfile.gettempdir()) / f"chatkit-prometheus-{os.getuid()}-{master}"
-    workers = {p.name.rsplit("_", 1)[1] for p in directory.glob("counter_*.db")}
-    assert len(workers) == 2, sorted(directory.iterdir())  # both workers wrote their counters
+    assert len(workers()) == 2  # both workers wrote their counters
 
 
 # ------------------------------------------------------- the shared directory, in-process

@@ -411,3 +411,7 @@ def test_metrics_are_not_served_and_large_bodies_are_refused(stream_proxy: Caddy
     assert response.status_code in (413, 502)
     ok = requests.post(stream_proxy.base + "/api/chatkit", data=b"x" * 900_000, timeout=10)
     assert ok.status_code == 200
+    # Attachment uploads may be as large as CHATKIT_ATTACHMENT_MAX_BYTES (5 MiB) and framing.
+    upload = stream_proxy.base + "/api/chatkit/uploads/token"
+    assert requests.post(upload, data=b"x" * 5_500_000, timeout=20).status_code == 200
+    assert requests.post(upload, data=b"x" * 6_500_000, timeout=20).status_code in (413, 502)

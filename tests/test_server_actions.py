@@ -1,5 +1,6 @@
 """Widget actions in server mode, as a site registers them (``@chatkit.action``) and a visitor's
-widget sends them, through the Flask test client against the fake Responses API.
+widget sends them, driven as the widget does (``chatkit_flask.testing.ChatKitDriver`` on the
+Flask test client) against the fake Responses API.
 
 What a site may rely on: a registered streaming action answers with its events (a widget, a
 model turn) and they are stored; a sync action's updated widget is returned and stored; the
@@ -11,9 +12,8 @@ thread or item is a 404 before the handler runs; an unknown name or an oversized
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +21,6 @@ import pytest
 # chatkit_flask.server first: it silences the SDK's own deprecation warning at import.
 pytest.importorskip("chatkit_flask.server.actions")
 
-import redis
 from chatkit.actions import ActionConfig
 from chatkit.types import ThreadItem, ThreadItemDoneEvent, ThreadStreamEvent, WidgetItem
 from chatkit.widgets import Button, Card, Text
@@ -30,51 +29,18 @@ from flask import Flask, current_app, request
 from chatkit_flask import ChatKit
 from chatkit_flask.server.actions import ActionContext
 from chatkit_flask.server.protocol import FAILED_MESSAGE, MAX_ACTION_PAYLOAD_BYTES
+from chatkit_flask.testing import ChatKitDriver, ChatKitHTTPError
 from chatkit_flask.testing.fake_responses import FakeResponses
-from tests.conftest import TEST_API_KEY
-from tests.server_support import sse_events
 from tests.test_server_mode import (
-    STORE_REDIS_URL,
-    answer,
     assert_json_error,
     assert_refused_in_stream,
     assert_stream_headers,
     close_app,
-    create_body,
-    create_thread,
-    item_list,
-    post,
     server_config,
 )
 
 # Sites should build widgets from templates; plain classes keep these tests short.
 pytestmark = pytest.mark.filterwarnings("ignore:Direct usage of named widget classes")
-
-
-@pytest.fixture(scope="module")
-def _fake() -> Iterator[FakeResponses]:
-    with FakeResponses(api_key=TEST_API_KEY) as server:
-        yield server
-
-
-@pytest.fixture
-def fake(_fake: FakeResponses) -> FakeResponses:
-    _fake.clear()  # echoes the last user message
-    return _fake
-
-
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Both thread stores: a SQLite file, or the suite's Redis (its own database, emptied)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/threads.db"
-        return
-    request.getfixturevalue("redis_server")
-    client = redis.Redis.from_url(STORE_REDIS_URL, socket_timeout=1)
-    client.flushdb()
-    yield STORE_REDIS_URL
-    client.flushdb()
-    client.close()
 
 
 def slots_widget(text: str) -> Card:
@@ -155,39 +121,33 @@ def booking_site(
     return app
 
 
-def action_body(
-    thread_id: str, name: str, item_id: str | None = None, payload: Any = None, sync: bool = False
-) -> dict[str, Any]:
-    kind = "threads.sync_custom_action" if sync else "threads.custom_action"
-    params: dict[str, Any] = {"thread_id": thread_id, "action": {"type": name, "payload": payload}}
-    if item_id is not None:
-        params["item_id"] = item_id
-    return {"type": kind, "params": params}
-
-
-def show_widget(client: Any, thread_id: str, **kwargs: Any) -> dict[str, Any]:
-    response = post(client, action_body(thread_id, "show_slots", payload={"day": "mon"}), **kwargs)
-    assert_stream_headers(response)
-    (done,) = [e for e in sse_events(response.data) if e["type"] == "thread.item.done"]
-    return done["item"]
+def show_widget(chat: ChatKitDriver) -> dict[str, Any]:
+    shown = chat.action("show_slots", {"day": "mon"})
+    assert_stream_headers(shown.response)
+    (widget,) = shown.widgets
+    return widget
 
 
 def widget_texts(item: dict[str, Any]) -> list[str]:
     return [child["value"] for child in item["widget"]["children"] if child["type"] == "Text"]
 
 
+def refused(send: Callable[[], Any], status: int, code: str) -> ChatKitHTTPError:
+    """The JSON refusal ``send()`` is answered with (its status and error code)."""
+    with pytest.raises(ChatKitHTTPError) as error:
+        send()
+    assert_json_error(error.value.response, status, code)
+    return error.value
+
+
 def test_a_streaming_action_answers_with_a_widget_that_is_stored(
     site: Flask, calls: list[dict[str, Any]]
 ) -> None:
-    client = site.test_client()
-    alice = {"X-User": "alice"}
-    created = post(client, create_body("hello"), headers=alice)
-    thread_id = sse_events(created.data)[0]["thread"]["id"]
-    widget = show_widget(client, thread_id, headers=alice)
+    alice = ChatKitDriver(site.test_client(), headers={"X-User": "alice"})
+    thread_id = alice.send("hello").thread_id
+    widget = show_widget(alice)
     assert widget["type"] == "widget" and widget_texts(widget) == ["10:00 is free"]
-    params = {"thread_id": thread_id, "order": "asc"}
-    listed = post(client, {"type": "items.list", "params": params}, headers=alice)
-    assert [item["id"] for item in listed.get_json()["data"]][-1] == widget["id"]
+    assert alice.items()[-1] == widget
     assert calls == [
         {
             "name": "show_slots",
@@ -203,118 +163,105 @@ def test_a_streaming_action_answers_with_a_widget_that_is_stored(
 def test_a_sync_action_returns_and_stores_the_updated_widget(
     site: Flask, calls: list[dict[str, Any]]
 ) -> None:
-    client = site.test_client()
-    thread_id = create_thread(client)
-    widget = show_widget(client, thread_id)
-    response = post(
-        client, action_body(thread_id, "book_slot", widget["id"], {"slot": "10:00"}, sync=True)
-    )
-    assert response.status_code == 200, response.data
-    updated = response.get_json()["updated_item"]
+    chat = ChatKitDriver(site.test_client())
+    chat.send("hello")
+    widget = show_widget(chat)
+    updated = chat.sync_action("book_slot", {"slot": "10:00"}, item_id=widget["id"])
+    assert updated is not None
     assert updated["id"] == widget["id"] and widget_texts(updated) == ["Booked 10:00"]
-    assert widget_texts(item_list(client, thread_id)[-1]) == ["Booked 10:00"]
+    assert widget_texts(chat.items()[-1]) == ["Booked 10:00"]
     assert calls[-1]["sender"] == widget["id"] and calls[-1]["app"] == "booking_site"
 
 
 def test_an_action_can_start_a_model_turn(site: Flask, fake: FakeResponses) -> None:
-    client = site.test_client()
-    thread_id = create_thread(client, "which slots?")
+    chat = ChatKitDriver(site.test_client())
+    chat.send("which slots?")
     before = fake.count
-    response = post(client, action_body(thread_id, "ask_model"))
-    assert_stream_headers(response)
-    assert answer(sse_events(response.data)) == "You said: which slots?"
+    turn = chat.action("ask_model")
+    assert_stream_headers(turn.response)
+    assert turn.text == "You said: which slots?" and turn.types[-1] == "thread.item.done"
     assert fake.count == before + 1
 
 
 def test_another_owners_thread_or_item_is_404_and_the_handler_never_runs(
     site: Flask, calls: list[dict[str, Any]]
 ) -> None:
-    owner = site.test_client()
-    thread_id = create_thread(owner)
-    widget = show_widget(owner, thread_id)
+    owner = ChatKitDriver(site.test_client())
+    thread_id = owner.send("hello").thread_id
+    widget = show_widget(owner)
     calls.clear()
-    stranger = site.test_client()
-    other_thread = create_thread(stranger)
-    for client, body in [
-        (stranger, action_body(thread_id, "show_slots")),
-        (stranger, action_body(thread_id, "book_slot", widget["id"], sync=True)),
+    stranger = ChatKitDriver(site.test_client())
+    stranger.send("mine")  # the stranger's own thread
+    for send in (
+        lambda: stranger.action("show_slots", thread_id=thread_id),
+        lambda: stranger.sync_action("book_slot", item_id=widget["id"], thread_id=thread_id),
         # The stranger's own thread with the owner's widget: the item is not in it.
-        (stranger, action_body(other_thread, "book_slot", widget["id"], sync=True)),
-        (stranger, action_body(other_thread, "show_slots", widget["id"])),
-    ]:
-        assert_json_error(post(client, body), 404, "not_found")
+        lambda: stranger.sync_action("book_slot", item_id=widget["id"]),
+        lambda: stranger.action("show_slots", item_id=widget["id"]),
+    ):
+        refused(send, 404, "not_found")
     assert calls == []
-    assert widget_texts(item_list(owner, thread_id)[-1]) == ["10:00 is free"]
+    assert widget_texts(owner.items()[-1]) == ["10:00 is free"]
 
 
 def test_an_unknown_action_or_the_wrong_kind_is_400(
     site: Flask, calls: list[dict[str, Any]]
 ) -> None:
-    client = site.test_client()
-    thread_id = create_thread(client)
-    for body in (
-        action_body(thread_id, "delete_everything"),
-        action_body(thread_id, "book_slot"),  # a sync action sent as streaming
-        action_body(thread_id, "show_slots", sync=True),
-    ):
-        assert_json_error(post(client, body), 400, "unsupported_action")
+    chat = ChatKitDriver(site.test_client())
+    chat.send("hello")
+    refused(lambda: chat.action("delete_everything"), 400, "unsupported_action")
+    refused(lambda: chat.action("book_slot"), 400, "unsupported_action")  # sync, sent streaming
+    refused(lambda: chat.sync_action("show_slots"), 400, "unsupported_action")
     assert calls == []
 
 
 def test_an_oversized_payload_is_400(site: Flask, calls: list[dict[str, Any]]) -> None:
-    client = site.test_client()
-    thread_id = create_thread(client)
+    chat = ChatKitDriver(site.test_client())
+    chat.send("hello")
     big = {"note": "x" * MAX_ACTION_PAYLOAD_BYTES}
-    assert_json_error(
-        post(client, action_body(thread_id, "show_slots", payload=big)), 400, "invalid_request"
-    )
+    refused(lambda: chat.action("show_slots", big), 400, "invalid_request")
     fits = {"note": "x" * (MAX_ACTION_PAYLOAD_BYTES - 100)}
-    assert post(client, action_body(thread_id, "show_slots", payload=fits)).status_code == 200
+    assert chat.action("show_slots", fits).widgets
     assert [call["name"] for call in calls] == ["show_slots"]
 
 
 def test_a_streaming_action_counts_against_the_per_user_message_limit(
     site: Flask, calls: list[dict[str, Any]], fake: FakeResponses
 ) -> None:
-    client = site.test_client()
-    thread_id = create_thread(client)  # 1 of 3
-    show_widget(client, thread_id)  # 2
-    post(client, action_body(thread_id, "ask_model"))  # 3
+    chat = ChatKitDriver(site.test_client())
+    chat.send("hello")  # 1 of 3
+    show_widget(chat)  # 2
+    chat.action("ask_model")  # 3
     count = fake.count
-    refused = post(client, action_body(thread_id, "ask_model"))
-    assert_refused_in_stream(refused, "too many messages")
+    over = chat.action("ask_model")
+    assert_refused_in_stream(over.response, "too many messages")
     assert fake.count == count and len(calls) == 2
     # Reads and sync actions are not messages.
-    assert post(client, {"type": "threads.list", "params": {}}).status_code == 200
+    assert chat.threads()
 
 
 def test_an_action_sent_from_an_item_that_is_not_a_widget_is_refused_before_the_handler(
     site: Flask, calls: list[dict[str, Any]]
 ) -> None:
-    client = site.test_client()
-    thread_id = create_thread(client)
-    message_id = item_list(client, thread_id)[0]["id"]  # the visitor's own message
-    response = post(client, action_body(thread_id, "book_slot", message_id, sync=True))
-    assert_json_error(response, 400, "invalid_request")
-    response = post(client, action_body(thread_id, "show_slots", message_id))
-    (event,) = sse_events(response.data)
-    assert event["type"] == "error"
+    chat = ChatKitDriver(site.test_client())
+    chat.send("hello")
+    message_id = chat.items()[0]["id"]  # the visitor's own message
+    refused(lambda: chat.sync_action("book_slot", item_id=message_id), 400, "invalid_request")
+    stream = chat.action("show_slots", item_id=message_id)
+    assert stream.types == ["error"]
     assert calls == []
 
 
 def test_a_failing_handler_is_a_generic_error_and_its_text_is_not_logged(
     site: Flask, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client = site.test_client()
-    thread_id = create_thread(client)
-    response = post(client, action_body(thread_id, "broken"))
-    assert_stream_headers(response)
-    error = sse_events(response.data)[-1]
-    assert error["type"] == "error" and error["allow_retry"] is True
-    assert error["message"] == FAILED_MESSAGE
-    response = post(client, action_body(thread_id, "broken_sync", sync=True))
-    assert_json_error(response, 500, "action_failed")
-    assert "secret-detail" not in response.get_data(as_text=True)
+    chat = ChatKitDriver(site.test_client())
+    chat.send("hello")
+    stream = chat.action("broken")
+    assert_stream_headers(stream.response)
+    assert stream.errors[-1]["allow_retry"] is True and stream.error == FAILED_MESSAGE
+    error = refused(lambda: chat.sync_action("broken_sync"), 500, "action_failed")
+    assert "secret-detail" not in error.response.get_data(as_text=True)
     assert "secret-detail" not in caplog.text
     assert caplog.text.count("action broken") == 2  # broken, broken_sync: class names only
 
@@ -324,19 +271,18 @@ def test_an_actions_model_turn_is_charged_to_the_token_budget_which_then_refuses
 ) -> None:
     app = booking_site(fake, store_url, calls, CHATKIT_TOKENS_PER_USER="100 per day")
     try:
-        client = app.test_client()
-        thread_id = create_thread(client, "a first question that costs tokens")
+        chat = ChatKitDriver(app.test_client())
+        chat.send("a first question that costs tokens")
         while True:  # only the actions' model turns from here on
             time.sleep(0.2)  # the charge is made off the event loop, once the stream ends
-            events = sse_events(post(client, action_body(thread_id, "ask_model")).data)
-            if events[0]["type"] == "error":
+            turn = chat.action("ask_model")
+            if turn.types[0] == "error":
                 break
             assert len(calls) < 20, "the budget never ran out"
-        assert "share of the assistant" in events[0]["message"]
+        assert "share of the assistant" in (turn.error or "")
         count, ran = fake.count, len(calls)
         assert ran >= 1  # model turns of actions spent the budget (uncharged, it never ends)
-        refused = sse_events(post(client, action_body(thread_id, "show_slots")).data)
-        assert [event["type"] for event in refused] == ["error"]
+        assert chat.action("show_slots").types == ["error"]
         assert fake.count == count and len(calls) == ran  # neither the handler nor the model
     finally:
         close_app(app)

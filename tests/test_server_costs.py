@@ -5,6 +5,10 @@ nothing; 20 concurrent messages against a 100-token budget were all admitted; a 
 outlived every timeout; nothing bounded the reply's length or the history's size; one IPv6 /48
 could spend the site's whole daily cap. The model is the fake Responses API on a real socket;
 budgets are counted in the real Redis.
+
+Threads are kept in SQLite unless the test's behaviour depends on the thread store (a cut or
+cancelled reply kept, the history read back, concurrent threads written): those take
+``store_url`` and run on every store. Budgets live in the limiter's Redis whatever the store.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from chatkit_flask.settings import OPTIONS, ConfigError, Settings
 from chatkit_flask.testing.fake_responses import FakeResponses, Reply
 from tests.conftest import REDIS_URL, TEST_SECRET_KEY
 from tests.server_support import sse_events, user_input
+from tests.test_server_mode import close_app
 
 MODEL_KEY = "test-model-key-not-a-real-one"
 URL = "/api/chatkit"
@@ -48,6 +53,7 @@ def make_server_app(
 ) -> Iterator[Callable[..., Flask]]:
     fake.clear()
     fake.token_delay = 0.0
+    apps: list[Flask] = []
 
     def factory(**overrides: Any) -> Flask:
         config = {
@@ -66,10 +72,13 @@ def make_server_app(
             "TESTING": True,
             **overrides,
         }
-        return create_app(config, environ={})
+        apps.append(create_app(config, environ={}))
+        return apps[-1]
 
     yield factory
     fake.token_delay = 0.0
+    for app in apps:
+        close_app(app)
 
 
 def create(text: str) -> dict[str, Any]:
@@ -134,14 +143,15 @@ def assistant_items(client: Any, thread: str) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------- 2. hanging up
 def test_a_visitor_who_hangs_up_mid_reply_is_charged_what_it_cost(
-    make_server_app: Callable[..., Flask], fake: FakeResponses, real_redis: Any
+    make_server_app: Callable[..., Flask], fake: FakeResponses, real_redis: Any, store_url: str
 ) -> None:
     """Before: a cancelled run reported 0 tokens and the budget was never charged."""
-    app = make_server_app(CHATKIT_TOKENS_PER_USER="100000 per day")
+    app = make_server_app(CHATKIT_TOKENS_PER_USER="100000 per day", CHATKIT_STORE_URL=store_url)
     client = app.test_client()
     fake.enqueue(Reply(text=" ".join(f"word{n}" for n in range(60)), token_delay=0.05))
     response = client.post(URL, json=create("tell me a long story"), buffered=False)
     frames = iter(response.response)
+    thread = sse_events(next(frames))[0]["thread"]["id"]
     while b"thread.item.updated" not in next(frames):
         pass
     for _ in range(8):  # a few words are out
@@ -157,6 +167,9 @@ def test_a_visitor_who_hangs_up_mid_reply_is_charged_what_it_cost(
     assert charged >= billed > 0
     # An estimate, not the reservation: far below input + max_output_tokens (1024).
     assert charged < words_in(fake.requests[-1].json) * 4 + 300
+    # What the visitor saw before leaving is kept in the thread.
+    (kept,) = assistant_items(client, thread)
+    assert kept["content"][0]["text"].startswith("word0")
 
 
 def test_a_completed_reply_is_charged_the_providers_usage_exactly(
@@ -250,11 +263,13 @@ def test_twenty_concurrent_messages_of_one_visitor_stay_within_one_reservation(
     fake: FakeResponses,
     real_redis: Any,
     mint_logs: pytest.LogCaptureFixture,
+    store_url: str,
 ) -> None:
     """Before: 20 concurrent messages with a budget of 100 tokens were all admitted (1,405
-    tokens). Two apps on one Redis stand in for two workers (or hosts)."""
+    tokens). Two apps on one Redis (and one thread store) stand in for two workers (or hosts)."""
     apps = [
-        make_server_app(CHATKIT_TOKENS_PER_USER="100 per day", CHATKIT_MAX_OUTPUT_TOKENS=64)
+        make_server_app(CHATKIT_TOKENS_PER_USER="100 per day", CHATKIT_MAX_OUTPUT_TOKENS=64,
+                        CHATKIT_STORE_URL=store_url)
         for _ in range(2)
     ]
     fake.token_delay = 0.02  # replies overlap
@@ -304,12 +319,13 @@ def _echo_of(body: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------- 4. total bounds
 def test_a_trickling_reply_ends_at_the_reply_deadline(
-    make_server_app: Callable[..., Flask], fake: FakeResponses, real_redis: Any
+    make_server_app: Callable[..., Flask], fake: FakeResponses, real_redis: Any, store_url: str
 ) -> None:
     """Before: CHATKIT_MODEL_TIMEOUT bounded only silent gaps; a reply trickling a word every
     0.3 s ran to its end (26 s with the timeout at 3)."""
     app = make_server_app(
-        CHATKIT_MODEL_TIMEOUT=1, CHATKIT_REPLY_TIMEOUT=1.5, CHATKIT_TOKENS_PER_USER="1000 per day"
+        CHATKIT_MODEL_TIMEOUT=1, CHATKIT_REPLY_TIMEOUT=1.5, CHATKIT_TOKENS_PER_USER="1000 per day",
+        CHATKIT_STORE_URL=store_url,
     )
     client = app.test_client()
     fake.enqueue(Reply(text=" ".join(f"word{n}" for n in range(40)), token_delay=0.3))
@@ -334,14 +350,15 @@ def test_a_trickling_reply_ends_at_the_reply_deadline(
 
 
 def test_max_output_tokens_is_sent_and_a_cut_reply_keeps_its_text(
-    make_server_app: Callable[..., Flask], fake: FakeResponses
+    make_server_app: Callable[..., Flask], fake: FakeResponses, store_url: str
 ) -> None:
     """Before: no max_output_tokens was sent, so a reply's length had no bound."""
-    client = make_server_app().test_client()
+    client = make_server_app(CHATKIT_STORE_URL=store_url).test_client()
     send(client, create("hello"))
     assert fake.requests[-1].json["max_output_tokens"] == 1024  # the default
 
-    client = make_server_app(CHATKIT_MAX_OUTPUT_TOKENS=16).test_client()
+    app = make_server_app(CHATKIT_MAX_OUTPUT_TOKENS=16, CHATKIT_STORE_URL=store_url)
+    client = app.test_client()
     fake.enqueue(" ".join(f"word{n}" for n in range(40)))
     events = send(client, create("a long one"))
     assert fake.requests[-1].json["max_output_tokens"] == 16
@@ -353,10 +370,11 @@ def test_max_output_tokens_is_sent_and_a_cut_reply_keeps_its_text(
 
 
 def test_history_is_bounded_by_size_as_well_as_by_items(
-    make_server_app: Callable[..., Flask], fake: FakeResponses
+    make_server_app: Callable[..., Flask], fake: FakeResponses, store_url: str
 ) -> None:
     """Before: 30 items went to the model whatever their size (up to ~240,000 characters)."""
-    client = make_server_app(CHATKIT_HISTORY_MAX_CHARS=12_000).test_client()
+    app = make_server_app(CHATKIT_HISTORY_MAX_CHARS=12_000, CHATKIT_STORE_URL=store_url)
+    client = app.test_client()
     first = send(client, create("oldest " + "a" * 3900))
     thread = first[0]["thread"]["id"]
     for n in range(4):
@@ -443,7 +461,8 @@ def test_two_gunicorn_workers_overspend_a_visitors_budget_by_at_most_one_reserva
     real_redis: Any, fake: FakeResponses, tmp_path: Path
 ) -> None:
     """The same 20 concurrent messages through gunicorn with 2 workers, each with its own
-    event loop and Redis connections: the reservation is taken in Redis, not in a process."""
+    event loop and Redis connections: the reservation is taken in Redis, not in a process.
+    (SQLite only: test_server_gunicorn runs several workers on every store.)"""
     from tests.test_server_gunicorn import Service
 
     fake.clear()
@@ -454,7 +473,7 @@ def test_two_gunicorn_workers_overspend_a_visitors_budget_by_at_most_one_reserva
         f"sqlite:///{tmp_path}/threads.db",
         GUNICORN_WORKERS="2",
         GUNICORN_THREADS="16",
-        CHATKIT_MAX_STREAMS_PER_WORKER="16",  # not the threads - 8 default: 20 streams at once
+        CHATKIT_MAX_STREAMS_PER_WORKER="20",  # 20 streams at once, however they spread
         CHATKIT_TOKENS_PER_USER="100 per day",
         CHATKIT_MAX_OUTPUT_TOKENS="64",
     )
@@ -467,7 +486,9 @@ def test_two_gunicorn_workers_overspend_a_visitors_budget_by_at_most_one_reserva
         streams = [sse_events(r.content) for r in replies]
         answered = [s for s in streams if text_of(s)]
         refused = [s for s in streams if not text_of(s)]
-        assert all("share of the assistant" in s[-1]["message"] for s in refused)
+        assert all("share of the assistant" in s[-1]["message"] for s in refused), [
+            s for s in refused if "share of the assistant" not in s[-1]["message"]
+        ]
         assert 1 <= len(answered) < 20 and fake.count == len(answered)
         billed = sum(
             words_in(req.json) + len(_echo_of(req.json).split()) for req in fake.requests

@@ -1,5 +1,8 @@
 """Server mode's costs and data: token budgets per visitor and site-wide (in Redis, shared by
-every worker), and the operator's commands over a person's threads (list, purge, prune)."""
+every worker), and the operator's commands over a person's threads (list, purge, prune).
+
+The commands run on every thread store (``store_url``); the budget tests keep threads in SQLite
+(the budgets live in the limiter's Redis whatever the store)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from chatkit_flask.testing.fake_responses import FakeResponses, Reply
 from tests.conftest import REDIS_URL, TEST_SECRET_KEY
 from tests.server_support import sse_events as events
 from tests.server_support import user_input
+from tests.test_server_mode import close_app
 
 MODEL_KEY = "test-model-key-not-a-real-one"
 URL = "/api/chatkit"
@@ -31,8 +35,9 @@ def fake() -> Iterator[FakeResponses]:
 @pytest.fixture
 def make_server_app(
     fake: FakeResponses, tmp_path: Path, real_redis: Any
-) -> Callable[..., Flask]:
+) -> Iterator[Callable[..., Flask]]:
     fake.clear()
+    apps: list[Flask] = []
 
     def factory(**overrides: Any) -> Flask:
         config = {
@@ -46,9 +51,12 @@ def make_server_app(
             "TESTING": True,
             **overrides,
         }
-        return create_app(config, environ={})
+        apps.append(create_app(config, environ={}))
+        return apps[-1]
 
-    return factory
+    yield factory
+    for app in apps:
+        close_app(app)
 
 
 def send(client: Any, text: str, thread: str | None = None) -> list[dict[str, Any]]:
@@ -119,9 +127,9 @@ def test_the_site_budget_is_shared_by_every_worker(
 
 
 def test_purge_lists_and_erases_one_visitors_threads(
-    make_server_app: Callable[..., Flask],
+    make_server_app: Callable[..., Flask], store_url: str
 ) -> None:
-    app = make_server_app()
+    app = make_server_app(CHATKIT_STORE_URL=store_url)
     alice, bob = app.test_client(), app.test_client()
     for text in ("one", "two"):
         send(alice, text)
@@ -140,17 +148,18 @@ def test_purge_lists_and_erases_one_visitors_threads(
     assert len(bobs["data"]) == 1  # nobody else's threads are touched
 
 
-def test_purge_by_signed_in_user_and_prune(make_server_app: Callable[..., Flask]) -> None:
+def test_purge_by_signed_in_user_and_prune(fake: FakeResponses, store_url: str) -> None:
     from chatkit_flask import ChatKit
 
+    fake.clear()
     app = Flask("host")
     app.config.update(
         CHATKIT_BACKEND="server",
         OPENAI_API_KEY=MODEL_KEY,
-        OPENAI_BASE_URL=make_server_app().config["OPENAI_BASE_URL"],
+        OPENAI_BASE_URL=fake.base_url,
         SECRET_KEY=TEST_SECRET_KEY,
         CHATKIT_COOKIE_SECURE=False,
-        CHATKIT_STORE_URL=make_server_app().config["CHATKIT_STORE_URL"],
+        CHATKIT_STORE_URL=store_url,
         RATELIMIT_ENABLED=False,
         CHATKIT_THREAD_TTL=60,
     )
@@ -164,8 +173,11 @@ def test_purge_by_signed_in_user_and_prune(make_server_app: Callable[..., Flask]
     server = app.extensions["chatkit"].server
     import time
 
-    assert server.bridge.run(lambda: server.store.prune(now=time.time() + 120), 10) == 1
-    assert "0 thread(s)" in runner.invoke(args=["chatkit", "threads", "--user", "ada"]).output
+    try:
+        assert server.bridge.run(lambda: server.store.prune(now=time.time() + 120), 10) == 1
+        assert "0 thread(s)" in runner.invoke(args=["chatkit", "threads", "--user", "ada"]).output
+    finally:
+        close_app(app)
 
 
 def test_data_commands_refuse_in_hosted_mode(make_app: Callable[..., Flask]) -> None:

@@ -5,9 +5,11 @@ outlives the worker timeout. The store is the real Redis or a shared SQLite file
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -98,15 +100,43 @@ class Service:
             ["--access-logformat", "%(p)s %({x-request-id}o)s"], env, self.log_path, self.base
         )
 
-    def post(self, body: dict[str, Any], cookie: str | None = None) -> requests.Response:
-        """One request on its own connection (so gunicorn may hand it to any worker)."""
-        with requests.Session() as session:
-            return session.post(
+    def post(
+        self,
+        body: dict[str, Any],
+        cookie: str | None = None,
+        session: requests.Session | None = None,
+    ) -> requests.Response:
+        """One request on its own connection (so gunicorn may hand it to any worker), or on
+        ``session``'s keep-alive connection."""
+        with contextlib.nullcontext(session) if session else requests.Session() as client:
+            return client.post(
                 self.base + URL,
                 json=body,
                 cookies={"chatkit_session_id": cookie} if cookie else None,
                 timeout=60,
             )
+
+    def tabs(self, count: int) -> list[requests.Session]:
+        """``count`` keep-alive connections opened at once, as browser tabs opening together:
+        the workers share such a burst (tests/test_asgi_worker_accept.py), and each connection
+        then stays on its worker."""
+        deadline = time.monotonic() + 30
+        while True:  # until both workers are up and hold some (the second may still load)
+            sessions = [requests.Session() for _ in range(count)]
+            with ThreadPoolExecutor(count) as pool:
+                answers = list(pool.map(
+                    lambda s: self.post({"type": "threads.list", "params": {}}, session=s),
+                    sessions,
+                ))  # fmt: skip
+            time.sleep(0.2)  # the access lines are written
+            if len(self.workers_of([a.headers["X-Request-ID"] for a in answers])) >= 2:
+                for session in sessions:
+                    session.cookies.clear()  # the tabs' own visitor cookies: the caller's count
+                return sessions
+            for session in sessions:
+                session.close()
+            assert time.monotonic() < deadline, "a burst of connections stayed on one worker"
+            time.sleep(0.5)
 
     def workers_of(self, request_ids: list[str]) -> set[str]:
         pids = {}
@@ -134,7 +164,7 @@ def fake() -> Iterator[FakeResponses]:
         yield server
 
 
-@pytest.fixture(params=["redis", "sqlite"])
+@pytest.fixture(params=["redis", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def service(
     request: pytest.FixtureRequest, real_redis: Any, fake: FakeResponses, tmp_path: Path
 ) -> Iterator[Service]:
@@ -142,6 +172,8 @@ def service(
     store = (
         REDIS_URL.rsplit("/", 1)[0] + "/" + str(int(REDIS_URL.rsplit("/", 1)[1]) ^ 1)
         if request.param == "redis"
+        else request.getfixturevalue("postgres_tables")
+        if request.param == "postgres"
         else f"sqlite:///{tmp_path}/threads.db"
     )
     if request.param == "redis":
@@ -160,11 +192,12 @@ def test_one_conversation_across_workers(service: Service, fake: FakeResponses) 
     cookie = first.cookies["chatkit_session_id"]
     thread = events(first.content)[0]["thread"]["id"]
     request_ids = [first.headers["X-Request-ID"]]
+    tabs = service.tabs(8)  # the conversation goes round them: both workers hold some
     for n in range(8):
         reply = service.post(
             {"type": "threads.add_user_message",
              "params": {"thread_id": thread, "input": user_input(f"message {n}")}},
-            cookie,
+            cookie, tabs[n],
         )  # fmt: skip
         assert reply.status_code == 200
         assert reply.headers["Content-Type"].startswith("text/event-stream")
@@ -172,8 +205,9 @@ def test_one_conversation_across_workers(service: Service, fake: FakeResponses) 
         assert done[-1]["item"]["content"][0]["text"] == f"You said: message {n}"
         request_ids.append(reply.headers["X-Request-ID"])
         listed = service.post(
-            {"type": "items.list", "params": {"thread_id": thread, "limit": 100}}, cookie
-        )
+            {"type": "items.list", "params": {"thread_id": thread, "limit": 100}},
+            cookie, tabs[(n + 1) % len(tabs)],
+        )  # fmt: skip
         assert listed.status_code == 200
         request_ids.append(listed.headers["X-Request-ID"])
     page = service.post(
@@ -250,7 +284,7 @@ def test_hanging_up_aborts_the_model_and_keeps_the_partial_answer(
             ).encode()
         )
         received = b""
-        while received.count(b"thread.item.updated") < 3:  # a few words are out
+        while b'"delta":" word0"' not in received:  # the answer's first words are out
             chunk = sock.recv(65536)
             assert chunk, received
             received += chunk
@@ -288,3 +322,52 @@ def test_a_stream_longer_than_the_worker_timeout(
     finally:
         fake.token_delay = 0.0
         svc.stop()
+
+
+def test_the_master_imports_the_sql_store_only_when_it_is_the_store(
+    service: Service, request: pytest.FixtureRequest
+) -> None:
+    """The warm-up in gunicorn's master imports what the workers will import, SQLAlchemy and
+    psycopg too when the store is PostgreSQL (the workers then share those pages instead of
+    each loading its own copy), and not with another store (no memory spent on them)."""
+    store = request.node.callspec.params["service"]
+    libraries = Path(f"/proc/{service.process.pid}/maps").read_text()
+    assert ("/sqlalchemy/" in libraries) == (store == "postgres"), store
+    assert ("/psycopg_binary/" in libraries) == (store == "postgres"), store
+
+
+@pytest.mark.parametrize("service", ["sqlite"], indirect=True)
+def test_sighup_starts_workers_that_answer(service: Service, fake: FakeResponses) -> None:
+    """SIGHUP (a code reload) replaces the workers; the master, which imported the app's modules
+    before the first fork, imports them again (on_reload), and the new workers answer, carrying on
+    the visitor's thread."""
+    first = service.post({"type": "threads.create", "params": {"input": user_input("before")}})
+    assert first.status_code == 200, first.text
+    cookie = first.cookies["chatkit_session_id"]
+    thread = events(first.content)[0]["thread"]["id"]
+    old: set[str] = set()
+    for _ in range(50):  # a reply's access line is written once it has been sent
+        old = service.workers_of([first.headers["X-Request-ID"]])
+        if old:
+            break
+        time.sleep(0.1)
+    assert old, "the access log names no worker"
+    service.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 60
+    while True:
+        reply = service.post(
+            {"type": "threads.add_user_message",
+             "params": {"thread_id": thread, "input": user_input("after")}},
+            cookie,
+        )  # fmt: skip
+        assert reply.status_code == 200, reply.text
+        time.sleep(0.3)  # its access line
+        if service.workers_of([reply.headers["X-Request-ID"]]) - old:
+            break  # answered by a worker started by the reload
+        assert time.monotonic() < deadline, "no new worker answered within 60 s"
+        time.sleep(0.5)
+    done = [e for e in events(reply.content) if e["type"] == "thread.item.done"]
+    assert done[-1]["item"]["content"][0]["text"] == "You said: after"
+    log = service.log_path.read_text()
+    assert "Handling signal: hup" in log.lower() or "hang up" in log.lower(), log[-2000:]
+    assert "app modules not reloaded" not in log

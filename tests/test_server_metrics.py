@@ -1,7 +1,11 @@
 """Server mode's metrics and log line: values after real requests through the test client with
 the fake model (completed, failed, cancelled, refused, not found, invalid), the open-streams
 gauge back at 0 however a stream ends, labels that never hold an id or a text, and the gauge and
-counters summed across gunicorn workers."""
+counters summed across gunicorn workers.
+
+The tests of what the store does (a message's store calls, a missing thread, a cut answer saved,
+the store's own failures counted) run on every thread store (``store_url``); the rest keep
+threads in SQLite, as does the gunicorn test (test_server_gunicorn runs workers on every store)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +124,10 @@ def post(client: FlaskClient, body: dict[str, Any], **kwargs: Any) -> Any:
 # ---------------------------------------------------------------------- in-process
 
 
-def test_completed_message(make_server_app: Callable[..., Flask], mint_logs: Any) -> None:
-    client = make_server_app().test_client()
+def test_completed_message(
+    make_server_app: Callable[..., Flask], mint_logs: Any, store_url: str
+) -> None:
+    client = make_server_app(CHATKIT_STORE_URL=store_url).test_client()
     delta = Delta()
     response = post(client, create("hello there"))
     assert response.status_code == 200
@@ -159,15 +166,15 @@ def test_failed_answer_is_a_model_error(
 
 
 def test_closed_stream_is_cancelled_and_the_gauge_returns_to_zero(
-    make_server_app: Callable[..., Flask], fake: FakeResponses
+    make_server_app: Callable[..., Flask], fake: FakeResponses, store_url: str
 ) -> None:
-    client = make_server_app().test_client()
+    client = make_server_app(CHATKIT_STORE_URL=store_url).test_client()
     fake.token_delay = 0.1
     delta = Delta()
     response = post(client, create(" ".join(f"w{n}" for n in range(40))), buffered=False)
     chunks = iter(response.response)
     received = b""
-    while b"thread.item.updated" not in received:  # the answer has begun
+    while b"text_delta" not in received:  # the answer has begun
         received += next(chunks)
     assert delta("chatkit_streams_open") == 1
     response.close()  # what gunicorn does when the visitor goes away
@@ -176,6 +183,15 @@ def test_closed_stream_is_cancelled_and_the_gauge_returns_to_zero(
     assert delta("chatkit_stream_duration_seconds_count") == 1
     assert delta("chatkit_first_event_seconds_count") == 1
     assert delta("chatkit_model_errors_total") == 0
+    # What the visitor read is saved after the stream ends (a failed write would count here).
+    (thread,) = post(client, {"type": "threads.list", "params": {}}).get_json()["data"]
+    body = {"type": "items.list", "params": {"thread_id": thread["id"], "order": "asc"}}
+    deadline = time.monotonic() + 5
+    while len(kinds := [i["type"] for i in post(client, body).get_json()["data"]]) < 2:
+        assert time.monotonic() < deadline, kinds
+        time.sleep(0.05)
+    assert kinds == ["user_message", "assistant_message"]
+    assert delta("chatkit_store_errors_total") == 0
 
 
 def test_refusals_by_scope(make_server_app: Callable[..., Flask], fake: FakeResponses) -> None:
@@ -214,8 +230,10 @@ def test_refusals_by_scope(make_server_app: Callable[..., Flask], fake: FakeResp
     assert delta("chatkit_streams_open") == 0
 
 
-def test_not_found_and_invalid_messages(make_server_app: Callable[..., Flask]) -> None:
-    client = make_server_app(CHATKIT_MAX_INPUT_CHARS=10).test_client()
+def test_not_found_and_invalid_messages(
+    make_server_app: Callable[..., Flask], store_url: str
+) -> None:
+    client = make_server_app(CHATKIT_MAX_INPUT_CHARS=10, CHATKIT_STORE_URL=store_url).test_client()
     delta = Delta()
     missing = add_message("thr_" + "0" * 32, "hi")
     assert post(client, missing).status_code == 404
@@ -231,13 +249,41 @@ def test_not_found_and_invalid_messages(make_server_app: Callable[..., Flask]) -
     assert value("chatkit_requests_total", type="no.such.type") == 0
 
 
-def test_store_exceptions_are_counted(make_server_app: Callable[..., Flask]) -> None:
-    app = make_server_app()
+def test_a_client_tool_output_nobody_waits_for_is_invalid(
+    make_server_app: Callable[..., Flask],
+) -> None:
+    client = make_server_app().test_client()
+    thread_id = events(post(client, create("hello")).data)[0]["thread"]["id"]
+    delta = Delta()
+    body = {"type": "threads.add_client_tool_output",
+            "params": {"thread_id": thread_id, "result": {"ok": True}}}  # fmt: skip
+    assert post(client, body).status_code == 409
+    assert delta("chatkit_messages_total", outcome="invalid") == 1
+    assert delta("chatkit_requests_total", type="threads.add_client_tool_output") == 1
+
+
+def store_failure(store_url: str) -> Exception:
+    """What the store at ``store_url`` raises when its database fails."""
+    if store_url.startswith("sqlite:"):
+        return sqlite3.OperationalError("database is locked")
+    if store_url.startswith("redis"):
+        import redis
+
+        return redis.ConnectionError("Connection refused")
+    import sqlalchemy
+
+    return sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed"))
+
+
+def test_store_exceptions_are_counted(
+    make_server_app: Callable[..., Flask], store_url: str
+) -> None:
+    app = make_server_app(CHATKIT_STORE_URL=store_url)
     client = app.test_client()
     store = app.extensions["chatkit"].server.store  # the runtime's own store, under the counter
 
     async def locked(*args: Any, **kwargs: Any) -> Any:
-        raise sqlite3.OperationalError("database is locked")
+        raise store_failure(store_url)
 
     store.load_threads = locked
     store.save_thread = locked
@@ -315,6 +361,12 @@ def test_message_log_line(make_server_app: Callable[..., Flask], mint_logs: Any)
     assert re.fullmatch(r"v:[0-9a-f]{16}", fields["visitor"])
     # The first frame (thread.created) leaves before the model is called.
     assert 0 < fields["ttfe_ms"] <= fields["first_answer_ms"] <= fields["duration_ms"]
+    # Where the time went: identity and limits, first frame, history read and budget reserved
+    # (model called), the model's first delta in, the answer's first frame.
+    assert 0 < fields["admitted_ms"] <= fields["ttfe_ms"] <= fields["model_called_ms"]
+    assert fields["model_called_ms"] <= fields["first_answer_ms"] <= fields["model_delta_ms"]
+    assert fields["model_delta_ms"] <= fields["duration_ms"]
+    assert "queued_ms" not in fields  # only under the ASGI worker (a thread's wait)
     assert fields["tokens_in"] > 0 and fields["tokens_out"] > 0
     mint_logs.clear()
     post(client, add_message(thread_id, SECRET_TEXT))
@@ -322,7 +374,11 @@ def test_message_log_line(make_server_app: Callable[..., Flask], mint_logs: Any)
     line = record.getMessage()
     assert "thread=" in line and thread_id not in line
     assert SECRET_TEXT not in line and SECRET_TEXT not in json.dumps(record.chatkit)
-    assert re.search(r" ttfe_ms=[0-9.]+ first_answer_ms=[0-9.]+ duration_ms=[0-9.]+$", line)
+    assert re.search(
+        r" admitted_ms=[0-9.]+ ttfe_ms=[0-9.]+ model_called_ms=[0-9.]+ model_delta_ms=[0-9.]+"
+        r" first_answer_ms=[0-9.]+ duration_ms=[0-9.]+$",
+        line,
+    )
 
     from chatkit_flask.logs import JsonFormatter
 
@@ -409,7 +465,10 @@ def test_gauge_and_counters_across_gunicorn_workers(
             svc.post({"type": "threads.list", "params": {}})
         fake.token_delay = 0.15
         words = " ".join(f"w{n}" for n in range(30))  # about 5 s of answer
-        socks = [_open_stream(svc.port, create(words)) for _ in range(6)]
+        # Six visitors at once: the workers share a burst of connections (one-off ones that
+        # come one after another may all reach the worker the kernel wakes first).
+        with ThreadPoolExecutor(6) as pool:
+            socks = list(pool.map(lambda _: _open_stream(svc.port, create(words)), range(6)))
         per_worker = _open_per_worker(multiproc, tmp_path)
         assert sum(per_worker) == 6
         assert len([n for n in per_worker if n]) >= 2, f"one worker took all: {per_worker}"

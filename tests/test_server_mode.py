@@ -22,7 +22,6 @@ import pytest
 
 pytest.importorskip("chatkit")
 
-import redis
 from flask import Flask, request
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
@@ -41,12 +40,10 @@ from chatkit_flask.settings import ConfigError
 from chatkit_flask.testing.fake_responses import FakeResponses, Reply
 from tests.conftest import REDIS_URL, TEST_API_KEY, TEST_SECRET_KEY, WORKFLOW
 from tests.server_support import sse_events, user_input
-from tests.services import SUITE_REDIS
 
 URL = "/api/chatkit"
 CONFIG_URL = "/api/chatkit/config"
 COOKIE = "chatkit_session_id"
-STORE_REDIS_URL = SUITE_REDIS.url(8)  # the thread store; the limiter uses REDIS_URL (15)
 UPSTREAM_SECRET = "upstream-detail-that-must-stay-private"
 
 
@@ -80,6 +77,9 @@ def server_config(fake: FakeResponses, store_url: str, **overrides: Any) -> dict
         "CHATKIT_COOKIE_SECURE": False,
         "CHATKIT_MODEL_TIMEOUT": 10,
         "CHATKIT_TITLE_MODEL": "off",  # one model call per message (test_server_titles: on)
+        # The service's shipped config turns the demo on, whose agent has the demo's tools and
+        # instructions: these tests are of the plain agent (test_demo_site: the demo's).
+        "CHATKIT_DEMO": False,
         "RATELIMIT_STORAGE_URI": "memory://",
         "TESTING": True,
     }
@@ -99,20 +99,6 @@ def close_app(app: Flask) -> None:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/threads.db"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
-def store_url(request: pytest.FixtureRequest, sqlite_url: str) -> Iterator[str]:
-    """Where threads live: a SQLite file, or the suite's Redis (its own database, emptied)."""
-    if request.param == "sqlite":
-        yield sqlite_url
-        return
-    request.getfixturevalue("redis_server")
-    client = redis.Redis.from_url(STORE_REDIS_URL, socket_timeout=1)
-    client.flushdb()
-    yield STORE_REDIS_URL
-    client.flushdb()
-    client.close()
 
 
 @pytest.fixture
@@ -659,7 +645,6 @@ def test_a_message_too_long_is_400_before_the_model(
 UNSUPPORTED = {
     "attachments.create": {"name": "a.png", "size": 1, "mime_type": "image/png"},
     "input.transcribe": {"audio_base64": "AAAA", "mime_type": "audio/webm"},
-    "threads.add_client_tool_output": {"thread_id": "thr_x", "result": {"ok": True}},
 }
 
 
@@ -776,6 +761,7 @@ PARAMS: dict[str, dict[str, Any]] = {
     "threads.create": {"input": mostly(inputs)},
     "threads.add_user_message": {"thread_id": mostly(ids), "input": mostly(inputs)},
     "threads.retry_after_item": {"thread_id": mostly(ids), "item_id": mostly(ids)},
+    "threads.add_client_tool_output": {"thread_id": mostly(ids), "result": json_values},
     "threads.get_by_id": {"thread_id": mostly(ids)},
     "threads.list": pages,
     "items.list": {"thread_id": mostly(ids), **pages},
@@ -783,6 +769,16 @@ PARAMS: dict[str, dict[str, Any]] = {
     "threads.delete": {"thread_id": mostly(ids)},
     "items.feedback": {"thread_id": mostly(ids), "item_ids": mostly(st.lists(ids, max_size=3)),
                        "kind": mostly(st.sampled_from(["positive", "negative"]))},
+    "threads.add_structured_input": {
+        "thread_id": mostly(ids),
+        "item_id": mostly(ids),  # the visitor's message: not a structured input item
+        "input": mostly(st.fixed_dictionaries({}, optional={
+            "status": mostly(st.sampled_from(["answered", "skipped"])),
+            "answers": mostly(st.dictionaries(st.text(max_size=10), st.fixed_dictionaries(
+                {"values": mostly(st.lists(st.text(max_size=120), max_size=3))},
+                optional={"skipped": mostly(st.booleans())}), max_size=3)),
+        })),
+    },
 }
 
 
@@ -842,7 +838,8 @@ def aimed(value: Any, target: dict[str, Any]) -> Any:
 def check_answer(response: Any) -> None:
     """A documented status; an error is the JSON shape; a stream ends in an answer or in a
     generic error event."""
-    assert response.status_code in (200, 400, 404, 413, 415), response.data[:300]
+    # 409: a client tool output for a thread that waits on no client tool call.
+    assert response.status_code in (200, 400, 404, 409, 413, 415), response.data[:300]
     if response.status_code >= 400:
         assert response.mimetype == "application/json"
         assert {"error", "message", "request_id"} <= set(response.get_json())

@@ -1,5 +1,9 @@
 """Server mode end to end: Flask -> handle() -> bridge -> ChatKit SDK -> Agents SDK -> the real
-AsyncOpenAI client -> the fake Responses API on a real socket (and, at the end, under gunicorn)."""
+AsyncOpenAI client -> the fake Responses API on a real socket (and, at the end, under gunicorn).
+
+Threads live in a real store: every store (``store_url``) for the tests that write or read
+threads; SQLite alone for the refusals decided before the store is asked (``sqlite_client``)
+and under gunicorn (test_server_gunicorn runs gunicorn on every store)."""
 
 from __future__ import annotations
 
@@ -40,8 +44,9 @@ from chatkit_flask.server.protocol import (
     request_type,
     streams,
 )
+from chatkit_flask.server.store import OwnerScopedStore, open_store
 from chatkit_flask.testing.fake_responses import FakeResponses, Reply
-from tests.server_support import MemoryStore, make_app, sse_events, user_input
+from tests.server_support import make_app, sse_events, user_input
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-model-key-not-a-real-one"
@@ -67,14 +72,33 @@ def usage() -> list[tuple[RequestContext, TokenUsage]]:
     return []
 
 
+def close_store(store: OwnerScopedStore, bridge: AsyncBridge) -> None:
+    """Close the store's connections that belong to ``bridge``'s loop (Redis, SQL)."""
+    aclose = getattr(store, "aclose", None)
+    if aclose is not None:
+        bridge.run(aclose, 5)
+
+
 @pytest.fixture
-def server(
-    fake: FakeResponses, usage: list[tuple[RequestContext, TokenUsage]]
+def store(store_url: str, bridge: AsyncBridge) -> Iterator[OwnerScopedStore]:
+    """Every thread store, in turn."""
+    made = open_store(store_url, thread_ttl=3600)
+    yield made
+    close_store(made, bridge)
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> OwnerScopedStore:
+    return open_store(f"sqlite:///{tmp_path}/threads.db", thread_ttl=3600)
+
+
+def chat_server(
+    store: OwnerScopedStore, fake: FakeResponses, usage: list[tuple[RequestContext, TokenUsage]]
 ) -> FlaskChatKitServer:
     fake.clear()
     fake.token_delay = 0.0
     return FlaskChatKitServer(
-        MemoryStore(),
+        store,
         build_plain_agent("gpt-test", "Answer briefly."),
         ModelClient(api_key=KEY, base_url=fake.base_url),
         max_input_chars=100,
@@ -83,8 +107,26 @@ def server(
 
 
 @pytest.fixture
+def server(
+    store: OwnerScopedStore, fake: FakeResponses, usage: list[tuple[RequestContext, TokenUsage]]
+) -> FlaskChatKitServer:
+    return chat_server(store, fake, usage)
+
+
+@pytest.fixture
 def client(server: FlaskChatKitServer, bridge: AsyncBridge) -> FlaskClient:
     return make_app(server, bridge).test_client()
+
+
+@pytest.fixture
+def sqlite_client(
+    sqlite_store: OwnerScopedStore,
+    fake: FakeResponses,
+    usage: list[tuple[RequestContext, TokenUsage]],
+    bridge: AsyncBridge,
+) -> FlaskClient:
+    """For refusals decided before the store is asked: one store is enough."""
+    return make_app(chat_server(sqlite_store, fake, usage), bridge).test_client()
 
 
 def post(client: FlaskClient, body: Any, owner: str = "visitor:alice") -> Any:
@@ -249,8 +291,10 @@ def test_another_owners_thread_is_404_before_any_stream_byte(
      + b'", "title": "' + b"x" * 300 + b'"}}',
      b"[" * 100_000],
 )
-def test_invalid_bodies_are_400(client: FlaskClient, fake: FakeResponses, body: bytes) -> None:
-    response = post(client, body)
+def test_invalid_bodies_are_400(
+    sqlite_client: FlaskClient, fake: FakeResponses, body: bytes
+) -> None:
+    response = post(sqlite_client, body)
     assert response.status_code == 400
     assert response.get_json()["error"] == "invalid_request"
     assert fake.count == 0
@@ -281,17 +325,15 @@ def test_random_garbage_is_never_a_500(client: FlaskClient) -> None:
         {"type": "attachments.create", "params": {"name": "a", "size": 1, "mime_type": "x/y"}},
         {"type": "attachments.delete", "params": {"attachment_id": "atc_1"}},
         {"type": "input.transcribe", "params": {"audio_base64": "", "mime_type": "audio/webm"}},
-        {"type": "threads.add_client_tool_output", "params": {"thread_id": "t", "result": 1}},
-        {"type": "threads.add_structured_input", "params": {}},
         {"type": "threads.create", "params": {"input": {**user_input("see file"),
                                                         "attachments": ["atc_1"]}}},
     ],
     ids=lambda body: body["type"],
 )
 def test_unsupported_requests_are_400(
-    client: FlaskClient, fake: FakeResponses, body: dict[str, Any]
+    sqlite_client: FlaskClient, fake: FakeResponses, body: dict[str, Any]
 ) -> None:
-    response = post(client, body)
+    response = post(sqlite_client, body)
     assert response.status_code == 400
     assert response.get_json()["error"] == "unsupported_request"
     assert fake.count == 0
@@ -300,9 +342,9 @@ def test_unsupported_requests_are_400(
 @pytest.mark.parametrize("kind", ["threads.custom_action", "threads.sync_custom_action"])
 @pytest.mark.parametrize("action", [{}, {"type": "book_slot", "payload": {}}])
 def test_actions_are_400_when_the_site_registered_no_handler(
-    client: FlaskClient, fake: FakeResponses, kind: str, action: dict[str, Any]
+    sqlite_client: FlaskClient, fake: FakeResponses, kind: str, action: dict[str, Any]
 ) -> None:
-    response = post(client, {"type": kind, "params": {"thread_id": "t", "action": action}})
+    response = post(sqlite_client, {"type": kind, "params": {"thread_id": "t", "action": action}})
     assert response.status_code == 400
     assert response.get_json()["error"] == "unsupported_action"
     assert fake.count == 0
@@ -350,7 +392,7 @@ def test_a_model_failure_is_an_error_event(
 
 
 def test_leaving_mid_stream_leaves_no_task_error_for_asyncio_to_log(
-    server: FlaskChatKitServer, fake: FakeResponses
+    server: FlaskChatKitServer, store: OwnerScopedStore, fake: FakeResponses
 ) -> None:
     # Every hang-up used to end with asyncio logging "Task exception was never retrieved ...
     # StopAsyncIteration" (a wait on the run's events that the SDK abandons).
@@ -375,6 +417,7 @@ def test_leaving_mid_stream_leaves_no_task_error_for_asyncio_to_log(
         bridge.run(lambda: asyncio.sleep(0.1), 5)
     finally:
         fake.token_delay = 0.0
+        close_store(store, bridge)
         bridge.close()
     assert not reported, [context.get("message") for context in reported]
 
@@ -406,7 +449,9 @@ def test_heartbeats_keep_a_silent_stream_alive_and_a_departure_is_noticed(
 
 
 # ------------------------------------------------------- agents, no HTTP
-def test_scripted_agent_factory_gets_the_request_context(bridge: AsyncBridge) -> None:
+def test_scripted_agent_factory_gets_the_request_context(
+    bridge: AsyncBridge, sqlite_store: OwnerScopedStore
+) -> None:
     model = ScriptedModel([[assistant_message("Scripted hello", item_id="msg_scripted_1")]])
     seen: list[RequestContext] = []
 
@@ -414,7 +459,7 @@ def test_scripted_agent_factory_gets_the_request_context(bridge: AsyncBridge) ->
         seen.append(context)
         return Agent(name="Scripted", model=model)
 
-    server = FlaskChatKitServer(MemoryStore(), factory)
+    server = FlaskChatKitServer(sqlite_store, factory)
     client = make_app(server, bridge).test_client()
     response = post(client, {"type": "threads.create", "params": {"input": user_input("yo")}},
                     owner="user:bob")
@@ -449,9 +494,11 @@ def _gunicorn_port(
     fake: FakeResponses, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[int]:
     port = free_port()
+    here = tmp_path_factory.mktemp("gunicorn")
     env = {**os.environ, "FAKE_RESPONSES_URL": fake.base_url, "FAKE_RESPONSES_KEY": KEY,
+           "TEST_STORE_URL": f"sqlite:///{here}/threads.db",
            "OPENAI_AGENTS_DISABLE_TRACING": "1", "PYTHONPATH": str(ROOT)}
-    log_path = tmp_path_factory.mktemp("gunicorn") / "stderr.log"
+    log_path = here / "stderr.log"
     with log_path.open("wb") as log:  # a file, not a pipe nobody reads (it could fill and block)
         process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", "1", "--threads", "4",

@@ -1,6 +1,9 @@
 """Hardening, third round (issue 22), the request checks: the input cap covers tags, ids the
 store could not have issued are 404 before the store is touched, ``limit: 0`` is the SDK's
-default page, and a hung Redis store fails a request within the store's short timeout."""
+default page, and a hung Redis store fails a request within the store's short timeout.
+
+Paging and ids the store issued run on every store (``store_client``); the input cap is decided
+before the store is asked (SQLite), and the key-level checks are the Redis store's own."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from chatkit_flask.server.protocol import FlaskChatKitServer
 from chatkit_flask.server.store import open_store
 from chatkit_flask.testing.fake_responses import FakeResponses
 from tests.conftest import REDIS_URL
-from tests.server_support import MemoryStore, make_app, sse_events, user_input
+from tests.server_support import make_app, sse_events, user_input
 
 KEY = "test-model-key-not-a-real-one"
 set_tracing_disabled(True)
@@ -53,8 +56,21 @@ def server_on(store: Any, fake: FakeResponses, max_input_chars: int = 100) -> Fl
 
 
 @pytest.fixture
-def client(fake: FakeResponses, bridge: AsyncBridge) -> FlaskClient:
-    return make_app(server_on(MemoryStore(), fake), bridge).test_client()
+def client(fake: FakeResponses, bridge: AsyncBridge, tmp_path: Any) -> FlaskClient:
+    store = open_store(f"sqlite:///{tmp_path}/threads.db", thread_ttl=3600)
+    return make_app(server_on(store, fake), bridge).test_client()
+
+
+@pytest.fixture
+def store_client(
+    fake: FakeResponses, bridge: AsyncBridge, store_url: str
+) -> Iterator[FlaskClient]:
+    """Every thread store, in turn."""
+    store = open_store(store_url, thread_ttl=3600)
+    yield make_app(server_on(store, fake), bridge).test_client()
+    aclose = getattr(store, "aclose", None)
+    if aclose is not None:
+        bridge.run(aclose, 5)
 
 
 @pytest.fixture
@@ -148,22 +164,22 @@ def test_a_message_to_a_malformed_thread_id_is_404_and_calls_no_model(
 
 
 @pytest.mark.parametrize("field", ["after", "item_id"])
-def test_a_malformed_item_id_is_404(redis_client: FlaskClient, field: str) -> None:
-    thread_id = create_thread(redis_client)
+def test_a_malformed_item_id_is_404(store_client: FlaskClient, field: str) -> None:
+    thread_id = create_thread(store_client)
     kind = "items.list" if field == "after" else "threads.retry_after_item"
 
-    response = post(redis_client, {"type": kind, "params": {"thread_id": thread_id, field: "a:b"}})
+    response = post(store_client, {"type": kind, "params": {"thread_id": thread_id, field: "a:b"}})
 
     assert response.status_code == 404
 
 
-def test_well_formed_ids_of_the_store_still_work(redis_client: FlaskClient) -> None:
-    thread_id = create_thread(redis_client)
-    listed = post(redis_client, {"type": "items.list", "params": {"thread_id": thread_id}})
+def test_well_formed_ids_of_the_store_still_work(store_client: FlaskClient) -> None:
+    thread_id = create_thread(store_client)
+    listed = post(store_client, {"type": "items.list", "params": {"thread_id": thread_id}})
     first = listed.get_json()["data"][0]["id"]
 
     paged = post(
-        redis_client, {"type": "items.list", "params": {"thread_id": thread_id, "after": first}}
+        store_client, {"type": "items.list", "params": {"thread_id": thread_id, "after": first}}
     )
 
     assert paged.status_code == 200
@@ -171,12 +187,12 @@ def test_well_formed_ids_of_the_store_still_work(redis_client: FlaskClient) -> N
 
 
 # ----------------------------------------------- item 12: limit 0 = default
-def test_limit_zero_is_the_sdks_default_page(client: FlaskClient) -> None:
+def test_limit_zero_is_the_sdks_default_page(store_client: FlaskClient) -> None:
     for _ in range(22):
-        create_thread(client)
+        create_thread(store_client)
 
-    zero = post(client, {"type": "threads.list", "params": {"limit": 0}}).get_json()
-    unset = post(client, {"type": "threads.list", "params": {}}).get_json()
+    zero = post(store_client, {"type": "threads.list", "params": {"limit": 0}}).get_json()
+    unset = post(store_client, {"type": "threads.list", "params": {}}).get_json()
 
     assert len(zero["data"]) == len(unset["data"]) == 20  # chatkit's DEFAULT_PAGE_SIZE
     assert zero["has_more"] is True

@@ -1,5 +1,7 @@
-"""The store contract, checked against every store: SQLite (a temporary file), fakeredis and the
-real Redis (database 13 of the suite's own ``redis-server``).
+"""The store contract, checked against every store: SQLite (a temporary file), fakeredis, the
+real Redis (database 13 of the suite's own ``redis-server``) and the SQL store on the suite's own
+PostgreSQL and MariaDB (their tables made by the migrations, emptied before each test) and on
+aiosqlite.
 
 Each test runs its scenario with ``asyncio.run``, as the background loop of a worker would.
 """
@@ -29,6 +31,7 @@ from chatkit.types import (
     AssistantMessageContent,
     AssistantMessageItem,
     ClosedStatus,
+    FileAttachment,
     InferenceOptions,
     Page,
     Thread,
@@ -42,11 +45,13 @@ from chatkit.types import (
 from fakeredis import aioredis as fake_aioredis
 
 from chatkit_flask.server.context import RequestContext
+from chatkit_flask.server.sql_schema import upgrade
 from chatkit_flask.server.store import OwnerScopedStore, open_store
 from chatkit_flask.server.store_redis import RedisStore
+from chatkit_flask.server.store_sql import SQLStore
 from chatkit_flask.server.store_sqlite import SQLiteStore
 from chatkit_flask.settings import ConfigError
-from tests.services import SUITE_REDIS
+from tests.services import MYSQL_URL, POSTGRES_URL, SUITE_REDIS
 
 REDIS_URL = SUITE_REDIS.url(13)
 PREFIX = "test:store"
@@ -111,15 +116,24 @@ class Backend:
         self._db = tmp_path / "chatkit.db"
         self._fake_server = fakeredis.FakeServer()
         self._stores: list[OwnerScopedStore] = []
+        self.sql_sqlite_url = f"sqlite+aiosqlite:///{tmp_path}/chatkit-sql.db"
+        if name == "aiosqlite":
+            upgrade(self.sql_sqlite_url)
 
     @property
     def is_redis(self) -> bool:
-        return self.name != "sqlite"
+        return self.name in ("fakeredis", "redis")
 
     def make(self, thread_ttl: int = 3600) -> OwnerScopedStore:
         store: OwnerScopedStore
         if self.name == "sqlite":
             store = SQLiteStore(self._db, thread_ttl, clock=self.clock)
+        elif self.name == "postgres":
+            store = SQLStore(POSTGRES_URL, thread_ttl, clock=self.clock)
+        elif self.name == "mysql":
+            store = SQLStore(MYSQL_URL, thread_ttl, clock=self.clock)
+        elif self.name == "aiosqlite":  # the SQL store's code path on SQLite
+            store = SQLStore(self.sql_sqlite_url, thread_ttl, clock=self.clock)
         elif self.name == "fakeredis":
             store = RedisStore("redis://fake", thread_ttl, PREFIX, client_factory=self.raw_client)
         else:
@@ -133,7 +147,7 @@ class Backend:
         return redis.asyncio.Redis.from_url(REDIS_URL)
 
     async def let_time_pass(self, seconds: float) -> None:
-        # SQLite reads a clock we own; Redis expires keys on its own clock.
+        # SQLite and SQL read a clock we own; Redis expires keys on its own clock.
         if self.is_redis:
             await asyncio.sleep(seconds)
         else:
@@ -145,13 +159,17 @@ class Backend:
                 return await scenario()
             finally:
                 for store in self._stores:
-                    if isinstance(store, RedisStore):
+                    if isinstance(store, RedisStore | SQLStore):
                         await store.aclose()
 
         return asyncio.run(main())
 
 
 def _backend(request: pytest.FixtureRequest, name: str, tmp_path: Path) -> Iterator[Backend]:
+    if name in ("postgres", "mysql"):
+        request.getfixturevalue(f"{name}_tables")
+        yield Backend(name, tmp_path)
+        return
     if name != "redis":
         yield Backend(name, tmp_path)
         return
@@ -163,7 +181,16 @@ def _backend(request: pytest.FixtureRequest, name: str, tmp_path: Path) -> Itera
     client.close()
 
 
-@pytest.fixture(params=["sqlite", "fakeredis", pytest.param("redis", marks=pytest.mark.redis)])
+POSTGRES = pytest.param("postgres", marks=pytest.mark.postgres)
+MYSQL = pytest.param("mysql", marks=pytest.mark.mysql)
+
+
+@pytest.fixture(
+    params=[
+        "sqlite", "fakeredis", pytest.param("redis", marks=pytest.mark.redis), POSTGRES, MYSQL,
+        "aiosqlite",
+    ]
+)  # fmt: skip
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     yield from _backend(request, request.param, tmp_path)
 
@@ -271,6 +298,52 @@ def test_another_owners_thread_and_items_are_not_found(backend: Backend) -> None
         items = (await store.load_thread_items("thr_alice", None, 20, "asc", ALICE)).data
         assert texts(items) == [secret]
 
+    backend.run(scenario)
+
+
+def test_ids_and_owners_compare_exactly(backend: Backend) -> None:
+    """Case makes another owner and another id (MySQL's default collations ignore it; the
+    tables declare a binary one), and ids sort by their characters."""
+    store = backend.make()
+    alice_upper = RequestContext(owner="visitor:ALICE")
+
+    async def scenario() -> None:
+        await store.save_thread(thread("thr_a", title="lower"), ALICE)
+        await store.save_thread(thread("thr_A", title="upper"), ALICE)
+        for attempt in (
+            store.load_thread("thr_a", alice_upper),
+            store.save_thread(thread("thr_a", title="taken"), alice_upper),
+            store.load_thread_items("thr_a", None, 20, "asc", alice_upper),
+        ):
+            with pytest.raises(NotFoundError):
+                await attempt
+        assert (await store.load_threads(20, None, "asc", alice_upper)).data == []
+        assert await store.purge_owner(alice_upper.owner) == 0
+        listed = (await store.load_threads(20, None, "asc", ALICE)).data  # equal creation times
+        assert [(t.id, t.title) for t in listed] == [("thr_A", "upper"), ("thr_a", "lower")]
+        await store.add_thread_item("thr_a", user_message("thr_a", "msg_x", "lower"), ALICE)
+        await store.add_thread_item("thr_a", user_message("thr_a", "msg_X", "upper"), ALICE)
+        items = (await store.load_thread_items("thr_a", None, 20, "asc", ALICE)).data
+        assert [(item.id, text) for item, text in zip(items, texts(items), strict=True)] == [
+            ("msg_X", "upper"), ("msg_x", "lower")
+        ]  # fmt: skip
+
+    backend.run(scenario)
+
+
+def test_long_answers_and_any_character_come_back_as_written(backend: Backend) -> None:
+    """Beyond MySQL's 64 KB TEXT, with characters outside the BMP (utf8mb4, not utf8mb3)."""
+    store = backend.make()
+    long_text = "Ol\u00e1 \U0001f600 \u6f22\u5b57 \U0001d11e " * 4000  # ~100 KB in UTF-8
+    answer = assistant_message("thr_long", "msg_long", long_text)
+
+    async def scenario() -> None:
+        await store.save_thread(thread("thr_long", title="\U0001f4ac chat"), ALICE)
+        await store.add_thread_item("thr_long", answer, ALICE)
+        assert (await store.load_thread("thr_long", ALICE)).title == "\U0001f4ac chat"
+        assert await store.load_item("thr_long", "msg_long", ALICE) == answer
+
+    assert len(long_text.encode()) > 65_535
     backend.run(scenario)
 
 
@@ -527,17 +600,56 @@ def test_purge_owner_and_list_owner_threads(backend: Backend) -> None:
     backend.run(scenario)
 
 
-def test_attachments_are_not_supported(backend: Backend) -> None:
-    store = backend.make()
+def attachment(attachment_id: str, thread_id: str | None = None) -> FileAttachment:
+    return FileAttachment(id=attachment_id, name="a.pdf", mime_type="application/pdf",
+                          thread_id=thread_id)  # fmt: skip
+
+
+def test_attachments_are_owner_scoped_and_go_with_their_thread(backend: Backend) -> None:
+    store = backend.make(thread_ttl=3600)
 
     async def scenario() -> None:
-        for call in (
-            store.save_attachment(None, ALICE),  # type: ignore[arg-type]
-            store.load_attachment("atc_1", ALICE),
-            store.delete_attachment("atc_1", ALICE),
-        ):
-            with pytest.raises(NotImplementedError, match="attachments are not supported"):
-                await call
+        await store.save_thread(thread("thr_a"), ALICE)
+        await store.save_thread(thread("thr_b"), BOB)
+        await store.save_attachment(attachment("atc_unsent"), ALICE)
+        await store.save_attachment(attachment("atc_sent", "thr_a"), ALICE)
+        assert (await store.load_attachment("atc_sent", ALICE)).thread_id == "thr_a"
+        # Another owner can neither read, take over, delete, nor attach to a foreign thread.
+        with pytest.raises(NotFoundError):
+            await store.load_attachment("atc_unsent", BOB)
+        with pytest.raises(NotFoundError):
+            await store.save_attachment(attachment("atc_unsent", "thr_b"), BOB)
+        with pytest.raises(NotFoundError):
+            await store.save_attachment(attachment("atc_other", "thr_a"), BOB)
+        await store.delete_attachment("atc_unsent", BOB)
+        assert (await store.load_attachment("atc_unsent", ALICE)).thread_id is None
+        ids = ["atc_unsent", "atc_sent", "atc_other", "atc_missing"]
+        assert await store.known_attachments(ids) == {"atc_unsent", "atc_sent"}
+        assert await store.owner_attachments(ALICE.owner) == ["atc_sent", "atc_unsent"]
+
+        # A deleted thread takes its attachments (Redis: at the next prune).
+        await store.delete_thread("thr_a", ALICE)
+        await store.prune()
+        assert await store.known_attachments(ids) == {"atc_unsent"}
+        with pytest.raises(NotFoundError):
+            await store.load_attachment("atc_sent", ALICE)
+
+        # Moved with the visitor's threads at log-in; purged with the owner.
+        await store.move_owner(ALICE.owner, BOB.owner)
+        assert (await store.load_attachment("atc_unsent", BOB)).id == "atc_unsent"
+        with pytest.raises(NotFoundError):
+            await store.load_attachment("atc_unsent", ALICE)
+        await store.save_attachment(attachment("atc_b", "thr_b"), BOB)
+        assert await store.purge_owner(BOB.owner) == 1
+        assert await store.known_attachments([*ids, "atc_b"]) == set()
+
+        # One never sent in a message is pruned a TTL after its creation.
+        await store.save_attachment(attachment("atc_late"), ALICE)
+        await store.prune()
+        assert await store.known_attachments(["atc_late"]) == {"atc_late"}
+        later = (time.time() if backend.is_redis else backend.clock.now) + 3601
+        await store.prune(now=later)
+        assert await store.known_attachments(["atc_late"]) == set()
 
     backend.run(scenario)
 
@@ -604,9 +716,7 @@ def test_move_owner_gives_a_visitors_threads_to_an_account(backend: Backend) -> 
         assert await store.move_owner(ALICE.owner, BOB.owner) == 2
         listed = (await store.load_threads(20, None, "asc", BOB)).data
         assert [t.id for t in listed] == ["thr_a0", "thr_a1", "thr_b"]
-        assert texts((await store.load_thread_items("thr_a1", None, 20, "asc", BOB)).data) == [
-            "a"
-        ]
+        assert texts((await store.load_thread_items("thr_a1", None, 20, "asc", BOB)).data) == ["a"]
         await store.add_thread_item("thr_a1", user_message("thr_a1", "msg_2", "b"), BOB)
         assert await store.list_owner_threads(ALICE.owner) == []
         for read in (
@@ -621,7 +731,7 @@ def test_move_owner_gives_a_visitors_threads_to_an_account(backend: Backend) -> 
     backend.run(scenario)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis), POSTGRES, MYSQL])
 def shared_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """A store other threads can open too (fakeredis lives in one client's server)."""
     yield from _backend(request, request.param, tmp_path)
@@ -645,7 +755,7 @@ def test_a_concurrent_reader_sees_all_threads_moved_or_none(shared_backend: Back
         async def loop() -> None:
             while not stop.is_set():
                 seen.append(len(await reader.list_owner_threads(BOB.owner)))
-            if isinstance(reader, RedisStore):
+            if isinstance(reader, RedisStore | SQLStore):
                 await reader.aclose()
 
         asyncio.run(loop())
@@ -698,6 +808,46 @@ def test_redis_client_follows_the_running_loop(redis_backend: Backend) -> None:
 # -- SQLite specifics -----------------------------------------------------------------------------
 
 
+class _BusyAtFirst:
+    """A sqlite3 connection whose first ``busy`` statements are refused at once with
+    ``error`` (as SQLite refuses two processes switching a new file to WAL together)."""
+
+    def __init__(self, db: sqlite3.Connection, busy: int, error: str) -> None:
+        self.db, self.busy, self.error, self.refused = db, busy, error, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if self.refused < self.busy:
+            self.refused += 1
+            refusal = sqlite3.OperationalError("database is locked")
+            refusal.sqlite_errorname = self.error  # type: ignore[attr-defined]
+            raise refusal
+        return self.db.execute(sql, *args)
+
+
+def test_sqlite_set_up_tries_again_when_another_process_holds_the_new_file(
+    tmp_path: Path,
+) -> None:
+    """gunicorn's workers open a new threads file at once: a set-up step SQLite refuses at
+    once (SQLITE_BUSY, no busy_timeout wait) is tried again, so no worker fails to boot; any
+    other error is not retried."""
+    from chatkit_flask.server.store_sqlite import _prepare
+
+    db = sqlite3.connect(tmp_path / "threads.db", isolation_level=None)
+    busy = _BusyAtFirst(db, 3, "SQLITE_BUSY")
+    _prepare(busy)  # type: ignore[arg-type]
+    assert busy.refused == 3
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("SELECT count(*) FROM chatkit_threads").fetchone()[0] == 0
+    broken = _BusyAtFirst(db, 1, "SQLITE_IOERR")
+    with pytest.raises(sqlite3.OperationalError):
+        _prepare(broken)  # type: ignore[arg-type]
+    assert broken.refused == 1
+    db.close()
+
+
 def test_sqlite_prune_deletes_expired_threads_and_items(tmp_path: Path) -> None:
     backend = Backend("sqlite", tmp_path)
     store = backend.make(thread_ttl=60)
@@ -721,20 +871,35 @@ def test_sqlite_prune_deletes_expired_threads_and_items(tmp_path: Path) -> None:
     assert asyncio.run(store.prune()) == 1
 
 
-def _write_from_child(store: SQLiteStore, name: str, start: Any) -> None:
+def _write_from_child(store: OwnerScopedStore, name: str, start: Any) -> None:
     async def write() -> None:
         owner = RequestContext(owner=f"visitor:{name}")
         await store.save_thread(thread(f"thr_{name}"), owner)
         start.wait()  # both processes write the shared thread at the same time
-        for i in range(15):
-            item = user_message("thr_shared", f"msg_{name}_{i}", f"{name} {i}")
-            await store.add_thread_item("thr_shared", item, ALICE)
+
+        async def writer(first: int) -> None:  # and several writers in each process
+            for i in range(first, 15, 3):
+                item = user_message("thr_shared", f"msg_{name}_{i}", f"{name} {i}")
+                await store.add_thread_item("thr_shared", item, ALICE)
+
+        await asyncio.gather(*(writer(first) for first in range(3)))
+        if isinstance(store, SQLStore):
+            await store.aclose()
 
     asyncio.run(write())
 
 
-def test_two_processes_share_one_sqlite_file(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "shared.db", 3600)
+@pytest.mark.parametrize("kind", ["sqlite", POSTGRES, MYSQL])
+def test_two_processes_share_one_store(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Forked workers (as gunicorn makes them) write one thread at once: nothing lost, no
+    connection shared across the fork."""
+    store: OwnerScopedStore
+    if kind in ("postgres", "mysql"):
+        store = SQLStore(request.getfixturevalue(f"{kind}_tables"), 3600)
+    else:
+        store = SQLiteStore(tmp_path / "shared.db", 3600)
     asyncio.run(store.save_thread(thread("thr_shared"), ALICE))  # the parent uses it first
 
     fork = multiprocessing.get_context("fork")  # gunicorn forks its workers the same way
@@ -756,6 +921,8 @@ def test_two_processes_share_one_sqlite_file(tmp_path: Path) -> None:
         for name in ("p1", "p2"):
             owner = RequestContext(owner=f"visitor:{name}")
             assert [t.id for t in await store.list_owner_threads(owner.owner)] == [f"thr_{name}"]
+        if isinstance(store, SQLStore):
+            await store.aclose()
 
     asyncio.run(read())
 

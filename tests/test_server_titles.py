@@ -1,7 +1,10 @@
 """Thread titles in server mode, through HTTP: after a thread's first answer a short model call
 names it (``CHATKIT_TITLE_MODEL``), sent as ``thread.updated`` in the same stream after the
 answer's last delta, charged with the answer's tokens; a failed call falls back to the start of
-the first message; a title the visitor set is never replaced; ``off`` makes no call."""
+the first message; a title the visitor set is never replaced; ``off`` makes no call.
+
+Titles are saved with the thread, so these run on every store (``store_url``), but for the last
+three: which model titles and what the title call costs do not depend on the store (SQLite)."""
 
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ from tests.server_support import sse_events
 from tests.test_server_mode import create_body, message_body, post
 
 # The server-mode fixtures (the fake model, both stores, the app factory), shared.
-_fake, fake, sqlite_url, store_url, make_app = (
-    mode._fake, mode.fake, mode.sqlite_url, mode.store_url, mode.make_app
+_fake, fake, sqlite_url, make_app = (
+    mode._fake, mode.fake, mode.sqlite_url, mode.make_app
 )
 
 TITLE_ON = {"CHATKIT_TITLE_MODEL": "gpt-title"}

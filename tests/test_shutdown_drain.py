@@ -72,6 +72,7 @@ def test_sigterm_drains_open_replies_and_keeps_what_the_visitors_read(
 
     service.process.send_signal(signal.SIGTERM)
     term_at = time.monotonic()
+    time.sleep(0.5)  # past the moment uvicorn alone would close idle connections
     refused = kept.post(service.base + "/api/chatkit", json=create("new"),
                         cookies={"chatkit_session_id": cookie}, timeout=10)  # fmt: skip
     for thread in threads:

@@ -10,8 +10,17 @@ from pathlib import Path
 import pytest
 import redis
 
+from chatkit_flask.testing import mariadb_server
+from chatkit_flask.testing.mariadb_server import MariaDBServer, MariaDBServerMissing
+from chatkit_flask.testing.postgres_server import PostgresServer
 from chatkit_flask.testing.redis_server import RedisServer, RedisServerMissing
-from tests.services import REDIS_URL, start_redis_or_skip
+from tests.services import (
+    MYSQL_URL,
+    REDIS_URL,
+    start_mysql_or_skip,
+    start_postgres_or_skip,
+    start_redis_or_skip,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,6 +89,84 @@ def test_stop_ends_the_process_and_removes_its_directory() -> None:
 def test_a_missing_binary_names_the_debian_package() -> None:
     with pytest.raises(RedisServerMissing, match=r"install the Debian package redis-server"):
         RedisServer(binary="no-such-redis-server-binary").start()
+
+
+# -- the suite's PostgreSQL ---------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_the_suite_postgres_is_a_cluster_the_suite_made(postgres_server: PostgresServer) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(postgres_server.url(), poolclass=sa.NullPool)
+    with engine.connect() as db:
+        data_directory = db.scalar(sa.text("SHOW data_directory"))
+        port = int(db.scalar(sa.text("SHOW port")))
+        fsync = db.scalar(sa.text("SHOW fsync"))
+    engine.dispose()
+    assert Path(data_directory) == postgres_server.data_dir
+    assert postgres_server.data_dir.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())
+    assert port == postgres_server.port != 5432  # never a developer's PostgreSQL
+    assert fsync == "off"  # nothing worth keeping
+    pid = int((postgres_server.data_dir / "postmaster.pid").read_text().split()[0])
+    assert postgres_server.process is not None and pid == postgres_server.process.pid
+
+
+@pytest.mark.postgres
+def test_a_private_postgres_never_takes_over_a_port_another_server_holds() -> None:
+    other = start_postgres_or_skip(PostgresServer())
+    try:
+        intruder = PostgresServer(port=other.port)
+        with pytest.raises(RuntimeError, match=f"did not start on 127.0.0.1:{other.port}"):
+            intruder.start()
+        assert intruder.process is None and intruder.directory is None  # its cluster is gone
+    finally:
+        other.stop()
+    assert other.directory is None
+
+
+# -- the suite's MariaDB (the SQL store's mysql+pymysql:// tests) ---------------------------------
+
+
+@pytest.mark.mysql
+def test_the_suite_mysql_is_a_mariadb_the_suite_started(mysql_server: MariaDBServer) -> None:
+    import sqlalchemy as sa
+
+    assert mysql_server.url() == MYSQL_URL
+    engine = sa.create_engine(mysql_server.url(), poolclass=sa.NullPool)
+    with engine.connect() as db:  # the password user, over TCP
+        datadir, port, pid_file, version = db.execute(
+            sa.text("SELECT @@datadir, @@port, @@pid_file, @@version")
+        ).one()
+        user = db.scalar(sa.text("SELECT current_user()"))
+    engine.dispose()
+    assert Path(datadir).resolve() == mysql_server.data_dir.resolve()
+    assert mysql_server.data_dir.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())
+    assert int(port) == mysql_server.port != 3306  # never a developer's or the system's MySQL
+    assert "MariaDB" in version
+    assert user == "chatkit@%"
+    assert mysql_server.process is not None
+    assert int(Path(pid_file).read_text()) == mysql_server.process.pid
+
+
+@pytest.mark.mysql
+def test_a_private_mariadb_never_takes_over_a_port_another_server_holds() -> None:
+    other = start_mysql_or_skip(MariaDBServer())
+    try:
+        intruder = MariaDBServer(port=other.port)
+        with pytest.raises(RuntimeError, match=f"did not start on 127.0.0.1:{other.port}"):
+            intruder.start()
+        assert intruder.process is None and intruder.directory is None  # its data is gone
+        directory = other.directory
+    finally:
+        other.stop()
+    assert other.directory is None and directory is not None and not directory.exists()
+
+
+def test_missing_mariadb_binaries_name_the_debian_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mariadb_server, "find_mariadb_bins", lambda: None)
+    with pytest.raises(MariaDBServerMissing, match=r"install the Debian package mariadb-server"):
+        MariaDBServer().start()
 
 
 def default_redis_uses(root: Path) -> list[str]:

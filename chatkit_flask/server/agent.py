@@ -167,6 +167,13 @@ class ModelClient:
             if client is not None:
                 await client.close()
 
+    def openai_client(self) -> AsyncOpenAI:
+        """This process's ``AsyncOpenAI`` (made on first call on this loop), for calls beside
+        the Agents SDK's (dictation)."""
+        client = self._provider.get()._client
+        assert client is not None  # ours: _make_provider always hands one over
+        return client
+
     def run_config(self) -> RunConfig:
         """A ``RunConfig`` using this process's client (made on first call on this loop)."""
         return RunConfig(model_provider=self._provider.get(), tracing_disabled=self.disable_tracing)

@@ -57,6 +57,7 @@ class AsyncBridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._streams: set[_OpenStream] = set()  # guarded by _lock
+        self._adopted = False  # the loop is an ASGI server's, not ours to stop
         self.draining = False
         self._ending: set[asyncio.Future[None]] = set()
         _BRIDGES.add(self)
@@ -71,6 +72,31 @@ class AsyncBridge:
                 self._start_locked()
             assert self._loop is not None
             return self._loop
+
+    def uses(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether ``loop`` is this process's loop already (cheap: checked per request)."""
+        return self._loop is loop and self._pid == os.getpid()
+
+    def adopt(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        cleanup: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Run on ``loop`` from now on: a running loop an ASGI server owns (server mode's
+        gunicorn worker), so streams are written by the loop that makes them. The loop this
+        bridge started, if any, is closed first (``cleanup`` runs on it, as in :meth:`close`);
+        loop-bound clients are made again on the new loop (:class:`LoopLocal`). The adopted loop
+        is never stopped by :meth:`close`. Call from a thread other than ``loop``'s."""
+        if self.uses(loop):
+            return
+        self.close(cleanup=cleanup)
+        thread_id = concurrent.futures.Future[int]()
+        loop.call_soon_threadsafe(lambda: thread_id.set_result(threading.get_ident()))
+        ident = thread_id.result(5.0)
+        with self._lock:
+            self._pid, self._loop, self._adopted = os.getpid(), loop, True
+            self._thread = next((t for t in threading.enumerate() if t.ident == ident), None)
 
     def _start_locked(self) -> None:
         # After a fork the old loop object is inherited but its thread is not: abandon it
@@ -112,9 +138,12 @@ class AsyncBridge:
         clients); its errors are logged, never raised. Does nothing when no loop runs."""
         self._refuse_loop_thread()
         with self._lock:
-            loop, thread = self._loop, self._thread
+            loop, thread, adopted = self._loop, self._thread, self._adopted
             self._pid = self._loop = self._thread = None
+            self._adopted = False
         if loop is None or thread is None or not thread.is_alive():
+            return
+        if adopted:  # the server's loop: its clients are closed with it, at the process's end
             return
 
         async def finish() -> None:

@@ -25,6 +25,9 @@ class RequestContext:
     client_network: str = "-"
     user_id: str | None = None
     locale: str | None = None
+    # The absolute URL of the ChatKit endpoint (``https://site/api/chatkit``): upload and
+    # preview URLs are built on it, off the request.
+    base_url: str = ""
     # Filled while the request runs (token usage, outcome, when the first frame and the
     # model's first output went out) and read by the log line, the metrics and the token budget
     # once the stream ends. Never holds message text.

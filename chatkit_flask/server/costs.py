@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -57,12 +58,34 @@ def newest_within(items: Sequence[Any], max_chars: int) -> list[Any]:
     return kept
 
 
+IMAGE_TOKENS = 1600  # an attached image, at most (a 2048 px image at high detail is ~1,100)
+FILE_BYTES_PER_TOKEN = 64  # an attached PDF: its text and page images, roughly
+
+
 def estimate_input_tokens(agent: Agent[Any], agent_input: Sequence[Any]) -> int:
     """Input tokens of one model call: instructions (when a plain string; dynamic ones are not
-    known before the call) plus the model input as JSON, at 4 characters a token."""
+    known before the call) plus the model input as JSON, at 4 characters a token, with each
+    attachment at a flat estimate (its base64 is no measure of its tokens)."""
     instructions = agent.instructions if isinstance(agent.instructions, str) else ""
-    sent = json.dumps(list(agent_input), ensure_ascii=False, default=str)
-    return tokens_for(len(instructions) + len(sent))
+    attached = 0
+
+    def without_data(value: Any) -> Any:
+        nonlocal attached
+        if isinstance(value, dict):
+            if value.get("type") == "input_image" and "image_url" in value:
+                attached += IMAGE_TOKENS
+                return {**value, "image_url": ""}
+            if value.get("type") == "input_file" and "file_data" in value:
+                attached += max(IMAGE_TOKENS, len(value["file_data"]) * 3 // 4
+                                // FILE_BYTES_PER_TOKEN)  # fmt: skip
+                return {**value, "file_data": ""}
+            return {key: without_data(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [without_data(item) for item in value]
+        return value
+
+    sent = json.dumps(without_data(list(agent_input)), ensure_ascii=False, default=str)
+    return tokens_for(len(instructions) + len(sent)) + attached
 
 
 def model_calls(agent: Agent[Any], max_turns: int) -> int:
@@ -100,6 +123,7 @@ class ReplyMeter:
         self.delta_chars = 0  # received in the call under way
         self.timed_out = False
         self.incomplete_reason: str | None = None
+        self.first_delta_at: float | None = None  # perf_counter() at the model's first delta
 
     def watch(self, result: Any) -> _Watched:
         return _Watched(result, self)
@@ -112,6 +136,8 @@ class ReplyMeter:
             delta = getattr(event, "delta", None)
             if isinstance(delta, str):
                 self.delta_chars += len(delta)
+            if self.first_delta_at is None:
+                self.first_delta_at = time.perf_counter()
         elif kind in _TERMINAL:
             response = getattr(event, "response", None)
             usage = getattr(response, "usage", None)

@@ -1,5 +1,6 @@
-"""What ``flask chatkit check`` asks of server mode: can the thread store keep a thread, and
-does the model answer with this key and model name.
+"""What ``flask chatkit check`` asks of server mode: can the thread store keep a thread, can
+the attachment storage keep a file (when attachments are on), and does the model answer with
+this key and model name.
 
 Each check returns a :class:`Finding` the CLI prints; nothing here prints, and no finding holds
 the API key, a store password or a provider's raw error body.
@@ -7,6 +8,7 @@ the API key, a store password or a provider's raw error body.
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +26,7 @@ from .store import NotFoundError, StoreUnusable
 if TYPE_CHECKING:
     from .runtime import ServerRuntime
 
-__all__ = ["CHECK_PROMPT", "Finding", "check_model", "check_store", "model_name"]
+__all__ = ["CHECK_PROMPT", "Finding", "check_files", "check_model", "check_store", "model_name"]
 
 Problem = Literal["misconfigured", "unreachable"]
 CHECK_PROMPT = "Reply with the single word: ok"
@@ -73,10 +75,17 @@ def check_store(runtime: ServerRuntime) -> list[Finding]:
         return [Finding(f"the {store} did not give back or delete a thread", "misconfigured")]
     elapsed = (time.perf_counter() - started) * 1000
     where = mask_url(runtime.store_url)
-    return [
+    findings = [
         Finding(f"the {store} wrote, read back and deleted a probe thread in {elapsed:.0f} ms"),
         Finding(f"threads live at {where} (CHATKIT_STORE_URL)"),
     ]
+    revisions = getattr(store, "schema_revisions", None)  # the SQL store (the probe checked it)
+    if revisions is not None:
+        current, _head = revisions()
+        prefix = store.tables.prefix
+        findings.append(Finding(f"its tables {prefix}* are at revision {current}, as this "
+                                "version needs (flask chatkit db current)"))  # fmt: skip
+    return findings
 
 
 def model_name(runtime: ServerRuntime) -> str:
@@ -86,6 +95,26 @@ def model_name(runtime: ServerRuntime) -> str:
     if isinstance(agent, Agent) and isinstance(agent.model, str) and agent.model:
         return agent.model
     return runtime.settings.agent_model
+
+
+def check_files(runtime: ServerRuntime) -> list[Finding]:
+    """Write, read back and delete a probe file in the attachment storage."""
+    files = runtime.files
+    if files is None:
+        return []
+    key, probe = f"atc_{secrets.token_hex(16)}", secrets.token_bytes(64)
+    started = time.perf_counter()
+    try:
+        files.write(key, [probe])
+        kept = files.read_all(key) == probe
+        files.delete(key)
+    except Exception as exc:  # the class only: a message can quote a bucket or a path
+        return [Finding(f"the {files} failed a round trip: {type(exc).__name__} "
+                        "(CHATKIT_FILES_URL)", "unreachable")]  # fmt: skip
+    if not kept:
+        return [Finding(f"the {files} did not give back the probe file", "misconfigured")]
+    elapsed = (time.perf_counter() - started) * 1000
+    return [Finding(f"the {files} wrote, read back and deleted a probe file in {elapsed:.0f} ms")]
 
 
 def check_model(runtime: ServerRuntime) -> list[Finding]:

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 from flask import Response, g
 from prometheus_client import Counter, Gauge, Histogram
 
+from .attachments import UPLOAD_TYPE
 from .context import RequestContext
 from .endpoint import stream_outcome
-from .protocol import SUPPORTED_TYPES, UNSUPPORTED_TYPES, TokenUsage, calls_model
+from .protocol import TokenUsage
+from .request_rules import SUPPORTED_TYPES, UNSUPPORTED_TYPES, calls_model
 
 if TYPE_CHECKING:
     from ..state import ChatKitState
@@ -57,7 +59,7 @@ MESSAGE_OUTCOMES = ("completed", "failed", "cancelled", "interrupted", "no_answe
                     "not_found", "invalid", "unavailable", "error")  # fmt: skip
 REFUSAL_SCOPES = ("user", "ip", "global", "requests", "streams", "streams_ip", "busy",
                   "thread_busy", "tokens", "tokens_global", "site")  # fmt: skip
-REQUEST_TYPES = (*sorted(SUPPORTED_TYPES | UNSUPPORTED_TYPES), "unknown")
+REQUEST_TYPES = (*sorted(SUPPORTED_TYPES | UNSUPPORTED_TYPES), UPLOAD_TYPE, "unknown")
 
 requests = Counter(
     "chatkit_requests",
@@ -139,9 +141,13 @@ def _answered_outcome(response: Response) -> str:
     status = response.status_code
     if g.get("chatkit_refused") is not None or status == 429:
         return "refused"
+    if status == 200:  # a transcription (dictation), answered with JSON
+        return "completed"
+    if status == 502:  # its model call failed
+        return "failed"
     if status == 404:
         return "not_found"
-    if status in (400, 413, 415):
+    if status in (400, 409, 413, 415):  # 409: a client tool output nobody waits for
         return "invalid"
     if status == 503:
         return "unavailable"

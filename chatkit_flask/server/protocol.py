@@ -8,7 +8,13 @@ provider's error body, the model request aborted when the visitor goes away or t
 deadline passes (the partial answer kept), ``max_output_tokens`` and ``max_turns`` on every run,
 a reservation of the reply's worst-case cost before the model is called (``admit``), and its
 real cost reported per answer, cancelled ones included (see ``costs``), and a title for a
-thread after its first answer (see ``titles``), its cost in the same report.
+thread after its first answer (see ``titles``), its cost in the same report. Structured input
+is capped and counted like a message; dictation (see ``dictation``) is refused unless it is on.
+A client tool call (a tool that sets ``ctx.context.client_tool_call``) ends the stream; the
+browser's output (``threads.add_client_tool_output``) is taken only for the thread's pending
+call, size-capped, and continues the run like a message.
+
+What a request may be (its types, ids and caps, and the refusals) is :mod:`.request_rules`.
 
 Built against openai-chatkit 1.6.x: :meth:`stream` and :meth:`call` use the SDK's
 ``_process_streaming_impl`` / ``_process_non_streaming`` to skip its per-call parser (pinned range).
@@ -17,9 +23,10 @@ Built against openai-chatkit 1.6.x: :meth:`stream` and :meth:`call` use the SDK'
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -28,64 +35,112 @@ from typing import Any, Literal
 
 from agents import Agent, ModelSettings, RunConfig, Runner
 from chatkit.actions import Action
-from chatkit.agents import AgentContext, ThreadItemConverter, stream_agent_response
+from chatkit.agents import AgentContext, stream_agent_response
 from chatkit.errors import CustomStreamError
 from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
 from chatkit.store import NotFoundError, Store
 from chatkit.types import (
     AssistantMessageItem,
+    AttachmentsDeleteReq,
+    AudioInput,
     ChatKitReq,
+    ClientToolCallItem,
     ErrorEvent,
     FeedbackKind,
+    InputTranscribeParams,
+    InputTranscribeReq,
     ItemsFeedbackReq,
     ItemsListReq,
     SDKHiddenContextItem,
+    StructuredInputItem,
+    StructuredInputSubmission,
     SyncCustomActionResponse,
     ThreadItem,
     ThreadItemAddedEvent,
     ThreadItemDoneEvent,
     ThreadItemUpdatedEvent,
     ThreadMetadata,
+    ThreadsAddClientToolOutputReq,
+    ThreadsAddStructuredInputReq,
     ThreadsAddUserMessageReq,
     ThreadsCreateReq,
     ThreadsCustomActionReq,
+    ThreadsDeleteReq,
     ThreadsListReq,
     ThreadsSyncCustomActionReq,
     ThreadStreamEvent,
     ThreadsUpdateReq,
+    TranscriptionResult,
     UserMessageInput,
     UserMessageItem,
-    UserMessageTagContent,
     WidgetItem,
     is_streaming_req,
 )
 from openai import RateLimitError
-from openai.types.responses import ResponseInputTextParam
 from pydantic import TypeAdapter, ValidationError
 
 from ..state import RegisteredAction
 from .actions import ActionContext
 from .agent import AgentSource, ModelClient, resolve_agent
+from .attachments import AttachmentConverter, AttachmentNotFound, AttachmentRefused, Attachments
 from .context import RequestContext
 from .costs import ReplyMeter, estimate_input_tokens, model_calls, newest_within
+from .dictation import AUDIO_TYPES, Dictation, DictationFailed, reservation_tokens
+from .request_rules import (
+    ATTACHMENT_ID,
+    ATTACHMENT_TYPES,
+    MAX_ACTION_PAYLOAD_BYTES,
+    MAX_FEEDBACK_ITEMS,
+    MAX_PAGE_SIZE,
+    MAX_TITLE_CHARS,
+    MODEL_TYPES,
+    STREAMING_TYPES,
+    SUPPORTED_TYPES,
+    UNSUPPORTED_TYPES,
+    ActionFailed,
+    AudioTooLarge,
+    InputTooLong,
+    InvalidRequest,
+    RequestRefused,
+    StaleToolOutput,
+    ToolOutputTooLarge,
+    TooManyAttachments,
+    UnsupportedAction,
+    UnsupportedRequest,
+    calls_model,
+    check_ids,
+    input_chars,
+    refuse_unsupported,
+    request_type,
+    streams,
+    structured_input_chars,
+)
 from .sitecode import SiteCode
 from .store_guard import GuardedStore, StoreFailed
 from .titles import TitleCost, first_message_text, make_title, title_reservation
 
 __all__ = [
+    "ATTACHMENT_TYPES",
     "MAX_ACTION_PAYLOAD_BYTES",
     "MODEL_TYPES",
     "STREAMING_TYPES",
     "SUPPORTED_TYPES",
     "UNSUPPORTED_TYPES",
     "ActionFailed",
+    "AttachmentRefused",
+    "AudioTooLarge",
+    "DictationFailed",
     "FlaskChatKitServer",
     "InputTooLong",
     "InvalidRequest",
     "NotFoundError",
+    "OverBudget",
     "RequestRefused",
+    "StaleToolOutput",
     "StoreFailed",
     "TokenUsage",
+    "TooManyAttachments",
+    "ToolOutputTooLarge",
     "UnsupportedAction",
     "UnsupportedRequest",
     "calls_model",
@@ -94,46 +149,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-STREAMING_TYPES = frozenset(
-    {
-        "threads.create",
-        "threads.add_user_message",
-        "threads.retry_after_item",
-        "threads.custom_action",
-    }
-)
-# Every stream we serve may call the model (a streaming action's handler may start a model
-# turn: it counts as a message whether or not it does); reads and sync actions never do.
-MODEL_TYPES = STREAMING_TYPES
-SUPPORTED_TYPES = STREAMING_TYPES | {
-    "threads.sync_custom_action",
-    "threads.get_by_id",
-    "threads.list",
-    "items.list",
-    "threads.update",
-    "threads.delete",
-    "items.feedback",
-}
-# ChatKit types we refuse: client tools, structured input, dictation, uploads.
-UNSUPPORTED_TYPES = frozenset(
-    {
-        "threads.add_client_tool_output",
-        "threads.add_structured_input",
-        "input.transcribe",
-        "attachments.create",
-        "attachments.delete",
-    }
-)
-MAX_PAGE_SIZE = 100
-# Ids as the store issues them (store.py): a thread id is "thr_" + 128 random bits in hex. Item
-# ids are ours or the model's ("msg_..."); both are word characters. Anything else (a key
-# separator, a path) is a 404 before the store is touched.
-THREAD_ID = re.compile(r"thr_[0-9a-f]{32}")
-ITEM_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-MAX_TITLE_CHARS = 200
-MAX_FEEDBACK_ITEMS = 100
-MAX_ACTION_PAYLOAD_BYTES = 16 * 1024  # an action's payload, as compact JSON
 
 BUSY_MESSAGE = "The assistant is busy right now. Please try again in a moment."
 FAILED_MESSAGE = "The assistant could not answer just now. Please try again."
@@ -144,96 +159,6 @@ CUT_NOTE = "The previous answer was cut off before it was finished."
 
 # Built once: building it per request is a quarter of the server's CPU per message.
 _REQUEST_ADAPTER: TypeAdapter[ChatKitReq] = TypeAdapter(ChatKitReq)
-
-
-# --------------------------------------------------------------------- errors
-class RequestRefused(Exception):
-    """A request we answer with 400 before doing anything; ``code`` is the JSON error code."""
-
-    code = "invalid_request"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class InvalidRequest(RequestRefused):
-    """Not JSON, not a ChatKit request, or fields of the wrong shape."""
-
-
-class UnsupportedRequest(RequestRefused):
-    """A valid ChatKit request type this server does not serve (attachments, tools, ...)."""
-
-    code = "unsupported_request"
-
-
-class UnsupportedAction(RequestRefused):
-    """A widget action no handler is registered for (or not for this request type)."""
-
-    code = "unsupported_action"
-
-
-class ActionFailed(Exception):
-    """A site's sync action handler raised; logged by class only (500 ``action_failed``)."""
-
-
-class InputTooLong(RequestRefused):
-    """The user message is longer than ``max_input_chars``; the model was not called."""
-
-    code = "input_too_long"
-
-
-# ----------------------------------------------------------------- classifier
-def request_type(body: bytes | str) -> str | None:
-    """The ``type`` of a ChatKit request body, or None when there is none (cheap; no pydantic)."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    kind = data.get("type") if isinstance(data, dict) else None
-    return kind if isinstance(kind, str) else None
-
-
-def streams(kind: str | None) -> bool:
-    """True for the types answered with an event stream."""
-    return kind in STREAMING_TYPES
-
-
-def calls_model(kind: str | None) -> bool:
-    """True for the types that cost a model call (count these against message limits)."""
-    return kind in MODEL_TYPES
-
-
-def _refuse_unsupported(kind: str | None) -> None:
-    if kind in UNSUPPORTED_TYPES:
-        raise UnsupportedRequest(f"Requests of type {kind!r} are not supported here.")
-
-
-def input_chars(user_input: UserMessageInput) -> int:
-    """Characters of everything in a message that is stored or reaches the model: text parts,
-    tags (their text and their data, as JSON) and the quoted text. The one count the input
-    cap applies to."""
-    length = len(user_input.quoted_text or "")
-    for part in user_input.content:
-        length += len(part.text)
-        if isinstance(part, UserMessageTagContent):
-            length += len(json.dumps(part.data, separators=(",", ":"))) + len(part.id)
-            length += len(part.group or "")
-    return length
-
-
-def _check_ids(request: ChatKitReq) -> None:
-    """A thread or item id the store could not have issued is ``NotFoundError`` (404)."""
-    params = getattr(request, "params", None)
-    thread_ids = [getattr(params, "thread_id", None)]
-    item_ids = [getattr(params, "item_id", None), *getattr(params, "item_ids", ())]
-    # ``after`` is a paging cursor: a thread id in threads.list, an item id in items.list.
-    (thread_ids if isinstance(request, ThreadsListReq) else item_ids).append(
-        getattr(params, "after", None)
-    )
-    for ident, pattern in [(i, THREAD_ID) for i in thread_ids] + [(i, ITEM_ID) for i in item_ids]:
-        if ident is not None and not pattern.fullmatch(ident):
-            raise NotFoundError("no such thread or item")
 
 
 # ---------------------------------------------------------------------- usage
@@ -251,8 +176,20 @@ class TokenUsage:
     charged_tokens: int = 0
 
 
-# Called on the loop with the reply's worst-case tokens before the model is; may raise
-# CustomStreamError to refuse.
+class OverBudget(Exception):
+    """A token budget of the caller's is spent (``admit`` refused): ``message`` in the visitor's
+    words, the budget's ``scope`` and the seconds until it resets. A reply shows it as an
+    ``error`` event; dictation answers 429 ``token_budget``, as the view's own check does."""
+
+    def __init__(self, message: str, scope: str, retry_after: int) -> None:
+        super().__init__(scope)
+        self.message = message
+        self.scope = scope
+        self.retry_after = retry_after
+
+
+# Called on the loop with the worst-case tokens of a reply (or a recording) before the model is;
+# raises OverBudget to refuse.
 AdmitCallback = Callable[[RequestContext, int], Awaitable[None]]
 
 
@@ -279,13 +216,6 @@ def _stop_at_deadline(result: Any, meter: ReplyMeter) -> None:
         return
     meter.timed_out = True
     result.cancel()
-
-
-class _Converter(ThreadItemConverter):
-    """History to model input. An @-mention tag is sent as its text (the SDK refuses tags)."""
-
-    async def tag_to_message_content(self, tag: UserMessageTagContent) -> ResponseInputTextParam:
-        return ResponseInputTextParam(type="input_text", text=f"@{tag.text}")
 
 
 # --------------------------------------------------------------------- server
@@ -325,8 +255,14 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         actions: Mapping[str, RegisteredAction] | None = None,
         titles: bool = False,
         title_model: str | None = None,
+        client_tool_max_chars: int = 8000,
+        attachments: Callable[[Store[RequestContext]], Attachments] | None = None,
+        dictation: Dictation | None = None,
     ) -> None:
         super().__init__(GuardedStore(store))
+        # Built on the guarded store: attachment metadata fails in words like threads do.
+        self.attachments = attachments(self.store) if attachments is not None else None
+        self.attachment_store = self.attachments
         self.site = site
         self.actions: Mapping[str, RegisteredAction] = actions if actions is not None else {}
         # A fixed agent is wrapped once; a factory's agent on every request.
@@ -342,20 +278,27 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         self.admit = admit
         self.titles = titles
         self.title_model = title_model
-        self.converter: ThreadItemConverter = _Converter()
+        self.client_tool_max_chars = client_tool_max_chars
+        self.dictation = dictation
+        self.converter = AttachmentConverter(self.attachments)
 
     # ------------------------------------------------------------- parsing
     def parse(self, body: bytes | str) -> ChatKitReq:
         """Validate ``body`` into a request we serve, or raise a :class:`RequestRefused`."""
         # Checked first, so a type we refuse is named as such even when its params are malformed
         # (and a large dictation or upload body is not validated for nothing).
-        _refuse_unsupported(request_type(body))
+        on = self.attachments is not None
+        kind = request_type(body)
+        refuse_unsupported(kind, on)
+        if kind == "input.transcribe" and self.dictation is None:
+            raise UnsupportedRequest("Dictation is off on this site.")
         try:
             request = _REQUEST_ADAPTER.validate_json(body)
         except ValidationError:
             raise InvalidRequest("The request is not a valid ChatKit request.") from None
-        _refuse_unsupported(request.type)
-        if request.type not in SUPPORTED_TYPES:  # a type added by a newer SDK
+        refuse_unsupported(request.type, on)
+        served = SUPPORTED_TYPES | ATTACHMENT_TYPES if on else SUPPORTED_TYPES
+        if request.type not in served:  # a type added by a newer SDK
             raise UnsupportedRequest(f"Requests of type {request.type!r} are not supported here.")
         self._check(request)
         return request
@@ -365,10 +308,19 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
             # Before the ids: an action nobody handles is refused as such, for any thread.
             sync = isinstance(request, ThreadsSyncCustomActionReq)
             self._check_action(request.params.action, sync)
-        _check_ids(request)
+        check_ids(request)
         match request:
             case ThreadsCreateReq() | ThreadsAddUserMessageReq():
                 self._check_input(request.params.input)
+            case ThreadsAddClientToolOutputReq():
+                self._check_tool_output(request.params.result)
+            case ThreadsAddStructuredInputReq():
+                if structured_input_chars(request.params.input) > self.max_input_chars:
+                    raise InputTooLong(
+                        f"Answers have at most {self.max_input_chars} characters in all."
+                    )
+            case InputTranscribeReq():
+                self._check_audio(request.params)
             case ThreadsListReq() | ItemsListReq():
                 # The client chooses the page size; a huge one would load a whole history. 0 or
                 # none is the SDK's default page (20), as OpenAI's own server answers it.
@@ -378,6 +330,10 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
                 raise InvalidRequest(f"A title has at most {MAX_TITLE_CHARS} characters.")
             case ItemsFeedbackReq() if len(request.params.item_ids) > MAX_FEEDBACK_ITEMS:
                 raise InvalidRequest(f"Feedback names at most {MAX_FEEDBACK_ITEMS} items.")
+            case AttachmentsDeleteReq() if not ATTACHMENT_ID.fullmatch(
+                request.params.attachment_id
+            ):
+                raise AttachmentNotFound("no such attachment")
 
     def _check_action(self, action: Action[str, Any], sync: bool) -> None:
         name = action.type if isinstance(action.type, str) else ""  # the SDK lets it be unset
@@ -391,9 +347,46 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
                 f"An action's payload has at most {MAX_ACTION_PAYLOAD_BYTES} bytes of JSON."
             )
 
+    def _check_tool_output(self, result: Any) -> None:
+        # Counted as the JSON the model will be sent (characters, not bytes, like a message).
+        try:
+            size = len(json.dumps(result, ensure_ascii=False, separators=(",", ":")))
+        except (ValueError, RecursionError):
+            raise InvalidRequest("A client tool's output must be plain JSON.") from None
+        if size > self.client_tool_max_chars:
+            raise ToolOutputTooLarge(
+                f"A client tool's output has at most {self.client_tool_max_chars} characters "
+                "of JSON."
+            )
+
+    def _check_audio(self, params: InputTranscribeParams) -> None:
+        if self.dictation is None:  # parse refused it already; a subclass may call us
+            raise UnsupportedRequest("Dictation is off on this site.")
+        if params.mime_type.split(";", 1)[0].strip().lower() not in AUDIO_TYPES:
+            raise InvalidRequest("Dictation takes " + ", ".join(AUDIO_TYPES) + " recordings.")
+        limit = self.dictation.max_bytes
+        too_large = AudioTooLarge(f"A recording has at most {limit / 1_000_000:g} MB.")
+        if len(params.audio_base64) > 4 * ((limit + 2) // 3) + 4:  # before decoding it
+            raise too_large
+        try:
+            size = len(base64.b64decode(params.audio_base64, validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidRequest("The recording is not valid base64.") from None
+        if size == 0:
+            raise InvalidRequest("The recording is empty.")
+        if size > limit:
+            raise too_large
+
     def _check_input(self, user_input: UserMessageInput) -> None:
-        if user_input.attachments:
+        if user_input.attachments and self.attachments is None:
             raise UnsupportedRequest("Attachments are not supported here.")
+        if self.attachments is not None:
+            most = self.attachments.policy.per_message
+            if len(user_input.attachments) > most:
+                raise TooManyAttachments(f"A message may have at most {most} attachments.")
+            for attachment_id in user_input.attachments:
+                if not ATTACHMENT_ID.fullmatch(attachment_id):
+                    raise AttachmentNotFound("no such attachment")
         if input_chars(user_input) > self.max_input_chars:
             raise InputTooLong(f"A message has at most {self.max_input_chars} characters.")
         # inference_options (model, tool_choice) are ignored on purpose: the browser must not
@@ -412,6 +405,17 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         landing inside the SDK (where ``handle_stream_cancelled`` keeps the partial answer), and
         its ``_process_streaming`` logs every 404 as an ERROR with a traceback.
         """
+        if isinstance(request, ThreadsAddClientToolOutputReq):
+            await self._check_pending_tool_call(request.params.thread_id, context)
+        if self.attachments is not None and isinstance(
+            request, ThreadsCreateReq | ThreadsAddUserMessageReq
+        ):
+            # Before the first frame (the SDK loads them after "thread.created"): another
+            # visitor's attachment is a 404, one not uploaded a 400, and no thread is made.
+            thread_id = getattr(request.params, "thread_id", None)
+            await self.attachments.check_message(
+                request.params.input.attachments, thread_id, context
+            )
         events = self._process_streaming_impl(request, context)  # type: ignore[arg-type]
         last: ThreadStreamEvent | None = None
         try:
@@ -427,8 +431,22 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
                 error = ErrorEvent(code="custom", message=exc.message, allow_retry=True)
                 yield b"data: " + self._serialize(error) + b"\n\n"
 
+    async def _check_pending_tool_call(self, thread_id: str, context: RequestContext) -> None:
+        """Raise :class:`StaleToolOutput` unless the owner's thread waits on a client tool call:
+        its newest item is a pending one (the item the SDK then completes; its own check raises a
+        bare ValueError, a 400 that does not say why). Another owner's thread is
+        ``NotFoundError``."""
+        await self.store.load_thread(thread_id, context=context)
+        newest = await self.store.load_thread_items(thread_id, None, 1, "desc", context)
+        item = newest.data[0] if newest.data else None
+        if not isinstance(item, ClientToolCallItem) or item.status != "pending":
+            raise StaleToolOutput
+
     async def call(self, request: ChatKitReq, context: RequestContext) -> bytes:
         """The JSON answer to a non-streaming request (``NotFoundError`` if not the owner's)."""
+        if self.attachments is not None and isinstance(request, ThreadsDeleteReq):
+            # The store forgets the thread; its attachments' bytes must go with it.
+            await self.attachments.forget_thread(request.params.thread_id, context)
         return await self._process_non_streaming(request, context)  # type: ignore[arg-type]
 
     async def process(
@@ -446,6 +464,40 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
         # The SDK accepts feedback on any thread id; only the owner may give it.
         await self.store.load_thread(thread_id, context=context)
         log.info("feedback %s on %d item(s) [%s]", feedback, len(item_ids), context.request_id)
+
+    async def transcribe(
+        self, audio_input: AudioInput, context: RequestContext
+    ) -> TranscriptionResult:
+        """Dictation, checked by :meth:`parse`: the recording's worst case is reserved before
+        the call (:class:`OverBudget` refuses it), then settled like an answer's tokens."""
+        assert self.dictation is not None  # parse refuses input.transcribe when it is off
+        reserved = reservation_tokens(len(audio_input.data))
+        if self.admit is not None:
+            await self.admit(context, reserved)
+        try:
+            transcript = await self.dictation.transcribe(audio_input, context.request_id)
+        except DictationFailed:  # refused by the provider: not charged, the reservation freed
+            self._report(context, TokenUsage(0, 0, 0, 1, "failed"))
+            raise
+        except BaseException:  # cut short (a timeout): the recording was sent, charged as reserved
+            self._report(context, TokenUsage(0, 0, 0, 1, "cancelled", reserved))
+            raise
+        tokens = transcript.input_tokens + transcript.output_tokens
+        usage = TokenUsage(
+            transcript.input_tokens, transcript.output_tokens, tokens, 1, "completed", tokens
+        )
+        self._report(context, usage)
+        return TranscriptionResult(text=transcript.text)
+
+    async def _apply_structured_input_submission(
+        self, item: StructuredInputItem, submission: StructuredInputSubmission
+    ) -> StructuredInputItem:
+        # Answers to questions the item does not ask are dropped here: the SDK would log their
+        # ids, which are the caller's text. (Not pending: the SDK's ValueError, a 400.)
+        asked = {question.id for question in item.inputs}
+        answers = {key: value for key, value in submission.answers.items() if key in asked}
+        submission = submission.model_copy(update={"answers": answers})
+        return await super()._apply_structured_input_submission(item, submission)
 
     # ------------------------------------------------------------- actions
     async def action(
@@ -530,7 +582,11 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
             reserve = calls * (meter.input_estimate + self.max_output_tokens)
             if title_text is not None:
                 reserve += title_reservation(title_text)
-            await self.admit(context, reserve)
+            try:
+                await self.admit(context, reserve)
+            except OverBudget as spent:
+                raise CustomStreamError(spent.message, allow_retry=True) from None
+        context.report["model_called_at"] = time.perf_counter()
         result = Runner.run_streamed(
             agent,
             agent_input,
@@ -578,6 +634,8 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
                 yield event  # what the visitor has already read stays in the thread
             raise CustomStreamError(message, allow_retry=allow_retry) from None
         finally:
+            # For the log line (written when the stream closes): the model's first delta in.
+            context.report["model_delta_at"] = meter.first_delta_at
             deadline.cancel()
             # Without this the model request runs to its end after a disconnect (and is paid
             # for): stream_agent_response waits on tasks that cancelling us does not cancel.
@@ -677,6 +735,11 @@ class FlaskChatKitServer(ChatKitServer[RequestContext]):
             outcome=outcome,
             charged_tokens=charge.total + title.total,
         )
+        self._report(context, report)
+
+    def _report(self, context: RequestContext, report: TokenUsage) -> None:
+        if self.on_usage is None:
+            return
         try:
             self.on_usage(context, report)
         except Exception:

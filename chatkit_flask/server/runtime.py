@@ -8,26 +8,37 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from chatkit.errors import CustomStreamError
 from flask import Flask
 
+from ..cli import db_command_running
 from ..settings import ConfigError, Settings
 from ..state import RegisteredAction
 from .agent import ModelClient, build_plain_agent, instruction_dirs, load_agent_spec
+from .attachments import AttachmentPolicy, Attachments
 from .bridge import AsyncBridge
 from .budget import BudgetSpent, TokenBudget
 from .context import RequestContext
-from .health import Finding, check_model, check_store, model_name
-from .protocol import FlaskChatKitServer, TokenUsage
+from .dictation import Dictation
+from .files import FILES_URL_KEY, FileStorage, FilesUnusable, open_files
+from .health import Finding, check_files, check_model, check_store, model_name
+from .protocol import FlaskChatKitServer, OverBudget, TokenUsage
 from .sitecode import SiteCode
 from .slots import StreamSlots
-from .store import REDIS_SCHEMES, STORE_URL_KEY, OwnerScopedStore, StoreUnusable, open_store
+from .store import (
+    REDIS_SCHEMES,
+    STORE_URL_KEY,
+    OwnerScopedStore,
+    StoreUnusable,
+    open_sql_store,
+    open_store,
+)
 
 __all__ = [
     "DEFAULT_STORE_FILE",
@@ -64,15 +75,20 @@ class ServerRuntime:
         limiter_storage: Callable[[], Any],
         app: Flask | None = None,
         actions: Mapping[str, RegisteredAction] | None = None,
+        store_engine: Any = None,
     ) -> None:
         self.settings = settings
         self.bridge = AsyncBridge()
+        self._adopting = threading.Lock()
         instance_path = app.instance_path if app is not None else None
-        # Unset: a SQLite file in the app's instance folder, never relative to the cwd.
-        self.store_url = settings.store_url or default_store_url(instance_path)
-        self.store: OwnerScopedStore = open_store(self.store_url, thread_ttl=settings.thread_ttl)
+        self.store = open_runtime_store(settings, instance_path, store_engine, app)
+        # For messages only (masked there): a host's engine's URL without its password.
+        self.store_url = settings.store_url or getattr(self.store, "display_url", None) or (
+            default_store_url(instance_path)
+        )
         try:
-            self.check_store(write=True, timeout=STARTUP_PROBE_TIMEOUT, key=STORE_URL_KEY)
+            self.check_store(write=True, timeout=STARTUP_PROBE_TIMEOUT, key=STORE_URL_KEY,
+                             schema_behind_ok=db_command_running())  # fmt: skip
         except ConfigError:
             self.bridge.close()  # the probe started the loop thread: a failed start leaves none
             raise
@@ -86,6 +102,13 @@ class ServerRuntime:
                 instruction_dirs(instance_path),
             )
         )
+        if settings.demo and not settings.agent:
+            from .demo_client_tool import with_client_tool
+            from .demo_site import CHOOSE_ACTION, with_demo_tool
+
+            if CHOOSE_ACTION in (actions or {}):  # the service registered the demo's card
+                # The card's tool, and the client tool the demo page answers.
+                agent = with_client_tool(with_demo_tool(agent))
         if settings.agent_tracing:
             from agents import set_tracing_export_api_key
 
@@ -97,6 +120,12 @@ class ServerRuntime:
             disable_tracing=not settings.agent_tracing,
         )
         self.usage_hooks: list[Callable[[RequestContext, TokenUsage], None]] = []
+        self.files = self._open_files(settings, instance_path) if settings.attachments else None
+        dictation = None
+        if settings.transcribe_model:
+            dictation = Dictation(
+                settings.transcribe_model, self.model, settings.transcribe_max_bytes
+            )
         self.server = FlaskChatKitServer(
             self.store,
             agent,
@@ -113,7 +142,11 @@ class ServerRuntime:
             actions=actions,
             titles=settings.title_model != "off",
             title_model=settings.title_model or None,
+            client_tool_max_chars=settings.client_tool_max_chars,
+            attachments=self._attachments_factory(settings, limiter_storage),
+            dictation=dictation,
         )
+        self.attachments: Attachments | None = self.server.attachments
         self.budget = TokenBudget(
             limiter_storage, settings.tokens_per_user, settings.tokens_global
         )
@@ -142,25 +175,63 @@ class ServerRuntime:
         )
         _RUNTIMES.add(self)
 
+    def _open_files(self, settings: Settings, instance_path: str | None) -> FileStorage:
+        """The attachment storage, checked writable (else ``ConfigError`` naming the key)."""
+        files = open_files(
+            settings.files_url,
+            instance_path=instance_path,
+            s3_endpoint_url=settings.s3_endpoint_url,
+        )
+        try:
+            files.probe()
+        except FilesUnusable as exc:
+            self.bridge.close()
+            raise ConfigError(FILES_URL_KEY, f"the {files} cannot be used: {exc}") from None
+        return files
+
+    def _attachments_factory(
+        self, settings: Settings, limiter_storage: Callable[[], Any]
+    ) -> Callable[[Any], Attachments] | None:
+        files = self.files
+        if files is None:
+            return None
+        policy = AttachmentPolicy(
+            max_bytes=settings.attachment_max_bytes,
+            daily_bytes=settings.attachment_daily_bytes,
+            types=frozenset(settings.attachment_types),
+            upload_ttl=settings.attachment_upload_ttl,
+            per_message=settings.attachments_per_message,
+        )
+        keys = [*settings.secret_key_fallbacks, settings.secret_key]  # the last one signs
+        return lambda store: Attachments(store, files, policy, limiter_storage, keys)
+
     def close(self, timeout: float = 5.0) -> None:
         """Close this process's loop-bound clients (store, model), then stop the event loop
         thread and its worker threads. Safe to call twice; a later request starts afresh."""
+        self.bridge.close(timeout, cleanup=self._close_clients)
 
-        async def close_clients() -> None:
-            aclose = getattr(self.store, "aclose", None)
-            try:
-                if aclose is not None:
-                    await aclose()
-            finally:
-                await self.model.aclose()
+    def adopt(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run on ``loop`` (the ASGI worker's) from now on; the clients made on the bridge's own
+        loop (the start-up probe's) are closed with it."""
+        with self._adopting:
+            self.bridge.adopt(loop, cleanup=self._close_clients)
 
-        self.bridge.close(timeout, cleanup=close_clients)
+    async def _close_clients(self) -> None:
+        aclose = getattr(self.store, "aclose", None)
+        try:
+            if aclose is not None:
+                await aclose()
+        finally:
+            await self.model.aclose()
 
     def check_store(
-        self, *, write: bool, timeout: float, key: str | None = None
-    ) -> None:
+        self, *, write: bool, timeout: float, key: str | None = None,
+        schema_behind_ok: bool = False,
+    ) -> None:  # fmt: skip
         """Probe the store (see ``OwnerScopedStore.probe``). Raises :class:`StoreUnusable`, or
-        with ``key`` a ``ConfigError`` naming that key and the cause (start-up)."""
+        with ``key`` a ``ConfigError`` naming that key and the cause (start-up).
+        ``schema_behind_ok``: `flask chatkit db upgrade` loads the app before it runs, and the
+        app must load for it to bring the SQL store's tables up (a warning instead)."""
         try:
             try:
                 self.bridge.run(lambda: self.store.probe(write=write), timeout)
@@ -171,6 +242,9 @@ class ServerRuntime:
         except StoreUnusable as exc:
             if key is None:
                 raise
+            if schema_behind_ok and exc.reason == "schema_behind":
+                log.warning("chatkit_flask: the %s: %s", self.store, exc.cause)
+                return
             raise ConfigError(key, f"the {self.store} cannot be used: {exc.cause}") from None
 
     def ready_problem(self) -> str | None:
@@ -190,6 +264,8 @@ class ServerRuntime:
         base = self.settings.openai_base_url or "https://api.openai.com/v1"
         warnings = [Finding(text, warning=True) for text in self.store_findings]
         sections = [("Thread store:", check_store(self) + warnings)]
+        if self.files is not None:
+            sections.append(("Attachment storage:", check_files(self)))
         if live:
             sections.append((f"Model ({model_name(self)} at {base}):", check_model(self)))
         else:
@@ -198,8 +274,9 @@ class ServerRuntime:
         return sections
 
     async def _admit(self, context: RequestContext, tokens: int) -> None:
-        """On the loop before the model is called: reserve the reply's worst case, or refuse
-        inside the stream when a budget is spent (a race the view's look before did not see)."""
+        """On the loop before the model is called: reserve the worst case of a reply (or a
+        recording), or raise :class:`OverBudget` when a budget is spent (a race the view's look
+        before did not see)."""
         if not self.budget.enabled:
             return
         try:  # a storage call: off the loop
@@ -208,9 +285,10 @@ class ServerRuntime:
             )
         except BudgetSpent as spent:
             context.report["refused_scope"] = spent.scope
-            raise CustomStreamError(
+            raise OverBudget(
                 f"{BUDGET_MESSAGES[spent.scope]}. Try again in {spent.retry_after} seconds.",
-                allow_retry=True,
+                spent.scope,
+                spent.retry_after,
             ) from None
 
     def _on_usage(self, context: RequestContext, usage: TokenUsage) -> None:
@@ -230,6 +308,35 @@ class ServerRuntime:
                 hook(context, usage)
             except Exception:  # a hook must never break the answer
                 log.exception("chatkit_flask: usage hook failed")
+
+
+def open_runtime_store(
+    settings: Settings, instance_path: str | None, store_engine: Any, app: Flask | None
+) -> OwnerScopedStore:
+    """The store the settings (or the host's ``store_engine``) name; SQLite in the instance
+    folder when neither does."""
+    options: dict[str, Any] = {
+        "thread_ttl": settings.thread_ttl,
+        "table_prefix": settings.store_table_prefix,
+        "pool_size": settings.store_pool_size,
+        "timeout": settings.store_timeout,
+    }
+    if store_engine is None:
+        # Unset: a SQLite file in the app's instance folder, never relative to the cwd.
+        return open_store(settings.store_url or default_store_url(instance_path), **options)
+    if settings.store_url:
+        raise ConfigError(
+            STORE_URL_KEY, "is set, and the app hands ChatKit a database (store_engine): use one"
+        )
+    from .store_sql import host_engine_url
+
+    try:
+        url = host_engine_url(store_engine, app, settings.store_bind)
+    except LookupError as exc:
+        raise ConfigError("CHATKIT_STORE_BIND", str(exc)) from None
+    except TypeError as exc:
+        raise ConfigError(STORE_URL_KEY, str(exc)) from None
+    return open_sql_store(url, **options)  # a ConfigError names the driver to install
 
 
 def default_store_url(instance_path: str | None) -> str:

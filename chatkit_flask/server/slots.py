@@ -10,12 +10,13 @@ message limits still apply.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 from limits.storage import RedisClusterStorage, RedisStorage
@@ -67,11 +68,18 @@ class Slot:
         self._renewed = time.monotonic()
         self._released = False
 
+    def renew_due(self) -> bool:
+        """Whether a renewal is due (cheap: no storage call)."""
+        return (
+            self.token is not None
+            and not self._released
+            and time.monotonic() - self._renewed >= self._slots.renew_every
+        )
+
     def renew_if_due(self) -> None:
-        now = time.monotonic()
-        if self.token is None or self._released or now - self._renewed < self._slots.renew_every:
+        if not self.renew_due():
             return
-        self._renewed = now
+        self._renewed = time.monotonic()
         self._slots._renew(self)
 
     def release(self) -> None:
@@ -98,6 +106,21 @@ class _HeldBody:
             self._slot.renew_if_due()
             yield chunk
         self._slot.release()  # read to its end: free now (a test client may never close it)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        """On the loop (server mode's ASGI worker): the storage calls go to a thread."""
+        async for chunk in self._body:  # type: ignore[attr-defined]
+            if self._slot.renew_due():
+                await asyncio.to_thread(self._slot.renew_if_due)
+            yield chunk
+        await asyncio.to_thread(self._slot.release)
+
+    async def aclose(self) -> None:
+        """On the loop: close the body (cancels the answer); the slot is released by
+        :meth:`close`, which the adapter calls in a thread afterwards."""
+        aclose = getattr(self._body, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
     def close(self) -> None:
         try:

@@ -5,8 +5,10 @@
 - ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``: a file next to the app, no
   service to run; every worker process of one host shares it (:class:`.SQLiteStore`).
 - ``redis://``, ``rediss://`` or ``unix://``: several hosts share one Redis (:class:`.RedisStore`).
+- ``postgresql+psycopg://`` (also ``mysql+pymysql://``, ``sqlite+aiosqlite:///``): the site's
+  own database through SQLAlchemy, tables made by migrations (:class:`.SQLStore`).
 
-The contract, the same for both (the SDK checks none of it, so the store must):
+The contract, the same for all (the SDK checks none of it, so the store must):
 
 - Every read and write is scoped to ``context.owner``. Another owner's thread or item raises
   ``chatkit.store.NotFoundError``, exactly like a missing one; its content never leaves the store.
@@ -20,7 +22,12 @@ The contract, the same for both (the SDK checks none of it, so the store must):
   threads by their last activity (and re-expires Redis keys), so a shortened retention reaches
   old threads too.
 - Ids are 128-bit random: ``thr_`` + 32 hex digits, items prefixed by type as the SDK does.
-- Attachments are not supported in this release.
+- Attachment metadata is owner-scoped like threads, in every store (SQLite, Redis and the SQL
+  store): another owner's attachment is ``NotFoundError`` (and ``save_attachment`` never takes
+  it over, nor attaches to a foreign thread). It goes with its thread (deleted, pruned, purged,
+  moved); one never sent in a message is pruned ``thread_ttl`` after it was created. The bytes
+  live apart (``server/files``): :meth:`known_attachments` and :meth:`owner_attachments` let
+  purge and the orphan sweep delete them.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from abc import abstractmethod
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
-from typing import NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from chatkit.store import NotFoundError, Store, StoreItemType, default_generate_id
@@ -44,19 +51,36 @@ from chatkit_flask.settings import ConfigError
 
 __all__ = [
     "MAX_PAGE_SIZE",
-    "STORE_ERRORS",
     "STORE_URL_KEY",
     "NotFoundError",
     "OwnerScopedStore",
     "StoreUnusable",
+    "add_store_error_type",
     "open_store",
+    "store_error_types",
 ]
 
 STORE_URL_KEY = "CHATKIT_STORE_URL"
 MAX_PAGE_SIZE = 100  # a page request cannot make the store read a whole history at once
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+# SQLAlchemy URLs: "postgresql+psycopg", "mysql+pymysql", "sqlite+aiosqlite"... (plain "sqlite" is
+# the embedded store).
+SQL_BACKENDS = frozenset({"postgresql", "mysql", "mariadb", "sqlite"})
 # What a store raises when it cannot be reached or used (Redis down, a file that cannot be opened).
-STORE_ERRORS: tuple[type[Exception], ...] = (RedisError, sqlite3.Error)
+# The SQL store adds SQLAlchemy's base error when it is imported: a process that uses another
+# store never imports SQLAlchemy (~12 MB of memory in each worker).
+_STORE_ERRORS: list[type[Exception]] = [RedisError, sqlite3.Error]
+
+
+def store_error_types() -> tuple[type[Exception], ...]:
+    """The exceptions a store raises when it cannot serve, for ``except store_error_types():``."""
+    return tuple(_STORE_ERRORS)
+
+
+def add_store_error_type(kind: type[Exception]) -> None:
+    """Count ``kind`` as a store failure (a store module's own base error, at its import)."""
+    if kind not in _STORE_ERRORS:
+        _STORE_ERRORS.append(kind)
 
 
 class StoreUnusable(Exception):
@@ -78,13 +102,14 @@ Record = TypeVar("Record", bound=_Identified)
 
 # Built once: building a TypeAdapter for the item union costs milliseconds.
 ITEM_ADAPTER: TypeAdapter[ThreadItem] = TypeAdapter(ThreadItem)
+ATTACHMENT_ADAPTER: TypeAdapter[Attachment] = TypeAdapter(Attachment)
 _THREAD_FIELDS = frozenset(ThreadMetadata.model_fields)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
 class OwnerScopedStore(Store[RequestContext]):
-    """What both stores share: strong ids, no attachments, and the owner-wide operations that
+    """What both stores share: strong ids, and the owner-wide operations that
     support and erasure commands use (they take an owner, not a request context)."""
 
     def __init__(self, thread_ttl: int) -> None:
@@ -100,15 +125,6 @@ class OwnerScopedStore(Store[RequestContext]):
     ) -> str:
         return f"{_id_prefix(item_type)}_{secrets.token_hex(16)}"
 
-    async def save_attachment(self, attachment: Attachment, context: RequestContext) -> None:
-        raise NotImplementedError("attachments are not supported")
-
-    async def load_attachment(self, attachment_id: str, context: RequestContext) -> Attachment:
-        raise NotImplementedError("attachments are not supported")
-
-    async def delete_attachment(self, attachment_id: str, context: RequestContext) -> None:
-        raise NotImplementedError("attachments are not supported")
-
     kind: str = "store"  # "sqlite", "redis": how logs name the store (never its URL)
 
     def __str__(self) -> str:
@@ -123,6 +139,14 @@ class OwnerScopedStore(Store[RequestContext]):
     @abstractmethod
     async def list_owner_threads(self, owner: str) -> list[ThreadMetadata]:
         """Every live thread of ``owner``, oldest first."""
+
+    @abstractmethod
+    async def known_attachments(self, attachment_ids: list[str]) -> set[str]:
+        """Which of ``attachment_ids`` have metadata, whoever owns them (the orphan sweep)."""
+
+    @abstractmethod
+    async def owner_attachments(self, owner: str) -> list[str]:
+        """The ids of every attachment of ``owner`` (purge deletes their bytes first)."""
 
     @abstractmethod
     async def purge_owner(self, owner: str) -> int:
@@ -175,8 +199,20 @@ def not_found(what: str, ident: str) -> NoReturn:
     raise NotFoundError(f"{what} {ident} not found")
 
 
-def open_store(url: str, *, thread_ttl: int) -> OwnerScopedStore:
+def is_sql_url(url: str) -> bool:
+    """Whether ``url`` names the SQL store (``postgresql://``, ``mysql+pymysql://``,
+    ``sqlite+aiosqlite://``; not plain ``sqlite://``, the embedded store)."""
+    scheme = url.strip().partition("://")[0].lower()
+    backend, plus, _driver = scheme.partition("+")
+    return backend in SQL_BACKENDS and (backend != "sqlite" or bool(plus))
+
+
+def open_store(
+    url: str, *, thread_ttl: int, table_prefix: str = "chatkit_", pool_size: int = 5,
+    timeout: float = 10.0,
+) -> OwnerScopedStore:  # fmt: skip
     """The store that ``url`` names. Nothing is connected or created until first use.
+    ``table_prefix``, ``pool_size`` and ``timeout`` (seconds per statement) are the SQL store's.
 
     Raises ``ConfigError(STORE_URL_KEY, ...)`` for an unknown scheme or a malformed URL; the
     message never repeats a password from the URL.
@@ -193,6 +229,11 @@ def open_store(url: str, *, thread_ttl: int) -> OwnerScopedStore:
         raise ConfigError(STORE_URL_KEY, f"malformed URL {mask_url(url)}") from None
     scheme = parts.scheme.lower()
     url = f"{scheme}://{url.strip().partition('://')[2]}"  # redis-py accepts lower case only
+    if is_sql_url(url):
+        return open_sql_store(
+            url, thread_ttl=thread_ttl, table_prefix=table_prefix, pool_size=pool_size,
+            timeout=timeout,
+        )  # fmt: skip
     if scheme == "sqlite":
         from chatkit_flask.server.store_sqlite import SQLiteStore
 
@@ -204,8 +245,41 @@ def open_store(url: str, *, thread_ttl: int) -> OwnerScopedStore:
         return RedisStore(url, thread_ttl)
     raise ConfigError(
         STORE_URL_KEY,
-        f"unknown scheme in {mask_url(url)}; use sqlite:///path.db, redis://, rediss:// or unix://",
+        f"unknown scheme in {mask_url(url)}; use sqlite:///path.db, redis://, rediss://, unix:// "
+        "or postgresql+psycopg://",
     )
+
+
+def open_sql_store(
+    url: Any, *, thread_ttl: int, table_prefix: str, pool_size: int, timeout: float
+) -> OwnerScopedStore:
+    """The SQL store on ``url`` (a string or SQLAlchemy URL, sync or async driver); a
+    ``ConfigError`` names the package to install or the problem with the URL."""
+    try:
+        from sqlalchemy import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        from chatkit_flask.server.store_sql import SQLStore, async_url
+    except ImportError as exc:
+        raise ConfigError(
+            STORE_URL_KEY, f"needs the SQL store's packages ({exc.name} is missing): "
+            'pip install "chatkit-flask[sql]"',
+        ) from None  # fmt: skip
+    shown = mask_url(str(url))  # a SQLAlchemy URL prints its password as ***
+    try:
+        driver = async_url(make_url(url))
+    except (ArgumentError, ValueError) as exc:
+        reason = str(exc) if isinstance(exc, ValueError) and "supported" in str(exc) else ""
+        raise ConfigError(STORE_URL_KEY, f"malformed URL {shown} {reason}".strip()) from None
+    try:
+        driver.get_dialect().import_dbapi()  # the driver's package is installed
+    except (NoSuchModuleError, ImportError) as exc:
+        raise ConfigError(
+            STORE_URL_KEY, f"{shown} needs the driver {driver.drivername} "
+            f"({getattr(exc, 'name', None) or exc}); pip install it",
+        ) from None  # fmt: skip
+    return SQLStore(driver, thread_ttl, table_prefix=table_prefix, pool_size=pool_size,
+                    timeout=timeout)  # fmt: skip
 
 
 def _sqlite_path(url: str) -> Path:

@@ -22,7 +22,7 @@ from chatkit.store import NotFoundError, Store, StoreItemType
 from chatkit.types import ThreadMetadata
 
 from .context import RequestContext
-from .store import STORE_ERRORS
+from .store import store_error_types
 
 __all__ = ["STORE_DOWN_MESSAGE", "GuardedStore", "StoreFailed"]
 
@@ -84,7 +84,7 @@ def _guarded(name: str) -> Callable[..., Awaitable[Any]]:
                 raise  # a missing or foreign thread: an answer (404), not a failure
             _record(self, name, "thread vanished", args, kwargs)
             raise StoreFailed(NOT_SAVED_MESSAGE) from None
-        except STORE_ERRORS as exc:
+        except store_error_types() as exc:
             _record(self, name, _described(exc), args, kwargs)
             raise StoreFailed(
                 NOT_SAVED_MESSAGE if name in _ITEM_WRITES else STORE_DOWN_MESSAGE

@@ -6,7 +6,12 @@ Keys, under ``key_prefix`` (default ``chatkit:store``):
   ``active`` (the last write, ms since the epoch on the Redis clock);
 - ``<prefix>:thread:<thread id>:order``: sorted set of item ids scored by creation time;
 - ``<prefix>:thread:<thread id>:items``: hash item id -> the item's JSON;
-- ``<prefix>:owner:<owner>:threads``: sorted set of the owner's thread ids scored by creation time.
+- ``<prefix>:owner:<owner>:threads``: sorted set of the owner's thread ids scored by creation time;
+- ``<prefix>:attachment:<attachment id>``: hash ``owner``, ``thread`` ('' until sent), ``data``,
+  ``created`` (ms); ``<prefix>:attachments``: every attachment id scored by creation (prune walks
+  it); ``<prefix>:owner:<owner>:attachments``: set of the owner's attachment ids (purge, move).
+  Attachment keys never expire on their own: :meth:`RedisStore.prune` deletes those whose thread
+  is gone, and unsent ones ``thread_ttl`` after their creation.
 
 Scores are microseconds since the epoch; Redis breaks ties by member, so the order is
 (created_at, id) and a page after a cursor is ``ZRANK`` + ``ZRANGE``: O(log n + page).
@@ -29,7 +34,7 @@ import os
 import secrets
 from collections.abc import Callable
 
-from chatkit.types import Page, ThreadItem, ThreadMetadata
+from chatkit.types import Attachment, Page, ThreadItem, ThreadMetadata
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
@@ -44,6 +49,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chatkit_flask.server.context import RequestContext
 from chatkit_flask.server.store import (
+    ATTACHMENT_ADAPTER,
     ITEM_ADAPTER,
     OwnerScopedStore,
     StoreUnusable,
@@ -235,7 +241,92 @@ if latest > 0 then redis.call('PEXPIREAT', KEYS[1], latest) else redis.call('DEL
 return pruned
 """
 
+# KEYS: attachment, index, owner's attachment set, thread ('' when unsent). ARGV: owner, id,
+# thread id, JSON. Returns 0 when the attachment or the thread is another owner's.
+_SAVE_ATTACHMENT = """
+local current = redis.call('HGET', KEYS[1], 'owner')
+if current and current ~= ARGV[1] then return 0 end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[4], 'owner') ~= ARGV[1] then return 0 end
+local now = redis.call('TIME')
+local ms = now[1] * 1000 + math.floor(now[2] / 1000)
+redis.call('HSETNX', KEYS[1], 'created', ms)
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'thread', ARGV[3], 'data', ARGV[4])
+redis.call('ZADD', KEYS[2], 'NX', ms, ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[2])
+return 1
+"""
+
+# KEYS: attachment, index, owner's set. ARGV: owner, id.
+_DELETE_ATTACHMENT = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('SREM', KEYS[3], ARGV[2])
+return 1
+"""
+
+# KEYS: owner's set, index. ARGV: owner, attachment key prefix.
+_PURGE_ATTACHMENTS = """
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[2] .. id
+  if redis.call('HGET', key, 'owner') == ARGV[1] then
+    redis.call('DEL', key)
+    redis.call('ZREM', KEYS[2], id)
+  end
+end
+redis.call('DEL', KEYS[1])
+return 0
+"""
+
+# KEYS: source's set, target's set. ARGV: source, target, attachment key prefix.
+_MOVE_ATTACHMENTS = """
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[3] .. id
+  if redis.call('HGET', key, 'owner') == ARGV[1] then
+    redis.call('HSET', key, 'owner', ARGV[2])
+    redis.call('SADD', KEYS[2], id)
+  end
+end
+redis.call('DEL', KEYS[1])
+return 0
+"""
+
+# KEYS: index. ARGV: ttl in ms, now in ms ('': the Redis clock), attachment key prefix, thread
+# key prefix, owner key prefix, then attachment ids. Deletes those whose thread is gone and
+# unsent ones created a TTL or more ago; returns how many.
+_PRUNE_ATTACHMENTS = """
+local now = tonumber(ARGV[2])
+if not now then
+  local t = redis.call('TIME')
+  now = t[1] * 1000 + math.floor(t[2] / 1000)
+end
+local pruned = 0
+for i = 6, #ARGV do
+  local id = ARGV[i]
+  local key = ARGV[3] .. id
+  local a = redis.call('HMGET', key, 'owner', 'thread', 'created')
+  local gone = a[1] == false
+  if not gone and a[2] ~= '' then
+    gone = redis.call('HGET', ARGV[4] .. a[2], 'owner') ~= a[1]
+  elseif not gone then
+    gone = tonumber(a[3]) + tonumber(ARGV[1]) <= now
+  end
+  if gone then
+    redis.call('DEL', key)
+    redis.call('ZREM', KEYS[1], id)
+    if a[1] then redis.call('SREM', ARGV[5] .. a[1] .. ':attachments', id) end
+    pruned = pruned + 1
+  end
+end
+return pruned
+"""
+
 _SCRIPTS = {
+    "save_attachment": _SAVE_ATTACHMENT,
+    "delete_attachment": _DELETE_ATTACHMENT,
+    "purge_attachments": _PURGE_ATTACHMENTS,
+    "move_attachments": _MOVE_ATTACHMENTS,
+    "prune_attachments": _PRUNE_ATTACHMENTS,
     "save_thread": _WRITE_PRELUDE + _SAVE_THREAD,
     "put_item": _WRITE_PRELUDE + _PUT_ITEM,
     "delete_item": _WRITE_PRELUDE + _DELETE_ITEM,
@@ -420,7 +511,51 @@ class RedisStore(OwnerScopedStore):
         if not await self._write("delete_item", thread_id, context.owner, item_id):
             not_found("thread", thread_id)
 
+    async def save_attachment(self, attachment: Attachment, context: RequestContext) -> None:
+        thread = attachment.thread_id or ""
+        done = await self._script("save_attachment")(
+            keys=[
+                self._attachment_key(attachment.id),
+                self._attachment_index(),
+                self._owner_attachments_key(context.owner),
+                self._thread_key(thread) if thread else "",
+            ],
+            args=[context.owner, attachment.id, thread, attachment.model_dump_json()],
+        )
+        if not done:
+            not_found("attachment", attachment.id)
+
+    async def load_attachment(self, attachment_id: str, context: RequestContext) -> Attachment:
+        owner, data = await self._redis().hmget(
+            self._attachment_key(attachment_id), ["owner", "data"]
+        )
+        if owner is None or owner.decode() != context.owner:
+            not_found("attachment", attachment_id)
+        return ATTACHMENT_ADAPTER.validate_json(data)
+
+    async def delete_attachment(self, attachment_id: str, context: RequestContext) -> None:
+        await self._script("delete_attachment")(
+            keys=[
+                self._attachment_key(attachment_id),
+                self._attachment_index(),
+                self._owner_attachments_key(context.owner),
+            ],
+            args=[context.owner, attachment_id],
+        )
+
     # -- owner-wide operations ------------------------------------------------------------------
+
+    async def known_attachments(self, attachment_ids: list[str]) -> set[str]:
+        known: set[str] = set()
+        for start in range(0, len(attachment_ids), 500):
+            batch = attachment_ids[start : start + 500]
+            scores = await self._redis().zmscore(self._attachment_index(), batch)
+            known.update(i for i, score in zip(batch, scores, strict=True) if score is not None)
+        return known
+
+    async def owner_attachments(self, owner: str) -> list[str]:
+        members = await self._redis().smembers(self._owner_attachments_key(owner))
+        return sorted(m.decode() for m in members)
 
     async def list_owner_threads(self, owner: str) -> list[ThreadMetadata]:
         rows = await self._page_threads(owner, None, 0, "asc")
@@ -430,12 +565,20 @@ class RedisStore(OwnerScopedStore):
         deleted = await self._script("purge_owner")(
             keys=[self._owner_key(owner)], args=[owner, f"{self._prefix}:thread:"]
         )
+        await self._script("purge_attachments")(
+            keys=[self._owner_attachments_key(owner), self._attachment_index()],
+            args=[owner, f"{self._prefix}:attachment:"],
+        )
         return int(deleted)
 
     async def move_owner(self, source: str, target: str) -> int:
         moved = await self._script("move_owner")(
             keys=[self._owner_key(source), self._owner_key(target)],
             args=[source, target, f"{self._prefix}:thread:"],
+        )
+        await self._script("move_attachments")(
+            keys=[self._owner_attachments_key(source), self._owner_attachments_key(target)],
+            args=[source, target, f"{self._prefix}:attachment:"],
         )
         return int(moved)
 
@@ -453,7 +596,20 @@ class RedisStore(OwnerScopedStore):
                     args=[owner, self.thread_ttl * 1000, f"{self._prefix}:thread:", stamp],
                 )
             )
+        await self._prune_attachments(stamp)
         return pruned
+
+    async def _prune_attachments(self, stamp: int | str) -> None:
+        """Attachments whose thread is gone (expired natively or pruned), and unsent old ones."""
+        ids = [raw.decode() for raw in await self._redis().zrange(self._attachment_index(), 0, -1)]
+        for start in range(0, len(ids), 500):
+            await self._script("prune_attachments")(
+                keys=[self._attachment_index()],
+                args=[
+                    self.thread_ttl * 1000, stamp, f"{self._prefix}:attachment:",
+                    f"{self._prefix}:thread:", f"{self._prefix}:owner:", *ids[start : start + 500],
+                ],
+            )  # fmt: skip
 
     # -- keys and scripts -------------------------------------------------------------------------
 
@@ -462,6 +618,15 @@ class RedisStore(OwnerScopedStore):
 
     def _owner_key(self, owner: str) -> str:
         return f"{self._prefix}:owner:{owner}:threads"
+
+    def _attachment_key(self, attachment_id: str) -> str:
+        return f"{self._prefix}:attachment:{attachment_id}"
+
+    def _attachment_index(self) -> str:
+        return f"{self._prefix}:attachments"
+
+    def _owner_attachments_key(self, owner: str) -> str:
+        return f"{self._prefix}:owner:{owner}:attachments"
 
     def _thread_keys(self, thread_id: str, owner: str = "") -> list[str]:
         thread = self._thread_key(thread_id)

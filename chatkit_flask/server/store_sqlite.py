@@ -5,6 +5,9 @@ waits on the disk or on another process's write lock. Each thread has its own co
 again after a fork); WAL lets readers proceed while one process writes, and ``busy_timeout`` makes a
 writer wait for the lock instead of failing. SQLite has no native expiry: expired threads are
 hidden from every read and deleted by :meth:`SQLiteStore.prune`.
+
+Attachment metadata rows cascade with their thread (deleted, pruned or purged); one not yet
+sent in a message is pruned ``thread_ttl`` after its creation.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import random
 import secrets
 import sqlite3
 import threading
@@ -21,10 +25,11 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from chatkit.types import Page, ThreadItem, ThreadMetadata
+from chatkit.types import Attachment, Page, ThreadItem, ThreadMetadata
 
 from chatkit_flask.server.context import RequestContext
 from chatkit_flask.server.store import (
+    ATTACHMENT_ADAPTER,
     ITEM_ADAPTER,
     OwnerScopedStore,
     StoreUnusable,
@@ -64,6 +69,17 @@ CREATE TABLE IF NOT EXISTS chatkit_items (
 );
 CREATE INDEX IF NOT EXISTS chatkit_items_by_thread
     ON chatkit_items (thread_id, created_us, id);
+CREATE TABLE IF NOT EXISTS chatkit_attachments (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    thread_id TEXT REFERENCES chatkit_threads (id) ON DELETE CASCADE,
+    created_at REAL NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chatkit_attachments_by_owner ON chatkit_attachments (owner);
+CREATE INDEX IF NOT EXISTS chatkit_attachments_by_thread ON chatkit_attachments (thread_id);
+CREATE INDEX IF NOT EXISTS chatkit_attachments_unsent
+    ON chatkit_attachments (created_at) WHERE thread_id IS NULL;
 """
 
 _P = ParamSpec("_P")
@@ -129,7 +145,22 @@ class SQLiteStore(OwnerScopedStore):
     ) -> None:
         await self._run(self._delete_item, thread_id, item_id, context.owner)
 
+    async def save_attachment(self, attachment: Attachment, context: RequestContext) -> None:
+        await self._run(self._save_attachment, attachment, context.owner)
+
+    async def load_attachment(self, attachment_id: str, context: RequestContext) -> Attachment:
+        return await self._run(self._load_attachment, attachment_id, context.owner)
+
+    async def delete_attachment(self, attachment_id: str, context: RequestContext) -> None:
+        await self._run(self._delete_attachment, attachment_id, context.owner)
+
     # -- owner-wide operations ------------------------------------------------------------------
+
+    async def known_attachments(self, attachment_ids: list[str]) -> set[str]:
+        return await self._run(self._known_attachments, attachment_ids)
+
+    async def owner_attachments(self, owner: str) -> list[str]:
+        return await self._run(self._owner_attachments, owner)
 
     async def list_owner_threads(self, owner: str) -> list[ThreadMetadata]:
         return await self._run(self._list_owner_threads, owner)
@@ -161,9 +192,7 @@ class SQLiteStore(OwnerScopedStore):
             raise _unusable(exc, self.path) from None
         probe_id = f"probe_{secrets.token_hex(8)}"
         try:
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            db.execute("PRAGMA journal_mode = WAL")
-            db.executescript(_SCHEMA)
+            _prepare(db)
             db.execute("BEGIN IMMEDIATE")
             db.execute(
                 "INSERT INTO chatkit_threads (id, owner, created_us, updated_at, expires_at, data)"
@@ -308,6 +337,60 @@ class SQLiteStore(OwnerScopedStore):
             )
             self._touch(db, thread_id, now)
 
+    def _save_attachment(self, attachment: Attachment, owner: str) -> None:
+        with self._transaction(write=True) as db:
+            row = db.execute(
+                "SELECT owner FROM chatkit_attachments WHERE id = ?", (attachment.id,)
+            ).fetchone()
+            if row is not None and row[0] != owner:
+                not_found("attachment", attachment.id)
+            if attachment.thread_id is not None:
+                self._require_thread(db, attachment.thread_id, owner)
+            db.execute(
+                """INSERT INTO chatkit_attachments (id, owner, thread_id, created_at, data)
+                VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT (id) DO UPDATE SET thread_id = excluded.thread_id,
+                    data = excluded.data""",
+                (attachment.id, owner, attachment.thread_id, self._clock(),
+                 attachment.model_dump_json()),
+            )  # fmt: skip
+
+    def _load_attachment(self, attachment_id: str, owner: str) -> Attachment:
+        row = (
+            self._connection()
+            .execute(
+                "SELECT data FROM chatkit_attachments WHERE id = ? AND owner = ?",
+                (attachment_id, owner),
+            )
+            .fetchone()
+        )
+        if row is None:
+            not_found("attachment", attachment_id)
+        return ATTACHMENT_ADAPTER.validate_json(row[0])
+
+    def _delete_attachment(self, attachment_id: str, owner: str) -> None:
+        with self._transaction(write=True) as db:
+            db.execute(
+                "DELETE FROM chatkit_attachments WHERE id = ? AND owner = ?", (attachment_id, owner)
+            )
+
+    def _known_attachments(self, attachment_ids: list[str]) -> set[str]:
+        known: set[str] = set()
+        db = self._connection()
+        for start in range(0, len(attachment_ids), 500):
+            batch = attachment_ids[start : start + 500]
+            marks = ",".join("?" * len(batch))
+            query = f"SELECT id FROM chatkit_attachments WHERE id IN ({marks})"  # noqa: S608
+            rows = db.execute(query, batch)  # only placeholders are formatted in
+            known.update(row[0] for row in rows)
+        return known
+
+    def _owner_attachments(self, owner: str) -> list[str]:
+        rows = self._connection().execute(
+            "SELECT id FROM chatkit_attachments WHERE owner = ? ORDER BY id", (owner,)
+        )
+        return [row[0] for row in rows]
+
     def _list_owner_threads(self, owner: str) -> list[ThreadMetadata]:
         rows = (
             self._connection()
@@ -327,13 +410,18 @@ class SQLiteStore(OwnerScopedStore):
                 (owner, self._active_since()),
             ).fetchone()
             db.execute("DELETE FROM chatkit_threads WHERE owner = ?", (owner,))  # items cascade
+            db.execute("DELETE FROM chatkit_attachments WHERE owner = ?", (owner,))
         return int(live)
 
     def _prune(self, now: float) -> int:
         with self._transaction(write=True) as db:
+            db.execute(  # never sent in a message
+                "DELETE FROM chatkit_attachments WHERE thread_id IS NULL AND created_at <= ?",
+                (now - self.thread_ttl,),
+            )
             return db.execute(
                 "DELETE FROM chatkit_threads WHERE updated_at <= ?", (now - self.thread_ttl,)
-            ).rowcount  # items cascade
+            ).rowcount  # items and attachments cascade
 
     def _move_owner(self, source: str, target: str) -> int:
         """One write transaction: a concurrent reader sees every thread moved or none."""
@@ -345,6 +433,11 @@ class SQLiteStore(OwnerScopedStore):
             db.execute(
                 "UPDATE chatkit_items SET owner = ? WHERE owner = ? AND thread_id IN"
                 " (SELECT id FROM chatkit_threads WHERE owner = ?)",
+                (target, source, target),
+            )
+            db.execute(
+                "UPDATE chatkit_attachments SET owner = ? WHERE owner = ? AND (thread_id IS NULL"
+                " OR thread_id IN (SELECT id FROM chatkit_threads WHERE owner = ?))",
                 (target, source, target),
             )
         return live
@@ -394,11 +487,7 @@ class SQLiteStore(OwnerScopedStore):
         # Autocommit mode: transactions are explicit (see _transaction).
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         try:
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            db.execute("PRAGMA journal_mode = WAL")  # persistent in the file; cheap to repeat
-            db.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable across a process crash
-            db.execute("PRAGMA foreign_keys = ON")  # per connection; items cascade with threads
-            db.executescript(_SCHEMA)
+            _prepare(db)
         except BaseException:
             db.close()
             raise
@@ -441,6 +530,35 @@ class SQLiteStore(OwnerScopedStore):
                 with suppress(sqlite3.Error):  # the connection is dropped after an error anyway
                     db.execute("ROLLBACK")
             raise
+
+
+def _prepare(db: sqlite3.Connection) -> None:
+    """A new connection's settings, and the tables if the file has none yet.
+
+    Several processes opening a new file at once (gunicorn's workers starting) may get
+    SQLITE_BUSY here at once, without ``busy_timeout``'s wait: switching the file to WAL or
+    creating a table while another connection does the same is refused where waiting could
+    deadlock. Each step is idempotent, so it is tried again after a short random pause,
+    for as long as ``busy_timeout`` would have waited.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA journal_mode = WAL")  # persistent in the file; cheap to repeat
+            db.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable across a process crash
+            db.execute("PRAGMA foreign_keys = ON")  # per connection; items cascade with threads
+            db.executescript(_SCHEMA)
+            return
+        except sqlite3.OperationalError as exc:
+            name = getattr(exc, "sqlite_errorname", "") or ""
+            if not name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            time.sleep(random.uniform(0.01, 0.05))
 
 
 class DatabaseFileChanged(sqlite3.DatabaseError):

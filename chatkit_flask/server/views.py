@@ -34,19 +34,33 @@ from ..web import (
     resolve_caller,
     set_visitor_cookie,
 )
+from .asgi import LOOP_KEY, RECEIVED_KEY, hand_over
+from .attachment_http import content_headers, upload_chunks
+from .attachments import UPLOAD_TYPE, AttachmentRefused, files_down
 from .context import RequestContext
-from .endpoint import RESTART_MESSAGE, STREAM_HEADERS, handle, stream_outcome
-from .protocol import NotFoundError, RequestRefused, calls_model, streams
+from .endpoint import (
+    RESTART_MESSAGE,
+    STREAM_HEADERS,
+    handle,
+    refused_attachment,
+    store_unavailable,
+    stream_outcome,
+)
+from .files import storage_errors
+from .protocol import NotFoundError, StoreFailed
+from .request_rules import RequestRefused, calls_model, streams
 from .runtime import BUDGET_MESSAGES, ServerRuntime
 from .slots import Slot
+from .store import store_error_types
 
 if TYPE_CHECKING:
     from ..state import ChatKitState
 
 __all__ = ["create_runtime", "make_server_blueprint"]
 
-ENDPOINT = "chatkit.chatkit"
+ENDPOINT = "chatkit.chatkit"  # also ``POST {prefix}/uploads/<token>``: one per-IP counter
 CONFIG_ENDPOINT = "chatkit.config"
+DOWNLOAD_ENDPOINT = "chatkit.attachment"
 # chatkit-js requires a domainKey; OpenAI checks real ones against the domain allowlist, and
 # on localhost any value passes (the one OpenAI's samples use).
 DOMAIN_KEY_PLACEHOLDER = "domain_pk_localhost_dev"
@@ -119,12 +133,16 @@ def create_runtime(
     limiter: Callable[[], Limiter],
     app: Flask,
     actions: Mapping[str, RegisteredAction] | None = None,
+    store_engine: Any = None,
 ) -> ServerRuntime:
     """Build server mode's parts (raises ``ConfigError`` naming the key); ``limiter`` gives
     the limiter once it exists (the stream slots count in its storage); the site's agent code
     runs inside app contexts of ``app``, whose instance folder holds the default thread store
-    and ``@file`` instructions; ``actions`` are the site's widget-action handlers by name."""
-    return ServerRuntime(settings, lambda: active_storage(limiter()), app, actions)
+    and ``@file`` instructions; ``actions`` are the site's widget-action handlers by name;
+    ``store_engine`` is the host's database for the SQL store (see ``ChatKit``)."""
+    return ServerRuntime(
+        settings, lambda: active_storage(limiter()), app, actions, store_engine=store_engine
+    )
 
 
 def _is_read() -> bool:
@@ -163,7 +181,12 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
     runtime: ServerRuntime = state.server
     bp = new_blueprint(state)
     guard = {"done": False}
-    max_body = max(64 * 1024, settings.max_input_chars * 4 + 32 * 1024)
+    longest = max(settings.max_input_chars, settings.client_tool_max_chars)
+    max_body = max(64 * 1024, longest * 4 + 32 * 1024)
+    # Dictation's body carries the recording in base64: only that type may be this large (the
+    # slack lets a recording just over its cap get the precise 413 from the server's check).
+    audio_body = 4 * ((settings.transcribe_max_bytes + 2) // 3) + 64 * 1024
+    max_audio_body = max(max_body, audio_body) if settings.transcribe_model else max_body
 
     def acceptable(raw: bytes) -> bool:
         """Whether the server will take this body (cheap: one cached pydantic adapter)."""
@@ -173,6 +196,13 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
             return False
         return True
 
+    @bp.before_app_request
+    def use_serving_loop() -> None:
+        """Under server mode's ASGI worker the SDKs run on the loop that serves HTTP."""
+        loop = request.environ.get(LOOP_KEY)
+        if loop is not None and not runtime.bridge.uses(loop):
+            runtime.adopt(loop)
+
     @bp.before_request
     def prepare() -> None:
         begin_request(state, guard)
@@ -181,8 +211,13 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
         resolve_caller(state)
         if request.endpoint != ENDPOINT or request.method != "POST":
             return
-        raw, body = read_json_body(max_body, allow_empty=False)
+        if request.view_args:  # an upload: its body is the file, read by the view as it comes
+            g.chatkit_request_type, g.chatkit_is_message, g.chatkit_body = UPLOAD_TYPE, False, b""
+            return
+        raw, body = read_json_body(max_audio_body, allow_empty=False)
         kind = body.get("type")
+        if len(raw) > max_body and kind != "input.transcribe":
+            raise ApiError(413, "payload_too_large", "The request body is too large.")
         g.chatkit_request_type = kind if isinstance(kind, str) else None
         # Only a message the server will take counts against the message limits; one it refuses
         # with a 400 (too long, malformed, attachments) falls under the requests limit alone.
@@ -193,10 +228,12 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
         thread_id = params.get("thread_id") if isinstance(params, dict) else None
         g.chatkit_thread_id = thread_id if isinstance(thread_id, str) else None
 
-    def chatkit() -> Response:
-        """One ChatKit request for the caller."""
+    def chatkit(token: str | None = None) -> Response:
+        """One ChatKit request for the caller (or the bytes of an upload, with ``token``)."""
         if request.method != "POST":
             raise ApiError(405, "method_not_allowed", "Use POST.", headers={"Allow": "POST"})
+        if token is not None:
+            return upload(token)
         identity = g.chatkit_identity
         context = RequestContext(
             owner=identity.limit_key,
@@ -204,8 +241,11 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
             client_network=g.get("chatkit_client_network", "-"),
             user_id=identity.user_id,
             locale=request.accept_languages.best,
+            base_url=url_for(ENDPOINT, _external=True),
         )
         g.chatkit_context = context
+        context.report["view_at"] = time.perf_counter()  # identity and limits are behind us
+        context.report["received_at"] = request.environ.get(RECEIVED_KEY)
         owner = identity.limit_key
         slot = g.chatkit_is_message and streams(g.chatkit_request_type)
         spent = runtime.budget.exceeded(owner) if g.chatkit_is_message else None
@@ -234,6 +274,7 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                     hold.release()
                 g.chatkit_limit_scope = refusal.extra["scope"]
                 return refused_in_stream(refusal)
+        on_loop = LOOP_KEY in request.environ
         try:
             response = handle(
                 runtime.server,
@@ -243,11 +284,14 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                 timeout=settings.model_timeout,
                 heartbeat=HEARTBEAT_SECONDS,
                 write_timeout=settings.stream_write_timeout,
-                on_stall=_socket_shutdown(request.environ),
+                on_stall=None if on_loop else _socket_shutdown(request.environ),
+                on_loop=on_loop,
             )
-        except BaseException:
+        except BaseException as exc:
             for hold in holds:
                 hold.release()
+            if isinstance(exc, ApiError) and exc.code == "token_budget":
+                g.chatkit_limit_scope = exc.extra["scope"]  # dictation's reservation refused
             raise
         started = g.chatkit_started
         fields = _log_fields(response)
@@ -256,6 +300,8 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
                 response.response = hold.hold(response.response)
             else:  # an answer decided before any stream: nothing to hold
                 hold.release()
+        if response.is_streamed and on_loop:
+            hand_over(request.environ, response.response, settings.stream_write_timeout)
         if response.mimetype == "text/event-stream":
             g.chatkit_outcome = "streamed"
             # The line is written when the stream ends, however it ends.
@@ -264,19 +310,67 @@ def make_server_blueprint(state: ChatKitState) -> Blueprint:
             g.chatkit_outcome = "answered"
         return response
 
+    def upload(token: str) -> Response:
+        """The bytes for an ``attachments.create`` upload URL (see ``attachments``)."""
+        attachments = runtime.attachments
+        if attachments is None:
+            raise ApiError(404, "not_found", "No such upload.")
+        chunks = upload_chunks(request.stream, request.content_type or "",
+                               settings.attachment_max_bytes)  # fmt: skip
+        try:
+            done = attachments.accept_upload(
+                token, chunks, lambda factory: runtime.bridge.run(factory, settings.model_timeout)
+            )
+        except AttachmentRefused as exc:
+            g.chatkit_outcome = exc.code
+            raise refused_attachment(exc) from None
+        except (StoreFailed, *store_error_types()) as exc:
+            raise store_unavailable(exc, g.chatkit_request_id) from None
+        g.chatkit_outcome = "uploaded"
+        payload = done.model_dump_json(context={"exclude_metadata": True})
+        return Response(payload, mimetype="application/json")
+
     state.limit_endpoint, state.limit_rules = ENDPOINT, _rules(state)
-    bp.add_url_rule(
-        "", "chatkit", limited(chatkit, state.limiter, state.limit_rules), methods=["GET", "POST"]
-    )
+    view = limited(chatkit, state.limiter, state.limit_rules)
+    bp.add_url_rule("", "chatkit", view, methods=["GET", "POST"])
+    if runtime.attachments is not None:
+        # The same endpoint, so uploads count in the same per-IP request counter.
+        bp.add_url_rule("/uploads/<token>", "chatkit", view, methods=["POST"])
+
+        @bp.get("/attachments/<token>")
+        def attachment(token: str) -> Response:
+            """An attachment's bytes for a signed link from its owner's thread (previews run
+            in OpenAI's iframe, which sends no cookie of this site)."""
+            attachments = runtime.attachments
+            assert attachments is not None
+            try:
+                mime, name, body = attachments.open_download(token)
+            except NotFoundError:
+                raise ApiError(404, "not_found", "No such attachment.") from None
+            except storage_errors() as exc:
+                raise refused_attachment(files_down(exc)) from None
+            return Response(body, headers=content_headers(mime, name), direct_passthrough=True)
 
     @bp.get("/config")
     def config() -> Response:
         """What the page needs to configure chatkit-js; issues the visitor cookie first, so the
         widget's first parallel requests agree on who the visitor is."""
+        extra: dict[str, Any] = {}
+        if runtime.attachments is not None:
+            # chatkit-js shows the upload button only with composer.attachments.enabled, and
+            # uploads through attachments.create only with the two-phase strategy.
+            extra["uploadStrategy"] = {"type": "two_phase"}
+            extra["attachments"] = {
+                "enabled": True,
+                "maxSize": settings.attachment_max_bytes,
+                "maxCount": settings.attachments_per_message,
+                "accept": {mime: [] for mime in settings.attachment_types},
+            }
         response = jsonify(
             backend="server",
             url=url_for(ENDPOINT),
             domainKey=settings.domain_key or DOMAIN_KEY_PLACEHOLDER,
+            **extra,
         )
         response.headers["Cache-Control"] = "no-store"
         return response
@@ -325,6 +419,18 @@ def _log_fields(response: Response) -> dict[str, Any]:
     return fields
 
 
+# Where a reply's time went, each from the request's start in Flask (the log line's fields):
+# identity and limits done, first frame out, model called (history read, budget reserved), the
+# model's first delta received, the first answer frame made from it.
+STREAM_PHASES = (
+    ("view_at", "admitted_ms"),
+    ("first_frame_at", "ttfe_ms"),
+    ("model_called_at", "model_called_ms"),
+    ("model_delta_at", "model_delta_ms"),
+    ("first_answer_at", "first_answer_ms"),
+)
+
+
 def _log_stream(fields: dict[str, Any], context: RequestContext, started: float) -> None:
     report = context.report
     fields["outcome"] = stream_outcome(report)
@@ -336,7 +442,9 @@ def _log_stream(fields: dict[str, Any], context: RequestContext, started: float)
     if usage is not None:
         fields["tokens_in"] = usage.input_tokens
         fields["tokens_out"] = usage.output_tokens
-    for key, name in (("first_frame_at", "ttfe_ms"), ("first_answer_at", "first_answer_ms")):
+    if report.get("received_at") is not None:  # under the ASGI worker: waiting for a thread
+        fields["queued_ms"] = round((started - report["received_at"]) * 1000, 1)
+    for key, name in STREAM_PHASES:
         if report.get(key) is not None:
             fields[name] = round((report[key] - started) * 1000, 1)
     fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 1)

@@ -43,15 +43,17 @@ def _gunicorn_config() -> Any | None:
 
 def check_gunicorn_worker() -> None:
     """Raise ``ConfigError`` under gunicorn's sync worker; warn under a worker class other than
-    gthread (untested with the asyncio bridge). Silent outside gunicorn."""
+    server mode's own or gthread (untested with the asyncio bridge). Silent outside gunicorn."""
     config = _gunicorn_config()
     if config is None:
         return
     from gunicorn.workers.gthread import ThreadWorker
     from gunicorn.workers.sync import SyncWorker
 
+    from .asgi_worker import ChatKitWorker
+
     worker = config.worker_class
-    if issubclass(worker, ThreadWorker):
+    if issubclass(worker, (ThreadWorker, ChatKitWorker)):
         return
     if issubclass(worker, SyncWorker):
         raise ConfigError(

@@ -258,7 +258,8 @@
   // chatkit-js needs a domainKey; on localhost any value passes (OpenAI's samples use this one).
   var DOMAIN_KEY_PLACEHOLDER = "domain_pk_localhost_dev";
   // The request types the server answers with an event stream (every one calls the model).
-  var STREAMING_TYPES = ["threads.create", "threads.add_user_message", "threads.retry_after_item"];
+  var STREAMING_TYPES = ["threads.create", "threads.add_user_message", "threads.retry_after_item",
+      "threads.add_client_tool_output"];
 
   function chatMessage(status, retryAfter) {
     if (status === 429) {
@@ -500,7 +501,9 @@
    * Asks `GET {prefix}/config` which backend runs (this also issues the visitor cookie) and
    * resolves to chatkit-js's `api` options for it:
    *   hosted: { getClientSecret }          (createClientSecretFetcher with the same options)
-   *   server: { url, domainKey, fetch }    (createServerFetch with the same options)
+   *   server: { url, domainKey, fetch }    (createServerFetch with the same options), plus
+   *           uploadStrategy when the server takes attachments (GET {prefix}/config's
+   *           `attachments` is then chatkit-js's composer.attachments)
    *
    * Options: prefix (default: where this file was served from, else "/api/chatkit"),
    * domainKey (default: the server's CHATKIT_DOMAIN_KEY, else a placeholder), fetch,
@@ -542,11 +545,16 @@
       }
     }
     if (payload && payload.backend === "server" && typeof payload.url === "string") {
-      return {
+      var api = {
         url: resolveUrl(payload.url, configUrl),
         domainKey: opts.domainKey || payload.domainKey || DOMAIN_KEY_PLACEHOLDER,
         fetch: createServerFetch(settings),
       };
+      if (payload.uploadStrategy) {
+        // Attachments are on: chatkit-js uploads through attachments.create and its URL.
+        api.uploadStrategy = payload.uploadStrategy;
+      }
+      return api;
     }
     if (payload && payload.backend === "hosted" && typeof payload.secretUrl === "string") {
       settings.endpoint = resolveUrl(payload.secretUrl, configUrl);

@@ -86,8 +86,21 @@
       var error = event.detail && event.detail.error;
       showStatus("error", "Chat error: " + describe(error));
     });
-    apiReady.then(function (api) {
-      chat.setOptions({ api: api });
+    apiReady.then(async function (api) {
+      var options = { api: api };
+      if (backend === "server") {
+        options.onClientTool = answerClientTool; // the demo agent's get_page_info
+      }
+      if (api.uploadStrategy) {
+        // Attachments are on: the composer shows the upload button with the server's limits.
+        try {
+          var config = await (await fetch(prefix + "/config", { cache: "no-store" })).json();
+          options.composer = { attachments: config.attachments };
+        } catch (err) {
+          showStatus("warning", "Attachments are off on this page: " + describe(err));
+        }
+      }
+      chat.setOptions(options);
       if (backend === "server") {
         showStatus("ok", "Chat ready: this app answers it (" + api.url + ").");
       }
@@ -117,7 +130,7 @@
     componentUnavailable();
   }
 
-  window.chatkitDemo = { api: apiReady };
+  window.chatkitDemo = { api: apiReady, answerClientTool: answerClientTool };
   if (backend === "server") {
     tryWithoutWidget();
   } else {
@@ -125,19 +138,105 @@
   }
 
   // --- server mode: the endpoint without the widget ---------------------------------------------
+  // Shows what the stream carries: the assistant's text as it streams, widgets (drawn plainly:
+  // text and buttons), and a widget button's action sent back as threads.custom_action.
   function tryWithoutWidget() {
     var form = document.getElementById("try-form");
     var input = document.getElementById("try-input");
     var send = document.getElementById("try-send");
     var transcript = document.getElementById("transcript");
     var threadId = null;
+    var lines = {}; // item id -> its <li>
 
-    function line(who, text) {
+    function line(who, text, before) {
       var item = document.createElement("li");
       item.setAttribute("data-who", who);
       item.textContent = text;
-      transcript.appendChild(item);
+      transcript.insertBefore(item, before || null);
       return item;
+    }
+
+    function drawWidget(node, itemId) {
+      var el;
+      if (node.type === "Button") {
+        el = document.createElement("button");
+        el.type = "button";
+        el.textContent = node.label || "";
+        var action = node.onClickAction;
+        if (action && action.handler !== "client") {
+          el.addEventListener("click", function () {
+            runAction(itemId, action);
+          });
+        } else {
+          el.disabled = true;
+        }
+      } else if (typeof node.value === "string") {
+        el = document.createElement(node.type === "Title" ? "strong" : "span");
+        el.textContent = node.value;
+      } else {
+        el = document.createElement("div");
+      }
+      el.className = "widget-" + String(node.type || "box").toLowerCase();
+      (node.children || []).forEach(function (child) {
+        el.appendChild(drawWidget(child, itemId));
+      });
+      return el;
+    }
+
+    function showWidget(item, before) {
+      var shown = lines[item.id] || line("widget", "", before);
+      shown.textContent = "";
+      shown.setAttribute("data-item-id", item.id);
+      shown.appendChild(drawWidget(item.widget, item.id));
+      lines[item.id] = shown;
+    }
+
+    function fullText(item) {
+      return (item.content || []).map(function (part) { return part.text || ""; }).join("");
+    }
+
+    // One handler for every stream; `pending` is the placeholder of the reply to a message.
+    function handler(pending) {
+      return function (ev) {
+        var item = ev.item;
+        if (ev.type === "thread.created") {
+          threadId = ev.thread.id;
+        } else if (ev.type === "thread.item.added" && item.type === "assistant_message") {
+          lines[item.id] = pending.line && !pending.bound ? pending.line : line("assistant", "");
+          pending.bound = true;
+        } else if (ev.type === "thread.item.updated" && ev.update && typeof ev.update.delta === "string") {
+          (lines[ev.item_id] || pending.line).textContent += ev.update.delta;
+        } else if ((ev.type === "thread.item.done" || ev.type === "thread.item.replaced") && item.type === "widget") {
+          showWidget(item, pending.bound ? null : pending.line);
+        } else if (ev.type === "thread.item.done" && item.type === "assistant_message") {
+          (lines[item.id] || line("assistant", "")).textContent = fullText(item);
+        } else if (ev.type === "error") {
+          var shown = pending.line && !pending.bound ? pending.line : line("error", "");
+          shown.setAttribute("data-who", "error");
+          shown.textContent = ev.message || "The reply failed.";
+          pending.failed = true;
+        }
+      };
+    }
+
+    async function runAction(itemId, action) {
+      var card = lines[itemId];
+      card.querySelectorAll("button").forEach(function (b) { b.disabled = true; });
+      var pending = { line: null, bound: false, failed: false };
+      try {
+        var api = await apiReady;
+        await Helper.send(api, "threads.custom_action", {
+          thread_id: threadId,
+          item_id: itemId,
+          action: { type: action.type, payload: action.payload },
+        }, { onEvent: handler(pending) });
+        if (!pending.failed) {
+          showStatus("ok", "Action " + action.type + " answered by " + api.url + ".");
+        }
+      } catch (err) {
+        line("error", describe(err));
+        showStatus("error", describe(err));
+      }
     }
 
     form.addEventListener("submit", async function (event) {
@@ -149,7 +248,7 @@
       input.value = "";
       send.disabled = true;
       line("you", text);
-      var reply = line("assistant", "");
+      var pending = { line: line("assistant", ""), bound: false, failed: false };
       var params = {
         input: { content: [{ type: "input_text", text: text }], attachments: [], inference_options: {} },
       };
@@ -159,25 +258,20 @@
       try {
         var api = await apiReady;
         await Helper.send(api, threadId ? "threads.add_user_message" : "threads.create", params, {
-          onEvent: function (ev) {
-            if (ev.type === "thread.created") {
-              threadId = ev.thread.id;
-            } else if (ev.type === "thread.item.updated" && ev.update && typeof ev.update.delta === "string") {
-              reply.textContent += ev.update.delta;
-            } else if (ev.type === "error") {
-              reply.setAttribute("data-who", "error");
-              reply.textContent = ev.message || "The reply failed.";
-            }
-          },
+          onEvent: handler(pending),
         });
-        if (reply.getAttribute("data-who") === "assistant") {
+        if (!pending.failed) {
           showStatus("ok", "Reply streamed from " + api.url + ".");
         }
       } catch (err) {
-        reply.setAttribute("data-who", "error");
-        reply.textContent = describe(err);
+        pending.failed = true;
+        pending.line.setAttribute("data-who", "error");
+        pending.line.textContent = describe(err);
         showStatus("error", describe(err));
       } finally {
+        if (!pending.bound && !pending.failed) {
+          pending.line.remove(); // the answer was a widget only
+        }
         send.disabled = false;
       }
     });
@@ -228,5 +322,40 @@
       }
     });
     window.chatkitDemo.getClientSecret = buttonFetcher;
+  }
+
+  // --- server mode: the demo agent's client tool -----------------------------------------------
+  // When a reply ends on a client tool call, chatkit-js calls onClientTool({name, params}) and
+  // sends what it returns back (threads.add_client_tool_output); the run then continues. The list
+  // shows what the page was asked and what it answered.
+  function answerClientTool(call) {
+    var name = String((call && call.name) || "");
+    var result;
+    if (name === "get_page_info") {
+      var zone = "";
+      try {
+        zone = Intl.DateTimeFormat().resolvedOptions().timeZone || "";
+      } catch (_err) {
+        zone = "";
+      }
+      result = {
+        title: document.title,
+        path: window.location.pathname, // not the query string: it may hold what the site keeps private
+        language: navigator.language || "",
+        localTime: new Date().toString(),
+        timeZone: zone,
+      };
+    } else {
+      result = { error: "This page has no client tool named " + name + "." };
+    }
+    var calls = document.getElementById("client-tool-calls");
+    if (calls) {
+      var item = document.createElement("li");
+      item.setAttribute("data-who", "client-tool");
+      item.textContent = name + "(" + JSON.stringify((call && call.params) || {}) + ") \u2192 " + JSON.stringify(result);
+      calls.appendChild(item);
+    }
+    showStatus("info", "The assistant asked this page for " + name + "; the answer goes back to the chat.");
+    return result;
   }
 })();

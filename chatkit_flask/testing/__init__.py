@@ -3,14 +3,21 @@
 - :class:`FakeChatKit`: a fake ChatKit sessions API on a real loopback socket (a context
   manager); point ``CHATKIT_API_BASE`` at its ``base_url``.
 - :class:`FakeResponses` (server mode): a fake OpenAI Responses API on a loopback socket that
-  streams replies with token usage, and can call the site's tools (``Reply.call_tool``, from
-  ``chatkit_flask.testing.fake_responses``).
+  streams replies with token usage, and can call the site's tools (``Reply.call_tool``, or a
+  whole ``Turn``: tool calls, then the answer; from ``chatkit_flask.testing.fake_responses``).
 - :func:`chatkit_test_config`: the settings a test app needs against either fake, limits off.
 - :class:`~chatkit_flask.testing.redis_server.RedisServer`: a private ``redis-server`` on a
   free port in a temporary directory (a context manager), for tests that need a real Redis
   without touching anyone's data.
 - :func:`reset_limits`: clear every counter of the app's limiter between tests that keep
   limits on.
+- :class:`ChatKitDriver` (server mode): one visitor's conversation against the app's own
+  endpoint through its test client, as the ChatKit widget holds it: ``new_thread``/``send`` a
+  message, click a widget's ``action``/``sync_action``, hand back a ``client_tool_output``,
+  read ``items()``/``threads()``, ``rename``/``delete``/``feedback``. Streams come back parsed
+  as :class:`Events` (``.text`` of the answer, ``.widgets``, ``.progress``, ``.errors``,
+  ``.thread_id``); a non-2xx answer raises :class:`ChatKitHTTPError` (``.status``,
+  ``.code``). Its test client keeps the visitor cookie: one driver is one visitor.
 - ``pytest_plugins = ["chatkit_flask.testing.pytest_plugin"]`` in a ``conftest.py`` gives the
   ``chatkit_api`` fixture (hosted mode) and the ``chatkit_model`` fixture (server mode): a
   started fake, reset for each test.
@@ -26,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 
+from .driver import ChatKitDriver, ChatKitHTTPError, Events
 from .fake_chatkit import Behaviour, FakeChatKit
 
 if TYPE_CHECKING:
@@ -46,6 +54,9 @@ __all__ = [
     "TEST_API_KEY",
     "TEST_WORKFLOW_ID",
     "Behaviour",
+    "ChatKitDriver",
+    "ChatKitHTTPError",
+    "Events",
     "FakeChatKit",
     "FakeResponses",
     "chatkit_test_config",

@@ -5,9 +5,12 @@ demo, the benchmark, and operators rehearsing faults against a running service::
 
     python -m chatkit_flask.testing.fake_responses --port 8788 --token-delay 0.02
     python -m chatkit_flask.testing.fake_responses --words 400 --cut-after 50 --times 3
+    python -m chatkit_flask.testing.fake_responses --call-tool show_slots '{"day": "Monday"}' \
+        --reply "Pick one."
 
-The CLI scripts what :class:`Reply` scripts from Python (``--help``): reply text or length, delay
-per word, an HTTP error, a stall, a cut stream, usage figures.
+The CLI scripts what :class:`Reply` and :class:`Turn` script from Python (``--help``): reply
+text or length, delay per word, an HTTP error, a stall, a cut stream, usage figures, and tool
+calls before the reply.
 
 A streamed request (``"stream": true``) is answered with Server-Sent Events in the order the
 Agents SDK relies on: ``response.created``, ``response.in_progress``,
@@ -23,6 +26,15 @@ user message ("You said: ...") unless a :class:`Reply` is enqueued.
 events, ``response.output_item.done``, ``response.completed``): the Agents SDK runs the
 tool and asks again with its output, which the next reply answers. Every request is recorded; a
 client that hangs up before the stream ends is recorded as an :class:`Abort`.
+A :class:`Turn` scripts a whole answer to one visitor message (tool calls, then a reply), also
+for conversations that run at the same time; the CLI's ``--call-tool NAME JSON`` makes one.
+
+Dictation: ``POST /v1/audio/transcriptions`` (multipart, as the openai client sends it) answers
+``{"text", "usage"}``: "Transcribed N bytes of audio." unless a reply is scripted with
+:meth:`FakeResponses.enqueue_transcription` (its own queue; a ``Reply``'s text, status and
+token figures apply, and its ``token_delay`` is how long it takes). Usage is one input token
+per 100 bytes of audio and one output token per word. The request is recorded with its form
+fields as ``json`` (the file as its name, type and size).
 """
 
 from __future__ import annotations
@@ -38,16 +50,21 @@ import time
 from collections import deque
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from email import policy
+from email.parser import BytesParser
 from http import HTTPStatus
 from typing import Any
 
 from ._loopback import ClientGone, LoopbackServer, RecordedRequest, serve_until_signalled
 from .fake_chatkit import error_envelope
 
-__all__ = ["Abort", "FakeResponses", "RecordedRequest", "Reply", "ToolCall", "main", "words"]
+__all__ = [
+    "Abort", "FakeResponses", "RecordedRequest", "Reply", "ToolCall", "Turn", "main", "words",
+]
 
 RESPONSES_PATH = "/v1/responses"
-MAX_BODY_BYTES = 8 * 1024 * 1024  # histories can be long
+TRANSCRIPTIONS_PATH = "/v1/audio/transcriptions"
+MAX_BODY_BYTES = 32 * 1024 * 1024  # histories can be long; OpenAI takes 25 MB of audio
 _TOKEN_RE = re.compile(r"\s*\S+")
 
 _ERRORS: dict[int, tuple[str, str, str | None]] = {
@@ -123,6 +140,38 @@ class Reply:
 
 
 @dataclass(frozen=True)
+class Turn:
+    """A whole answer to one visitor message: the model calls ``calls`` one per model request,
+    in order, then answers with ``reply`` (default: the echo).
+
+    Which step a request is at is read from the request itself (the tool outputs after its
+    last user message), not from the order requests arrive in: visitors talking at the same
+    time each get the whole turn. A request that offers no tools (a thread title's) gets
+    ``reply``. Queued (:meth:`FakeResponses.enqueue`), a turn answers one message: it leaves
+    the queue once its ``reply`` went to a request that offered tools.
+    """
+
+    calls: tuple[ToolCall, ...]
+    reply: Reply = field(default_factory=Reply)
+
+    @classmethod
+    def of(
+        cls, *calls: tuple[str, Mapping[str, Any] | None], reply: Reply | str | None = None
+    ) -> Turn:
+        """``Turn.of(("show_slots", {"day": "Monday"}), reply="Pick one.")``."""
+        final = Reply(text=reply) if isinstance(reply, str) else reply or Reply()
+        return cls(tuple(ToolCall(name, json.dumps(dict(args or {}))) for name, args in calls),
+                   final)  # fmt: skip
+
+    def step(self, request: Mapping[str, Any]) -> Reply:
+        """The reply for ``request``: the next tool call of this turn, or the final reply."""
+        if not request.get("tools"):
+            return self.reply
+        done = _tool_outputs_since_user(request.get("input"))
+        return Reply(tool=self.calls[done]) if done < len(self.calls) else self.reply
+
+
+@dataclass(frozen=True)
 class Abort:
     """A client hung up before the answer was complete."""
 
@@ -160,8 +209,9 @@ class FakeResponses(LoopbackServer):
         self.models = None if models is None else frozenset(models)
         self._completed = 0
         self._aborts: list[Abort] = []
-        self._queue: deque[Reply] = deque()
-        self._default: Reply | None = None
+        self._queue: deque[Reply | Turn] = deque()
+        self._default: Reply | Turn | None = None
+        self._transcriptions: deque[Reply] = deque()
 
     @property
     def base_url(self) -> str:
@@ -187,6 +237,21 @@ class FakeResponses(LoopbackServer):
         with self._cond:
             return len(self._aborts)
 
+    def input_parts(self, kind: str, index: int = -1) -> list[dict[str, Any]]:
+        """The content parts of type ``kind`` (``input_image``, ``input_file``,
+        ``input_text``) in the user messages of a recorded request (the last by default):
+        what the model was shown, attachments included."""
+        body = self.requests[index].json
+        items = body.get("input") if isinstance(body, dict) else None
+        parts: list[dict[str, Any]] = []
+        for item in items if isinstance(items, list) else []:
+            if not isinstance(item, dict) or item.get("role") != "user":
+                continue
+            content = item.get("content")
+            if isinstance(content, list):
+                parts += [p for p in content if isinstance(p, dict) and p.get("type") == kind]
+        return parts
+
     def wait_for_abort(self, n: int = 1, timeout: float = 5.0) -> list[Abort]:
         """Block until ``n`` clients hung up mid-answer (``TimeoutError`` otherwise)."""
         with self._cond:
@@ -200,29 +265,44 @@ class FakeResponses(LoopbackServer):
             super().clear()
             self._aborts.clear()
             self._queue.clear()
+            self._transcriptions.clear()
             self._default = None
             self._completed = 0
 
-    def enqueue(self, *replies: Reply | str) -> None:
-        """Script the next answers in order (a ``str`` is ``Reply(text=...)``)."""
+    def enqueue(self, *replies: Reply | Turn | str) -> None:
+        """Script the next answers in order (a ``str`` is ``Reply(text=...)``; a
+        :class:`Turn` answers every model request of one message)."""
         with self._cond:
             self._queue.extend(Reply(text=r) if isinstance(r, str) else r for r in replies)
+
+    def enqueue_transcription(self, *replies: Reply | str) -> None:
+        """Script the next transcriptions in order (a ``str`` is the transcript)."""
+        with self._cond:
+            self._transcriptions.extend(Reply(text=r) if isinstance(r, str) else r for r in replies)
 
     @property
     def pending(self) -> int:
         with self._cond:
             return len(self._queue)
 
-    def set_default(self, reply: Reply | str | None) -> None:
-        """How to answer once the queue is empty (None: echo the last user message)."""
+    def set_default(self, reply: Reply | Turn | str | None) -> None:
+        """How to answer once the queue is empty (None: echo the last user message; a
+        :class:`Turn`: that turn for every message)."""
         with self._cond:
             self._default = Reply(text=reply) if isinstance(reply, str) else reply
 
-    def _next_reply(self) -> Reply:
+    def _next_reply(self, request: Mapping[str, Any]) -> Reply:
         with self._cond:
-            if self._queue:
+            if not self._queue:
+                default = self._default or Reply()
+                return default.step(request) if isinstance(default, Turn) else default
+            head = self._queue[0]
+            if not isinstance(head, Turn):
                 return self._queue.popleft()
-            return self._default or Reply()
+            reply = head.step(request)
+            if reply is head.reply and request.get("tools"):
+                self._queue.popleft()
+            return reply
 
     # ------------------------------------------------------------ HTTP layer
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
@@ -249,14 +329,20 @@ class FakeResponses(LoopbackServer):
         if length < 0 or length > MAX_BODY_BYTES or "transfer-encoding" in headers:
             return self._write_json(writer, 400, error_envelope("Unsupported body."), False)
         raw = await reader.readexactly(length) if length else b""
-        try:
-            parsed = json.loads(raw) if raw else None
-        except ValueError:
-            parsed = None
+        route = path.split("?", 1)[0]
+        parsed: Any
+        if route == TRANSCRIPTIONS_PATH:
+            parsed = _form_fields(headers.get("content-type", ""), raw)
+        else:
+            try:
+                parsed = json.loads(raw) if raw else None
+            except ValueError:
+                parsed = None
         self._record(RecordedRequest(method, path, headers, parsed, raw))
 
         keep_alive = "close" not in headers.get("connection", "").lower()
-        route = path.split("?", 1)[0]
+        if route == TRANSCRIPTIONS_PATH and method == "POST":
+            return await self._transcribe(writer, headers, parsed, keep_alive)
         if route != RESPONSES_PATH or method != "POST":
             body = error_envelope(f"Invalid URL ({method} {route})")
             return self._write_json(writer, 404, body, keep_alive)
@@ -272,7 +358,7 @@ class FakeResponses(LoopbackServer):
                 "invalid_request_error", None, "model_not_found",
             )  # fmt: skip
             return self._write_json(writer, 404, body, keep_alive)
-        reply = self._next_reply()
+        reply = self._next_reply(parsed)
         if reply.status != 200:
             body = reply.body if reply.body is not None else Reply.error(reply.status).body
             return self._write_json(writer, reply.status, body, keep_alive, reply.headers)
@@ -285,6 +371,42 @@ class FakeResponses(LoopbackServer):
             response = _response(parsed, text, item_id, "completed", output=output, reply=reply)
             return self._write_json(writer, 200, response, keep_alive)
         return await self._stream(reader, writer, parsed, text, reply, started, path, keep_alive)
+
+    async def _transcribe(
+        self,
+        writer: asyncio.StreamWriter,
+        headers: dict[str, str],
+        form: dict[str, Any] | None,
+        keep_alive: bool,
+    ) -> bool:
+        """``POST /v1/audio/transcriptions``: the scripted transcript, or one naming the size,
+        after the reply's ``token_delay`` seconds (a recording being transcribed)."""
+        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            return self._write_json(writer, 401, Reply.error(401).body, keep_alive)
+        audio = (form or {}).get("file")
+        if not isinstance(audio, dict) or not isinstance((form or {}).get("model"), str):
+            body = error_envelope("Send a multipart form with 'file' and 'model'.", param="file")
+            return self._write_json(writer, 400, body, keep_alive)
+        with self._cond:
+            reply = self._transcriptions.popleft() if self._transcriptions else Reply()
+        if reply.token_delay:
+            await asyncio.sleep(reply.token_delay)
+        if reply.status != 200:
+            body = reply.body if reply.body is not None else Reply.error(reply.status).body
+            return self._write_json(writer, reply.status, body, keep_alive, reply.headers)
+        text = reply.text
+        if text is None:
+            text = f"Transcribed {audio['size']} bytes of audio."
+        input_tokens = reply.input_tokens
+        if input_tokens is None:
+            input_tokens = max(1, audio["size"] // 100)
+        output_tokens = reply.output_tokens
+        if output_tokens is None:
+            output_tokens = len(text.split())
+        usage = {"type": "tokens", "input_tokens": input_tokens, "output_tokens": output_tokens,
+                 "total_tokens": input_tokens + output_tokens,
+                 "input_token_details": {"audio_tokens": input_tokens, "text_tokens": 0}}
+        return self._write_json(writer, 200, {"text": text, "usage": usage}, keep_alive)
 
     async def _stream(
         self,
@@ -300,7 +422,7 @@ class FakeResponses(LoopbackServer):
         if reply.hang_after == 0:
             await self._until_client_leaves(reader, started, 0, path)
         if reply.tool is not None:
-            return await self._stream_tool_call(writer, request, reply.tool, keep_alive)
+            return await self._stream_tool_call(writer, request, reply, keep_alive)
         # The client sends nothing more while it reads the answer, so any read completing
         # (EOF) means it hung up: that is how an abort is noticed between deltas.
         client_gone = asyncio.ensure_future(reader.read(1))
@@ -385,10 +507,13 @@ class FakeResponses(LoopbackServer):
         self,
         writer: asyncio.StreamWriter,
         request: dict[str, Any],
-        tool: ToolCall,
+        reply: Reply,
         keep_alive: bool,
     ) -> bool:
-        """One function call, streamed the way the Responses API streams it (no text)."""
+        """One function call, streamed the way the Responses API streams it (no text), with the
+        reply's token usage if it sets one."""
+        tool = reply.tool
+        assert tool is not None
         item_id = _new_id("fc")
         seq = iter(range(1_000_000))
 
@@ -399,7 +524,7 @@ class FakeResponses(LoopbackServer):
         call = _function_call(tool, item_id, "in_progress")
         done = {**call, "arguments": tool.arguments, "status": "completed"}
         in_progress = _response(request, "", item_id, "in_progress", output=[])
-        final = _response(request, "", item_id, "completed", output=[done])
+        final = _response(request, "", item_id, "completed", output=[done], reply=reply)
         body = (
             event("response.created", response=in_progress)
             + event("response.in_progress", response=in_progress)
@@ -469,6 +594,24 @@ class FakeResponses(LoopbackServer):
 
 
 # ------------------------------------------------------------------ payloads
+def _form_fields(content_type: str, body: bytes) -> dict[str, Any] | None:
+    """A multipart form's fields: text as text, a file as its name, type and size."""
+    head = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
+    message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        return None
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        if part.get_filename() is not None:
+            fields[str(name)] = {"filename": part.get_filename(), "size": len(payload),
+                                 "content_type": part.get_content_type()}
+        else:
+            fields[str(name)] = payload.decode("utf-8", "replace")
+    return fields
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(16)}"
 
@@ -477,6 +620,17 @@ def _function_call(tool: ToolCall, item_id: str, status: str) -> dict[str, Any]:
     return {"id": item_id, "type": "function_call", "call_id": "call_" + item_id[3:],
             "name": tool.name, "arguments": "" if status == "in_progress" else tool.arguments,
             "status": status}
+
+
+def _tool_outputs_since_user(items: Any) -> int:
+    """Tool outputs in a request's input after its last user message: the steps of the turn
+    already taken."""
+    count = 0
+    for item in reversed(items if isinstance(items, list) else []):
+        if not isinstance(item, dict) or item.get("role") == "user":
+            break
+        count += item.get("type") == "function_call_output"
+    return count
 
 
 def _texts(content: Any) -> list[str]:
@@ -585,10 +739,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-tokens", type=int, metavar="N", help="usage.input_tokens")
     parser.add_argument("--output-tokens", type=int, metavar="N", help="usage.output_tokens")
     parser.add_argument(
+        "--call-tool", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
+        help="before answering, call the function tool NAME with JSON (an object of arguments); "
+        "repeatable: one model request per call, in order, then the answer (--reply, --words or "
+        "the echo; or the fault). Every visitor message gets all of them, also when several "
+        "visitors talk at once",
+    )  # fmt: skip
+    parser.add_argument(
         "--times", type=int, metavar="N",
-        help="script only the first N requests, then echo as usual (default: every request)",
+        help="script only the first N requests (with --call-tool: messages), then echo as usual "
+        "(default: every request)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    args.calls = [_tool_call(parser, name, arguments) for name, arguments in args.call_tool]
     if args.retry_after is not None and args.status is None:
         parser.error("--retry-after needs --status")
     for name in ("words", "stall_after", "cut_after", "input_tokens", "output_tokens", "times"):
@@ -615,9 +778,24 @@ def _scripted_reply(args: argparse.Namespace) -> Reply | None:
     return None if reply == Reply() else reply
 
 
+def _tool_call(parser: argparse.ArgumentParser, name: str, arguments: str) -> ToolCall:
+    """One ``--call-tool NAME JSON``, checked as the Responses API would see it."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        parser.error(f"--call-tool NAME must be a function name (letters, digits, _, -): {name!r}")
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        parser.error(f"--call-tool {name}: JSON must be an object of arguments, e.g. '{{}}'")
+    return ToolCall(name, json.dumps(parsed))
+
+
 async def _serve_cli(args: argparse.Namespace) -> int:
     fake = FakeResponses(args.host, args.port, api_key=args.api_key, token_delay=args.token_delay)
-    reply = _scripted_reply(args)
+    reply: Reply | Turn | None = _scripted_reply(args)
+    if args.calls:
+        reply = Turn(tuple(args.calls), reply if isinstance(reply, Reply) else Reply())
     if reply is not None and args.times is None:
         fake.set_default(reply)
     elif reply is not None:

@@ -68,9 +68,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if app.config["SITE_POOL_STATUS"]:
 
         @app.get("/_pool")
+        @limiter.exempt
         def pool_status() -> Any:
             """Connections the database pool has handed out and not had back, and which worker
-            process answers (tests)."""
+            process answers (tests; exempt from the site's limits, since tests poll it until
+            each worker has answered)."""
             return jsonify(checked_out=db.engine.pool.checkedout(), worker=os.getpid())
 
     with app.app_context():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask_login import UserMixin
 from sqlalchemy import String
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .extensions import db
@@ -23,8 +24,16 @@ SEED_USERS = [
 
 
 def seed() -> None:
-    """Create the tables and the two demo users once (ids 1 and 2)."""
-    db.create_all()
+    """Create the tables and the two demo users once (ids 1 and 2). Every gunicorn worker runs
+    this as it starts: one that loses the race finds the tables or the users made by another
+    (a site with migrations runs them once, before the workers, instead)."""
+    try:
+        db.create_all()
+    except OperationalError:  # "table user already exists": another worker made it meanwhile
+        db.session.rollback()
     if db.session.query(User).first() is None:
         db.session.add_all(User(email=e, name=n, plan=p) for e, n, p in SEED_USERS)
-        db.session.commit()
+        try:
+            db.session.commit()
+        except IntegrityError:  # another worker added them meanwhile
+            db.session.rollback()
