@@ -160,13 +160,16 @@ def test_a_visitor_who_hangs_up_mid_reply_is_charged_what_it_cost(
     (abort,) = fake.wait_for_abort(1, timeout=5)
     assert fake.completed == 0  # the provider never reported usage
 
-    counters = wait_settled(real_redis, lambda c: any(v > 0 for v in c.values()))
+    # The reservation (input + max_output_tokens, 1024) is charged at once; the settle that
+    # brings it down to an estimate may land a moment after the abort: wait for it.
+    estimate_ceiling = words_in(fake.requests[-1].json) * 4 + 300
+    counters = wait_settled(real_redis, lambda c: any(0 < v < estimate_ceiling for v in c.values()))
     (charged,) = counters.values()
     # At least what the provider bills by its own count: the input, and the output it sent.
     billed = words_in(fake.requests[-1].json) + abort.tokens_sent
     assert charged >= billed > 0
-    # An estimate, not the reservation: far below input + max_output_tokens (1024).
-    assert charged < words_in(fake.requests[-1].json) * 4 + 300
+    # An estimate, not the reservation.
+    assert charged < estimate_ceiling
     # What the visitor saw before leaving is kept in the thread.
     (kept,) = assistant_items(client, thread)
     assert kept["content"][0]["text"].startswith("word0")
