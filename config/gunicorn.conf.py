@@ -372,13 +372,12 @@ def when_ready(server):
             if settings.backend == "server":
                 # GUNICORN_WORKER_CLASS=sync would kill long replies: refuse it here, once,
                 # rather than in every worker (chatkit_flask/server/workers.py).
-                from chatkit_flask.server.store import is_sql_url
+                from chatkit_flask.server.store import sql_database
                 from chatkit_flask.server.workers import check_gunicorn_worker
 
                 check_gunicorn_worker()
-                url = settings.store_url or ""
-                if is_sql_url(url):
-                    database = url.strip().partition("://")[0].partition("+")[0].lower()
+                database = sql_database(settings.store_url or "")
+                if database is not None:
                     os.write(tell, database.encode()[:32])
         except ConfigError as error:
             server.log.error("chatkit-flask: configuration error: %s", error)

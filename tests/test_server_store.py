@@ -46,7 +46,7 @@ from fakeredis import aioredis as fake_aioredis
 
 from chatkit_flask.server.context import RequestContext
 from chatkit_flask.server.sql_schema import upgrade
-from chatkit_flask.server.store import OwnerScopedStore, open_store
+from chatkit_flask.server.store import OwnerScopedStore, open_store, sql_database
 from chatkit_flask.server.store_redis import RedisStore
 from chatkit_flask.server.store_sql import SQLStore
 from chatkit_flask.server.store_sqlite import SQLiteStore
@@ -1025,6 +1025,24 @@ def test_open_store_picks_the_store_from_the_url(tmp_path: Path) -> None:
         store = open_store(url, thread_ttl=60)
         assert isinstance(store, RedisStore), url
         assert "s3cret" not in repr(store)
+
+
+@pytest.mark.parametrize(
+    ("url", "database"),
+    [
+        ("postgresql+psycopg://u:p@db/chat", "postgresql"),
+        ("POSTGRESQL://db/chat", "postgresql"),
+        ("mysql+aiomysql://u:p@db/chat", "mysql"),
+        ("mariadb+aiomysql://u:p@db/chat", "mariadb"),
+        ("sqlite+aiosqlite:///chat.db", "sqlite"),
+        ("sqlite:///chat.db", None),  # the embedded store, not SQLAlchemy's
+        ("redis://cache:6379/0", None),
+        ("memcached://cache", None),
+    ],
+)
+def test_sql_database_names_the_database_a_sql_url_runs_on(url: str, database: str | None) -> None:
+    """What gunicorn's master warms (the driver) and which store opens both follow this."""
+    assert sql_database(url) == database
 
 
 @pytest.mark.parametrize(

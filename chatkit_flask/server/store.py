@@ -199,12 +199,20 @@ def not_found(what: str, ident: str) -> NoReturn:
     raise NotFoundError(f"{what} {ident} not found")
 
 
-def is_sql_url(url: str) -> bool:
-    """Whether ``url`` names the SQL store (``postgresql://``, ``mysql+pymysql://``,
-    ``sqlite+aiosqlite://``; not plain ``sqlite://``, the embedded store)."""
+def sql_database(url: str) -> str | None:
+    """The database the SQL store at ``url`` runs on (``"postgresql"``, ``"mysql"``,
+    ``"mariadb"``, ``"sqlite"``), or None when ``url`` names another store (plain
+    ``sqlite://`` is the embedded store, ``sqlite+aiosqlite://`` the SQL one)."""
     scheme = url.strip().partition("://")[0].lower()
     backend, plus, _driver = scheme.partition("+")
-    return backend in SQL_BACKENDS and (backend != "sqlite" or bool(plus))
+    if backend in SQL_BACKENDS and (backend != "sqlite" or bool(plus)):
+        return backend
+    return None
+
+
+def is_sql_url(url: str) -> bool:
+    """Whether ``url`` names the SQL store (see :func:`sql_database`)."""
+    return sql_database(url) is not None
 
 
 def open_store(

@@ -67,10 +67,11 @@ APP_IMPORTS = (
 # the store's own module, else each worker imports them on its own (docs/benchmark.md).
 SQL_IMPORTS = ("sqlalchemy.ext.asyncio", "alembic.config", "alembic.script",
                "alembic.runtime.migration")  # fmt: skip
+_MYSQL_DRIVER = ("pymysql", "aiomysql", "sqlalchemy.dialects.mysql.aiomysql")
 SQL_DRIVER_IMPORTS = {
     "postgresql": ("psycopg", "sqlalchemy.dialects.postgresql.psycopg"),
-    "mysql": ("pymysql", "aiomysql", "sqlalchemy.dialects.mysql.aiomysql"),
-    "mariadb": ("pymysql", "aiomysql", "sqlalchemy.dialects.mysql.aiomysql"),
+    "mysql": _MYSQL_DRIVER,
+    "mariadb": _MYSQL_DRIVER,  # MariaDB runs on the MySQL dialect and driver
     "sqlite": ("aiosqlite", "sqlalchemy.dialects.sqlite.aiosqlite"),
 }
 SQL_APP_IMPORTS = ("chatkit_flask.server.store_sql",)
