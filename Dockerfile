@@ -28,7 +28,7 @@ WORKDIR /app
 # dependency added anywhere in the file is always installed; the worst case is that a
 # newly added test tool also lands in the image (bloat, not a broken service).
 COPY requirements.txt ./
-RUN grep -viE '^(pytest|pytest-timeout|fakeredis|lupa|hypothesis|pyyaml|ruff|playwright|schemathesis|pyinstrument|py-spy|flask-wtf|wtforms|flask-login|flask-sqlalchemy|moto)\b' \
+RUN grep -viE '^(pytest|pytest-timeout|fakeredis|lupa|hypothesis|pyyaml|ruff|playwright|schemathesis|pyinstrument|py-spy|flask-wtf|wtforms|flask-login|flask-sqlalchemy|moto|execnet)\b' \
         requirements.txt > /tmp/requirements-runtime.txt \
     && pip install --no-cache-dir -r /tmp/requirements-runtime.txt \
     && rm -f /tmp/requirements-runtime.txt
