@@ -20,10 +20,10 @@ WORKDIR /app
 
 # Dependencies get their own layer, copied before the source, so code edits do not
 # reinstall them. requirements.txt pins runtime AND test/tooling packages; the image
-# installs everything EXCEPT the test/tooling packages named below (pytest, fakeredis,
-# lupa, hypothesis, pyyaml, ruff, playwright, schemathesis, profilers, moto, the example hosts'
-# extensions: none is imported at run time; SQLAlchemy, psycopg and Alembic stay, for the
-# PostgreSQL store and its migrate one-shot). An exclusion list is
+# installs everything EXCEPT the test/tooling packages named below (pytest and its plugins,
+# fakeredis, lupa, hypothesis, pyyaml, ruff, playwright, schemathesis, profilers, moto, the
+# example hosts' extensions: none is imported at run time; SQLAlchemy, psycopg and Alembic
+# stay, for the PostgreSQL store and its migrate one-shot). An exclusion list is
 # chosen over "keep only the # Runtime section" because it fails safe: a runtime
 # dependency added anywhere in the file is always installed; the worst case is that a
 # newly added test tool also lands in the image (bloat, not a broken service).
