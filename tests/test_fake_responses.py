@@ -69,12 +69,14 @@ def test_real_agents_sdk_streams_a_scripted_reply(fake: FakeResponses) -> None:
     fake.enqueue("Scripted answer.")
 
     async def run() -> Any:
-        client = AsyncOpenAI(api_key=KEY, base_url=fake.base_url, max_retries=0)
-        config = RunConfig(model_provider=OpenAIProvider(openai_client=client, use_responses=True))
-        result = Runner.run_streamed(Agent(name="A", model="m"), "hi", run_config=config)
-        async for _ in result.stream_events():
-            pass
-        return result
+        async with AsyncOpenAI(api_key=KEY, base_url=fake.base_url, max_retries=0) as client:
+            provider = OpenAIProvider(openai_client=client, use_responses=True)
+            result = Runner.run_streamed(
+                Agent(name="A", model="m"), "hi", run_config=RunConfig(model_provider=provider)
+            )
+            async for _ in result.stream_events():
+                pass
+            return result
 
     result = asyncio.run(run())
     assert result.final_output == "Scripted answer."
@@ -85,12 +87,12 @@ def run_agent(fake: FakeResponses, agent: Agent[Any], *texts: str) -> list[Any]:
     """Each text through the real Agents SDK, all at once; their final outputs."""
 
     async def one(text: str) -> Any:
-        client = AsyncOpenAI(api_key=KEY, base_url=fake.base_url, max_retries=0)
-        config = RunConfig(model_provider=OpenAIProvider(openai_client=client, use_responses=True))
-        result = Runner.run_streamed(agent, text, run_config=config)
-        async for _ in result.stream_events():
-            pass
-        return result.final_output
+        async with AsyncOpenAI(api_key=KEY, base_url=fake.base_url, max_retries=0) as client:
+            provider = OpenAIProvider(openai_client=client, use_responses=True)
+            result = Runner.run_streamed(agent, text, run_config=RunConfig(model_provider=provider))
+            async for _ in result.stream_events():
+                pass
+            return result.final_output
 
     async def every() -> list[Any]:
         return list(await asyncio.gather(*(one(text) for text in texts)))
@@ -151,10 +153,10 @@ def test_scripted_failures(fake: FakeResponses, reply: Reply, error: type[Except
     fake.enqueue(reply)
 
     async def run() -> None:
-        client = AsyncOpenAI(api_key=KEY, base_url=fake.base_url, max_retries=0)
-        stream = await client.responses.create(model="m", input="a b c", stream=True)
-        async for _ in stream:
-            pass
+        async with AsyncOpenAI(api_key=KEY, base_url=fake.base_url, max_retries=0) as client:
+            stream = await client.responses.create(model="m", input="a b c", stream=True)
+            async for _ in stream:
+                pass
 
     with pytest.raises(error):
         asyncio.run(run())
@@ -162,8 +164,8 @@ def test_scripted_failures(fake: FakeResponses, reply: Reply, error: type[Except
 
 def test_wrong_key_is_401(fake: FakeResponses) -> None:
     async def run() -> None:
-        client = AsyncOpenAI(api_key="wrong", base_url=fake.base_url, max_retries=0)
-        await client.responses.create(model="m", input="hi")
+        async with AsyncOpenAI(api_key="wrong", base_url=fake.base_url, max_retries=0) as client:
+            await client.responses.create(model="m", input="hi")
 
     with pytest.raises(AuthenticationError):
         asyncio.run(run())
