@@ -353,7 +353,8 @@ def test_upstream_fault_under_concurrent_load(
         if (m := DURATION.search(line))
     ]
     assert len(durations) == mints
-    assert max(durations) <= UPSTREAM_TIMEOUT + 0.25, max(durations)
+    # Within one timeout (a retry after it would take two): 0.5 s of slack for a busy machine.
+    assert max(durations) <= UPSTREAM_TIMEOUT + 0.5, max(durations)
     assert max(elapsed for _, elapsed in results) <= 2 * UPSTREAM_TIMEOUT + 1  # two rounds of 8
 
 
