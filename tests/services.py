@@ -9,6 +9,7 @@ the suite has one server, one port and one set of URLs.
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 import pytest
 
@@ -24,15 +25,24 @@ REDIS_URL = SUITE_REDIS.url(15)  # the limiter's database in tests (``real_redis
 STORE_REDIS_URL = SUITE_REDIS.url(8)  # the thread store of the ``store_url`` fixture
 
 
-def start_redis_or_skip(server: RedisServer) -> RedisServer:
-    """Start ``server``; without the binary skip, or fail under CI (``.ci/run`` installs it)."""
+_Server = TypeVar("_Server", RedisServer, PostgresServer, MariaDBServer)
+
+
+def _start_or_skip(server: _Server, missing_error: type[Exception]) -> _Server:
+    """Start ``server``; without its binaries skip, or fail under CI (whose set-up installs
+    them), with the error naming the package."""
     try:
         server.start()
-    except RedisServerMissing as missing:
+    except missing_error as missing:
         if os.environ.get("CI"):
             pytest.fail(str(missing))
         pytest.skip(str(missing))
     return server
+
+
+def start_redis_or_skip(server: RedisServer) -> RedisServer:
+    """Start ``server``; without the binary skip, or fail under CI (``.ci/run`` installs it)."""
+    return _start_or_skip(server, RedisServerMissing)
 
 
 # The same for PostgreSQL: a cluster in a temporary directory, started on first use.
@@ -43,13 +53,7 @@ POSTGRES_URL = SUITE_POSTGRES.url()
 def start_postgres_or_skip(server: PostgresServer) -> PostgresServer:
     """Start ``server``; without PostgreSQL's binaries skip, or fail under CI (``.ci/setup.sh``
     installs them)."""
-    try:
-        server.start()
-    except PostgresServerMissing as missing:
-        if os.environ.get("CI"):
-            pytest.fail(str(missing))
-        pytest.skip(str(missing))
-    return server
+    return _start_or_skip(server, PostgresServerMissing)
 
 
 # The same for MySQL: a MariaDB data directory in a temporary directory, started on first use.
@@ -60,10 +64,4 @@ MYSQL_URL = SUITE_MYSQL.url()
 def start_mysql_or_skip(server: MariaDBServer) -> MariaDBServer:
     """Start ``server``; without MariaDB's binaries skip, or fail under CI
     (``.ci/install-mariadb.sh`` installs them)."""
-    try:
-        server.start()
-    except MariaDBServerMissing as missing:
-        if os.environ.get("CI"):
-            pytest.fail(str(missing))
-        pytest.skip(str(missing))
-    return server
+    return _start_or_skip(server, MariaDBServerMissing)
