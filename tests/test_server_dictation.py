@@ -20,7 +20,7 @@ import base64
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -46,21 +46,6 @@ from tests.test_server_mode import (
 
 MODEL = "gpt-4o-mini-transcribe"
 SPOKEN = "book me a table for two"
-
-
-@pytest.fixture(scope="module")
-def _fake() -> Iterator[FakeResponses]:
-    from tests.conftest import TEST_API_KEY
-
-    with FakeResponses(api_key=TEST_API_KEY) as server:
-        yield server
-
-
-@pytest.fixture
-def fake(_fake: FakeResponses) -> Iterator[FakeResponses]:
-    _fake.clear()
-    yield _fake
-    _fake.clear()
 
 
 def dictation_body(audio: bytes, mime_type: str = "audio/webm;codecs=opus") -> dict[str, Any]:
